@@ -1,0 +1,78 @@
+"""Torch reference implementations of the paged-attention kernels.
+
+These are the definitions the CUDA kernels are tested against, and the
+attention the engine uses on the CPU.
+
+KV cache layout, per layer: key_cache and value_cache are
+[num_blocks, block_size, num_kv_heads, head_dim]. A token's slot is
+block_id * block_size + offset_in_block.
+
+A step's batch is flattened: the query rows of sequence s are
+query[query_start_loc[s]:query_start_loc[s + 1]], and they are the last
+q_len_s tokens of its context of seq_lens[s] tokens (a prefill chunk when
+q_len_s > 1, a decode when q_len_s == 1). Query row i of that chunk sits at
+position seq_lens[s] - q_len_s + i and attends causally to positions 0..that
+position, all read from the cache through block_tables[s].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value rows [num_tokens, num_kv_heads, head_dim] into the cache
+    at slot_mapping [num_tokens] (int64); slot -1 marks a padding row to skip."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    block_size = key_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    key_cache[blocks, offsets] = key[valid].to(key_cache.dtype)
+    value_cache[blocks, offsets] = value[valid].to(value_cache.dtype)
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """The first context_len cached rows of one sequence: [context_len, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = (context_len + block_size - 1) // block_size
+    rows = cache[block_table[:num_blocks].long()].flatten(0, 1)
+    return rows[:context_len]
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of a flattened mixed batch (prefill chunks and decodes)
+    over the paged cache. query: [num_tokens, num_heads, head_dim]; returns the
+    same shape. Grouped-query attention: num_heads is a multiple of num_kv_heads."""
+    num_heads = query.shape[1]
+    group = num_heads // key_cache.shape[2]
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    for s, context_len in enumerate(seq_lens.tolist()):
+        q = query[starts[s] : starts[s + 1]]
+        q_len = q.shape[0]
+        if q_len == 0:
+            continue
+        k = gather_context(key_cache, block_tables[s], context_len).repeat_interleave(group, dim=1)
+        v = gather_context(value_cache, block_tables[s], context_len).repeat_interleave(group, dim=1)
+        query_pos = torch.arange(context_len - q_len, context_len, device=q.device)
+        allowed = query_pos[:, None] >= torch.arange(context_len, device=q.device)[None, :]
+        attended = F.scaled_dot_product_attention(
+            q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(), attn_mask=allowed, scale=scale
+        )
+        out[starts[s] : starts[s + 1]] = attended.transpose(0, 1).to(out.dtype)
+    return out

@@ -1,0 +1,57 @@
+"""The `pagewire` command: one subcommand per service, plus `serve` (all
+three) and `health` (a grpc.health.v1 probe for containers)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+
+from services.common.config import add_config_arguments, config_from_args
+from services.common.grpc_utils import check_health
+from services.common.logging import configure_logging
+
+# subcommand -> (module with `CONFIG` and `async def serve(config)`, summary)
+SERVICES = {
+    "tokenizer": ("services.tokenizer.server", "Run the tokenizer service (default port 50052)."),
+    "engine": ("services.engine.server", "Run the engine service (default port 50053)."),
+    "gateway": ("services.gateway.server", "Run the gateway: public gRPC (50051) and OpenAI-style REST (8000)."),
+    "serve": ("services.launcher", "Run tokenizer, engine and gateway as three processes on one model."),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    parser = argparse.ArgumentParser(prog="pagewire", description="pagewire: an LLM inference server of three gRPC services.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    modules: dict[str, object] = {}
+    for name, (module_name, summary) in SERVICES.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        sub = commands.add_parser(name, help=summary, description=summary)
+        add_config_arguments(sub, module.CONFIG)
+    health = commands.add_parser("health", help="Exit 0 only if HOST:PORT reports SERVING through grpc.health.v1.")
+    health.add_argument("target", metavar="HOST:PORT")
+    health.add_argument("--service", default="", help="Service name to check; empty for the whole server.")
+    health.add_argument("--timeout", type=float, default=3.0, help="Seconds to wait for the answer.")
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "health":
+        serving = check_health(args.target, args.service, args.timeout)
+        sys.stdout.write(("SERVING" if serving else "NOT_SERVING") + "\n")
+        return 0 if serving else 1
+    module = modules[args.command]
+    config = config_from_args(module.CONFIG, args)
+    configure_logging(config.log_level, config.log_format)
+    try:
+        return asyncio.run(module.serve(config)) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""gRPC plumbing shared by every service: server and channel options, health
+and reflection, per-request error statuses, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from services.common.logging import get_logger
+
+log = get_logger("grpc")
+
+# Clients may ping every 10 s: long generations send no data frames for a
+# while, and the 300 s server default makes gRPC close such connections.
+KEEPALIVE_SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+KEEPALIVE_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return message_size_options(max_message_bytes) + KEEPALIVE_CHANNEL_OPTIONS
+
+
+class RequestError(Exception):
+    """A request-level failure with the gRPC code that describes it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_status(self) -> status_pb2.Status:
+        return error_status(self.code, self.message)
+
+
+def invalid_argument(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def error_status(code: grpc.StatusCode, message: str) -> status_pb2.Status:
+    return status_pb2.Status(code=code.value[0], message=message)
+
+
+def status_code(status: status_pb2.Status) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    service_names: list[str]
+    port: int
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def drain_and_stop(self, grace_s: float) -> None:
+        """Report NOT_SERVING, let in-flight RPCs finish for up to grace_s, then stop."""
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+async def start_server(
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    register: Iterable[Callable[[grpc.aio.Server], None]],
+    service_names: list[str],
+) -> RunningServer:
+    """Start a grpc.aio server with health (liveness "" and readiness per
+    service name) and reflection. Health starts NOT_SERVING for the named
+    services; call `set_serving(True)` once the service is ready."""
+    server = grpc.aio.server(options=message_size_options(max_message_bytes) + KEEPALIVE_SERVER_OPTIONS)
+    for add in register:
+        add(server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if bound_port == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    for name in service_names:
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return RunningServer(server, health, service_names, bound_port)
+
+
+async def serve_until_signalled(running: RunningServer, grace_s: float = 10.0) -> None:
+    """Block until SIGINT/SIGTERM (then drain) or until the server stops."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(running.server.wait_for_termination())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.info("draining", grace_s=grace_s)
+        await running.drain_and_stop(grace_s)
+    waiter.cancel()
+    stopper.cancel()
+
+
+def check_health(target: str, service: str = "", timeout_s: float = 3.0) -> bool:
+    """True when `target` answers grpc.health.v1 Check with SERVING."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,53 @@
+"""Shared fixtures. The embedded model and its tokenizer load once per test run."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from services.common.model import ModelSource, load_hf_tokenizer, resolve_model
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _cuda_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def model_source() -> ModelSource:
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(model_source: ModelSource):
+    return load_hf_tokenizer(model_source)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_source: ModelSource):
+    """The embedded model in transformers, float32 on the CPU: the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_source.directory), dtype=torch.float32, **model_source.pretrained_kwargs())
+    return model.eval()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,46 @@
+"""The checked-in stubs must be exactly what scripts/gen_protos.py makes of protos/."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKED_IN = ROOT / "services" / "common" / "pb"
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_stubs_match_protos(tmp_path: Path) -> None:
+    _load_generator().generate(tmp_path)
+    fresh, checked_in = _files(tmp_path), _files(CHECKED_IN)
+    assert sorted(fresh) == sorted(checked_in), "stub files differ: run python scripts/gen_protos.py"
+    stale = [name for name in fresh if fresh[name] != checked_in[name]]
+    assert not stale, f"stale stubs {stale}: run python scripts/gen_protos.py"
+
+
+def test_stubs_import_and_describe_every_service() -> None:
+    from services.common.pb.pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
+
+    assert set(engine_pb2.DESCRIPTOR.services_by_name) == {"Engine"}
+    assert set(tokenizer_pb2.DESCRIPTOR.services_by_name) == {"Tokenizer"}
+    assert set(gateway_pb2.DESCRIPTOR.services_by_name) == {"Generation"}
+
+
+def test_sampling_knobs_distinguish_unset_from_zero() -> None:
+    from services.common.pb.pagewire.v1 import common_pb2
+
+    params = common_pb2.SamplingParams()
+    assert not params.HasField("temperature")
+    params.temperature = 0.0
+    assert params.HasField("temperature")
+    assert common_pb2.FinishReason.Value("FINISH_REASON_UNSPECIFIED") == 0
