@@ -10,7 +10,8 @@ import sys
 
 from services.common.config import add_config_arguments, config_from_args
 from services.common.grpc_utils import check_health
-from services.common.logging import configure_logging
+from services.common.logging import configure_logging, get_logger
+from services.common.model import ModelNotFoundError
 
 # subcommand -> (module with `CONFIG` and `async def serve(config)`, summary)
 SERVICES = {
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     try:
         return asyncio.run(module.serve(config)) or 0
+    except ModelNotFoundError as exc:
+        get_logger(args.command).error("model_not_found", reason=str(exc))
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -92,11 +93,15 @@ async def start_server(
     max_message_bytes: int,
     register: Iterable[Callable[[grpc.aio.Server], None]],
     service_names: list[str],
+    handler_threads: int | None = None,
 ) -> RunningServer:
     """Start a grpc.aio server with health (liveness "" and readiness per
     service name) and reflection. Health starts NOT_SERVING for the named
-    services; call `set_serving(True)` once the service is ready."""
-    server = grpc.aio.server(options=message_size_options(max_message_bytes) + KEEPALIVE_SERVER_OPTIONS)
+    services; call `set_serving(True)` once the service is ready.
+    `handler_threads` sizes the pool that runs synchronous handlers (each open
+    stream of a synchronous handler holds one thread)."""
+    pool = ThreadPoolExecutor(max_workers=handler_threads) if handler_threads else None
+    server = grpc.aio.server(migration_thread_pool=pool, options=message_size_options(max_message_bytes) + KEEPALIVE_SERVER_OPTIONS)
     for add in register:
         add(server)
     health = health_aio.HealthServicer()

@@ -1,0 +1,85 @@
+"""Incremental detokenization of one request's output, with stop strings.
+
+Per-token decoding breaks text: a character split over several byte-level
+tokens decodes to U+FFFD until its last byte arrives. So text is decoded over
+a short window of tokens and released only once the window's decoding no
+longer ends in U+FFFD; the released pieces then concatenate to exactly what
+decoding the whole sequence gives.
+
+Stop strings can span tokens, so the last (longest stop - 1) characters of
+released text are held back until more text shows whether a stop string
+starts there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class TextUpdate:
+    text: str
+    stopped: bool = False
+    matched_stop: str = ""
+
+
+@dataclass
+class IncrementalDetokenizer:
+    tokenizer: Any
+    stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # ids[:prefix_offset] are fully released; ids[prefix_offset:read_offset]
+    # decode to text already released, and give the next window its context.
+    ids: list[int] = field(default_factory=list)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    held_text: str = ""
+    stopped: bool = False
+
+    @classmethod
+    def with_prompt_tail(cls, tokenizer: Any, prompt_tail_ids: list[int], **options: Any) -> IncrementalDetokenizer:
+        """Start with the prompt's last ids as context, so the first output
+        token decodes with the spacing it has after the prompt."""
+        tail = list(prompt_tail_ids)
+        return cls(tokenizer, ids=tail, prefix_offset=0, read_offset=len(tail), **options)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def append(self, token_ids: list[int], last: bool = False) -> TextUpdate:
+        """Add output tokens; return the text that became stable. With `last`,
+        everything left is flushed."""
+        if self.stopped:
+            return TextUpdate("", stopped=True)
+        self.ids.extend(token_ids)
+        released_before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        window_text = self._decode(self.ids[self.prefix_offset :])
+        new_text = ""
+        if last or (len(window_text) > len(released_before) and not window_text.endswith(REPLACEMENT_CHAR)):
+            new_text = window_text[len(released_before) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._release(self.held_text + new_text, last)
+
+    def _release(self, pending: str, last: bool) -> TextUpdate:
+        match_at, matched = self._find_stop(pending)
+        if matched:
+            self.stopped = True
+            self.held_text = ""
+            end = match_at + (len(matched) if self.include_stop_str_in_output else 0)
+            return TextUpdate(pending[:end], stopped=True, matched_stop=matched)
+        hold = 0 if last or not self.stop else min(len(pending), max(len(s) for s in self.stop) - 1)
+        self.held_text = pending[len(pending) - hold :] if hold else ""
+        return TextUpdate(pending[: len(pending) - hold])
+
+    def _find_stop(self, text: str) -> tuple[int, str]:
+        """Earliest stop string in text (the longest one on a tie)."""
+        best_at, best = -1, ""
+        for candidate in self.stop:
+            at = text.find(candidate)
+            if at >= 0 and (best_at < 0 or at < best_at or (at == best_at and len(candidate) > len(best))):
+                best_at, best = at, candidate
+        return best_at, best

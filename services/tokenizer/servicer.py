@@ -1,0 +1,146 @@
+"""The Tokenizer gRPC servicer: multiplexed Tokenize and Detokenize streams.
+
+A refused request gets a result carrying its error status; the stream and
+every other request on it go on. The handlers are synchronous (encoding is
+CPU work, and grpc-testing drives them directly); the asyncio server runs them
+on its thread pool, one thread per open stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from services.common.grpc_utils import RequestError, invalid_argument
+from services.common.logging import get_logger
+from services.common.pb.pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from services.tokenizer.detokenizer import IncrementalDetokenizer
+
+log = get_logger("tokenizer")
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_STOP_STRINGS = 16
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, tokenizer: Any, model_id: str):
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.vocab_size = len(tokenizer)
+
+    # ---- encoding -------------------------------------------------------
+
+    def encode(self, request: tokenizer_pb2.TokenizeRequest) -> list[int]:
+        """Token ids of one request; raises RequestError when it is refused."""
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            if not request.text:
+                raise invalid_argument("text is empty: send at least one character")
+            add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            return list(self.tokenizer(request.text, add_special_tokens=add_special)["input_ids"])
+        if kind == "chat":
+            return self.encode_chat(request.chat)
+        raise invalid_argument("the request has no input: set text or chat")
+
+    def encode_chat(self, chat: tokenizer_pb2.Chat) -> list[int]:
+        if not chat.messages:
+            raise invalid_argument("chat has no messages")
+        for index, message in enumerate(chat.messages):
+            if message.role not in CHAT_ROLES:
+                raise invalid_argument(f"messages[{index}].role is {message.role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if not self.tokenizer.chat_template:
+            raise invalid_argument(f"model {self.model_id} has no chat template: send text instead")
+        add_generation_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        conversation = [{"role": m.role, "content": m.content} for m in chat.messages]
+        # Render then encode without special tokens: the template already holds them.
+        rendered = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def tokenize_batch(self, batch: tokenizer_pb2.TokenizeBatch) -> tokenizer_pb2.TokenizedBatch:
+        out = tokenizer_pb2.TokenizedBatch()
+        for request in batch.requests:
+            result = out.results.add(request_id=request.request_id)
+            try:
+                result.token_ids.extend(self.encode(request))
+            except RequestError as exc:
+                result.error.CopyFrom(exc.to_status())
+                log.info("tokenize_refused", request_id=request.request_id, reason=exc.message)
+        return out
+
+    def Tokenize(self, request_iterator: Iterator[tokenizer_pb2.TokenizeBatch], context: grpc.ServicerContext) -> Iterator[tokenizer_pb2.TokenizedBatch]:
+        for batch in request_iterator:
+            yield self.tokenize_batch(batch)
+
+    # ---- decoding -------------------------------------------------------
+
+    def start_detokenizer(self, start: tokenizer_pb2.DetokenizeStart) -> IncrementalDetokenizer:
+        if len(start.stop) > MAX_STOP_STRINGS:
+            raise invalid_argument(f"{len(start.stop)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
+        if any(not s for s in start.stop):
+            raise invalid_argument("stop strings must not be empty")
+        self.check_ids(start.prompt_tail_ids, "prompt_tail_ids")
+        return IncrementalDetokenizer.with_prompt_tail(
+            self.tokenizer,
+            list(start.prompt_tail_ids),
+            stop=list(start.stop),
+            include_stop_str_in_output=start.include_stop_str_in_output,
+            skip_special_tokens=start.skip_special_tokens if start.HasField("skip_special_tokens") else True,
+        )
+
+    def check_ids(self, token_ids: Any, field_name: str) -> None:
+        bad = [i for i in token_ids if i >= self.vocab_size]
+        if bad:
+            raise invalid_argument(f"{field_name} holds ids outside the vocabulary of {self.vocab_size}: {bad[:5]}")
+
+    def detokenize_item(self, item: tokenizer_pb2.DetokenizeItem, live: dict[str, IncrementalDetokenizer]) -> tokenizer_pb2.TextDelta | None:
+        rid = item.request_id
+        if item.cancel:
+            live.pop(rid, None)
+            return None
+        delta = tokenizer_pb2.TextDelta(request_id=rid)
+        try:
+            if item.HasField("start"):
+                if rid in live:
+                    raise invalid_argument(f"request {rid!r} is already open on this stream")
+                live[rid] = self.start_detokenizer(item.start)
+            if rid not in live:
+                raise invalid_argument(f"request {rid!r} was never started on this stream (send DetokenizeStart first)")
+            if not item.HasField("append"):
+                return None
+            self.check_ids(item.append.token_ids, "token_ids")
+            update = live[rid].append(list(item.append.token_ids), last=item.append.last)
+        except RequestError as exc:
+            live.pop(rid, None)
+            delta.error.CopyFrom(exc.to_status())
+            delta.closed = True
+            log.info("detokenize_refused", request_id=rid, reason=exc.message)
+            return delta
+        delta.text, delta.stopped, delta.matched_stop = update.text, update.stopped, update.matched_stop
+        if update.stopped or item.append.last:
+            delta.closed = True
+            live.pop(rid, None)
+        return delta
+
+    def Detokenize(self, request_iterator: Iterator[tokenizer_pb2.DetokenizeBatch], context: grpc.ServicerContext) -> Iterator[tokenizer_pb2.TextBatch]:
+        live: dict[str, IncrementalDetokenizer] = {}
+        for batch in request_iterator:
+            out = tokenizer_pb2.TextBatch()
+            for item in batch.items:
+                delta = self.detokenize_item(item, live)
+                if delta is not None and (delta.text or delta.closed):
+                    out.deltas.append(delta)
+            if out.deltas:
+                yield out
+
+    def Info(self, request: tokenizer_pb2.TokenizerInfoRequest, context: grpc.ServicerContext) -> tokenizer_pb2.TokenizerInfo:
+        info = tokenizer_pb2.TokenizerInfo(
+            model_id=self.model_id,
+            vocab_size=self.vocab_size,
+            eos_token_ids=[self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [],
+            has_chat_template=bool(self.tokenizer.chat_template),
+        )
+        if self.tokenizer.bos_token_id is not None:
+            info.bos_token_id = self.tokenizer.bos_token_id
+        return info

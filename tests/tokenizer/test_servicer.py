@@ -1,0 +1,126 @@
+"""Tokenizer servicer through grpc-testing: chat templates, stream-level
+multiplexing and refusals that leave the stream usable."""
+
+from __future__ import annotations
+
+import grpc
+import grpc_testing
+import pytest
+
+from services.common.pb.pagewire.v1 import common_pb2, tokenizer_pb2
+from services.tokenizer.servicer import TokenizerServicer
+
+SERVICE = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+@pytest.fixture(scope="module")
+def server(hf_tokenizer, model_source):
+    servicer = TokenizerServicer(hf_tokenizer, model_source.model_id)
+    return grpc_testing.server_from_dictionary({SERVICE: servicer}, grpc_testing.strict_real_time())
+
+
+def _exchange(server, method: str, batches: list) -> list:
+    """Send every batch, close, and collect every reply until the RPC ends."""
+    rpc = server.invoke_stream_stream(SERVICE.methods_by_name[method], (), 10)
+    for batch in batches:
+        rpc.send_request(batch)
+    rpc.requests_closed()
+    replies = []
+    while True:
+        try:
+            replies.append(rpc.take_response())
+        except ValueError:  # grpc-testing's signal that the handler returned
+            break
+    _, code, _ = rpc.termination()
+    assert code == grpc.StatusCode.OK
+    return replies
+
+
+def _chat(*turns: tuple[str, str]) -> tokenizer_pb2.Chat:
+    return tokenizer_pb2.Chat(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in turns])
+
+
+def test_chat_encoding_equals_transformers_chat_template(server, hf_tokenizer) -> None:
+    turns = [("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4."), ("user", "And 3+3? 🤔")]
+    batch = tokenizer_pb2.TokenizeBatch(
+        requests=[
+            tokenizer_pb2.TokenizeRequest(request_id="chat", chat=_chat(*turns)),
+            tokenizer_pb2.TokenizeRequest(request_id="text", text="plain text, 日本"),
+        ]
+    )
+    (reply,) = _exchange(server, "Tokenize", [batch])
+    expected = hf_tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], add_generation_prompt=True, tokenize=True)
+    expected_ids = expected["input_ids"] if hasattr(expected, "keys") else expected
+    by_id = {r.request_id: r for r in reply.results}
+    assert list(by_id["chat"].token_ids) == list(expected_ids)
+    assert list(by_id["text"].token_ids) == hf_tokenizer("plain text, 日本")["input_ids"]
+
+
+def test_bad_requests_are_refused_and_the_stream_goes_on(server) -> None:
+    bad = tokenizer_pb2.TokenizeBatch(
+        requests=[
+            tokenizer_pb2.TokenizeRequest(request_id="empty", text=""),
+            tokenizer_pb2.TokenizeRequest(request_id="role", chat=_chat(("wizard", "hi"))),
+            tokenizer_pb2.TokenizeRequest(request_id="no-input"),
+            tokenizer_pb2.TokenizeRequest(request_id="fine", text="still served"),
+        ]
+    )
+    good = tokenizer_pb2.TokenizeBatch(requests=[tokenizer_pb2.TokenizeRequest(request_id="after", text="after the errors")])
+    first, second = _exchange(server, "Tokenize", [bad, good])
+    errors = {r.request_id: r.error for r in first.results}
+    assert errors["empty"].code == INVALID and "empty" in errors["empty"].message
+    assert errors["role"].code == INVALID and "wizard" in errors["role"].message
+    assert errors["no-input"].code == INVALID
+    assert errors["fine"].code == 0 and second.results[0].error.code == 0 and second.results[0].token_ids
+
+
+def _item(rid: str, ids: list[int] = (), last: bool = False, start: tokenizer_pb2.DetokenizeStart | None = None, cancel: bool = False):
+    item = tokenizer_pb2.DetokenizeItem(request_id=rid, cancel=cancel)
+    if start is not None:
+        item.start.CopyFrom(start)
+    if ids or last:
+        item.append.token_ids.extend(ids)
+        item.append.last = last
+    return item
+
+
+def test_detokenize_multiplexes_requests_and_refuses_bad_items(server, hf_tokenizer) -> None:
+    a = hf_tokenizer("Hello there, 世界!", add_special_tokens=False)["input_ids"]
+    b = hf_tokenizer("Second request 😀", add_special_tokens=False)["input_ids"]
+    batches = [tokenizer_pb2.DetokenizeBatch(items=[_item("a", start=tokenizer_pb2.DetokenizeStart()), _item("b", start=tokenizer_pb2.DetokenizeStart())])]
+    for step in range(max(len(a), len(b))):
+        items = [_item(rid, ids[step : step + 1], last=step == len(ids) - 1) for rid, ids in (("a", a), ("b", b)) if step < len(ids)]
+        batches.append(tokenizer_pb2.DetokenizeBatch(items=items))
+    batches.append(
+        tokenizer_pb2.DetokenizeBatch(
+            items=[
+                _item("never-started", [5]),
+                _item("c", [hf_tokenizer.vocab_size + 7], start=tokenizer_pb2.DetokenizeStart()),
+                _item("unknown-cancel", cancel=True),
+                _item("d", [42], start=tokenizer_pb2.DetokenizeStart(), last=True),
+            ]
+        )
+    )
+    replies = _exchange(server, "Detokenize", batches)
+    text: dict[str, str] = {}
+    closed: set[str] = set()
+    for reply in replies[:-1]:
+        for delta in reply.deltas:
+            assert delta.error.code == 0
+            text[delta.request_id] = text.get(delta.request_id, "") + delta.text
+            if delta.closed:
+                closed.add(delta.request_id)
+    assert text == {"a": hf_tokenizer.decode(a), "b": hf_tokenizer.decode(b)} and closed == {"a", "b"}
+    last = {d.request_id: d for d in replies[-1].deltas}
+    assert last["never-started"].error.code == INVALID and "never started" in last["never-started"].error.message
+    assert last["c"].error.code == INVALID and "outside the vocabulary" in last["c"].error.message
+    assert last["d"].error.code == 0 and last["d"].text == hf_tokenizer.decode([42]) and last["d"].closed
+    assert "unknown-cancel" not in last
+
+
+def test_info_describes_the_model(server, hf_tokenizer) -> None:
+    rpc = server.invoke_unary_unary(SERVICE.methods_by_name["Info"], (), tokenizer_pb2.TokenizerInfoRequest(), 5)
+    info, _, code, _ = rpc.termination()
+    assert code == grpc.StatusCode.OK
+    assert info.vocab_size == len(hf_tokenizer) and list(info.eos_token_ids) == [hf_tokenizer.eos_token_id] and info.has_chat_template
