@@ -44,3 +44,41 @@ def test_sampling_knobs_distinguish_unset_from_zero() -> None:
     params.temperature = 0.0
     assert params.HasField("temperature")
     assert common_pb2.FinishReason.Value("FINISH_REASON_UNSPECIFIED") == 0
+
+
+def _buf_command(tmp_path: Path) -> list[str] | None:
+    """buf from the npm registry (@bufbuild/buf), or None where it can't be had."""
+    import shutil
+    import subprocess
+
+    if shutil.which("buf"):
+        return ["buf"]
+    if not shutil.which("npm"):
+        return None
+    prefix = tmp_path / "buf-npm"
+    done = subprocess.run(["npm", "install", "--silent", "--prefix", str(prefix), "@bufbuild/buf"], capture_output=True, timeout=180)
+    binary = prefix / "node_modules" / ".bin" / "buf"
+    return [str(binary)] if done.returncode == 0 and binary.exists() else None
+
+
+def test_protos_pass_buf_lint(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    import google.rpc.status_pb2
+    import pytest
+    import yaml
+
+    buf = _buf_command(tmp_path)
+    if buf is None:
+        pytest.skip("buf is not installed and @bufbuild/buf could not be installed from npm")
+    workspace = tmp_path / "workspace"
+    shutil.copytree(ROOT / "protos", workspace / "protos")
+    status_proto = Path(google.rpc.status_pb2.__file__).with_name("status.proto")
+    (workspace / "deps" / "google" / "rpc").mkdir(parents=True)
+    shutil.copy(status_proto, workspace / "deps" / "google" / "rpc" / "status.proto")
+    config = yaml.safe_load((ROOT / "buf.yaml").read_text())
+    config["modules"].append({"path": "deps"})
+    (workspace / "buf.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([*buf, "lint", "protos"], cwd=workspace, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
