@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -94,20 +94,26 @@ async def start_server(
     register: Iterable[Callable[[grpc.aio.Server], None]],
     service_names: list[str],
     handler_threads: int | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
     """Start a grpc.aio server with health (liveness "" and readiness per
     service name) and reflection. Health starts NOT_SERVING for the named
     services; call `set_serving(True)` once the service is ready.
     `handler_threads` sizes the pool that runs synchronous handlers (each open
-    stream of a synchronous handler holds one thread)."""
+    stream of a synchronous handler holds one thread). `interceptors` (e.g.
+    API keys) and `credentials` (TLS) are for the public port."""
     pool = ThreadPoolExecutor(max_workers=handler_threads) if handler_threads else None
-    server = grpc.aio.server(migration_thread_pool=pool, options=message_size_options(max_message_bytes) + KEEPALIVE_SERVER_OPTIONS)
+    server = grpc.aio.server(
+        migration_thread_pool=pool, interceptors=interceptors, options=message_size_options(max_message_bytes) + KEEPALIVE_SERVER_OPTIONS
+    )
     for add in register:
         add(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound_port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound_port == 0:
         raise OSError(f"could not bind {host}:{port}")
     await server.start()
