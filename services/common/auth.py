@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -43,11 +43,6 @@ def bearer_key_matches(authorization: str | None, api_key: str) -> bool:
         return False
     presented = authorization[len(BEARER_PREFIX) :].strip()
     return hmac.compare_digest(presented.encode(), api_key.encode())
-
-
-def openai_error_body(message: str, error_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """The error object OpenAI's API returns, which its client libraries parse."""
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 def _service_of(method: str) -> str:
@@ -111,14 +106,6 @@ def grpc_interceptors(api_key: str) -> list[grpc.aio.ServerInterceptor]:
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
 
-async def send_json(send: Callable[[dict[str, Any]], Awaitable[None]], status: int, body: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    """Answer an ASGI HTTP request with a JSON body."""
-    payload = json.dumps(body).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": payload})
-
-
 class ApiKeyMiddleware:
     """ASGI middleware: 401 with an OpenAI error body unless the request
     carries `Authorization: Bearer <api_key>`; paths in `open_paths` pass.
@@ -141,7 +128,9 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         log.warning("unauthenticated request refused", path=scope["path"], key_sent=authorization is not None)
-        body = openai_error_body(
-            "Incorrect API key provided." if authorization else UNAUTHENTICATED_MESSAGE, "invalid_request_error", code="invalid_api_key"
-        )
-        await send_json(send, 401, body, headers=[(b"www-authenticate", b"Bearer")])
+        # The REST shim's error body: OpenAI's shape, `code` the gRPC status name.
+        message = "incorrect API key provided" if authorization else UNAUTHENTICATED_MESSAGE
+        payload = json.dumps({"error": {"message": message, "type": "authentication_error", "param": None, "code": "UNAUTHENTICATED"}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), (b"www-authenticate", b"Bearer")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
