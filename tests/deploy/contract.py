@@ -1,0 +1,55 @@
+"""What deployment files must agree with: the `pagewire` CLI (subcommands,
+config fields and their PAGEWIRE_* variables, default ports) and the gRPC
+service names that health readiness is reported under."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.cli import build_parser
+from services.common.config import env_name
+from services.common.pb.pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Readiness of a service is reported under its full gRPC service name.
+READINESS_SERVICE = {
+    "tokenizer": tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name,
+    "engine": engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name,
+    "gateway": gateway_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+}
+
+
+def config_class(subcommand: str) -> type:
+    """The CONFIG dataclass behind `pagewire SUBCOMMAND`; skips while that
+    service is not registered in the CLI yet."""
+    _, modules = build_parser()
+    if subcommand not in modules:
+        pytest.skip(f"`pagewire {subcommand}` is not registered in services/cli.py yet")
+    return modules[subcommand].CONFIG  # type: ignore[attr-defined]
+
+
+def config_for(command: list[str], environment: Mapping[str, str]) -> Any:
+    """The config `pagewire COMMAND...` builds in `environment`, after checking
+    that every PAGEWIRE_* variable there names a field of that service."""
+    from services.common.config import config_from_args
+
+    config_cls = config_class(command[0])
+    args = build_parser()[0].parse_args(command)
+    known = {env_name(f.name) for f in dataclasses.fields(config_cls)}
+    unknown = sorted(name for name in environment if name.startswith("PAGEWIRE_") and name not in known)
+    assert not unknown, f"`pagewire {args.command}` has no setting for {unknown}"
+    return config_from_args(config_cls, args, environment)
+
+
+def parse_health_command(argv: list[str]) -> Any:
+    """The parsed `pagewire health ...` arguments of a probe command line."""
+    assert argv[0] == "pagewire", argv
+    args = build_parser()[0].parse_args(argv[1:])
+    assert args.command == "health"
+    return args
