@@ -202,3 +202,15 @@ def test_overlays_pick_the_engine_device(overlay: tuple[str, list[dict[str, Any]
         assert "nvidia.com/gpu" not in resources_spec["requests"]
         assert set(models_volume) == {"name", "hostPath"}
         assert not claims
+
+
+def test_tokenizer_and_engines_load_one_model_from_the_models_volume(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    _, resources = overlay
+    deployments = by_kind(resources, "Deployment")
+    models = set()
+    for component in ("tokenizer", "engine"):
+        (container,) = deployments[component]["spec"]["template"]["spec"]["containers"]
+        models.add(config_for(container["args"], pod_environment(resources, container)).model)
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "models"]
+        assert mount["mountPath"] == "/models" and mount["readOnly"] is True
+    assert len(models) == 1
