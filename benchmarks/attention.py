@@ -1,0 +1,154 @@
+"""Decode attention bandwidth on the GPU: pagewire's paged kernel against the
+device's copy bandwidth and torch SDPA on gathered, contiguous K/V, measured
+in the same run.
+
+Achieved bandwidth counts the K/V bytes a decode step must read
+(batch x context x kv_heads x head_dim x 2 tensors x element size) over the
+kernel's time. Each kernel runs inside a CUDA graph, rotating over enough
+copies of the K/V that the working set exceeds the L2 cache. Prints one JSON
+line per measurement.
+
+    python benchmarks/attention.py [--batches 1,4,16,64,256] [--contexts 512,1024,2048,4096,8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels import cuda_ops
+
+WORKING_SET_BYTES = 512 << 20  # well past the H100's 50 MB of L2
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def emit(record: dict) -> None:
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def time_graph(calls: list[Callable[[], object]], replays: int) -> float:
+    """Seconds per call: the calls captured once into one CUDA graph, replayed,
+    timed with device events; the median over replays."""
+    for call in calls:  # compile, load and allocate outside the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by a 1 GiB device-to-device copy."""
+    source = torch.randn(1 << 28, device="cuda")  # 1 GiB of float32
+    destination = torch.empty_like(source)
+    seconds = time_graph([lambda: destination.copy_(source)], replays=20)
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def measure(batch: int, context: int, args: argparse.Namespace, copy_bytes_per_second: float) -> dict:
+    dtype = DTYPES[args.dtype]
+    num_heads, num_kv_heads, head_dim, block_size = args.num_heads, args.num_kv_heads, args.head_dim, args.block_size
+    element = torch.finfo(dtype).bits // 8
+    kv_bytes = batch * context * num_kv_heads * head_dim * 2 * element
+    copies = max(1, math.ceil(WORKING_SET_BYTES / kv_bytes))
+    blocks_per_seq = math.ceil(context / block_size)
+    num_blocks = copies * batch * blocks_per_seq
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(cache_shape, device="cuda", dtype=dtype)
+    value_cache = torch.randn(cache_shape, device="cuda", dtype=dtype)
+    # Every copy's sequences own scattered blocks, as a long-running server's do.
+    block_ids = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(copies, batch, blocks_per_seq)
+    query = torch.randn(copies, batch, num_heads, head_dim, device="cuda", dtype=dtype)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    scale = head_dim**-0.5
+
+    def paged(copy: int) -> torch.Tensor:
+        return cuda_ops.paged_attention(
+            query[copy], key_cache, value_cache, block_ids[copy], seq_lens, query_start_loc, scale,
+            max_query_len=1, max_seq_len=context,
+        )  # fmt: skip
+
+    def gathered(cache: torch.Tensor, copy: int) -> torch.Tensor:
+        """[batch, kv_heads, context, head_dim], contiguous."""
+        rows = cache[block_ids[copy].long()].view(batch, blocks_per_seq * block_size, num_kv_heads, head_dim)
+        return rows[:, :context].transpose(1, 2).contiguous()
+
+    record: dict = dict(
+        bench="decode_attention", batch=batch, context=context, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, dtype=args.dtype, block_size=block_size, kv_bytes=kv_bytes, rotated_copies=copies,
+        num_splits=cuda_ops.choose_num_splits(
+            batch * num_kv_heads, context, cuda_ops.attention_shared_bytes(head_dim, 1), query.device
+        ),
+    )  # fmt: skip
+    seconds = time_graph([lambda c=c: paged(c) for c in range(copies)], args.replays)
+    record.update(
+        pagewire_us=round(seconds * 1e6, 2),
+        pagewire_GB_s=round(kv_bytes / seconds / 1e9, 1),
+        pagewire_fraction_of_copy=round(kv_bytes / seconds / copy_bytes_per_second, 3),
+    )
+    try:
+        keys = [gathered(key_cache, c) for c in range(copies)]
+        values = [gathered(value_cache, c) for c in range(copies)]
+        queries = [query[c].unsqueeze(2) for c in range(copies)]  # [batch, heads, 1, head_dim]
+
+        def sdpa(copy: int) -> torch.Tensor:
+            return F.scaled_dot_product_attention(queries[copy], keys[copy], values[copy], scale=scale, enable_gqa=True)
+
+        sdpa_seconds = time_graph([lambda c=c: sdpa(c) for c in range(copies)], args.replays)
+        expected = sdpa(0).squeeze(2).float()
+        relative_error = ((paged(0).float() - expected).norm() / expected.norm()).item()
+        record.update(
+            sdpa_us=round(sdpa_seconds * 1e6, 2),
+            sdpa_GB_s=round(kv_bytes / sdpa_seconds / 1e9, 1),
+            pagewire_over_sdpa_speed=round(sdpa_seconds / seconds, 3),
+            relative_error_vs_sdpa=float(f"{relative_error:.2e}"),
+        )
+        del keys, values
+    except torch.OutOfMemoryError as error:
+        record.update(sdpa_error=str(error)[:200])
+    del key_cache, value_cache
+    torch.cuda.empty_cache()
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,4,16,64,256")
+    parser.add_argument("--contexts", default="512,1024,2048,4096,8192")
+    parser.add_argument("--num-heads", type=int, default=32)
+    parser.add_argument("--num-kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--replays", type=int, default=30)
+    args = parser.parse_args()
+
+    copy_bytes_per_second = copy_bandwidth()
+    emit(dict(bench="device_copy", device=torch.cuda.get_device_name(), bytes=2 << 30, GB_s=round(copy_bytes_per_second / 1e9, 1)))
+    for batch in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            emit(measure(batch, context, args, copy_bytes_per_second))
+
+
+if __name__ == "__main__":
+    main()

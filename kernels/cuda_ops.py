@@ -1,0 +1,227 @@
+"""The CUDA implementations of kernels/reference.py's two operations, with the
+same signatures and semantics, so the engine can swap backends.
+
+`paged_attention` takes two optional hints beyond the reference's arguments:
+max_query_len and max_seq_len. Without them it reads both off the device (a
+host sync); the engine passes them, and a CUDA graph capture must, since the
+launch shape (warp layout, number of context splits) is fixed from them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from kernels import loader
+
+ATTENTION_SOURCE = "paged_attention.cu"
+CACHE_SOURCE = "reshape_and_cache.cu"
+CACHE_KERNEL = "reshape_and_cache_kernel"
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16"}
+WARPS_M_CHOICES = (1, 2, 4)  # query row groups of 16 per thread block (4 warps in all)
+THREADS = 128
+KV_TILE = 64
+# A context is split across thread blocks until there are this many waves of
+# blocks, but never into pieces shorter than MIN_SPLIT_TOKENS.
+TARGET_WAVES = 4
+MIN_SPLIT_TOKENS = 128
+MAX_SPLITS = 64
+
+
+def attention_kernel_name(dtype: torch.dtype, head_dim: int, warps_m: int) -> str:
+    return f"paged_attention_kernel<{KERNEL_TYPES[dtype]}, {head_dim}, {warps_m}>"
+
+
+def combine_kernel_name(dtype: torch.dtype, head_dim: int) -> str:
+    return f"combine_splits_kernel<{KERNEL_TYPES[dtype]}, {head_dim}>"
+
+
+def all_kernel_names() -> dict[str, list[str]]:
+    """Every kernel instantiation these operations can launch, per source file."""
+    attention = [
+        name
+        for dtype in KERNEL_TYPES
+        for head_dim in SUPPORTED_HEAD_DIMS
+        for name in (
+            *(attention_kernel_name(dtype, head_dim, warps_m) for warps_m in WARPS_M_CHOICES),
+            combine_kernel_name(dtype, head_dim),
+        )
+    ]
+    return {ATTENTION_SOURCE: attention, CACHE_SOURCE: [CACHE_KERNEL]}
+
+
+def attention_shared_bytes(head_dim: int, warps_m: int) -> int:
+    """Dynamic shared memory of one attention block; mirrors AttentionShape in
+    paged_attention.cu: two K+V stages of padded rows, reused by the epilogue."""
+    warps_n = 4 // warps_m
+    pipeline = 2 * 2 * KV_TILE * (head_dim + 8) * 2
+    epilogue = warps_n * 16 * warps_m * (head_dim + 2) * 4
+    return max(pipeline, epilogue)
+
+
+def _pointer(tensor: torch.Tensor) -> np.uint64:
+    return np.uint64(tensor.data_ptr())
+
+
+def _rows_in_16_byte_pieces(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` [num_tokens, ...] with each token's row contiguous and every row
+    starting on a 16-byte boundary (a copy only when it is not already so)."""
+    row_elements = math.prod(tensor.shape[1:])
+    aligned = (
+        tensor.stride(0) * tensor.element_size() % 16 == 0
+        and tensor.data_ptr() % 16 == 0
+        and tensor[0].is_contiguous()
+        and row_elements * tensor.element_size() % 16 == 0
+    )
+    return tensor if aligned else tensor.contiguous()
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """kernels/reference.py: reshape_and_cache, on the GPU."""
+    num_tokens = key.shape[0]
+    if num_tokens == 0:
+        return
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    row_bytes = key_cache.shape[2] * key_cache.shape[3] * key_cache.element_size()
+    if row_bytes % 16:
+        raise ValueError(f"a cache slot of {row_bytes} bytes is not a multiple of 16")
+    key = _rows_in_16_byte_pieces(key.to(key_cache.dtype))
+    value = _rows_in_16_byte_pieces(value.to(value_cache.dtype))
+    slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    row_pieces = row_bytes // 16
+    piece_elements = 16 // key.element_size()
+    loader.launch(
+        loader.get_kernel(CACHE_SOURCE, CACHE_KERNEL),
+        key.device,
+        (num_tokens,),
+        (min(THREADS, row_pieces),),
+        (
+            _pointer(key),
+            _pointer(value),
+            _pointer(key_cache),
+            _pointer(value_cache),
+            _pointer(slot_mapping),
+            np.int64(key.stride(0) // piece_elements),
+            np.int64(value.stride(0) // piece_elements),
+            np.int32(row_pieces),
+        ),
+    )
+
+
+def choose_warps_m(max_query_len: int, group: int) -> int:
+    """Fewest query row groups that hold a tile of the longest chunk: decodes
+    get 1 x 4 warps splitting the K/V tokens, long prefill chunks 4 x 1."""
+    rows = max_query_len * group
+    return next((warps_m for warps_m in WARPS_M_CHOICES if rows <= 16 * warps_m), WARPS_M_CHOICES[-1])
+
+
+def choose_num_splits(busy_blocks: int, max_seq_len: int, shared_bytes: int, device: torch.device) -> int:
+    """How many thread blocks share one sequence's context (flash-decoding):
+    enough for TARGET_WAVES waves of blocks when the batch alone is too small."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    multiprocessors, shared_per_multiprocessor = loader.device_limits(index)
+    resident = multiprocessors * max(1, shared_per_multiprocessor // (shared_bytes + 1024))
+    wanted = math.ceil(TARGET_WAVES * resident / max(1, busy_blocks))
+    return max(1, min(wanted, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """kernels/reference.py: paged_attention, on the GPU, for bf16/fp16 and
+    head_dim 64 or 128. Query rows past query_start_loc[-1] (padding) come
+    back unspecified."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_blocks, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    if query.dtype not in KERNEL_TYPES or key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        raise ValueError(f"paged_attention needs bf16 or fp16 query and cache of one dtype, got {query.dtype}/{key_cache.dtype}")
+    if head_dim not in SUPPORTED_HEAD_DIMS or cache_head_dim != head_dim:
+        raise ValueError(f"head_dim {head_dim} (cache {cache_head_dim}) is not one of {SUPPORTED_HEAD_DIMS}")
+    if num_heads % num_kv_heads or num_heads // num_kv_heads > 16 * WARPS_M_CHOICES[-1]:
+        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    # Query fragments are read as pairs of elements.
+    if query.stride(2) != 1 or query.stride(0) % 2 or query.stride(1) % 2 or query.data_ptr() % 4:
+        query = query.contiguous()
+    block_tables = block_tables.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    query_start_loc = query_start_loc.to(torch.int32).contiguous()
+
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+
+    group = num_heads // num_kv_heads
+    warps_m = choose_warps_m(max_query_len, group)
+    tile_tokens = 16 * warps_m // group
+    grid_tiles = num_tokens // tile_tokens + num_seqs
+    busy_tiles = num_seqs if max_query_len <= tile_tokens else grid_tiles
+    shared_bytes = attention_shared_bytes(head_dim, warps_m)
+    num_splits = choose_num_splits(busy_tiles * num_kv_heads, max_seq_len, shared_bytes, query.device)
+    if num_splits > 1:
+        partial_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
+        partial_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
+    else:
+        partial_out = partial_lse = out  # unused with one split
+
+    loader.launch(
+        loader.get_kernel(ATTENTION_SOURCE, attention_kernel_name(query.dtype, head_dim, warps_m), shared_bytes),
+        query.device,
+        (grid_tiles, num_kv_heads, num_splits),
+        (THREADS,),
+        (
+            _pointer(out),
+            _pointer(partial_out),
+            _pointer(partial_lse),
+            _pointer(query),
+            np.int64(query.stride(0)),
+            np.int64(query.stride(1)),
+            _pointer(key_cache),
+            _pointer(value_cache),
+            _pointer(block_tables),
+            np.int32(block_tables.stride(0)),
+            _pointer(seq_lens),
+            _pointer(query_start_loc),
+            np.int32(num_seqs),
+            np.int32(num_tokens),
+            np.int32(num_kv_heads),
+            np.int32(group),
+            np.int32(block_size),
+            np.float32(scale * math.log2(math.e)),
+        ),
+        shared_bytes,
+    )
+    if num_splits > 1:
+        loader.launch(
+            loader.get_kernel(ATTENTION_SOURCE, combine_kernel_name(query.dtype, head_dim)),
+            query.device,
+            (num_tokens, num_heads),
+            (head_dim // 2,),
+            (_pointer(out), _pointer(partial_out), _pointer(partial_lse), np.int32(num_splits), np.int32(num_tokens)),
+        )
+    return out

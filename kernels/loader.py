@@ -1,0 +1,75 @@
+"""Compiles this package's CUDA sources with NVRTC through CuPy at first use
+and launches them on torch memory, on torch's current stream.
+
+CuPy keeps compiled binaries on disk (~/.cupy/kernel_cache), so a source is
+compiled once per machine; the functions here keep each loaded kernel for the
+life of the process. CuPy is imported lazily: the CPU paths of pagewire never
+need it."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    import cupy
+
+KERNEL_DIR = Path(__file__).resolve().parent
+# The same flags build every source in the nvcc compile test, so what CI checks
+# is what NVRTC builds on the GPU.
+COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17", "--use_fast_math")
+
+
+@functools.cache
+def get_kernel(source: str, name: str, max_dynamic_shared_bytes: int = 0) -> cupy.RawKernel:
+    """The kernel `name` (a template instantiation such as
+    "combine_splits_kernel<Bf16, 128>" or an extern "C" name) from kernels/<source>."""
+    import cupy
+
+    module = cupy.RawModule(
+        code=(KERNEL_DIR / source).read_text(),
+        options=COMPILE_OPTIONS,
+        name_expressions=[name] if "<" in name else None,
+    )
+    kernel = module.get_function(name)
+    if max_dynamic_shared_bytes > 48 * 1024:  # beyond the default limit only on request
+        kernel.max_dynamic_shared_size_bytes = max_dynamic_shared_bytes
+    return kernel
+
+
+@functools.cache
+def _external_stream(device_index: int, stream_pointer: int) -> cupy.cuda.ExternalStream:
+    import cupy
+
+    return cupy.cuda.ExternalStream(stream_pointer, device_index)
+
+
+@functools.cache
+def device_limits(device_index: int) -> tuple[int, int]:
+    """(multiprocessor count, shared memory bytes per multiprocessor)."""
+    import cupy
+
+    attributes = cupy.cuda.Device(device_index).attributes
+    return attributes["MultiProcessorCount"], attributes["MaxSharedMemoryPerMultiprocessor"]
+
+
+def launch(
+    kernel: cupy.RawKernel,
+    device: torch.device,
+    grid: tuple[int, ...],
+    block: tuple[int, ...],
+    args: tuple[Any, ...],
+    shared_bytes: int = 0,
+) -> None:
+    """Launch on torch's current stream of `device`, so the kernel orders with
+    torch's work and is recorded when that stream is being captured into a
+    CUDA graph."""
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _external_stream(index, torch.cuda.current_stream(index).cuda_stream)
+    with cupy.cuda.Device(index), stream:
+        kernel(grid, block, args, shared_mem=shared_bytes)

@@ -1,0 +1,359 @@
+// Paged attention over the KV cache layout of kernels/reference.py:
+// per layer [num_blocks, block_size, num_kv_heads, head_dim], 16-bit elements.
+//
+// One varlen kernel serves a mixed batch of prefill chunks and decodes. A
+// thread block (4 warps) takes one sequence, one KV head and one tile of that
+// sequence's query tokens; the query heads that share the KV head are packed
+// into the rows of the tile (row r = token r / group, head r % group), so K/V
+// are read once per KV head. Warps are arranged WARPS_M (query rows, 16 each)
+// by WARPS_N (slices of each 64-token K/V tile): decodes use 1 x 4 so four
+// warps share one query row group and split the tokens; prefill chunks use
+// 4 x 1. Q.K^T and P.V run on tensor cores (mma.sync m16n8k16, fp32
+// accumulation) with an online softmax in registers (FlashAttention-2); K/V
+// tiles stream into shared memory through cp.async, two stages deep.
+//
+// Long contexts split across gridDim.z thread blocks (flash-decoding): each
+// sequence divides its own context into gridDim.z pieces, and every block
+// writes a normalised partial output plus its log-sum-exp, which
+// combine_splits_kernel merges. With one split the kernel writes the output.
+//
+// Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
+// tests, so it includes no headers.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define PW_NEG_INF (__int_as_float(0xff800000))
+
+struct Bf16 {
+    static __device__ __forceinline__ u32 pack(float lo, float hi) {
+        u32 packed;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+        return packed;
+    }
+    static __device__ __forceinline__ void mma(float (&acc)[4], const u32 (&a)[4], const u32 b0, const u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+struct Fp16 {
+    static __device__ __forceinline__ u32 pack(float lo, float hi) {
+        u32 packed;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+        return packed;
+    }
+    static __device__ __forceinline__ void mma(float (&acc)[4], const u32 (&a)[4], const u32 b0, const u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+__device__ __forceinline__ u32 shared_address(const void* pointer) {
+    u32 address;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(pointer));
+    return address;
+}
+
+// 16-byte global->shared copy; a false predicate fills zeros instead (rows past
+// the context must be finite: their probabilities are 0, and 0 * NaN is NaN).
+__device__ __forceinline__ void copy_async_16(void* destination, const void* source, bool predicate) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(shared_address(destination)), "l"(source), "r"(predicate ? 16 : 0));
+}
+
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int PENDING>
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(PENDING)); }
+
+// B fragments of two adjacent n8 tiles for P.V, read from V stored [token][dim].
+__device__ __forceinline__ void load_matrix_x4_transposed(u32 (&fragment)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
+                 : "r"(shared_address(row_address)));
+}
+
+constexpr int KV_TILE = 64;        // K/V tokens a thread block stages per iteration
+constexpr int THREADS = 128;
+
+template <int HEAD_DIM, int WARPS_M>
+struct AttentionShape {
+    static constexpr int WARPS_N = 4 / WARPS_M;
+    static constexpr int ROWS = 16 * WARPS_M;              // packed (token, head) rows per block
+    static constexpr int WARP_TOKENS = KV_TILE / WARPS_N;  // K/V tokens each warp takes per tile
+    static constexpr int ROW_STRIDE = HEAD_DIM + 8;        // padded: conflict-free fragment loads
+    static constexpr int STAGE_ELEMS = 2 * KV_TILE * ROW_STRIDE;  // K then V
+    static constexpr int PIPELINE_BYTES = 2 * STAGE_ELEMS * 2;
+    static constexpr int EPILOGUE_BYTES = WARPS_N * ROWS * (HEAD_DIM + 2) * 4;
+    static constexpr int SHARED_BYTES = PIPELINE_BYTES > EPILOGUE_BYTES ? PIPELINE_BYTES : EPILOGUE_BYTES;
+};
+
+template <typename T, int HEAD_DIM, int WARPS_M>
+__global__ void __launch_bounds__(THREADS) paged_attention_kernel(
+    u16* __restrict__ out,              // [num_tokens, num_heads, HEAD_DIM], written when gridDim.z == 1
+    float* __restrict__ partial_out,    // [gridDim.z, num_tokens, num_heads, HEAD_DIM]
+    float* __restrict__ partial_lse,    // [gridDim.z, num_tokens, num_heads], log2 domain
+    const u16* __restrict__ query, long long query_token_stride, long long query_head_stride,
+    const u16* __restrict__ key_cache, const u16* __restrict__ value_cache,
+    const int* __restrict__ block_tables, int block_table_stride,
+    const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
+    int num_seqs, int num_tokens, int num_kv_heads, int group, int block_size, float scale_log2) {
+    using Shape = AttentionShape<HEAD_DIM, WARPS_M>;
+    constexpr int WARPS_N = Shape::WARPS_N;
+    constexpr int ROWS = Shape::ROWS;
+    constexpr int WARP_TOKENS = Shape::WARP_TOKENS;
+    constexpr int ROW_STRIDE = Shape::ROW_STRIDE;
+    constexpr int S_TILES = WARP_TOKENS / 8;   // n8 tiles of scores per warp
+    constexpr int PV_STEPS = WARP_TOKENS / 16;
+    constexpr int QK_STEPS = HEAD_DIM / 16;
+    constexpr int D_TILES = HEAD_DIM / 8;
+    constexpr int CHUNKS_PER_ROW = HEAD_DIM / 8;  // 16-byte chunks of one token's head
+
+    extern __shared__ uint4 shared_raw[];
+    u16* shared = reinterpret_cast<u16*>(shared_raw);
+
+    const int num_heads = num_kv_heads * group;
+    const int tile_tokens = ROWS / group;  // query tokens per block
+    const int kv_head = blockIdx.y;
+    const int split = blockIdx.z;
+    const int num_splits = gridDim.z;
+
+    // Block x covers tile (x - first_tile(s)) of the sequence s whose
+    // first_tile(s) = query_start_loc[s] / tile_tokens + s is the last <= x;
+    // this bounds the grid by num_tokens / tile_tokens + num_seqs.
+    int lo = 0, hi = num_seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (query_start_loc[mid] / tile_tokens + mid <= (int)blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    const int seq = lo;
+    const int query_start = query_start_loc[seq];
+    const int query_len = query_start_loc[seq + 1] - query_start;
+    const int first_token = ((int)blockIdx.x - (query_start / tile_tokens + seq)) * tile_tokens;
+    if (first_token >= query_len) return;
+    const int context_len = seq_lens[seq];
+    const int tokens_here = min(tile_tokens, query_len - first_token);
+    const int first_position = context_len - query_len + first_token;
+    const int kv_end = first_position + tokens_here;  // the last query row attends up to here
+    const int piece = ((kv_end + num_splits - 1) / num_splits + KV_TILE - 1) / KV_TILE * KV_TILE;
+    const int kv_begin = split * piece;
+    const int kv_stop = min(kv_begin + piece, kv_end);
+    const int num_tiles = kv_stop > kv_begin ? (kv_stop - kv_begin + KV_TILE - 1) / KV_TILE : 0;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp_m = warp % WARPS_M, warp_n = warp / WARPS_M;
+    const int g = lane >> 2, t = lane & 3;
+
+    // This thread's two query rows (fragment rows g and g + 8).
+    int position[2];
+    u32 q_fragment[QK_STEPS][4];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = warp_m * 16 + g + half * 8;
+        const int token = row / group;
+        const bool valid = token < tokens_here;
+        position[half] = valid ? first_position + token : -1;  // -1 masks every key
+        const u16* q_row = query + (long long)(query_start + first_token + (valid ? token : 0)) * query_token_stride +
+                           (long long)(kv_head * group + row % group) * query_head_stride;
+#pragma unroll
+        for (int step = 0; step < QK_STEPS; ++step) {
+            q_fragment[step][half] = valid ? *reinterpret_cast<const u32*>(q_row + step * 16 + 2 * t) : 0u;
+            q_fragment[step][half + 2] = valid ? *reinterpret_cast<const u32*>(q_row + step * 16 + 8 + 2 * t) : 0u;
+        }
+    }
+
+    float acc[D_TILES][4];
+#pragma unroll
+    for (int d = 0; d < D_TILES; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+    float row_max[2] = {PW_NEG_INF, PW_NEG_INF};
+    float row_sum[2] = {0.f, 0.f};
+
+    const int* block_table = block_tables + (long long)seq * block_table_stride;
+    const long long slot_stride = (long long)num_kv_heads * HEAD_DIM;
+
+    auto load_tile = [&](int stage, int tile_start) {
+        u16* key_stage = shared + stage * Shape::STAGE_ELEMS;
+        u16* value_stage = key_stage + KV_TILE * ROW_STRIDE;
+#pragma unroll
+        for (int chunk = threadIdx.x; chunk < KV_TILE * CHUNKS_PER_ROW; chunk += THREADS) {
+            const int row = chunk / CHUNKS_PER_ROW, part = chunk % CHUNKS_PER_ROW;
+            const int token = tile_start + row;
+            const bool inside = token < kv_stop;
+            long long offset = 0;
+            if (inside) {
+                const int block = block_table[token / block_size];
+                offset = ((long long)block * block_size + token % block_size) * slot_stride + kv_head * HEAD_DIM + part * 8;
+            }
+            copy_async_16(key_stage + row * ROW_STRIDE + part * 8, key_cache + offset, inside);
+            copy_async_16(value_stage + row * ROW_STRIDE + part * 8, value_cache + offset, inside);
+        }
+        copy_async_commit();
+    };
+
+    if (num_tiles > 0) load_tile(0, kv_begin);
+    for (int tile = 0; tile < num_tiles; ++tile) {
+        const int tile_start = kv_begin + tile * KV_TILE;
+        if (tile + 1 < num_tiles) {
+            load_tile((tile + 1) & 1, tile_start + KV_TILE);
+            copy_async_wait<1>();
+        } else {
+            copy_async_wait<0>();
+        }
+        __syncthreads();
+
+        const u16* keys = shared + (tile & 1) * Shape::STAGE_ELEMS + warp_n * WARP_TOKENS * ROW_STRIDE;
+        const u16* values = keys + KV_TILE * ROW_STRIDE;
+        const int warp_start = tile_start + warp_n * WARP_TOKENS;
+
+        float score[S_TILES][4];
+#pragma unroll
+        for (int n = 0; n < S_TILES; ++n) score[n][0] = score[n][1] = score[n][2] = score[n][3] = 0.f;
+#pragma unroll
+        for (int step = 0; step < QK_STEPS; ++step) {
+#pragma unroll
+            for (int n = 0; n < S_TILES; ++n) {
+                const u16* key_row = keys + (n * 8 + g) * ROW_STRIDE + step * 16 + 2 * t;
+                T::mma(score[n], q_fragment[step], *reinterpret_cast<const u32*>(key_row),
+                       *reinterpret_cast<const u32*>(key_row + 8));
+            }
+        }
+
+        // Causal mask and the end of this split, then the online softmax.
+        float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+        for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key_token = warp_start + n * 8 + 2 * t + (e & 1);
+                const int half = e >> 1;
+                const bool allowed = key_token < kv_stop && key_token <= position[half];
+                score[n][e] = allowed ? score[n][e] * scale_log2 : PW_NEG_INF;
+                tile_max[half] = fmaxf(tile_max[half], score[n][e]);
+            }
+        }
+        float base[2], rescale[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
+            tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
+            base[half] = tile_max[half] == PW_NEG_INF ? 0.f : tile_max[half];  // rows with nothing yet stay 0
+            rescale[half] = exp2f(row_max[half] - base[half]);
+            row_max[half] = tile_max[half];
+            row_sum[half] *= rescale[half];
+        }
+#pragma unroll
+        for (int d = 0; d < D_TILES; ++d) {
+            acc[d][0] *= rescale[0];
+            acc[d][1] *= rescale[0];
+            acc[d][2] *= rescale[1];
+            acc[d][3] *= rescale[1];
+        }
+#pragma unroll
+        for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                score[n][e] = exp2f(score[n][e] - base[e >> 1]);
+                row_sum[e >> 1] += score[n][e];
+            }
+        }
+
+        // The score accumulators of two n8 tiles are exactly the A fragment
+        // of one k16 step of P.V.
+#pragma unroll
+        for (int step = 0; step < PV_STEPS; ++step) {
+            const u32 p_fragment[4] = {
+                T::pack(score[2 * step][0], score[2 * step][1]), T::pack(score[2 * step][2], score[2 * step][3]),
+                T::pack(score[2 * step + 1][0], score[2 * step + 1][1]), T::pack(score[2 * step + 1][2], score[2 * step + 1][3])};
+#pragma unroll
+            for (int d = 0; d < D_TILES; d += 2) {
+                u32 v_fragment[4];
+                load_matrix_x4_transposed(v_fragment, values + (step * 16 + (lane & 15)) * ROW_STRIDE + (d + (lane >> 4)) * 8);
+                T::mma(acc[d], p_fragment, v_fragment[0], v_fragment[1]);
+                T::mma(acc[d + 1], p_fragment, v_fragment[2], v_fragment[3]);
+            }
+        }
+        __syncthreads();  // the next iteration's prefetch overwrites this stage
+    }
+
+    // Epilogue: each warp leaves (max, sum, unnormalised output) per row in
+    // shared memory; the block merges the WARPS_N slices of every row.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 1);
+        row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 2);
+    }
+    float* merge_out = reinterpret_cast<float*>(shared);                  // [WARPS_N][ROWS][HEAD_DIM]
+    float* merge_max = merge_out + WARPS_N * ROWS * HEAD_DIM;             // [WARPS_N][ROWS]
+    float* merge_sum = merge_max + WARPS_N * ROWS;                        // [WARPS_N][ROWS]
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = warp_m * 16 + g + half * 8;
+        float* out_row = merge_out + (warp_n * ROWS + row) * HEAD_DIM;
+#pragma unroll
+        for (int d = 0; d < D_TILES; ++d) {
+            *reinterpret_cast<float2*>(out_row + d * 8 + 2 * t) = make_float2(acc[d][2 * half], acc[d][2 * half + 1]);
+        }
+        if (t == 0) {
+            merge_max[warp_n * ROWS + row] = row_max[half];
+            merge_sum[warp_n * ROWS + row] = row_sum[half];
+        }
+    }
+    __syncthreads();
+
+    for (int index = threadIdx.x; index < ROWS * HEAD_DIM / 2; index += THREADS) {
+        const int row = index / (HEAD_DIM / 2);
+        const int dim = (index % (HEAD_DIM / 2)) * 2;
+        const int token = row / group;
+        if (token >= tokens_here) continue;
+        float merged_max = PW_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < WARPS_N; ++w) merged_max = fmaxf(merged_max, merge_max[w * ROWS + row]);
+        const float base = merged_max == PW_NEG_INF ? 0.f : merged_max;
+        float total = 0.f, out0 = 0.f, out1 = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS_N; ++w) {
+            const float weight = exp2f(merge_max[w * ROWS + row] - base);
+            total += merge_sum[w * ROWS + row] * weight;
+            const float2 partial = *reinterpret_cast<const float2*>(merge_out + (w * ROWS + row) * HEAD_DIM + dim);
+            out0 += partial.x * weight;
+            out1 += partial.y * weight;
+        }
+        const float inverse = total > 0.f ? 1.f / total : 0.f;
+        const long long out_row = (long long)(query_start + first_token + token) * num_heads + kv_head * group + row % group;
+        if (num_splits == 1) {
+            *reinterpret_cast<u32*>(out + out_row * HEAD_DIM + dim) = T::pack(out0 * inverse, out1 * inverse);
+        } else {
+            const long long split_row = (long long)split * num_tokens * num_heads + out_row;
+            *reinterpret_cast<float2*>(partial_out + split_row * HEAD_DIM + dim) = make_float2(out0 * inverse, out1 * inverse);
+            if (dim == 0) partial_lse[split_row] = total > 0.f ? base + log2f(total) : PW_NEG_INF;
+        }
+    }
+}
+
+// Merges the splits of every (token, head): out = sum_i 2^lse_i o_i / sum_i 2^lse_i.
+// Grid (num_tokens, num_heads), HEAD_DIM / 2 threads, two dims each.
+template <typename T, int HEAD_DIM>
+__global__ void combine_splits_kernel(u16* __restrict__ out, const float* __restrict__ partial_out,
+                                      const float* __restrict__ partial_lse, int num_splits, int num_tokens) {
+    const long long row = (long long)blockIdx.x * gridDim.y + blockIdx.y;
+    const long long split_stride = (long long)num_tokens * gridDim.y;
+    const int dim = threadIdx.x * 2;
+    float merged_max = PW_NEG_INF;
+    for (int split = 0; split < num_splits; ++split) merged_max = fmaxf(merged_max, partial_lse[split * split_stride + row]);
+    const float base = merged_max == PW_NEG_INF ? 0.f : merged_max;
+    float total = 0.f, out0 = 0.f, out1 = 0.f;
+    for (int split = 0; split < num_splits; ++split) {
+        const float weight = exp2f(partial_lse[split * split_stride + row] - base);
+        const float2 partial = *reinterpret_cast<const float2*>(partial_out + (split * split_stride + row) * HEAD_DIM + dim);
+        total += weight;
+        out0 += partial.x * weight;
+        out1 += partial.y * weight;
+    }
+    const float inverse = total > 0.f ? 1.f / total : 0.f;
+    *reinterpret_cast<u32*>(out + row * HEAD_DIM + dim) = T::pack(out0 * inverse, out1 * inverse);
+}
