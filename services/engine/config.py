@@ -1,0 +1,35 @@
+"""Engine service settings. Plain data with no torch or gRPC imports, so the
+CLI can build `--help` cheaply and the engine core can take it directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ServiceConfig, option
+
+CPU_MAX_NUM_BATCHED_TOKENS = 2048
+GPU_MAX_NUM_BATCHED_TOKENS = 8192
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class EngineConfig(ServiceConfig):
+    """Run the engine service: continuous batching with chunked prefill and paged attention over token ids."""
+
+    port: int = option(50053, "Port to bind.")
+    model: str = option("", "A HF model directory or a .gguf file; empty for the embedded SmolLM2-135M-Instruct.")
+    device: str = option("auto", "Where the model runs; auto picks cuda when available.", choices=["auto", "cpu", "cuda"])
+    dtype: str = option(
+        "auto", "Compute and KV cache dtype; auto is float32 on the CPU and bfloat16 on a GPU.", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    max_model_len: int | None = option(None, "Longest sequence (prompt + output) in tokens; unset: the model's context length.")
+    block_size: int = option(16, "Tokens per KV cache block.")
+    max_num_seqs: int = option(256, "Most sequences in one step.")
+    max_num_batched_tokens: int | None = option(
+        None, f"Token budget of one step (prefill chunks + decodes); unset: {CPU_MAX_NUM_BATCHED_TOKENS} on the CPU, {GPU_MAX_NUM_BATCHED_TOKENS} on a GPU."
+    )
+    enable_prefix_caching: bool = option(True, "Share the KV blocks of identical prompt prefixes between requests.")
+    kv_cache_memory: int = option(DEFAULT_CPU_KV_CACHE_BYTES, "Bytes of KV cache on the CPU.")
+    gpu_memory_utilization: float = option(0.9, "Fraction of GPU memory for weights, activations and KV cache.")
+    num_kv_blocks: int | None = option(None, "Fixed number of KV blocks, overriding the memory-based sizing.")
+    seed: int = option(0, "Seed of the random generator shared by requests that give no seed of their own.")

@@ -1,0 +1,181 @@
+"""Paged KV cache bookkeeping: a pool of fixed-size blocks with reference
+counts, per-sequence block tables, and prefix caching of full blocks.
+
+A full block is named by the hash of (its parent block's hash, its token ids),
+so equal hashes mean equal prefixes. Blocks no live sequence holds wait in an
+LRU free queue; cached ones keep their hash (and their K/V) until allocation
+has to reuse them, so a later request with the same prefix can revive them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.sequence import Sequence
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def hash_block(parent_hash: int | None, token_ids: SequenceOf[int]) -> int:
+    return hash((parent_hash, tuple(token_ids)))
+
+
+@dataclass
+class KVBlock:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+class BlockPool:
+    """Every block, the free queue (front = first to reuse) and the hash index."""
+
+    def __init__(self, num_blocks: int):
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[int, KVBlock] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def num_cached_free(self) -> int:
+        return sum(1 for b in self.free_queue.values() if b.block_hash is not None)
+
+    def allocate(self) -> KVBlock:
+        _, block = self.free_queue.popitem(last=False)
+        if block.block_hash is not None:
+            del self.cached[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block
+
+    def touch(self, block: KVBlock) -> None:
+        """Take a reference to a cached block, reviving it from the free queue."""
+        if block.ref_count == 0:
+            del self.free_queue[block.block_id]
+        block.ref_count += 1
+
+    def release(self, block: KVBlock) -> None:
+        block.ref_count -= 1
+        if block.ref_count > 0:
+            return
+        self.free_queue[block.block_id] = block
+        if block.block_hash is None:
+            # Holds nothing reusable: hand it out before any cached block.
+            self.free_queue.move_to_end(block.block_id, last=False)
+
+    def lookup(self, block_hash: int) -> KVBlock | None:
+        return self.cached.get(block_hash)
+
+    def register(self, block: KVBlock, block_hash: int) -> None:
+        # A block that came from the cache keeps its hash; a block whose
+        # content another block already caches stays private.
+        if block.block_hash is not None or block_hash in self.cached:
+            return
+        block.block_hash = block_hash
+        self.cached[block_hash] = block
+
+
+class KVCacheManager:
+    """Block tables of sequences over one BlockPool."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.queried_tokens = 0
+        self.hit_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.pool.blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by live sequences."""
+        return 1.0 - self.pool.num_free / self.num_blocks
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def _update_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
+        size = self.block_size
+        for i in range(len(seq.block_hashes), num_full_blocks):
+            parent = seq.block_hashes[i - 1] if i else None
+            seq.block_hashes.append(hash_block(parent, [seq.token_at(j) for j in range(i * size, (i + 1) * size)]))
+
+    def cached_prefix(self, seq: Sequence) -> list[KVBlock]:
+        """The longest run of cached blocks matching seq's leading full blocks.
+        The last token is never covered: its logits must be computed."""
+        if not self.enable_prefix_caching:
+            return []
+        limit = (seq.num_tokens - 1) // self.block_size
+        self._update_hashes(seq, limit)
+        hits = []
+        for block_hash in seq.block_hashes[:limit]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, cached_blocks: SequenceOf[KVBlock] = ()) -> bool:
+        """Give seq blocks for num_new_tokens more tokens, first adopting
+        cached_blocks (a fresh sequence's prefix hits). False, with nothing
+        changed, when the free blocks do not suffice."""
+        num_computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
+        num_needed = self.blocks_for_tokens(num_computed + num_new_tokens) - len(seq.block_table) - len(cached_blocks)
+        num_revived = sum(1 for b in cached_blocks if b.ref_count == 0)
+        if num_needed + num_revived > self.pool.num_free:
+            return False
+        if seq.num_computed_tokens == 0 and self.enable_prefix_caching:
+            self.queried_tokens += seq.num_tokens
+            self.hit_tokens += len(cached_blocks) * self.block_size
+        for block in cached_blocks:
+            self.pool.touch(block)
+            seq.block_table.append(block.block_id)
+        seq.num_registered_blocks = len(seq.block_table)
+        seq.num_computed_tokens = num_computed
+        for _ in range(max(num_needed, 0)):
+            seq.block_table.append(self.pool.allocate().block_id)
+        return True
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Enter seq's fully computed blocks into the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_registered_blocks:
+            return
+        self._update_hashes(seq, num_full)
+        for i in range(seq.num_registered_blocks, num_full):
+            self.pool.register(self.pool.blocks[seq.block_table[i]], seq.block_hashes[i])
+        seq.num_registered_blocks = num_full
+
+    def free(self, seq: Sequence) -> None:
+        # Tail first, so a sequence's last blocks are reused before its prefix.
+        for block_id in reversed(seq.block_table):
+            self.pool.release(self.pool.blocks[block_id])
+        seq.block_table.clear()
+        seq.num_registered_blocks = 0
+
+
+def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+
+
+def allocate_kv_tensors(
+    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (key, value) pair per layer, laid out as kernels/reference.py documents."""
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]

@@ -1,0 +1,211 @@
+"""Load a Llama-family model from a HF directory (config.json + safetensors)
+or a GGUF file (dequantized to the compute dtype)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.common.logging import get_logger
+from services.common.model import ModelSource
+from services.engine.attention import AttentionBackend, select_backend
+from services.engine.models.llama import LlamaForCausalLM, ModelConfig
+
+log = get_logger("engine")
+
+SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def _as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (int(value),)
+
+
+def read_hf_config(directory: Path) -> ModelConfig:
+    raw = json.loads((directory / "config.json").read_text())
+    architecture = raw.get("model_type", "")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"model type {architecture!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+    # transformers 5 writes rope settings under rope_parameters; older files use rope_theta/rope_scaling.
+    rope = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    eos = _as_id_tuple(raw.get("eos_token_id"))
+    generation_config = directory / "generation_config.json"
+    if generation_config.is_file():
+        eos = tuple(dict.fromkeys(eos + _as_id_tuple(json.loads(generation_config.read_text()).get("eos_token_id"))))
+    num_heads = raw["num_attention_heads"]
+    return ModelConfig(
+        architecture=architecture,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=raw.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        qkv_bias=architecture == "qwen2" or raw.get("attention_bias", False),
+        eos_token_ids=eos,
+        rope_scaling=scaling,
+    )
+
+
+def _safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no *.safetensors files")
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                yield name, f.get_tensor(name)
+
+
+def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.parts[field.data[0]]
+    if field.types[0].name == "STRING":
+        return bytes(value).decode("utf-8")
+    return value.item() if value.size == 1 else value.tolist()
+
+
+def read_gguf_config(reader: Any) -> ModelConfig:
+    arch = _gguf_value(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+    num_heads = _gguf_value(reader, f"{arch}.attention.head_count")
+    hidden = _gguf_value(reader, f"{arch}.embedding_length")
+    vocab = _gguf_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    names = {t.name for t in reader.tensors}
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_gguf_value(reader, f"{arch}.feed_forward_length"),
+        num_layers=_gguf_value(reader, f"{arch}.block_count"),
+        num_heads=num_heads,
+        num_kv_heads=_gguf_value(reader, f"{arch}.attention.head_count_kv", num_heads),
+        head_dim=_gguf_value(reader, f"{arch}.rope.dimension_count", hidden // num_heads),
+        rms_norm_eps=_gguf_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=_gguf_value(reader, f"{arch}.rope.freq_base", 10000.0),
+        max_position_embeddings=_gguf_value(reader, f"{arch}.context_length", 4096),
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        eos_token_ids=_as_id_tuple(_gguf_value(reader, "tokenizer.ggml.eos_token_id")),
+    )
+
+
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GGUF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def _undo_llama_cpp_rope_permutation(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # llama.cpp's converter interleaves the two rotary halves of each q/k head;
+    # put them back in HF's rotate-half order.
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _gguf_weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import dequantize
+
+    for tensor in reader.tensors:
+        name = GGUF_GLOBAL_NAMES.get(tensor.name)
+        if name is None:
+            match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", tensor.name)
+            if match is None or match.group(2) not in GGUF_LAYER_NAMES:
+                raise ValueError(f"GGUF tensor {tensor.name!r} is not part of a supported Llama-family model")
+            name = f"model.layers.{match.group(1)}.{GGUF_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+        weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+        if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
+            weight = _undo_llama_cpp_rope_permutation(weight, config.num_heads if ".q_proj." in name else config.num_kv_heads)
+        yield name, weight
+
+
+def read_model_config(source: ModelSource) -> ModelConfig:
+    if source.is_gguf:
+        from gguf import GGUFReader
+
+        return read_gguf_config(GGUFReader(str(source.directory / source.gguf_file)))
+    return read_hf_config(source.directory)
+
+
+def load_model(
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_positions: int | None = None,
+    backend: AttentionBackend | None = None,
+) -> LoadedModel:
+    """Build the model on `device` in `dtype` with RoPE tables for max_positions
+    (default: the model's context length) and fill it from the checkpoint."""
+    if source.is_gguf:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(source.directory / source.gguf_file))
+        config = read_gguf_config(reader)
+        weights = _gguf_weights(reader, config)
+    else:
+        config = read_hf_config(source.directory)
+        weights = _safetensors_weights(source.directory)
+    # Built on the meta device so no time goes into random initialisation.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, backend or select_backend(device), max_positions or config.max_position_embeddings)
+    model = model.to_empty(device=device).to(dtype)
+    model.load_weights(weights)
+    model.model.rotary.compute_tables(device)
+    log.info("model loaded", model_id=source.model_id, architecture=config.architecture, device=str(device), dtype=dtype_name(dtype))
+    return LoadedModel(model.eval(), config, source.model_id, device, dtype)

@@ -1,0 +1,110 @@
+"""Turns a scheduler output into one forward pass over the flattened batch,
+then samples the sequences whose next token is due."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.attention import AttentionMetadata
+from services.engine.loader import LoadedModel
+from services.engine.sampler import Sampler, SamplerOutput, SamplingRequest
+from services.engine.scheduler import ScheduledSequence
+from services.engine.sequence import Sequence
+
+
+@dataclass
+class BatchInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    metadata: AttentionMetadata
+    # Rows of the hidden states whose logits are sampled, and their sequences.
+    logits_indices: torch.Tensor
+    sampled_sequences: list[Sequence]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, sampler: Sampler):
+        self.model = loaded.model
+        self.device = loaded.device
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.sampler = sampler
+
+    def prepare(self, scheduled: list[ScheduledSequence]) -> BatchInputs:
+        size = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        seq_lens: list[int] = []
+        query_start_loc = [0]
+        logits_indices: list[int] = []
+        sampled: list[Sequence] = []
+        for item in scheduled:
+            seq = item.seq
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
+            input_ids.extend(seq.token_at(p) for p in range(start, end))
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slot_mapping.extend(table[p // size] * size + p % size for p in range(start, end))
+            seq_lens.append(end)
+            query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
+            if item.completes_sequence:
+                logits_indices.append(query_start_loc[-1] - 1)
+                sampled.append(seq)
+        width = max(len(item.seq.block_table) for item in scheduled)
+        block_tables = torch.zeros(len(scheduled), width, dtype=torch.int32)
+        for row, item in enumerate(scheduled):
+            block_tables[row, : len(item.seq.block_table)] = torch.tensor(item.seq.block_table, dtype=torch.int32)
+
+        def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        metadata = AttentionMetadata(
+            slot_mapping=on_device(slot_mapping, torch.int64),
+            block_tables=block_tables.to(self.device, non_blocking=True),
+            seq_lens=on_device(seq_lens, torch.int32),
+            query_start_loc=on_device(query_start_loc, torch.int32),
+        )
+        return BatchInputs(
+            on_device(input_ids, torch.int64), on_device(positions, torch.int64), metadata, on_device(logits_indices, torch.int64), sampled
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Run the step; returns the sequences that sampled a token and what they sampled."""
+        batch = self.prepare(scheduled)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
+        if not batch.sampled_sequences:
+            return [], None
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        rows = [SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids) for s in batch.sampled_sequences]
+        return batch.sampled_sequences, self.sampler(logits, rows)
+
+
+def profile_peak_memory(loaded: LoadedModel, num_tokens: int, block_size: int) -> int:
+    """Peak device bytes of one forward over num_tokens prompt tokens, weights
+    included, using a throwaway KV cache just large enough; the KV cache
+    budget is what remains of the device's allowance after it."""
+    from services.engine.kv_cache import allocate_kv_tensors, cdiv
+
+    config = loaded.config
+    num_blocks = cdiv(num_tokens, block_size)
+    kv_caches = allocate_kv_tensors(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, loaded.dtype, loaded.device)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens, device=loaded.device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=loaded.device).unsqueeze(0),
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=loaded.device),
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=loaded.device),
+    )
+    torch.cuda.reset_peak_memory_stats(loaded.device)
+    with torch.inference_mode():
+        hidden = loaded.model(torch.zeros(num_tokens, dtype=torch.int64, device=loaded.device), torch.arange(num_tokens, device=loaded.device), kv_caches, metadata)
+        loaded.model.compute_logits(hidden[-1:])
+    torch.cuda.synchronize(loaded.device)
+    peak = torch.cuda.max_memory_allocated(loaded.device)
+    cache_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in kv_caches)
+    del kv_caches, hidden
+    torch.cuda.empty_cache()
+    return peak - cache_bytes

@@ -1,0 +1,118 @@
+"""One token budget per step: running sequences first (decodes and unfinished
+prefill chunks), then new or preempted sequences, each taking as many prompt
+tokens as the budget leaves (chunked prefill). When blocks run out, the
+newest running sequence is preempted: its blocks are freed and it is
+recomputed from its tokens later, which leaves its output unchanged."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.engine.kv_cache import KVCacheManager
+from services.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def completes_sequence(self) -> bool:
+        """After this chunk every known token is computed, so the next token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._allocate_preempting(seq, num_new, out):
+                break
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+            index += 1
+        # Admitting work right after preempting would only evict it again.
+        if out.preempted:
+            return out
+        now = time.monotonic()
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached_blocks = self.kv_cache.cached_prefix(seq)
+            num_new = min(seq.num_tokens - len(cached_blocks) * self.kv_cache.block_size, budget)
+            if not self.kv_cache.allocate_slots(seq, num_new, cached_blocks):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+                seq.num_cached_tokens = seq.num_computed_tokens
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return out
+
+    def _allocate_preempting(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> bool:
+        """Preempt the newest running sequences until seq's new tokens fit;
+        False when seq itself had to go."""
+        while not self.kv_cache.allocate_slots(seq, num_new_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv_cache.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update_computed(self, out: SchedulerOutput) -> None:
+        """Record that the scheduled tokens are now in the KV cache."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.kv_cache.cache_computed_blocks(item.seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Take seq out of the queues and free its blocks, whatever its state."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.kv_cache.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

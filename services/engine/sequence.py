@@ -1,0 +1,146 @@
+"""Request state inside the engine core: what was asked, what was produced,
+and how much of it sits in the KV cache."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+    TIME_LIMIT = "time_limit"
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Token-level sampling controls; defaults mean "off" (see common.proto)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    n: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def problems(self) -> list[str]:
+        """Human-readable reasons these values are out of range (empty when valid)."""
+        found = []
+        if not 0.0 <= self.temperature <= 100.0:
+            found.append(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            found.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            found.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            found.append(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0.0:
+            found.append(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            found.append(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            found.append(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            found.append(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            found.append(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.n != 1:
+            found.append(f"n must be 1 (one completion per request), got {self.n}")
+        return found
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    deadline: float | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    # Tokens whose K/V are in the cache; the rest of all_token_ids still needs a forward pass.
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    # Hashes of the full blocks of all_token_ids, in order (filled lazily).
+    block_hashes: list[int] = field(default_factory=list)
+    # Leading blocks of block_table already entered in the prefix cache.
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+    num_preemptions: int = 0
+    # Whether the first output (which carries the prompt figures) went out.
+    first_output_sent: bool = False
+    finish_reason: FinishReason | None = None
+    matched_stop_token_id: int | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
+
+
+@dataclass
+class RequestOutput:
+    """What one request did in one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    matched_stop_token_id: int | None = None
+    # Set on a request's first output only.
+    num_prompt_tokens: int | None = None
+    num_cached_tokens: int | None = None
+    queue_time_s: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
