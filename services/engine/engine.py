@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from services.common.grpc_utils import RequestError, invalid_argument
@@ -81,6 +82,7 @@ class EngineCore:
         on_gpu = loaded.device.type == "cuda"
         self.max_num_batched_tokens = config.max_num_batched_tokens or (GPU_MAX_NUM_BATCHED_TOKENS if on_gpu else CPU_MAX_NUM_BATCHED_TOKENS)
         self.max_num_seqs = config.max_num_seqs
+        self.max_queue_len = config.max_queue_len
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config)
         if num_blocks < 1:
             raise ValueError("no memory is left for the KV cache: raise --kv-cache-memory / --gpu-memory-utilization or set --num-kv-blocks")
@@ -156,6 +158,13 @@ class EngineCore:
         if request_id in self.sequences:
             raise invalid_argument(f"request id {request_id!r} is already live in this engine")
         self.validate(request_id, prompt_token_ids, sampling)
+        if len(self.scheduler.waiting) >= self.max_queue_len:
+            # Refusing at once lets the caller retry elsewhere or later; queueing
+            # without bound would only turn overload into timeouts.
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request {request_id!r}: {len(self.scheduler.waiting)} requests are already waiting (--max-queue-len {self.max_queue_len}); retry later",
+            )
         now = time.monotonic()
         seq = Sequence(
             request_id=request_id,
