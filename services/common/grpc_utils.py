@@ -16,6 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from services.common.logging import get_logger
+from services.common.message_guard import MalformedMessageInterceptor
 
 log = get_logger("grpc")
 
@@ -105,7 +106,9 @@ async def start_server(
     API keys) and `credentials` (TLS) are for the public port."""
     pool = ThreadPoolExecutor(max_workers=handler_threads) if handler_threads else None
     server = grpc.aio.server(
-        migration_thread_pool=pool, interceptors=interceptors, options=message_size_options(max_message_bytes) + KEEPALIVE_SERVER_OPTIONS
+        migration_thread_pool=pool,
+        interceptors=[*interceptors, MalformedMessageInterceptor()],
+        options=message_size_options(max_message_bytes) + KEEPALIVE_SERVER_OPTIONS,
     )
     for add in register:
         add(server)

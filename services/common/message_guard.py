@@ -1,0 +1,103 @@
+"""Bytes that do not parse as the method's request message are the caller's
+fault: answer INVALID_ARGUMENT. Left alone, grpc.aio reports the DecodeError
+as UNKNOWN, which reads like a server failure."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from services.common.logging import get_logger
+
+log = get_logger("grpc")
+
+
+class _Malformed:
+    """Stands in for a request message that failed to parse."""
+
+    def __init__(self, error: DecodeError):
+        self.message = f"the request message could not be parsed: {error}"
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError as exc:
+            return _Malformed(exc)
+
+    return deserialize
+
+
+async def _refuse(context: grpc.aio.ServicerContext, malformed: _Malformed, method: str) -> None:
+    log.warning("malformed request message refused", method=method, error=malformed.message)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, malformed.message)
+
+
+def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with parse failures answered INVALID_ARGUMENT."""
+    behavior = _behavior(handler)
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, _Malformed):
+                await _refuse(context, request, method)
+            yield request
+
+    async def prepare(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return checked(request, context)
+        if isinstance(request, _Malformed):
+            await _refuse(context, request, method)
+        return request
+
+    # grpc.aio tells handler kinds apart by function type, so keep the original's.
+    if inspect.isasyncgenfunction(behavior):
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for response in behavior(await prepare(request, context), context):
+                yield response
+
+    else:
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
+            return await behavior(await prepare(request, context), context)
+
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return factory(wrapped, request_deserializer=_tolerant(handler.request_deserializer), response_serializer=handler.response_serializer)
+
+
+def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+def _is_async(handler: grpc.RpcMethodHandler) -> bool:
+    behavior = _behavior(handler)
+    return inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+
+
+class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
+    """Applies to asyncio handlers; synchronous ones (run on the server's
+    thread pool) keep their own execution model and are passed through."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None or not _is_async(handler):
+            return handler
+        return _guarded(handler, handler_call_details.method)
