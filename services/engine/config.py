@@ -36,3 +36,4 @@ class EngineConfig(ServiceConfig):
     gpu_memory_utilization: float = option(0.9, "Fraction of GPU memory for weights, activations and KV cache.")
     num_kv_blocks: int | None = option(None, "Fixed number of KV blocks, overriding the memory-based sizing.")
     seed: int = option(0, "Seed of the random generator shared by requests that give no seed of their own.")
+    shutdown_grace_s: float = option(10.0, "Seconds in-flight requests may finish after SIGTERM/SIGINT (readiness reports NOT_SERVING meanwhile).")
