@@ -87,3 +87,17 @@ def render(directory: Path) -> list[dict[str, Any]]:
             if resource["kind"] not in CLUSTER_SCOPED:
                 resource.setdefault("metadata", {})["namespace"] = kustomization["namespace"]
     return resources
+
+
+def by_kind(resources: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {r["metadata"]["name"]: r for r in resources if r["kind"] == kind}
+
+
+def pod_environment(resources: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The variables a container gets from its envFrom ConfigMaps and env."""
+    config_maps = by_kind(resources, "ConfigMap")
+    environment: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        environment.update(config_maps[source["configMapRef"]["name"]]["data"])
+    environment.update({e["name"]: e["value"] for e in container.get("env", [])})
+    return environment

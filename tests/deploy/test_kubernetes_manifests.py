@@ -14,27 +14,13 @@ import yaml
 from services.gateway.discovery import DnsTarget, parse_target
 from services.gateway.metrics import GatewayMetrics
 from tests.deploy.contract import READINESS_SERVICE, REPO, config_for, parse_health_command
-from tests.deploy.kustomize import render
+from tests.deploy.kustomize import by_kind, pod_environment, render
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
 OVERLAYS = ["cpu", "gpu"]
 SCHEMA_VERSIONS = ["1.30", "1.35"]
 # The image's USER (Dockerfile); pods must run as it.
 IMAGE_UID = 10001
-
-
-def by_kind(resources: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
-    return {r["metadata"]["name"]: r for r in resources if r["kind"] == kind}
-
-
-def pod_environment(resources: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
-    """The variables a container gets from its envFrom ConfigMaps and env."""
-    config_maps = by_kind(resources, "ConfigMap")
-    environment: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        environment.update(config_maps[source["configMapRef"]["name"]]["data"])
-    environment.update({e["name"]: e["value"] for e in container.get("env", [])})
-    return environment
 
 
 # Ids are not the bare overlay names: a test keyword "gpu" marks GPU-only tests.
