@@ -5,8 +5,6 @@ API key middleware."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -93,22 +91,6 @@ def test_grpc_api_key_refuses_missing_and_wrong_keys_and_leaves_health_open() ->
 
 def test_no_api_key_means_no_interceptor() -> None:
     assert grpc_interceptors("") == []
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    """A self-signed certificate for localhost and 127.0.0.1."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return TlsFiles(cert, key)
 
 
 async def _tls_session(files: TlsFiles) -> tuple[int, grpc.StatusCode]:

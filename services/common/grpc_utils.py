@@ -142,9 +142,14 @@ async def serve_until_signalled(running: RunningServer, grace_s: float = 10.0) -
     stopper.cancel()
 
 
-def check_health(target: str, service: str = "", timeout_s: float = 3.0) -> bool:
-    """True when `target` answers grpc.health.v1 Check with SERVING."""
-    with grpc.insecure_channel(target) as channel:
+def check_health(target: str, service: str = "", timeout_s: float = 3.0, root_certificates: bytes | None = None) -> bool:
+    """True when `target` answers grpc.health.v1 Check with SERVING; over TLS
+    when `root_certificates` (PEM) are given."""
+    if root_certificates is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root_certificates))
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

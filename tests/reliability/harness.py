@@ -38,6 +38,8 @@ class ServiceProcess:
     log_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    # PEM roots to trust when the service serves TLS.
+    root_certificates: bytes | None = None
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -70,7 +72,7 @@ class ServiceProcess:
         while time.monotonic() - started < timeout_s:
             if not self.alive:
                 raise ServiceExited(f"{self.name} exited with {self.process and self.process.returncode}:\n{self.log_tail()}")
-            if check_health(self.address, self.readiness_service, timeout_s=1.0):
+            if check_health(self.address, self.readiness_service, timeout_s=1.0, root_certificates=self.root_certificates):
                 return time.monotonic() - started
             time.sleep(0.2)
         raise TimeoutError(f"{self.name} not SERVING after {timeout_s:.0f} s:\n{self.log_tail()}")
