@@ -54,10 +54,15 @@ def paged_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of a flattened mixed batch (prefill chunks and decodes)
     over the paged cache. query: [num_tokens, num_heads, head_dim]; returns the
-    same shape. Grouped-query attention: num_heads is a multiple of num_kv_heads."""
+    same shape. Grouped-query attention: num_heads is a multiple of num_kv_heads.
+    max_query_len/max_seq_len are launch hints for device backends (see
+    kernels/cuda_ops.py); the reference reads the lengths from the tensors."""
     num_heads = query.shape[1]
     group = num_heads // key_cache.shape[2]
     out = torch.empty_like(query)

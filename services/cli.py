@@ -16,6 +16,7 @@ from services.common.model import ModelNotFoundError
 # subcommand -> (module with `CONFIG` and `async def serve(config)`, summary)
 SERVICES = {
     "tokenizer": ("services.tokenizer.server", "Run the tokenizer service (default port 50052)."),
+    "engine": ("services.engine.server", "Run the engine service (default port 50053)."),
 }
 
 

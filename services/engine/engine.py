@@ -13,6 +13,7 @@ from services.common.grpc_utils import RequestError, invalid_argument
 from services.common.logging import get_logger
 from services.common.model import resolve_model
 from services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from services.engine.cuda_graphs import CudaGraphRunner
 from services.engine.kv_cache import KVCacheManager, allocate_kv_tensors, cdiv, kv_bytes_per_block
 from services.engine.loader import LoadedModel, dtype_name, load_model, resolve_device, resolve_dtype
 from services.engine.runner import ModelRunner, profile_peak_memory
@@ -92,7 +93,8 @@ class EngineCore:
         self.kv_cache = KVCacheManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(config.seed, loaded.device)
-        self.runner = ModelRunner(loaded, kv_caches, self.block_size, self.sampler)
+        runner_args = (loaded, kv_caches, self.block_size, self.sampler)
+        self.runner = CudaGraphRunner(*runner_args, self.max_num_seqs, self.max_model_len) if on_gpu else ModelRunner(*runner_args)
         self.sequences: dict[str, Sequence] = {}
         self._finished_outside_step: list[RequestOutput] = []
         self.prompt_tokens_total = 0
@@ -126,7 +128,7 @@ class EngineCore:
             prefix_caching=self.kv_cache.enable_prefix_caching,
         )
 
-    def validate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
         """Raise RequestError (INVALID_ARGUMENT) when the request cannot run.
         Reads only settings fixed at start-up, so any thread may call it."""
         problems = []
@@ -152,18 +154,18 @@ class EngineCore:
                     f"{self.kv_cache.num_blocks} blocks of {self.block_size} tokens: lower max_tokens or the prompt length"
                 )
         if problems:
-            raise invalid_argument(f"request {request_id!r}: " + "; ".join(problems))
+            raise invalid_argument("; ".join(problems))
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, timeout_s: float | None = None) -> None:
         if request_id in self.sequences:
             raise invalid_argument(f"request id {request_id!r} is already live in this engine")
-        self.validate(request_id, prompt_token_ids, sampling)
+        self.validate(prompt_token_ids, sampling)
         if len(self.scheduler.waiting) >= self.max_queue_len:
             # Refusing at once lets the caller retry elsewhere or later; queueing
             # without bound would only turn overload into timeouts.
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request {request_id!r}: {len(self.scheduler.waiting)} requests are already waiting (--max-queue-len {self.max_queue_len}); retry later",
+                f"{len(self.scheduler.waiting)} requests are already waiting (--max-queue-len {self.max_queue_len}); retry later",
             )
         now = time.monotonic()
         seq = Sequence(

@@ -40,20 +40,19 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[int, KVBlock] = {}
+        # Kept as a counter (not counted on demand) so other threads can read it.
+        self.num_cached_free = 0
 
     @property
     def num_free(self) -> int:
         return len(self.free_queue)
-
-    @property
-    def num_cached_free(self) -> int:
-        return sum(1 for b in self.free_queue.values() if b.block_hash is not None)
 
     def allocate(self) -> KVBlock:
         _, block = self.free_queue.popitem(last=False)
         if block.block_hash is not None:
             del self.cached[block.block_hash]
             block.block_hash = None
+            self.num_cached_free -= 1
         block.ref_count = 1
         return block
 
@@ -61,6 +60,7 @@ class BlockPool:
         """Take a reference to a cached block, reviving it from the free queue."""
         if block.ref_count == 0:
             del self.free_queue[block.block_id]
+            self.num_cached_free -= 1
         block.ref_count += 1
 
     def release(self, block: KVBlock) -> None:
@@ -68,7 +68,9 @@ class BlockPool:
         if block.ref_count > 0:
             return
         self.free_queue[block.block_id] = block
-        if block.block_hash is None:
+        if block.block_hash is not None:
+            self.num_cached_free += 1
+        else:
             # Holds nothing reusable: hand it out before any cached block.
             self.free_queue.move_to_end(block.block_id, last=False)
 

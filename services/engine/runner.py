@@ -66,6 +66,8 @@ class ModelRunner:
             block_tables=block_tables.to(self.device, non_blocking=True),
             seq_lens=on_device(seq_lens, torch.int32),
             query_start_loc=on_device(query_start_loc, torch.int32),
+            max_query_len=max(item.num_new_tokens for item in scheduled),
+            max_seq_len=max(seq_lens),
         )
         return BatchInputs(
             on_device(input_ids, torch.int64), on_device(positions, torch.int64), metadata, on_device(logits_indices, torch.int64), sampled

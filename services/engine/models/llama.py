@@ -123,8 +123,9 @@ class Attention(nn.Module):
         key_cache, value_cache = kv_cache
         self.backend.reshape_and_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
         out = self.backend.paged_attention(
-            q, key_cache, value_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, self.scale
-        )
+            q, key_cache, value_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, self.scale,
+            max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
+        )  # fmt: skip
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

@@ -1,0 +1,122 @@
+"""The model runner on a GPU: decode steps replay CUDA graphs, one captured
+per batch size of a ladder, so a step costs a few host-to-device copies and
+one graph launch instead of hundreds of kernel launches from Python. Steps
+with prefill chunks run eagerly (their shapes vary too much to capture).
+
+A graph is captured over static buffers: the batch is padded up to the next
+captured size with rows that write no cache slot (slot -1) and attend to
+nothing (context 0). Attention inside the graph is launched for the longest
+context the engine allows (max_model_len); each sequence splits its own
+context over the launch's thread blocks, so short contexts lose little.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.common.logging import get_logger
+from services.engine.attention import AttentionMetadata
+from services.engine.kv_cache import cdiv
+from services.engine.loader import LoadedModel
+from services.engine.runner import ModelRunner
+from services.engine.sampler import Sampler, SamplerOutput, SamplingRequest
+from services.engine.scheduler import ScheduledSequence
+from services.engine.sequence import Sequence
+
+log = get_logger("engine")
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16, up to and including max_num_seqs:
+    a decode batch pads by at most 15 rows."""
+    ladder = [size for size in (1, 2, 4, 8) if size < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return [*ladder, max_num_seqs]
+
+
+class CudaGraphRunner(ModelRunner):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        sampler: Sampler,
+        max_num_seqs: int,
+        max_model_len: int,
+    ):
+        super().__init__(loaded, kv_caches, block_size, sampler)
+        self.max_model_len = max_model_len
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        largest, device = self.batch_sizes[-1], loaded.device
+        max_blocks = cdiv(max_model_len, block_size)
+        # Static device inputs of every graph (a graph of size n reads the first n rows).
+        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        self.logits = torch.empty(largest, loaded.config.vocab_size, dtype=torch.float32, device=device)
+        # Pinned host staging, filled with numpy and copied asynchronously.
+        # Reusing it each step is safe: sampling reads the previous step's
+        # tokens back to the host, so its copies have completed.
+        self.staged_rows = torch.zeros(3, largest, dtype=torch.int64, pin_memory=True)  # ids, positions, slots
+        self.staged_seq_lens = torch.zeros(largest, dtype=torch.int32, pin_memory=True)
+        self.staged_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, pin_memory=True)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._capture()
+
+    def _decode_metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            block_tables=self.block_tables[:size],
+            seq_lens=self.seq_lens[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
+
+    def _decode_forward(self, size: int) -> None:
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, self._decode_metadata(size))
+        self.logits[:size].copy_(self.model.compute_logits(hidden))
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        # Largest first, so the smaller graphs reuse its share of the pool.
+        for size in reversed(self.batch_sizes):
+            self._decode_forward(size)  # eager once: kernels load, cuBLAS settles on its algorithms
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._decode_forward(size)
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        log.info("decode graphs captured", batch_sizes=self.batch_sizes)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], SamplerOutput | None]:
+        is_decode = all(item.num_new_tokens == 1 and item.completes_sequence for item in scheduled)
+        if not is_decode or len(scheduled) > self.batch_sizes[-1]:
+            return super().execute(scheduled)
+        num_seqs = len(scheduled)
+        size = next(size for size in self.batch_sizes if size >= num_seqs)
+        rows, seq_lens, tables = self.staged_rows.numpy(), self.staged_seq_lens.numpy(), self.staged_tables.numpy()
+        rows[2, num_seqs:size] = -1  # padding rows: no cache write ...
+        seq_lens[num_seqs:size] = 0  # ... and no context
+        for row, item in enumerate(scheduled):
+            seq = item.seq
+            position = seq.num_computed_tokens
+            table = seq.block_table
+            rows[0, row] = seq.token_at(position)
+            rows[1, row] = position
+            rows[2, row] = table[position // self.block_size] * self.block_size + position % self.block_size
+            seq_lens[row] = position + 1
+            tables[row, : len(table)] = table
+        self.input_ids[:size].copy_(self.staged_rows[0, :size], non_blocking=True)
+        self.positions[:size].copy_(self.staged_rows[1, :size], non_blocking=True)
+        self.slot_mapping[:size].copy_(self.staged_rows[2, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(self.staged_seq_lens[:size], non_blocking=True)
+        self.block_tables[:size].copy_(self.staged_tables[:size], non_blocking=True)
+        self.graphs[size].replay()
+        sequences = [item.seq for item in scheduled]
+        requests = [SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids) for s in sequences]
+        return sequences, self.sampler(self.logits[:num_seqs], requests)
