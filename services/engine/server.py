@@ -1,0 +1,56 @@
+"""`pagewire engine`: the Engine gRPC service. Cheap to import (torch loads
+inside `serve`), because the CLI imports it to build --help."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from services.common.grpc_utils import RunningServer, serve_until_signalled, start_server
+from services.common.logging import get_logger
+from services.engine.config import EngineConfig
+
+if TYPE_CHECKING:
+    from services.engine.engine import EngineCore
+    from services.engine.servicer import EngineServicer
+
+CONFIG = EngineConfig
+
+log = get_logger("engine")
+
+
+async def start_engine_server(config: EngineConfig) -> tuple[RunningServer, EngineServicer]:
+    """Bind and start answering health (NOT_SERVING for the Engine until attach)."""
+    from services.common.pb.pagewire.v1 import engine_pb2_grpc
+    from services.engine.servicer import SERVICE_NAME, EngineServicer
+
+    servicer = EngineServicer()
+    running = await start_server(
+        config.host,
+        config.port,
+        config.max_message_bytes,
+        [lambda server: engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+    )
+    return running, servicer
+
+
+async def attach_core(running: RunningServer, servicer: EngineServicer, core: EngineCore) -> None:
+    servicer.attach(core)
+    await running.set_serving(True)
+    log.info("engine serving", port=running.port, model_id=core.info.model_id, device=core.info.device)
+
+
+async def serve(config: EngineConfig) -> int:
+    from services.engine.engine import EngineCore
+
+    running, servicer = await start_engine_server(config)
+    log.info("engine loading model", port=running.port, model=config.model or "embedded")
+    core = await asyncio.to_thread(EngineCore, config)
+    await attach_core(running, servicer, core)
+    try:
+        await serve_until_signalled(running, config.shutdown_grace_s)
+    finally:
+        await running.server.stop(None)
+        servicer.stop()
+    return 0

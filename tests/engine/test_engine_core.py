@@ -1,0 +1,201 @@
+"""EngineCore behaviour on the real embedded model: preemption, prefix
+caching, aborts in every state, deadlines, stop conditions, validation."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from services.common.grpc_utils import RequestError
+from services.engine.sequence import FinishReason, SamplingParams, SequenceStatus
+from tests.engine.conftest import MAX_NEW_TOKENS
+from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
+
+LONG = 8  # index of the long prompt in the prompt set
+
+
+def _hf_greedy(hf_model, ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
+    with torch.inference_mode():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2)
+    return out[0, len(ids) :].tolist()
+
+
+def test_preempted_requests_produce_the_unpreempted_output(engine_model, prompts, hf_greedy) -> None:
+    short = [i for i, ids in enumerate(prompts) if len(ids) <= 16][:6]
+    # Each request needs up to 7 blocks of 4 tokens; six of them cannot all fit in 14.
+    core = make_engine(engine_model, block_size=4, num_kv_blocks=14, max_model_len=64)
+    for i in short:
+        core.add_request(f"r{i}", prompts[i], greedy(MAX_NEW_TOKENS, ignore_eos=True))
+    outputs = run_all(core)
+    assert core.stats().num_preemptions > 0
+    for i in short:
+        expected = hf_greedy[i]
+        # ignore_eos: HF stops at EOS, so compare up to it.
+        assert tokens_of(outputs[f"r{i}"])[: len(expected)] == expected, f"request r{i}"
+    assert_no_leaks(core)
+
+
+def test_shared_prefix_reuses_cached_blocks_with_unchanged_output(engine_model, hf_model, prompts) -> None:
+    core = make_engine(engine_model, block_size=16)
+    base = prompts[LONG]
+    run_all_one = lambda rid, ids: (core.add_request(rid, ids, greedy(MAX_NEW_TOKENS)), run_all(core))[1][rid]  # noqa: E731
+    first = run_all_one("first", base)
+    assert first[0].num_cached_tokens == 0
+    variant = base[:-3] + prompts[0][:3]
+    second = run_all_one("second", variant)
+    shared_full_blocks = (len(base) - 3) // 16
+    assert second[0].num_cached_tokens == shared_full_blocks * 16 > 0
+    stats = core.stats()
+    assert stats.prefix_cache_hit_tokens == shared_full_blocks * 16
+    assert stats.prefix_cache_queried_tokens == len(base) + len(variant)
+    assert tokens_of(second) == _hf_greedy(hf_model, variant)
+    # The very same prompt again: every full block hits except the one holding the last token.
+    again = run_all_one("again", base)
+    assert again[0].num_cached_tokens == ((len(base) - 1) // 16) * 16
+    assert tokens_of(again) == tokens_of(first)
+    assert_no_leaks(core)
+    assert core.stats().num_cached_free_blocks > 0
+
+
+def test_prompt_of_whole_blocks_recomputes_its_last_token(engine_model, hf_model) -> None:
+    core = make_engine(engine_model, block_size=4)
+    ids = list(range(1000, 1012))  # three full blocks
+    for rid in ("a", "b"):
+        core.add_request(rid, ids, greedy(4))
+        outputs = run_all(core)[rid]
+    assert outputs[0].num_cached_tokens == 8
+    assert tokens_of(outputs) == _hf_greedy(hf_model, ids, 4)
+    assert_no_leaks(core)
+
+
+def test_abort_in_every_state_frees_every_block(engine_model, prompts, hf_greedy) -> None:
+    core = make_engine(engine_model, block_size=4, num_kv_blocks=40, max_num_batched_tokens=24, max_model_len=256)
+    core.add_request("bystander", prompts[0], greedy(MAX_NEW_TOKENS))
+    core.add_request("decoding", prompts[1], greedy(50, ignore_eos=True))
+    core.add_request("finishing", prompts[2], greedy(1))
+    core.add_request("mid-prefill", prompts[LONG], greedy(4))
+    core.add_request("waiting", prompts[3], greedy(4))
+    core.abort("waiting")
+    core.abort("never-added")
+    outputs: dict[str, list] = {}
+
+    def step() -> None:
+        for out in core.step():
+            outputs.setdefault(out.request_id, []).append(out)
+
+    step()
+    assert outputs["waiting"][0].finish_reason is FinishReason.CANCELLED
+    mid = core.sequences["mid-prefill"]
+    assert 0 < mid.num_computed_tokens < mid.num_prompt_tokens
+    core.abort("mid-prefill")
+    # "finishing" sampled its only token this step: it is already gone, so the abort is a no-op.
+    assert outputs["finishing"][-1].finish_reason is FinishReason.LENGTH
+    core.abort("finishing")
+    while len(core.sequences["decoding"].output_token_ids) < 3:
+        step()
+    core.abort("decoding")
+    # Fill the cache until something is preempted, then abort the preempted request.
+    for i in range(4):
+        core.add_request(f"filler{i}", prompts[4 + i], greedy(40, ignore_eos=True))
+    preempted = None
+    for _ in range(200):
+        step()
+        preempted = next((s for s in core.scheduler.waiting if s.num_preemptions > 0), None)
+        if preempted is not None:
+            break
+    assert preempted is not None and preempted.status is SequenceStatus.WAITING
+    core.abort(preempted.request_id)
+    for rid, outs in run_all(core).items():
+        outputs.setdefault(rid, []).extend(outs)
+    cancelled = {rid for rid, outs in outputs.items() if outs[-1].finish_reason is FinishReason.CANCELLED}
+    assert cancelled == {"waiting", "mid-prefill", "decoding", preempted.request_id}
+    assert "never-added" not in outputs
+    assert sum(1 for out in outputs["finishing"] if out.finished) == 1
+    assert tokens_of(outputs["bystander"]) == hf_greedy[0]
+    assert_no_leaks(core)
+
+
+def test_deadline_finishes_with_time_limit(engine_model, prompts) -> None:
+    core = make_engine(engine_model)
+    core.add_request("late", prompts[0], greedy(50), timeout_s=0.0)
+    core.add_request("on-time", prompts[0], greedy(3))
+    outputs = run_all(core)
+    assert [o.finish_reason for o in outputs["late"]] == [FinishReason.TIME_LIMIT]
+    assert outputs["late"][0].num_prompt_tokens == len(prompts[0])
+    assert outputs["on-time"][-1].finish_reason is FinishReason.LENGTH
+    assert_no_leaks(core)
+
+
+def test_stop_tokens_eos_and_first_output_figures(engine_model, prompts, hf_greedy) -> None:
+    core = make_engine(engine_model)
+    expected = hf_greedy[0]
+    stop = expected[2]
+    core.add_request("stop", prompts[0], greedy(MAX_NEW_TOKENS, stop_token_ids=(stop,)))
+    chat = len(prompts) - 3  # "Say hello." in the chat template: ends with EOS quickly
+    core.add_request("eos", prompts[chat], greedy(40))
+    core.add_request("ignore-eos", prompts[chat], greedy(40, ignore_eos=True))
+    outputs = run_all(core)
+    stopped = tokens_of(outputs["stop"])
+    assert stopped == expected[: expected.index(stop) + 1]
+    assert outputs["stop"][-1].finish_reason is FinishReason.STOP
+    assert outputs["stop"][-1].matched_stop_token_id == stop
+    eos = tokens_of(outputs["eos"])
+    assert eos[-1] == 2 and len(eos) < 40 and outputs["eos"][-1].finish_reason is FinishReason.STOP
+    ignored = tokens_of(outputs["ignore-eos"])
+    assert len(ignored) == 40 and ignored[: len(eos)] == eos
+    first = outputs["stop"][0]
+    assert first.num_prompt_tokens == len(prompts[0]) and first.queue_time_s is not None and first.queue_time_s >= 0
+    assert outputs["stop"][1].num_prompt_tokens is None
+    assert_no_leaks(core)
+
+
+def test_logprobs_equal_hf_log_softmax(engine_model, hf_model, prompts) -> None:
+    core = make_engine(engine_model)
+    core.add_request("lp", prompts[0], greedy(1, logprobs=5))
+    (out,) = run_all(core)["lp"]
+    with torch.inference_mode():
+        reference = torch.log_softmax(hf_model(torch.tensor([prompts[0]])).logits[0, -1].float(), -1)
+    (lp,) = out.logprobs
+    assert lp.token_id == out.new_token_ids[0] == int(reference.argmax())
+    assert lp.logprob == pytest.approx(reference[lp.token_id].item(), abs=1e-4)
+    assert [t for t, _ in lp.top] == reference.topk(5).indices.tolist()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], SamplingParams(), "prompt_token_ids is empty"),
+        ([1, 49152], SamplingParams(), "outside the vocabulary"),
+        ([1] * 64, SamplingParams(), "max_model_len"),
+        ([1], SamplingParams(max_tokens=0), "max_tokens must be >= 1"),
+        ([1], SamplingParams(temperature=-0.5), "temperature"),
+        ([1], SamplingParams(temperature=101.0), "temperature"),
+        ([1], SamplingParams(top_p=0.0), "top_p"),
+        ([1], SamplingParams(top_k=-1), "top_k"),
+        ([1], SamplingParams(min_p=1.5), "min_p"),
+        ([1], SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+        ([1], SamplingParams(presence_penalty=2.5), "presence_penalty"),
+        ([1], SamplingParams(frequency_penalty=-3.0), "frequency_penalty"),
+        ([1], SamplingParams(logprobs=21), "logprobs"),
+        ([1], SamplingParams(n=2), "n must be 1"),
+    ],
+)
+def test_bad_requests_are_refused_with_invalid_argument(engine_model, prompt, params, message) -> None:
+    core = make_engine(engine_model, max_model_len=64)
+    with pytest.raises(RequestError) as refused:
+        core.add_request("bad", prompt, params)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in refused.value.message
+    assert not core.sequences
+
+
+def test_request_larger_than_the_whole_cache_is_refused(engine_model) -> None:
+    core = make_engine(engine_model, block_size=4, num_kv_blocks=4, max_model_len=64)
+    with pytest.raises(RequestError) as refused:
+        core.add_request("big", [1] * 10, greedy(20))
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "KV blocks" in refused.value.message
+    core.add_request("fits", [1] * 10, greedy(6))
+    assert tokens_of(run_all(core)["fits"])
+    assert_no_leaks(core)

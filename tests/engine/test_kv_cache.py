@@ -1,0 +1,88 @@
+"""Block pool and prefix cache bookkeeping, without a model."""
+
+from __future__ import annotations
+
+from services.engine.kv_cache import KVCacheManager
+from services.engine.sequence import SamplingParams, Sequence
+
+
+def _seq(request_id: str, tokens: list[int]) -> Sequence:
+    return Sequence(request_id, tokens, SamplingParams(), arrival_time=0.0)
+
+
+def _prefill(kv: KVCacheManager, seq: Sequence) -> None:
+    """Admit seq the way the scheduler does and mark its prompt computed."""
+    hits = kv.cached_prefix(seq)
+    assert kv.allocate_slots(seq, seq.num_tokens - len(hits) * kv.block_size, hits)
+    seq.num_computed_tokens = seq.num_tokens
+    kv.cache_computed_blocks(seq)
+
+
+def test_full_blocks_are_shared_and_the_last_token_is_never_a_hit() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    first = _seq("a", list(range(12)))  # exactly three full blocks
+    _prefill(kv, first)
+    second = _seq("b", list(range(12)))
+    hits = kv.cached_prefix(second)
+    # The third block holds the last prompt token, whose logits must be computed.
+    assert [b.block_id for b in hits] == first.block_table[:2]
+    hashes_before = {b.block_id: b.block_hash for b in kv.pool.blocks}
+    _prefill(kv, second)
+    assert second.block_table[:2] == first.block_table[:2]
+    assert second.block_table[2] != first.block_table[2]
+    assert second.num_computed_tokens == 12
+    # Adopting a hit never rewrites a hash, and the duplicate third block stays private.
+    assert {b.block_id: b.block_hash for b in kv.pool.blocks} == hashes_before
+    assert kv.pool.blocks[first.block_table[0]].ref_count == 2
+    assert kv.queried_tokens == 24 and kv.hit_tokens == 8
+
+
+def test_different_prefix_misses_even_with_equal_later_blocks() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    _prefill(kv, _seq("a", [1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    # Same second block, different first block: the chained hash must differ.
+    assert kv.cached_prefix(_seq("b", [9, 9, 9, 9, 5, 6, 7, 8, 9])) == []
+
+
+def test_freed_cached_blocks_are_reused_lru_after_uncached_ones() -> None:
+    kv = KVCacheManager(num_blocks=6, block_size=2, enable_prefix_caching=True)
+    cached = _seq("a", [1, 2, 3, 4, 5])  # blocks: [1 2] [3 4] [5]
+    _prefill(kv, cached)
+    table = list(cached.block_table)
+    kv.free(cached)
+    assert kv.pool.num_free == 6 and kv.pool.num_cached_free == 2
+    # The partial third block holds nothing reusable and goes first; the two
+    # cached blocks go last, the tail block before the prefix block.
+    order = list(kv.pool.free_queue)
+    assert order[0] == table[2]
+    assert order[-2:] == [table[1], table[0]]
+    # Revived blocks leave the free queue; the rest of the pool stays allocatable.
+    again = _seq("b", [1, 2, 3, 4, 7])
+    _prefill(kv, again)
+    assert again.block_table[:2] == table[:2]
+    assert kv.pool.num_free == 3 and kv.pool.num_cached_free == 0
+    big = _seq("c", list(range(100, 106)))
+    assert kv.allocate_slots(big, 6)
+    assert kv.pool.num_free == 0
+    kv.free(big)
+    kv.free(again)
+    assert all(b.ref_count == 0 for b in kv.pool.blocks) and kv.pool.num_free == 6
+
+
+def test_allocation_that_does_not_fit_changes_nothing() -> None:
+    kv = KVCacheManager(num_blocks=3, block_size=4, enable_prefix_caching=True)
+    seq = _seq("a", list(range(20)))
+    assert not kv.allocate_slots(seq, 20)
+    assert seq.block_table == [] and kv.pool.num_free == 3 and kv.queried_tokens == 0
+
+
+def test_evicting_a_cached_block_drops_its_hash() -> None:
+    kv = KVCacheManager(num_blocks=2, block_size=2, enable_prefix_caching=True)
+    first = _seq("a", [1, 2, 3])
+    _prefill(kv, first)
+    kv.free(first)
+    assert len(kv.pool.cached) == 1
+    other = _seq("b", [7, 8, 9, 10])
+    assert kv.allocate_slots(other, 4)
+    assert kv.pool.cached == {} and kv.pool.num_cached_free == 0
+    assert kv.cached_prefix(_seq("c", [1, 2, 3])) == []

@@ -1,0 +1,131 @@
+"""The batched sampler against simple per-row torch references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from services.engine.sampler import Sampler, SamplingRequest, apply_penalties, filter_logits
+from services.engine.sequence import SamplingParams
+
+VOCAB = 64
+
+
+def _row(params: SamplingParams, request_id: str = "r", prompt: list[int] | None = None, output: list[int] | None = None) -> SamplingRequest:
+    return SamplingRequest(request_id, params, prompt or [], output or [])
+
+
+def _kept(logits: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(logits)).flatten().tolist())
+
+
+def _reference_top_p(probs: torch.Tensor, top_p: float) -> set[int]:
+    order = probs.argsort(descending=True).tolist()
+    kept, mass = set(), 0.0
+    for token in order:
+        kept.add(token)
+        mass += probs[token].item()
+        if mass >= top_p:
+            break
+    return kept
+
+
+def test_top_k_top_p_min_p_masks_match_references() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, VOCAB) * 3
+    top_k = torch.tensor([0, 5, 0, 0, 3, 0])
+    top_p = torch.tensor([1.0, 1.0, 0.7, 1.0, 0.9, 0.05])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.1, 0.0, 0.0])
+    filtered = filter_logits(logits, top_k, top_p, min_p)
+    probs = logits.softmax(-1)
+    assert _kept(filtered[0]) == set(range(VOCAB))
+    assert _kept(filtered[1]) == set(logits[1].topk(5).indices.tolist())
+    assert _kept(filtered[2]) == _reference_top_p(probs[2], 0.7)
+    assert _kept(filtered[3]) == set(torch.nonzero(probs[3] >= 0.1 * probs[3].max()).flatten().tolist())
+    # top-k then top-p over the renormalised survivors.
+    top3 = logits[4].topk(3).indices
+    renormalised = torch.full((VOCAB,), 0.0)
+    renormalised[top3] = logits[4][top3].softmax(-1)
+    assert _kept(filtered[4]) == _reference_top_p(renormalised, 0.9)
+    # A tiny top_p still keeps the most likely token.
+    assert _kept(filtered[5]) == {int(logits[5].argmax())}
+    torch.testing.assert_close(filtered[2][list(_kept(filtered[2]))], logits[2][list(_kept(filtered[2]))])
+
+
+def test_penalties_match_per_row_reference() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(3, VOCAB)
+    rows = [
+        _row(SamplingParams(repetition_penalty=1.3), prompt=[1, 2, 3], output=[3, 4]),
+        _row(SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), prompt=[5], output=[6, 6, 7]),
+        _row(SamplingParams(), prompt=[1], output=[1]),
+    ]
+    got = apply_penalties(logits, rows)
+    expected = logits.clone()
+    for token in {1, 2, 3, 4}:
+        value = expected[0, token]
+        expected[0, token] = value / 1.3 if value > 0 else value * 1.3
+    expected[1, 6] -= 0.5 * 2 + 0.25
+    expected[1, 7] -= 0.5 * 1 + 0.25
+    torch.testing.assert_close(got, expected)
+
+
+def test_greedy_takes_the_argmax_and_logprobs_equal_log_softmax() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(3, VOCAB)
+    rows = [
+        _row(SamplingParams(temperature=0.0, logprobs=4, top_k=2, seed=5)),
+        _row(SamplingParams(temperature=0.0)),
+        _row(SamplingParams(temperature=0.5, logprobs=0, seed=3), request_id="t"),
+    ]
+    out = Sampler(seed=0, device=torch.device("cpu"))(logits, rows)
+    assert out.token_ids[:2] == logits[:2].argmax(-1).tolist()
+    reference = torch.log_softmax(logits[0], -1)
+    first = out.logprobs[0]
+    assert first.token_id == out.token_ids[0]
+    assert math.isclose(first.logprob, reference[first.token_id].item(), rel_tol=1e-6)
+    assert [t for t, _ in first.top] == reference.topk(4).indices.tolist()
+    assert [v for _, v in first.top] == pytest.approx(reference.topk(4).values.tolist(), rel=1e-6)
+    assert out.logprobs[1] is None
+    # Sampled rows report the temperature-scaled distribution.
+    scaled = torch.log_softmax(logits[2] / 0.5, -1)
+    assert math.isclose(out.logprobs[2].logprob, scaled[out.token_ids[2]].item(), rel_tol=1e-6)
+    assert out.logprobs[2].top == ()
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(4000, 1)
+    rows = [_row(SamplingParams(temperature=1.0), request_id=str(i)) for i in range(4000)]
+    tokens = torch.tensor(Sampler(seed=7, device=torch.device("cpu"))(logits, rows).token_ids)
+    frequencies = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    torch.testing.assert_close(frequencies, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
+
+
+def test_filtered_tokens_are_never_sampled() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(1, VOCAB).repeat(500, 1)
+    rows = [_row(SamplingParams(temperature=2.0, top_k=3), request_id=str(i)) for i in range(500)]
+    tokens = set(Sampler(seed=1, device=torch.device("cpu"))(logits, rows).token_ids)
+    assert tokens <= set(logits[0].topk(3).indices.tolist()) and len(tokens) == 3
+
+
+def test_seeded_requests_reproduce_whatever_the_batch() -> None:
+    torch.manual_seed(4)
+    steps = [torch.randn(3, VOCAB) for _ in range(8)]
+
+    def run(seed: int, position: int, batch_seed: int) -> list[int]:
+        """The seeded request's tokens when it sits at `position` among unseeded neighbours."""
+        sampler = Sampler(seed=batch_seed, device=torch.device("cpu"))
+        tokens = []
+        for logits in steps:
+            batch = logits.clone()
+            batch[[0, position]] = logits[[position, 0]]
+            rows = [_row(SamplingParams(temperature=1.0), request_id=f"x{i}") for i in range(3)]
+            rows[position] = _row(SamplingParams(temperature=1.0, seed=seed), request_id="seeded")
+            tokens.append(sampler(batch, rows).token_ids[position])
+        return tokens
+
+    assert run(1234, position=0, batch_seed=1) == run(1234, position=2, batch_seed=2)
+    assert run(1234, position=0, batch_seed=1) != run(99, position=0, batch_seed=1)
