@@ -43,8 +43,7 @@ def test_every_resource_validates_strictly(overlay: tuple[str, list[dict[str, An
 
 
 def test_validation_rejects_a_broken_manifest() -> None:
-    deployment = render(KUBERNETES / "overlays" / "cpu")
-    engine = by_kind(deployment, "Deployment")["engine"]
+    engine = by_kind(render(KUBERNETES / "overlays" / "cpu"), "Deployment")["engine"]
     engine["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(engine, SCHEMA_VERSIONS[0], strict=True)
