@@ -1,0 +1,96 @@
+"""The public gRPC API (pagewire.v1.Generation) over the gateway pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+from grpc_status import rpc_status
+
+from services.common.grpc_utils import error_status
+from services.common.logging import get_logger
+from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.gateway.pipeline import Gateway, GatewayRequest
+
+log = get_logger("gateway")
+
+
+def _refusal(request_id: str, message: str) -> gateway_pb2.GenerateChunk:
+    return gateway_pb2.GenerateChunk(
+        request_id=request_id,
+        finish_reason=common_pb2.FINISH_REASON_ERROR,
+        error=error_status(grpc.StatusCode.INVALID_ARGUMENT, message),
+    )
+
+
+class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    async def Generate(
+        self, request_iterator: AsyncIterator[gateway_pb2.ClientMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.ServerMessage]:
+        outgoing: asyncio.Queue[gateway_pb2.GenerateChunk | None] = asyncio.Queue()
+        live: dict[str, tuple[GatewayRequest, asyncio.Task[None]]] = {}
+
+        async def follow(request: GatewayRequest) -> None:
+            try:
+                async with aclosing(request.chunks()) as chunks:
+                    async for chunk in chunks:
+                        outgoing.put_nowait(chunk)
+            finally:
+                live.pop(request.id, None)
+
+        async def read() -> None:
+            async for message in request_iterator:
+                if message.HasField("cancel"):
+                    entry = live.get(message.cancel.request_id)
+                    if entry is not None:
+                        entry[0].cancel()
+                    continue
+                start = message.start
+                if not start.request_id:
+                    outgoing.put_nowait(_refusal("", "request_id is required on the Generate stream"))
+                elif start.request_id in live:
+                    outgoing.put_nowait(_refusal(start.request_id, f"request_id {start.request_id!r} is already in flight on this stream"))
+                else:
+                    request = self.gateway.request(start)
+                    live[start.request_id] = (request, asyncio.create_task(follow(request)))
+            # The client half-closed: finish what is in flight, then end.
+            await asyncio.gather(*(task for _, task in list(live.values())), return_exceptions=True)
+            outgoing.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            ended = False
+            while not ended:
+                chunks = [await outgoing.get()]
+                while not outgoing.empty():
+                    chunks.append(outgoing.get_nowait())
+                # The end marker is queued after every request's last chunk.
+                ended = chunks[-1] is None
+                if ended:
+                    chunks.pop()
+                if chunks:
+                    yield gateway_pb2.ServerMessage(chunks=chunks)
+            reader.result()
+        finally:
+            # The client went away (or the stream failed): end its requests,
+            # which aborts them in the engine.
+            reader.cancel()
+            for _, task in list(live.values()):
+                task.cancel()
+
+    async def Complete(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateChunk]:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        async with aclosing(self.gateway.request(request, deadline).chunks()) as chunks:
+            async for chunk in chunks:
+                if chunk.error.code:
+                    await context.abort_with_status(rpc_status.to_status(chunk.error))
+                yield chunk
+
+    async def ListModels(self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.ModelList:
+        return gateway_pb2.ModelList(models=self.gateway.models())

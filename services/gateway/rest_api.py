@@ -1,0 +1,474 @@
+"""OpenAI-compatible REST shim, served by the gateway process on its own event
+loop and feeding the same request path as the gRPC API.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with
+`stream: true` as server-sent events ending in `data: [DONE]`, and
+`stream_options.include_usage`), GET /v1/models, GET /health, GET /metrics.
+
+Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`,
+with `code` the gRPC status name (e.g. "INVALID_ARGUMENT"):
+
+    400 invalid_request_error      bad parameters, malformed JSON, wrong types
+    404 not_found_error            unknown model or path
+    413 invalid_request_error      body over --max-message-bytes
+    429 rate_limit_error           gateway at --max-concurrent-requests
+    503 service_unavailable_error  tokenizer or engine replica unavailable
+    504 timeout_error              deadline exceeded
+    500 internal_error             anything else
+
+Streaming: the HTTP status goes out with the first event, so a request that
+fails before producing output gets the plain error response above. A failure
+after the first event arrives as one more event with the same error body,
+followed by the end marker:
+
+    data: {"error": {"message": "engine replica 10.0.0.7:50053 went away ...",
+                     "type": "service_unavailable_error", "param": null, "code": "UNAVAILABLE"}}
+
+    data: [DONE]
+
+finish_reason is "stop", "length", "abort" (cancelled) or "time_limit".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any, Literal, TypeVar
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from google.rpc import status_pb2
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from services.common.grpc_utils import RequestError, error_status, status_code
+from services.common.logging import get_logger
+from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2
+from services.gateway.pipeline import Gateway, violated_field
+
+log = get_logger("gateway")
+
+T = TypeVar("T")
+
+HTTP_ERRORS: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_CANCELLED: "abort",
+    common_pb2.FINISH_REASON_TIME_LIMIT: "time_limit",
+}
+# Seconds /metrics waits for each engine's Stats before showing the last figures.
+STATS_TIMEOUT_S = 2.0
+
+
+# --- request bodies ---------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields both endpoints share; unknown fields are ignored, as OpenAI
+    clients send some that do not apply here."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off")
+    min_p: float | None = None
+    seed: int | None = Field(None, ge=0)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    n: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None) -> common_pb2.SamplingParams:
+        params = common_pb2.SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k if self.top_k and self.top_k > 0 else None,
+            min_p=self.min_p,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            max_tokens=max_tokens,
+            stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            n=self.n,
+        )
+        return params
+
+    def generate_request(self, max_tokens: int | None, logprobs: int | None) -> gateway_pb2.GenerateRequest:
+        request = gateway_pb2.GenerateRequest(
+            model=self.model,
+            sampling=self.sampling(max_tokens, logprobs),
+            stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+        if self.skip_special_tokens is not None:
+            request.skip_special_tokens = self.skip_special_tokens
+        return request
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionBody(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    # OpenAI's default for completions.
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
+
+    def to_request(self) -> gateway_pb2.GenerateRequest:
+        if self.echo:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "echo is not supported")
+        request = self.generate_request(self.max_tokens, self.logprobs)
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"one prompt per request is supported, got {len(prompt)}; send several requests")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            if any(token_id < 0 for token_id in prompt):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt token ids must not be negative")
+            request.token_ids.ids.extend(prompt)
+        return request
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatTurn(BaseModel):
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatBody(SamplingFields):
+    messages: list[ChatTurn]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+
+    def to_request(self) -> gateway_pb2.GenerateRequest:
+        top = (self.top_logprobs or 0) if self.logprobs else None
+        request = self.generate_request(self.max_completion_tokens or self.max_tokens, top)
+        request.chat.messages.extend(common_pb2.ChatMessage(role=turn.role, content=turn.text()) for turn in self.messages)
+        if not self.messages:
+            request.chat.SetInParent()
+        return request
+
+
+# --- responses --------------------------------------------------------------
+
+
+def _usage(usage: common_pb2.Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+    }
+
+
+def _finish_reason(chunk: gateway_pb2.GenerateChunk) -> str | None:
+    return FINISH_REASONS.get(chunk.finish_reason)
+
+
+class CompletionFormat:
+    """/v1/completions bodies."""
+
+    object_name = "text_completion"
+    chunk_object_name = "text_completion"
+
+    def __init__(self) -> None:
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.text_offset = 0
+
+    def logprobs(self, chunk: gateway_pb2.GenerateChunk) -> dict[str, Any] | None:
+        if not chunk.logprobs:
+            return None
+        offsets = []
+        for lp in chunk.logprobs:
+            offsets.append(self.text_offset)
+            self.text_offset += len(lp.token)
+        return {
+            "tokens": [lp.token for lp in chunk.logprobs],
+            "token_logprobs": [lp.logprob for lp in chunk.logprobs],
+            "top_logprobs": [{top.token: top.logprob for top in lp.top_logprobs} for lp in chunk.logprobs],
+            "text_offset": offsets,
+        }
+
+    def choice(self, chunk: gateway_pb2.GenerateChunk, streaming: bool) -> dict[str, Any]:
+        return {"index": 0, "text": chunk.text, "logprobs": self.logprobs(chunk), "finish_reason": _finish_reason(chunk)}
+
+    def opening(self) -> list[dict[str, Any]]:
+        return []
+
+
+class ChatFormat(CompletionFormat):
+    """/v1/chat/completions bodies."""
+
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+
+    def logprobs(self, chunk: gateway_pb2.GenerateChunk) -> dict[str, Any] | None:
+        if not chunk.logprobs:
+            return None
+
+        def entry(token: str, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        return {
+            "content": [
+                {**entry(lp.token, lp.logprob), "top_logprobs": [entry(top.token, top.logprob) for top in lp.top_logprobs]} for lp in chunk.logprobs
+            ]
+        }
+
+    def choice(self, chunk: gateway_pb2.GenerateChunk, streaming: bool) -> dict[str, Any]:
+        content = {"content": chunk.text} if chunk.text or not streaming else {}
+        key = "delta" if streaming else "message"
+        body = {"role": "assistant", **content} if not streaming else content
+        return {"index": 0, key: body, "logprobs": self.logprobs(chunk), "finish_reason": _finish_reason(chunk)}
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+
+
+def _merge(chunks: list[gateway_pb2.GenerateChunk]) -> gateway_pb2.GenerateChunk:
+    """All chunks of a request as one (repeated fields concatenated; the last
+    chunk's finish reason, matched stop and usage)."""
+    merged = gateway_pb2.GenerateChunk()
+    for chunk in chunks:
+        merged.MergeFrom(chunk)
+    merged.text = "".join(chunk.text for chunk in chunks)
+    return merged
+
+
+# --- errors -----------------------------------------------------------------
+
+
+def error_body(message: str, error_type: str, code: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def status_body(status: status_pb2.Status) -> tuple[int, dict[str, Any]]:
+    code = status_code(status)
+    http_status, error_type = HTTP_ERRORS.get(code, (500, "internal_error"))
+    return http_status, error_body(status.message, error_type, code.name, violated_field(status))
+
+
+def status_response(status: status_pb2.Status) -> JSONResponse:
+    http_status, body = status_body(status)
+    return JSONResponse(body, status_code=http_status)
+
+
+def _describe_validation(errors: list[Any]) -> tuple[str, str | None]:
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    if not location:
+        return f"the request body is invalid: {first.get('msg')}", None
+    # Union types report one error per alternative; the field and its value say enough.
+    field = location[0]
+    shown = json.dumps(first.get("input"), default=str)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{'.'.join(location)}: {first.get('msg')} (got {shown})", field
+
+
+# --- the app ----------------------------------------------------------------
+
+
+class PayloadTooLarge(Exception):
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"the request body has {size} bytes; at most {limit} are accepted (--max-message-bytes)")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(int(declared), limit)
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise PayloadTooLarge(len(body), limit)
+    return bytes(body)
+
+
+def _parse(model: type[T], body: bytes) -> T:
+    try:
+        return model.model_validate_json(body)  # type: ignore[attr-defined,no-any-return]
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body is read already,
+    so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return await task
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
+    app = FastAPI(title="pagewire", description="OpenAI-compatible REST API of the pagewire gateway.")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(list(exc.errors()))
+        return JSONResponse(error_body(message, "invalid_request_error", "INVALID_ARGUMENT", param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), error_type, str(exc.status_code)), status_code=exc.status_code)
+
+    @app.exception_handler(PayloadTooLarge)
+    async def too_large(request: Request, exc: PayloadTooLarge) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "invalid_request_error", "RESOURCE_EXHAUSTED"), status_code=413)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return status_response(exc.to_status())
+
+    async def generate(request: Request, body: SamplingFields, output: CompletionFormat, to_request: Callable[[], gateway_pb2.GenerateRequest]) -> Response:
+        model_id = gateway.router.resolve_model(body.model).model_id
+        created = int(time.time())
+        chunks = gateway.request(to_request()).chunks()
+
+        def envelope(choices: list[dict[str, Any]], streaming: bool, usage: common_pb2.Usage | None = None) -> dict[str, Any]:
+            body_ = {"id": output.id, "object": output.chunk_object_name if streaming else output.object_name, "created": created, "model": model_id, "choices": choices}
+            if usage is not None:
+                body_["usage"] = _usage(usage)
+            elif streaming and body.include_usage:
+                body_["usage"] = None
+            return body_
+
+        if not body.stream:
+
+            async def collect() -> list[gateway_pb2.GenerateChunk]:
+                async with aclosing(chunks):
+                    return [chunk async for chunk in chunks]
+
+            merged = _merge(await _unless_disconnected(request, collect()))
+            if merged.error.code:
+                return status_response(merged.error)
+            return JSONResponse(envelope([output.choice(merged, streaming=False)], False, merged.usage))
+
+        try:
+            first = await _unless_disconnected(request, anext(chunks))
+        except BaseException:
+            await chunks.aclose()
+            raise
+        if first.error.code:
+            await chunks.aclose()
+            return status_response(first.error)
+
+        async def events() -> AsyncIterator[bytes]:
+            async with aclosing(chunks):
+                if output.opening():
+                    yield _sse(envelope(output.opening(), True))
+                chunk: gateway_pb2.GenerateChunk | None = first
+                while chunk is not None:
+                    if chunk.error.code:
+                        yield _sse(status_body(chunk.error)[1])
+                        break
+                    yield _sse(envelope([output.choice(chunk, streaming=True)], True))
+                    if chunk.finish_reason and body.include_usage:
+                        yield _sse(envelope([], True, chunk.usage))
+                    chunk = await anext(chunks, None)
+                yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = _parse(CompletionBody, await _read_body(request, max_body_bytes))
+        return await generate(request, body, CompletionFormat(), body.to_request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = _parse(ChatBody, await _read_body(request, max_body_bytes))
+        return await generate(request, body, ChatFormat(), body.to_request)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": card.id, "object": "model", "created": 0, "owned_by": card.owned_by, "max_model_len": card.max_model_len} for card in gateway.models()],
+        }
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if gateway.ready:
+            return JSONResponse({"status": "ok"})
+        status = error_status(grpc.StatusCode.UNAVAILABLE, "the gateway is not connected to the tokenizer and an engine replica yet")
+        return status_response(status)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        await gateway.refresh_engine_stats(STATS_TIMEOUT_S)
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,124 @@
+"""A scripted engine replica for gateway tests that need what a real engine
+cannot give cheaply: being killed and restarted several times within a test,
+exact control over step timing, and a record of every Add and Abort the
+gateway sent. It speaks the real Engine proto on a real port; its "model"
+emits the prompt's own token ids in a loop, one per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+import grpc
+
+from services.common.grpc_utils import RunningServer, error_status, start_server
+from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+
+SERVICE_NAME = "pagewire.v1.Engine"
+BLOCK_SIZE = 16
+
+
+@dataclass
+class ScriptedSequence:
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+    output: list[int] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> int:
+        return math.ceil((len(self.prompt) + len(self.output)) / BLOCK_SIZE)
+
+
+@dataclass
+class EngineRecord:
+    added: list[str] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+
+
+class ScriptedEngine(engine_pb2_grpc.EngineServicer):
+    def __init__(self, model_id: str, step_s: float, max_model_len: int = 256, num_blocks: int = 64):
+        self.model_id = model_id
+        self.step_s = step_s
+        self.max_model_len = max_model_len
+        self.num_blocks = num_blocks
+        self.running: dict[str, ScriptedSequence] = {}
+        self.record = EngineRecord()
+        self.finished = 0
+
+    def load(self) -> engine_pb2.EngineLoad:
+        used = sum(seq.blocks for seq in self.running.values())
+        return engine_pb2.EngineLoad(num_running=len(self.running), kv_cache_usage=used / self.num_blocks)
+
+    async def Generate(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        mine: set[str] = set()
+        pending: list[engine_pb2.SequenceUpdate] = []
+
+        async def read() -> None:
+            async for message in request_iterator:
+                for add in message.add:
+                    self.record.added.append(add.request_id)
+                    if len(add.prompt_token_ids) >= self.max_model_len:
+                        error = error_status(grpc.StatusCode.INVALID_ARGUMENT, "prompt too long")
+                        pending.append(engine_pb2.SequenceUpdate(request_id=add.request_id, finish_reason=common_pb2.FINISH_REASON_ERROR, error=error))
+                        continue
+                    max_tokens = add.sampling.max_tokens if add.sampling.HasField("max_tokens") else 16
+                    self.running[add.request_id] = ScriptedSequence(add.request_id, list(add.prompt_token_ids), max_tokens)
+                    mine.add(add.request_id)
+                for request_id in message.abort:
+                    self.record.aborted.append(request_id)
+                    self.running.pop(request_id, None)
+                    mine.discard(request_id)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while not reader.done() or mine or pending:
+                await asyncio.sleep(self.step_s)
+                updates, pending[:] = list(pending), []
+                for request_id in list(mine):
+                    seq = self.running[request_id]
+                    token = seq.prompt[len(seq.output) % len(seq.prompt)]
+                    seq.output.append(token)
+                    update = engine_pb2.SequenceUpdate(request_id=request_id, token_ids=[token])
+                    if len(seq.output) == 1:
+                        update.num_prompt_tokens = len(seq.prompt)
+                        update.queue_time_s = 0.0
+                    if len(seq.output) >= seq.max_tokens:
+                        update.finish_reason = common_pb2.FINISH_REASON_LENGTH
+                        del self.running[request_id]
+                        mine.discard(request_id)
+                        self.finished += 1
+                    updates.append(update)
+                if updates:
+                    yield engine_pb2.EngineStep(updates=updates, load=self.load())
+            reader.result()
+        finally:
+            reader.cancel()
+            for request_id in mine:
+                self.running.pop(request_id, None)
+
+    async def Info(self, request, context):  # type: ignore[no-untyped-def]
+        return engine_pb2.EngineInfo(
+            model_id=self.model_id, max_model_len=self.max_model_len, block_size=BLOCK_SIZE, num_kv_blocks=self.num_blocks, vocab_size=49152, device="cpu"
+        )
+
+    async def Stats(self, request, context):  # type: ignore[no-untyped-def]
+        used = sum(seq.blocks for seq in self.running.values())
+        return engine_pb2.EngineStats(
+            load=self.load(),
+            num_total_blocks=self.num_blocks,
+            num_free_blocks=self.num_blocks - used,
+            prefix_cache_queried_tokens=100,
+            prefix_cache_hit_tokens=25,
+            requests_finished_total=self.finished,
+        )
+
+
+async def start_scripted_engine(engine: ScriptedEngine, port: int) -> RunningServer:
+    running = await start_server(
+        "127.0.0.1", port, 1 << 22, [lambda server: engine_pb2_grpc.add_EngineServicer_to_server(engine, server)], [SERVICE_NAME]
+    )
+    await running.set_serving(True)
+    return running
