@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import pytest
 
+from services.engine.sequence import FinishReason
 from tests.engine.conftest import MAX_NEW_TOKENS
 from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
 
 
 @pytest.mark.parametrize(
-    ("block_size", "max_num_batched_tokens"),
-    [(16, 2048), (16, 7), (4, 2048), (32, 33)],
-    ids=["bs16-whole-prompts", "bs16-chunked", "bs4-whole-prompts", "bs32-chunked"],
+    ("block_size", "max_num_batched_tokens", "prefix_caching"),
+    [(16, 2048, True), (16, 7, True), (4, 2048, False), (32, 33, True)],
+    ids=["bs16-whole-prompts", "bs16-chunked", "bs4-whole-prompts-no-prefix-cache", "bs32-chunked"],
 )
-def test_concurrent_greedy_matches_hf(engine_model, prompts, hf_greedy, block_size, max_num_batched_tokens) -> None:
-    core = make_engine(engine_model, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens)
+def test_concurrent_greedy_matches_hf(engine_model, prompts, hf_greedy, block_size, max_num_batched_tokens, prefix_caching) -> None:
+    core = make_engine(
+        engine_model, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=prefix_caching
+    )
     # 16 concurrent requests: the prompt set, then its first prompts again.
     requests = [prompts[i % len(prompts)] for i in range(16)]
     for i, ids in enumerate(requests):
@@ -29,10 +32,11 @@ def test_concurrent_greedy_matches_hf(engine_model, prompts, hf_greedy, block_si
 @pytest.mark.parametrize("max_num_batched_tokens", [2048, 5])
 def test_single_request_greedy_matches_hf(engine_model, prompts, hf_greedy, max_num_batched_tokens) -> None:
     core = make_engine(engine_model, max_num_batched_tokens=max_num_batched_tokens)
-    for i, ids in enumerate(prompts):
-        core.add_request(f"r{i}", ids, greedy(MAX_NEW_TOKENS))
+    # Short, code, long (several chunks and blocks) and chat-template prompts, one at a time.
+    for i in (0, 1, 8, len(prompts) - 1):
+        core.add_request(f"r{i}", prompts[i], greedy(MAX_NEW_TOKENS))
         outputs = run_all(core)
         assert tokens_of(outputs[f"r{i}"]) == hf_greedy[i]
-        final = outputs[f"r{i}"][-1]
-        assert final.finish_reason is not None
+        ended_by_eos = hf_greedy[i][-1] in engine_model.config.eos_token_ids
+        assert outputs[f"r{i}"][-1].finish_reason is (FinishReason.STOP if ended_by_eos else FinishReason.LENGTH)
     assert_no_leaks(core)
