@@ -18,6 +18,7 @@ SERVICES = {
     "tokenizer": ("services.tokenizer.server", "Run the tokenizer service (default port 50052)."),
     "engine": ("services.engine.server", "Run the engine service (default port 50053)."),
     "gateway": ("services.gateway.server", "Run the gateway: public gRPC (50051) and OpenAI-style REST (8000)."),
+    "serve": ("services.launcher", "Run tokenizer, engine and gateway as three processes on one model."),
 }
 
 

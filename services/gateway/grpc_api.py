@@ -84,9 +84,7 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
                 task.cancel()
 
     async def Complete(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateChunk]:
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        async with aclosing(self.gateway.request(request, deadline).chunks()) as chunks:
+        async with aclosing(self.gateway.request(request).chunks()) as chunks:
             async for chunk in chunks:
                 if chunk.error.code:
                     await context.abort_with_status(rpc_status.to_status(chunk.error))

@@ -204,10 +204,9 @@ class Gateway:
     def models(self) -> list[gateway_pb2.ModelCard]:
         return [gateway_pb2.ModelCard(id=info.model_id, max_model_len=info.max_model_len, owned_by="pagewire") for info in self.router.served_models()]
 
-    def request(self, request: gateway_pb2.GenerateRequest, deadline: float | None = None) -> GatewayRequest:
-        """A handle on a new request; nothing happens until its chunks are read.
-        `deadline` (event loop time) is the caller's own, e.g. the RPC's."""
-        return GatewayRequest(self, request, deadline)
+    def request(self, request: gateway_pb2.GenerateRequest) -> GatewayRequest:
+        """A handle on a new request; nothing happens until its chunks are read."""
+        return GatewayRequest(self, request)
 
     async def refresh_engine_stats(self, timeout_s: float) -> None:
         """Fetch Stats from every connected replica into the metrics."""
@@ -246,7 +245,8 @@ class Gateway:
         self.metrics.forget_replica(replica.address)
         status = error_status(grpc.StatusCode.UNAVAILABLE, f"engine replica {replica.address} went away ({reason}); retry the request")
         for request in self.live.values():
-            if request.replica is replica:
+            # A request the engine has finished only waits for its last text.
+            if request.replica is replica and not request.engine_done:
                 request.events.put_nowait(_Failed(status))
 
     def _on_tokenizer_down(self, reason: str) -> None:
@@ -260,7 +260,7 @@ class Gateway:
 class GatewayRequest:
     """One request from arrival to its last chunk."""
 
-    def __init__(self, gateway: Gateway, request: gateway_pb2.GenerateRequest, deadline: float | None):
+    def __init__(self, gateway: Gateway, request: gateway_pb2.GenerateRequest):
         self.gateway = gateway
         self.request = request
         self.loop = asyncio.get_running_loop()
@@ -268,10 +268,9 @@ class GatewayRequest:
         self.id = request.request_id or f"req-{uuid.uuid4().hex}"
         # Client ids are unique per client stream only; the peers see this one.
         self.internal_id = uuid.uuid4().hex
-        self.deadline = deadline
-        if request.HasField("timeout"):
-            own = self.arrival + request.timeout.ToTimedelta().total_seconds()
-            self.deadline = own if deadline is None else min(own, deadline)
+        # The request's own timeout; an RPC deadline ends the RPC instead,
+        # which closes the chunk iterator and so aborts the request.
+        self.deadline = self.arrival + request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.log = log.bind(request_id=self.id, internal_id=self.internal_id)
         self.replica: EngineReplica | None = None

@@ -47,6 +47,7 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
         self.running: dict[str, ScriptedSequence] = {}
         self.record = EngineRecord()
         self.finished = 0
+        self.open_streams = 0
 
     def load(self) -> engine_pb2.EngineLoad:
         used = sum(seq.blocks for seq in self.running.values())
@@ -73,6 +74,7 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
                     mine.discard(request_id)
 
         reader = asyncio.ensure_future(read())
+        self.open_streams += 1
         try:
             while not reader.done() or mine or pending:
                 await asyncio.sleep(self.step_s)
@@ -95,6 +97,7 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
                     yield engine_pb2.EngineStep(updates=updates, load=self.load())
             reader.result()
         finally:
+            self.open_streams -= 1
             reader.cancel()
             for request_id in mine:
                 self.running.pop(request_id, None)

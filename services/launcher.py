@@ -1,0 +1,231 @@
+"""`pagewire serve`: tokenizer, engine and gateway as three child processes
+on one model, for a single machine.
+
+Engine options (`--device`, `--max-model-len`, ...) are the engine's own
+flags and pass through to it; `--model` goes to the tokenizer too. The
+children inherit the environment, but every port and address is given to
+them as a flag, which beats PAGEWIRE_* variables.
+
+Readiness is each service's grpc.health.v1 status under its full service
+name. Ctrl-C or SIGTERM stops the gateway first (it drains its clients), then
+the engine and the tokenizer. If a child dies, the launcher says which, with
+its exit code and last lines of output, and stops the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import signal
+import sys
+import typing
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.config import ServiceConfig, option
+from services.common.logging import get_logger
+from services.engine.config import EngineConfig
+
+log = get_logger("serve")
+
+READINESS_NAMES = {
+    "tokenizer": "pagewire.v1.Tokenizer",
+    "engine": "pagewire.v1.Engine",
+    "gateway": "pagewire.v1.Generation",
+}
+# Lines of a child's output kept to explain its death.
+TAIL_LINES = 20
+READINESS_POLL_S = 0.5
+
+
+@dataclass
+class LauncherOptions(ServiceConfig):
+    """Run tokenizer, engine and gateway as three processes on one model."""
+
+    port: int = option(50051, "gRPC port of the gateway's public API.")
+    http_port: int = option(8000, "Port of the gateway's OpenAI-style REST API.")
+    tokenizer_port: int = option(50052, "Port of the tokenizer service (on 127.0.0.1).")
+    engine_port: int = option(50053, "Port of the engine service (on 127.0.0.1).")
+    startup_timeout_s: float = option(600.0, "Seconds the three services get to report SERVING.")
+    shutdown_grace_s: float = option(10.0, "Seconds each service gets to drain on shutdown before it is killed.")
+
+
+def _engine_fields() -> list[dataclasses.Field]:  # type: ignore[type-arg]
+    """The engine's own fields (not the ones every service or the launcher has)."""
+    own = {f.name for f in dataclasses.fields(LauncherOptions)}
+    return [f for f in dataclasses.fields(EngineConfig) if f.name not in own]
+
+
+def _copy_field(f: dataclasses.Field) -> typing.Any:  # type: ignore[type-arg]
+    if f.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+    return dataclasses.field(default=f.default, metadata=f.metadata)
+
+
+_engine_hints = typing.get_type_hints(EngineConfig)
+ServeConfig = dataclasses.make_dataclass(
+    "ServeConfig", [(f.name, _engine_hints[f.name], _copy_field(f)) for f in _engine_fields()], bases=(LauncherOptions,)
+)
+ServeConfig.__doc__ = LauncherOptions.__doc__
+CONFIG = ServeConfig
+
+
+def _flag(name: str, value: typing.Any) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    if isinstance(value, list):
+        return [part for item in value for part in (flag, str(item))]
+    return [flag, str(value)]
+
+
+def _changed_engine_flags(config: typing.Any) -> list[str]:
+    """Flags for the engine options that differ from the engine's defaults."""
+    defaults = EngineConfig()
+    flags = []
+    for f in _engine_fields():
+        value = getattr(config, f.name)
+        if value != getattr(defaults, f.name) and value is not None:
+            flags += _flag(f.name, value)
+    return flags
+
+
+def child_commands(config: typing.Any) -> dict[str, list[str]]:
+    """The command line of each child, in start order."""
+    # The children write to a pipe, where "auto" would mean JSON even when
+    # the launcher's own output is a terminal.
+    log_format = ("console" if sys.stderr.isatty() else "json") if config.log_format == "auto" else config.log_format
+    common = ["--log-level", config.log_level, "--log-format", log_format, "--max-message-bytes", str(config.max_message_bytes)]
+    grace = ["--shutdown-grace-s", str(config.shutdown_grace_s)]
+    model = ["--model", config.model] if config.model else []
+    base = [sys.executable, "-m", "services.cli"]
+    engine_has_grace = any(f.name == "shutdown_grace_s" for f in dataclasses.fields(EngineConfig))
+    return {
+        "tokenizer": [*base, "tokenizer", "--host", "127.0.0.1", "--port", str(config.tokenizer_port), *model, *common, *grace],
+        "engine": [
+            *base, "engine", "--host", "127.0.0.1", "--port", str(config.engine_port), *_changed_engine_flags(config), *common,
+            *(grace if engine_has_grace else []),
+        ],
+        "gateway": [
+            *base, "gateway", "--host", config.host, "--port", str(config.port), "--http-port", str(config.http_port),
+            "--tokenizer", f"127.0.0.1:{config.tokenizer_port}", "--engine", f"127.0.0.1:{config.engine_port}", *common, *grace,
+        ],
+    }  # fmt: skip
+
+
+@dataclass
+class Child:
+    name: str
+    process: asyncio.subprocess.Process
+    tail: collections.deque[str]
+    relay: asyncio.Task[None]
+
+
+async def _relay_output(stream: asyncio.StreamReader, tail: collections.deque[str]) -> None:
+    """Copy a child's output to ours, keeping its last lines."""
+    while line := await stream.readline():
+        text = line.decode(errors="replace")
+        tail.append(text.rstrip("\n"))
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+async def _start(name: str, command: list[str]) -> Child:
+    # Own session: a Ctrl-C in the terminal reaches only the launcher, which
+    # stops the children in order.
+    process = await asyncio.create_subprocess_exec(
+        *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    assert process.stdout is not None
+    log.info("started", child=name, pid=process.pid)
+    return Child(name, process, tail, asyncio.create_task(_relay_output(process.stdout, tail)))
+
+
+async def _is_serving(target: str, service: str) -> bool:
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=READINESS_POLL_S * 4)
+        except grpc.aio.AioRpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def _wait_serving(children: dict[str, Child], targets: dict[str, str]) -> None:
+    """Returns once every child reports SERVING."""
+    pending = dict(targets)
+    while pending:
+        for name, target in list(pending.items()):
+            if await _is_serving(target, READINESS_NAMES[name]):
+                log.info("ready", child=name, address=target)
+                del pending[name]
+        if pending:
+            await asyncio.sleep(READINESS_POLL_S)
+
+
+async def _stop(children: dict[str, Child], grace_s: float) -> None:
+    """SIGTERM in reverse start order (gateway first), SIGKILL after the grace."""
+    for child in reversed(list(children.values())):
+        if child.process.returncode is None:
+            child.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(child.process.wait(), grace_s)
+            except TimeoutError:
+                log.warning("did not stop in time, killing", child=child.name, grace_s=grace_s)
+                child.process.kill()
+                await child.process.wait()
+        await asyncio.wait_for(child.relay, grace_s)
+
+
+def _report_death(child: Child) -> None:
+    log.error("child exited", child=child.name, exit_code=child.process.returncode, last_output="\n".join(child.tail))
+
+
+async def serve(config: typing.Any) -> int:
+    commands = child_commands(config)
+    targets = {
+        "tokenizer": f"127.0.0.1:{config.tokenizer_port}",
+        "engine": f"127.0.0.1:{config.engine_port}",
+        "gateway": f"{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}",
+    }
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    children: dict[str, Child] = {}
+    exit_code = 0
+    try:
+        for name, command in commands.items():
+            children[name] = await _start(name, command)
+        exits = {asyncio.ensure_future(child.process.wait()): child for child in children.values()}
+        stopping = asyncio.ensure_future(stop.wait())
+        ready = asyncio.ensure_future(asyncio.wait_for(_wait_serving(children, targets), config.startup_timeout_s))
+        done, _ = await asyncio.wait([ready, stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+        if ready in done and ready.exception() is None:
+            log.info(
+                "pagewire is serving",
+                grpc=f"{config.host}:{config.port}",
+                rest=f"http://{config.host}:{config.http_port}/v1",
+                model=config.model or "embedded default",
+            )
+            done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+        elif ready in done:
+            log.error("services did not report SERVING in time", startup_timeout_s=config.startup_timeout_s)
+            exit_code = 1
+        ready.cancel()
+        stopping.cancel()
+        for waiter in exits:
+            if waiter in done:
+                _report_death(exits[waiter])
+                exit_code = 1
+            else:
+                waiter.cancel()
+        if stop.is_set():
+            log.info("shutting down")
+    finally:
+        await _stop(children, config.shutdown_grace_s)
+    log.info("stopped", exit_code=exit_code)
+    return exit_code

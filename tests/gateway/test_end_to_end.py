@@ -1,0 +1,370 @@
+"""`pagewire serve` on the embedded model, as real processes on real ports:
+OpenAI clients over REST, gRPC clients over the bidi stream and Complete,
+bad input, cancellation and deadlines reaching the engine, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from tests.gateway.serve_process import ServeProcess
+
+MAX_MODEL_LEN = 512
+MAX_MESSAGE_BYTES = 1 << 20
+MODEL = "SmolLM2-135M-Instruct"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    serve = ServeProcess(
+        tmp_path_factory.mktemp("serve") / "serve.log",
+        ["--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "256", "--max-message-bytes", str(MAX_MESSAGE_BYTES)],
+    )
+    serve.start()
+    try:
+        serve.wait_serving()
+        yield serve
+    finally:
+        exit_code = serve.stop()
+    assert exit_code == 0, serve.log_tail()
+    assert serve.events("stopped")[-1]["exit_code"] == 0
+
+
+@pytest.fixture(scope="module")
+def openai_client(server: ServeProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.rest_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServeProcess) -> Iterator[gateway_pb2_grpc.GenerationStub]:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        yield gateway_pb2_grpc.GenerationStub(channel)
+
+
+def engine_stats(server: ServeProcess) -> engine_pb2.EngineStats:
+    with grpc.insecure_channel(server.engine_target) as channel:
+        return engine_pb2_grpc.EngineStub(channel).Stats(engine_pb2.EngineStatsRequest(), timeout=10)
+
+
+def wait_engine_idle(server: ServeProcess, timeout_s: float = 30.0) -> engine_pb2.EngineStats:
+    """Stats once no sequence runs or waits and every KV block is free
+    (cached-free blocks count as free); the last Stats when that never comes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = engine_stats(server)
+        idle = stats.load.num_running == 0 and stats.load.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks
+        if idle or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+def assert_no_leak(stats: engine_pb2.EngineStats) -> None:
+    assert stats.load.num_running == 0 and stats.load.num_waiting == 0, stats
+    assert stats.num_free_blocks == stats.num_total_blocks, stats
+    assert stats.num_cached_free_blocks <= stats.num_free_blocks
+    assert stats.load.kv_cache_usage == 0
+
+
+class BidiStream:
+    """A Generate stream driven from the test thread: send, then read chunks."""
+
+    def __init__(self, stub: gateway_pb2_grpc.GenerationStub, timeout_s: float = 120):
+        self._outgoing: queue.Queue[gateway_pb2.ClientMessage | None] = queue.Queue()
+        self.call = stub.Generate(iter(self._outgoing.get, None), timeout=timeout_s)
+
+    def start(self, request: gateway_pb2.GenerateRequest) -> None:
+        self._outgoing.put(gateway_pb2.ClientMessage(start=request))
+
+    def cancel(self, request_id: str) -> None:
+        self._outgoing.put(gateway_pb2.ClientMessage(cancel=gateway_pb2.Cancel(request_id=request_id)))
+
+    def close(self) -> None:
+        self._outgoing.put(None)
+
+    def chunks(self) -> Iterator[gateway_pb2.GenerateChunk]:
+        for message in self.call:
+            yield from message.chunks
+
+
+def hf_greedy_chat(hf_model, hf_tokenizer, max_new_tokens: int) -> str:  # type: ignore[no-untyped-def]
+    import torch
+
+    prompt = hf_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = hf_model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    return hf_tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# --- OpenAI-compatible REST --------------------------------------------------
+
+
+def test_openai_chat_equals_hf_greedy_with_and_without_streaming(openai_client: openai.OpenAI, hf_model, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    max_tokens = 24
+    assert [model.id for model in openai_client.models.list()] == [MODEL]
+    whole = openai_client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=max_tokens, temperature=0)
+    stream = openai_client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    events = list(stream)
+    streamed = "".join(event.choices[0].delta.content or "" for event in events if event.choices)
+    expected = hf_greedy_chat(hf_model, hf_tokenizer, max_tokens)
+
+    assert whole.choices[0].message.content == expected
+    assert streamed == expected
+    assert whole.choices[0].finish_reason == [e.choices[0].finish_reason for e in events if e.choices and e.choices[0].finish_reason][0]
+    assert events[-1].choices == [] and events[-1].usage is not None
+    assert events[-1].usage.completion_tokens == whole.usage.completion_tokens > 0
+    assert events[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    # The same prompt again: its full blocks come from the prefix cache.
+    assert events[-1].usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_openai_completion_stream_ends_with_done_and_logprobs_have_text(server: ServeProcess) -> None:
+    body = {"model": MODEL, "prompt": "The sky is", "max_tokens": 4, "temperature": 0, "logprobs": 2, "stream": True}
+    with httpx.stream("POST", f"{server.rest_url}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    tokens = [token for chunk in chunks for token in (chunk["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    assert len(tokens) == 4
+    assert "".join(tokens) == "".join(chunk["choices"][0]["text"] for chunk in chunks)
+    assert all(len(chunk["choices"][0]["logprobs"]["top_logprobs"][0]) <= 2 for chunk in chunks if chunk["choices"][0]["logprobs"])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "words"),
+    [
+        (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", ', 400, None, "not valid JSON"),
+        (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": "lots"}', 400, "max_tokens", "valid integer"),
+        (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": -5}', 400, "max_tokens", "greater than or equal to 1"),
+        (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "temperature": -1}', 400, "temperature", "[0, 100]"),
+        (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "n": 3}', 400, "n", "must be 1"),
+        (b'{"model": "SmolLM2-135M-Instruct", "prompt": ""}', 400, "text", "empty"),
+        (b'{"model": "gpt-4", "prompt": "Hi"}', 404, None, "'gpt-4' is not served here"),
+        (json.dumps({"model": MODEL, "prompt": "hello " * 600}).encode(), 400, "prompt", "shorten the prompt"),
+        (json.dumps({"model": MODEL, "prompt": "x" * (MAX_MESSAGE_BYTES + 10)}).encode(), 413, None, "--max-message-bytes"),
+    ],
+    ids=["malformed-json", "wrong-type", "negative-max-tokens", "bad-temperature", "n", "empty-prompt", "unknown-model", "prompt-too-long", "oversized"],
+)
+def test_rest_bad_input_gets_openai_errors_and_the_server_goes_on(server: ServeProcess, body: bytes, status: int, param: str | None, words: str) -> None:
+    with httpx.Client(base_url=server.rest_url, timeout=60) as client:
+        response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert words in error["message"]
+        assert error["param"] == param
+        good = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert good.status_code == 200, good.text
+
+
+def test_rest_chat_errors(openai_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as bad_role:
+        openai_client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "Hi"}], max_tokens=2)
+    assert "role" in bad_role.value.message
+    with pytest.raises(openai.BadRequestError) as no_messages:
+        openai_client.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
+    assert "no messages" in no_messages.value.message
+    with pytest.raises(openai.NotFoundError):
+        openai_client.chat.completions.create(model="llama-9000", messages=CHAT, max_tokens=2)
+
+
+# --- gRPC --------------------------------------------------------------------
+
+
+def test_grpc_16_concurrent_requests_with_4_cancelled_leave_no_kv_blocks(server: ServeProcess, stub: gateway_pb2_grpc.GenerationStub) -> None:
+    cancelled = {f"req-{i}" for i in range(0, 16, 4)}
+    stream = BidiStream(stub)
+    for i in range(16):
+        request_id = f"req-{i}"
+        # The cancelled ones would run long, so they are surely mid-generation.
+        sampling = common_pb2.SamplingParams(temperature=0, max_tokens=200 if request_id in cancelled else 8, ignore_eos=request_id in cancelled)
+        chat = gateway_pb2.ChatInput(messages=[common_pb2.ChatMessage(role="user", content=f"Tell me a fact about the number {i}.")])
+        stream.start(gateway_pb2.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling))
+
+    texts: dict[str, str] = {}
+    last: dict[str, gateway_pb2.GenerateChunk] = {}
+    for chunk in stream.chunks():
+        if chunk.request_id in cancelled and chunk.request_id not in texts and chunk.text:
+            stream.cancel(chunk.request_id)
+        texts[chunk.request_id] = texts.get(chunk.request_id, "") + chunk.text
+        if chunk.finish_reason:
+            last[chunk.request_id] = chunk
+            if len(last) == 16:
+                stream.close()
+
+    assert sorted(last) == sorted(f"req-{i}" for i in range(16))
+    for request_id, chunk in last.items():
+        if request_id in cancelled:
+            assert chunk.finish_reason == common_pb2.FINISH_REASON_CANCELLED
+            assert 0 < chunk.usage.completion_tokens < 200
+        else:
+            assert chunk.finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH), chunk
+            assert texts[request_id] and chunk.usage.completion_tokens <= 8
+        assert not chunk.error.code
+    assert_no_leak(wait_engine_idle(server))
+
+
+def test_grpc_disconnect_and_deadline_abort_in_the_engine(server: ServeProcess, stub: gateway_pb2_grpc.GenerationStub) -> None:
+    long = common_pb2.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    stream = BidiStream(stub)
+    for i in range(3):
+        stream.start(gateway_pb2.GenerateRequest(request_id=f"gone-{i}", text=f"Count to a thousand, step {i}:", sampling=long))
+    chunks = stream.chunks()
+    next(chunks)
+    stream.call.cancel()  # the client goes away mid-generation
+    assert_no_leak(wait_engine_idle(server))
+
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as raised:
+        for _ in stub.Complete(gateway_pb2.GenerateRequest(text="Count to a thousand:", sampling=long), timeout=1.5):
+            pass
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 10
+    assert_no_leak(wait_engine_idle(server))
+
+    # The request's own timeout ends it as TIME_LIMIT, with what it produced so far.
+    request = gateway_pb2.GenerateRequest(text="Count to a thousand:", sampling=long)
+    request.timeout.FromMilliseconds(1500)
+    chunks = list(stub.Complete(request, timeout=60))
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_TIME_LIMIT
+    assert 0 < chunks[-1].usage.completion_tokens < 400
+    assert_no_leak(wait_engine_idle(server))
+
+
+def grpc_error(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as raised:
+        list(call)
+    return raised.value
+
+
+def test_grpc_bad_input(server: ServeProcess, stub: gateway_pb2_grpc.GenerationStub) -> None:
+    sampling = common_pb2.SamplingParams(max_tokens=2)
+    cases = [
+        (gateway_pb2.GenerateRequest(text="Hi", model="gpt-4"), grpc.StatusCode.NOT_FOUND, "'gpt-4' is not served here"),
+        (gateway_pb2.GenerateRequest(text=""), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
+        (gateway_pb2.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "no input"),
+        (gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(top_p=0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
+        (gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(n=2)), grpc.StatusCode.INVALID_ARGUMENT, "n must be 1"),
+        (gateway_pb2.GenerateRequest(text="hello " * 600, sampling=sampling), grpc.StatusCode.INVALID_ARGUMENT, "shorten the prompt"),
+        (gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=[1, 10**6]), sampling=sampling), grpc.StatusCode.INVALID_ARGUMENT, "vocab"),
+        (
+            gateway_pb2.GenerateRequest(chat=gateway_pb2.ChatInput(messages=[common_pb2.ChatMessage(role="wizard", content="Hi")])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "role",
+        ),
+    ]
+    for request, code, words in cases:
+        error = grpc_error(stub.Complete(request, timeout=60))
+        assert error.code() == code, (request, error)
+        assert words in error.details(), error.details()
+    # Field errors name the field in a google.rpc.BadRequest detail.
+    status = rpc_status.from_call(grpc_error(stub.Complete(gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(top_p=0)))))
+    bad_request = error_details_pb2.BadRequest()
+    assert status is not None and status.details[0].Unpack(bad_request)
+    assert bad_request.field_violations[0].field == "top_p"
+
+    oversized = grpc_error(stub.Complete(gateway_pb2.GenerateRequest(text="x" * (MAX_MESSAGE_BYTES + 10)), timeout=60))
+    assert oversized.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    # On the bidi stream a bad request fails alone; the others on it go on.
+    stream = BidiStream(stub)
+    stream.start(gateway_pb2.GenerateRequest(request_id="good", text="Hi", sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0)))
+    stream.start(gateway_pb2.GenerateRequest(request_id="good", text="Hi again"))
+    stream.start(gateway_pb2.GenerateRequest(request_id="hot", text="Hi", sampling=common_pb2.SamplingParams(temperature=101)))
+    stream.start(gateway_pb2.GenerateRequest(text="no id"))
+    stream.cancel("never-started")
+    finals = []
+    for chunk in stream.chunks():
+        if chunk.finish_reason:
+            finals.append(chunk)
+            if any(f.request_id == "good" and not f.error.code for f in finals) and len(finals) == 4:
+                stream.close()
+    by_outcome = {(f.request_id, f.finish_reason): f for f in finals}
+    assert "already in flight" in by_outcome[("good", common_pb2.FINISH_REASON_ERROR)].error.message
+    assert "temperature" in by_outcome[("hot", common_pb2.FINISH_REASON_ERROR)].error.message
+    assert "request_id is required" in by_outcome[("", common_pb2.FINISH_REASON_ERROR)].error.message
+    good = [f for f in finals if f.request_id == "good" and not f.error.code]
+    assert good and good[0].usage.completion_tokens > 0
+
+    chunks = list(stub.Complete(gateway_pb2.GenerateRequest(text="Hi", sampling=sampling), timeout=60))
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_grpc_stop_string_ends_the_request_and_frees_it_in_the_engine(server: ServeProcess, stub: gateway_pb2_grpc.GenerationStub) -> None:
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=40)
+    chat = gateway_pb2.ChatInput(messages=[common_pb2.ChatMessage(role="user", content=CHAT[0]["content"])])
+    free = "".join(chunk.text for chunk in stub.Complete(gateway_pb2.GenerateRequest(chat=chat, sampling=sampling), timeout=60))
+    stop = free.split()[2]
+    chunks = list(stub.Complete(gateway_pb2.GenerateRequest(chat=chat, sampling=sampling, stop=[stop]), timeout=60))
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+    assert chunks[-1].matched_stop == stop
+    assert "".join(chunk.text for chunk in chunks) == free[: free.index(stop)]
+    assert_no_leak(wait_engine_idle(server))
+
+
+def test_list_models_health_and_metrics(server: ServeProcess, stub: gateway_pb2_grpc.GenerationStub) -> None:
+    (card,) = stub.ListModels(gateway_pb2.ListModelsRequest()).models
+    assert (card.id, card.max_model_len) == (MODEL, MAX_MODEL_LEN)
+    assert httpx.get(f"{server.rest_url}/health").json() == {"status": "ok"}
+    list(stub.Complete(gateway_pb2.GenerateRequest(text="Hello", sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=60))
+    wait_engine_idle(server)
+    text = httpx.get(f"{server.rest_url}/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    replica = (("replica", server.engine_target),)
+    assert samples[("pagewire_kv_cache_usage_ratio", replica)] == 0
+    assert samples[("pagewire_requests_running", replica)] == 0
+    assert samples[("pagewire_requests_waiting", replica)] == 0
+    assert 0 <= samples[("pagewire_prefix_cache_hit_ratio", replica)] <= 1
+    assert samples[("pagewire_requests_total", (("outcome", "length"),))] >= 1
+    assert samples[("pagewire_prompt_tokens_total", ())] > 0
+    assert samples[("pagewire_generation_tokens_total", ())] >= 3
+    for histogram in ("time_to_first_token", "time_per_output_token", "e2e_request_latency", "queue_time"):
+        assert samples[(f"pagewire_{histogram}_seconds_count", ())] >= 1
+
+
+def test_examples_python_client(server: ServeProcess) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "python_client.py"
+    result = subprocess.run([sys.executable, str(example), server.grpc_target], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_examples_node_client(server: ServeProcess, tmp_path: Path) -> None:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed")
+    examples = Path(__file__).resolve().parents[2] / "examples" / "node"
+    work = tmp_path / "node"
+    shutil.copytree(examples, work)
+    install = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefer-offline"], cwd=work, capture_output=True, text=True, timeout=180)
+    if install.returncode != 0:
+        pytest.skip(f"npm install failed (no network?): {install.stderr[-300:]}")
+    protos = Path(__file__).resolve().parents[2] / "protos"
+    result = subprocess.run(
+        ["node", "client.js", server.grpc_target], cwd=work, capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"], "PAGEWIRE_PROTOS": str(protos)}
+    )
+    assert result.returncode == 0, result.stderr
+    finished = re.findall(r"^(\w+) \[(FINISH_REASON_\w+), (\d+) tokens\]: \S", result.stdout, flags=re.MULTILINE)
+    assert sorted(request_id for request_id, _, _ in finished) == ["colours", "fruit"], result.stdout
+    assert all(reason in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH") and int(tokens) > 0 for _, reason, tokens in finished)

@@ -1,0 +1,62 @@
+"""`pagewire serve`: the children's command lines, and a child that dies."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from services.common.config import parse_config
+from services.launcher import CONFIG, child_commands
+from tests.gateway.serve_process import ServeProcess
+
+
+def flags_of(command: list[str]) -> list[str]:
+    assert command[:3] == [sys.executable, "-m", "services.cli"]
+    return command[3:]
+
+
+def test_children_get_their_ports_and_only_the_engine_options_given() -> None:
+    config = parse_config(
+        CONFIG,
+        ["--port", "7001", "--http-port", "7002", "--tokenizer-port", "7003", "--engine-port", "7004", "--model", "/models/m.gguf"]
+        + ["--device", "cpu", "--max-model-len", "1024", "--no-enable-prefix-caching", "--log-format", "json"],
+    )
+    commands = {name: flags_of(command) for name, command in child_commands(config).items()}
+    assert list(commands) == ["tokenizer", "engine", "gateway"]
+
+    tokenizer = commands["tokenizer"]
+    assert tokenizer[:5] == ["tokenizer", "--host", "127.0.0.1", "--port", "7003"]
+    assert tokenizer[tokenizer.index("--model") + 1] == "/models/m.gguf"
+
+    engine = " ".join(commands["engine"])
+    assert engine.startswith("engine --host 127.0.0.1 --port 7004 ")
+    for passed in ("--model /models/m.gguf", "--device cpu", "--max-model-len 1024", "--no-enable-prefix-caching", "--log-format json"):
+        assert passed in engine
+    # Options left at the engine's defaults are the engine's to choose.
+    assert "--block-size" not in engine and "--dtype" not in engine
+
+    gateway = " ".join(commands["gateway"])
+    for passed in ("--port 7001", "--http-port 7002", "--tokenizer 127.0.0.1:7003", "--engine 127.0.0.1:7004"):
+        assert passed in gateway
+    assert "--model" not in gateway
+
+
+def test_a_child_that_dies_is_named_with_its_exit_code_and_output_and_the_others_stop(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    serve = ServeProcess(tmp_path / "serve.log", ["--model", str(tmp_path / "missing.gguf"), "--device", "cpu"])
+    serve.start()
+    assert serve.process is not None
+    try:
+        exit_code = serve.process.wait(120)
+    finally:
+        if serve.process.poll() is None:
+            serve.stop()
+    assert exit_code == 1, serve.log_tail()
+    (death, *_) = serve.events("child exited")
+    assert death["child"] in ("tokenizer", "engine")
+    assert death["exit_code"] not in (0, None)
+    assert "missing.gguf" in death["last_output"]
+    for started in serve.events("started"):
+        with pytest.raises(ProcessLookupError):
+            os.kill(started["pid"], 0)
