@@ -42,13 +42,15 @@ async def attach_core(running: RunningServer, servicer: EngineServicer, core: En
 
 
 async def serve(config: EngineConfig) -> int:
+    from services.common.model import resolve_model
     from services.engine.engine import EngineCore
 
+    resolve_model(config.model)  # a missing model fails before the port opens
     running, servicer = await start_engine_server(config)
     log.info("engine loading model", port=running.port, model=config.model or "embedded")
-    core = await asyncio.to_thread(EngineCore, config)
-    await attach_core(running, servicer, core)
     try:
+        core = await asyncio.to_thread(EngineCore, config)
+        await attach_core(running, servicer, core)
         await serve_until_signalled(running, config.shutdown_grace_s)
     finally:
         await running.server.stop(None)
