@@ -178,7 +178,10 @@ class StepLoop:
                     stream = self.streams.get(stream_id)
                     if stream is not None:
                         stream.deliver(StreamBatch(updates, load))
-                        self._end_if_done(stream)
+            # After the deliveries, so a stream's last updates precede its end.
+            for stream in [s for s in self.streams.values() if s.input_done and not s.live]:
+                del self.streams[stream.stream_id]
+                stream.deliver(None)
 
     def _apply_commands(self, pending: dict[int, list]) -> None:
         block = not self.core.has_unfinished()
@@ -199,7 +202,6 @@ class StepLoop:
                 self.streams[stream.stream_id] = stream
             elif command.kind == "input_done":
                 stream.input_done = True
-                self._end_if_done(stream)
             elif command.kind == "close":
                 for core_id in stream.live.values():
                     self.core.abort(core_id)
@@ -245,10 +247,6 @@ class StepLoop:
                 stream.live.pop(request_id, None)
         if stream_id in self.streams:
             pending.setdefault(stream_id, []).append((request_id, output))
-
-    def _end_if_done(self, stream: StreamState) -> None:
-        if stream.input_done and not stream.live and self.streams.pop(stream.stream_id, None) is not None:
-            stream.deliver(None)
 
     def _fail_all_streams(self) -> None:
         for stream in list(self.streams.values()):

@@ -138,6 +138,12 @@ def test_bad_requests_get_invalid_argument_and_leave_others_alone(server, stub, 
     assert_no_leaks(server.core)
 
 
+def test_stream_of_only_bad_requests_gets_its_errors_before_it_ends(stub) -> None:
+    steps = list(stub.Generate(iter([engine_pb2.EngineInput(add=[_add("bad", [])])]), timeout=30))
+    (update,) = [u for step in steps for u in step.updates]
+    assert update.request_id == "bad" and update.error.code == INVALID_ARGUMENT
+
+
 def test_abort_and_unknown_abort_on_a_live_stream(server, stub, prompts, hf_greedy) -> None:
     inputs = Inputs()
     inputs.send(add=[_add("keep", prompts[0]), _add("stop-me", prompts[1], max_tokens=200, ignore_eos=True)])
