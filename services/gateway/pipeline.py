@@ -64,13 +64,20 @@ class _Cancelled:
 
 
 @dataclass
-class _Failed:
-    """A peer went away under the request."""
+class _ReplicaLost:
+    """The request's engine replica went away."""
 
     status: status_pb2.Status
 
 
-Event = engine_pb2.SequenceUpdate | tokenizer_pb2.TextDelta | _Cancelled | _Failed
+@dataclass
+class _TokenizerLost:
+    """The tokenizer went away with the request's detokenizer state."""
+
+    status: status_pb2.Status
+
+
+Event = engine_pb2.SequenceUpdate | tokenizer_pb2.TextDelta | _Cancelled | _ReplicaLost | _TokenizerLost
 
 
 class FieldError(RequestError):
@@ -245,16 +252,15 @@ class Gateway:
         self.metrics.forget_replica(replica.address)
         status = error_status(grpc.StatusCode.UNAVAILABLE, f"engine replica {replica.address} went away ({reason}); retry the request")
         for request in self.live.values():
-            # A request the engine has finished only waits for its last text.
-            if request.replica is replica and not request.engine_done:
-                request.events.put_nowait(_Failed(status))
+            if request.replica is replica:
+                request.events.put_nowait(_ReplicaLost(status))
 
     def _on_tokenizer_down(self, reason: str) -> None:
         status = error_status(grpc.StatusCode.UNAVAILABLE, f"the tokenizer service went away ({reason}); retry the request")
         for request in self.live.values():
             if request.detokenizing:
                 request.detokenizing = False
-                request.events.put_nowait(_Failed(status))
+                request.events.put_nowait(_TokenizerLost(status))
 
 
 class GatewayRequest:
@@ -392,7 +398,11 @@ class GatewayRequest:
                 self._apply_text(event)
             case _Cancelled():
                 self._finish(common_pb2.FINISH_REASON_CANCELLED)
-            case _Failed(status):
+            case _ReplicaLost(status):
+                # A request the engine had finished only waits for its last text.
+                if not self.engine_done:
+                    self._fail(status)
+            case _TokenizerLost(status):
                 self._fail(status)
 
     def _apply_update(self, update: engine_pb2.SequenceUpdate) -> None:

@@ -35,7 +35,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any, Literal, TypeVar
 
@@ -108,7 +108,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> common_pb2.SamplingParams:
-        params = common_pb2.SamplingParams(
+        return common_pb2.SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k if self.top_k and self.top_k > 0 else None,
@@ -123,7 +123,6 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
             n=self.n,
         )
-        return params
 
     def generate_request(self, max_tokens: int | None, logprobs: int | None) -> gateway_pb2.GenerateRequest:
         request = gateway_pb2.GenerateRequest(
@@ -392,10 +391,10 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
         return status_response(exc.to_status())
 
-    async def generate(request: Request, body: SamplingFields, output: CompletionFormat, to_request: Callable[[], gateway_pb2.GenerateRequest]) -> Response:
+    async def generate(request: Request, body: CompletionBody | ChatBody, output: CompletionFormat) -> Response:
         model_id = gateway.router.resolve_model(body.model).model_id
         created = int(time.time())
-        chunks = gateway.request(to_request()).chunks()
+        chunks = gateway.request(body.to_request()).chunks()
 
         def envelope(choices: list[dict[str, Any]], streaming: bool, usage: common_pb2.Usage | None = None) -> dict[str, Any]:
             body_ = {"id": output.id, "object": output.chunk_object_name if streaming else output.object_name, "created": created, "model": model_id, "choices": choices}
@@ -427,8 +426,8 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
 
         async def events() -> AsyncIterator[bytes]:
             async with aclosing(chunks):
-                if output.opening():
-                    yield _sse(envelope(output.opening(), True))
+                if opening := output.opening():
+                    yield _sse(envelope(opening, True))
                 chunk: gateway_pb2.GenerateChunk | None = first
                 while chunk is not None:
                     if chunk.error.code:
@@ -445,12 +444,12 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = _parse(CompletionBody, await _read_body(request, max_body_bytes))
-        return await generate(request, body, CompletionFormat(), body.to_request)
+        return await generate(request, body, CompletionFormat())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = _parse(ChatBody, await _read_body(request, max_body_bytes))
-        return await generate(request, body, ChatFormat(), body.to_request)
+        return await generate(request, body, ChatFormat())
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

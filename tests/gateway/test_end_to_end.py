@@ -368,3 +368,16 @@ def test_examples_node_client(server: ServeProcess, tmp_path: Path) -> None:
     finished = re.findall(r"^(\w+) \[(FINISH_REASON_\w+), (\d+) tokens\]: \S", result.stdout, flags=re.MULTILINE)
     assert sorted(request_id for request_id, _, _ in finished) == ["colours", "fruit"], result.stdout
     assert all(reason in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH") and int(tokens) > 0 for _, reason, tokens in finished)
+
+
+def test_rest_client_that_goes_away_frees_the_request(server: ServeProcess) -> None:
+    body = {"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.rest_url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert engine_stats(server).load.num_running == 1
+    assert_no_leak(wait_engine_idle(server))
+
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.rest_url}/v1/completions", json={**body, "stream": False}, timeout=1.5)
+    assert_no_leak(wait_engine_idle(server))
