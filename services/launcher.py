@@ -9,7 +9,10 @@ them as a flag, which beats PAGEWIRE_* variables.
 Readiness is each service's grpc.health.v1 status under its full service
 name. Ctrl-C or SIGTERM stops the gateway first (it drains its clients), then
 the engine and the tokenizer. If a child dies, the launcher says which, with
-its exit code and last lines of output, and stops the others.
+its exit code and last lines of output. Before all three are serving it then
+stops the others (a child that cannot start would only die again); once they
+are, it starts the dead child again, after a delay that doubles while the
+child keeps dying soon after its start.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ READINESS_NAMES = {
 # Lines of a child's output kept to explain its death.
 TAIL_LINES = 20
 READINESS_POLL_S = 0.5
+RESTART_INITIAL_S = 1.0
+RESTART_MAX_S = 30.0
+# A child that ran this long before dying is restarted after the initial delay.
+RESTART_RESET_AFTER_S = 60.0
 
 
 @dataclass
@@ -184,6 +191,34 @@ def _report_death(child: Child) -> None:
     log.error("child exited", child=child.name, exit_code=child.process.returncode, last_output="\n".join(child.tail))
 
 
+async def _supervise(
+    children: dict[str, Child], commands: dict[str, list[str]], exits: dict[asyncio.Future[int], Child], stopping: asyncio.Future[bool]
+) -> None:
+    """Until `stopping` completes, start again every child that dies
+    (`children` and `exits` follow the new processes)."""
+    loop = asyncio.get_running_loop()
+    delays = dict.fromkeys(children, RESTART_INITIAL_S)
+    started_at = dict.fromkeys(children, loop.time())
+    while True:
+        done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+        if stopping in done:
+            return
+        for waiter in done:
+            child = exits.pop(waiter)
+            _report_death(child)
+            if loop.time() - started_at[child.name] > RESTART_RESET_AFTER_S:
+                delays[child.name] = RESTART_INITIAL_S
+            delay = delays[child.name]
+            delays[child.name] = min(delay * 2, RESTART_MAX_S)
+            log.warning("restarting child", child=child.name, exit_code=child.process.returncode, in_s=delay)
+            await asyncio.wait([stopping], timeout=delay)
+            if stopping.done():
+                return
+            children[child.name] = await _start(child.name, commands[child.name])
+            started_at[child.name] = loop.time()
+            exits[asyncio.ensure_future(children[child.name].process.wait())] = children[child.name]
+
+
 async def serve(config: typing.Any) -> int:
     commands = child_commands(config)
     targets = {
@@ -211,7 +246,8 @@ async def serve(config: typing.Any) -> int:
                 rest=f"http://{config.host}:{config.http_port}/v1",
                 model=config.model or "embedded default",
             )
-            done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+            await _supervise(children, commands, exits, stopping)
+            done = {stopping}
         elif ready in done:
             log.error("services did not report SERVING in time", startup_timeout_s=config.startup_timeout_s)
             exit_code = 1
