@@ -70,6 +70,10 @@ class EngineCore:
     """Not thread-safe: one thread owns it (the servicer's step loop)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
+            value = getattr(config, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         loaded = loaded or load_engine_model(config)
         model_config = loaded.config
         self.loaded = loaded
