@@ -1,12 +1,19 @@
 """The standard workload on the GPU: pagewire's engine in-process, then the HF
 transformers `generate` peer (benchmarks/hf_peer.py) in the same run, on
-random bf16 weights of real model shapes.
+random bf16 weights of real model shapes. With --gateway, the same model then
+runs behind `pagewire serve` (tokenizer, engine and gateway as processes) and
+the same prompts go through the public gRPC `Generate` stream
+(benchmarks/through_gateway.py).
 
 Workload: --requests requests (256) of --prompt-len random prompt ids (512),
 --output-len output tokens each (128), greedy, EOS ignored, all submitted at
-once. Prints one JSON line per system and shape, then the ratio.
+once. Prints one JSON line per system and shape, then the ratios.
 
-    python benchmarks/throughput.py [--shapes smollm2-135m,llama-1b,llama-8b]
+    python benchmarks/throughput.py [--shapes smollm2-135m,llama-1b,llama-8b] [--gateway]
+
+A cheap check of the whole path on a CPU:
+
+    python benchmarks/throughput.py --device cpu --shapes tiny --requests 16 --prompt-len 64 --output-len 16 --no-peer --gateway
 """
 
 from __future__ import annotations
@@ -14,22 +21,31 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import hf_peer
+import through_gateway
 from services.common.logging import configure_logging
 from services.engine.attention import select_backend
 from services.engine.config import EngineConfig
 from services.engine.engine import EngineCore
-from services.engine.loader import LoadedModel
+from services.engine.loader import LoadedModel, resolve_dtype
 from services.engine.models.llama import LlamaForCausalLM, ModelConfig
 from services.engine.sequence import SamplingParams
 
 INIT_STD = 0.02  # HF's initializer_range for Llama
+# "tiny" exercises the whole path on a CPU in seconds; it has no HF peer run.
+SHAPES = hf_peer.SHAPES | {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, vocab_size=1024, tie_word_embeddings=True, rope_theta=10000.0),
+}  # fmt: skip
 
 
 def emit(record: dict) -> None:
@@ -37,10 +53,10 @@ def emit(record: dict) -> None:
     sys.stdout.flush()
 
 
-def random_model(shape: str, dtype: torch.dtype, max_model_len: int) -> LoadedModel:
+def random_model(shape: str, dtype: torch.dtype, max_model_len: int, device: torch.device) -> LoadedModel:
     """The engine's model at hf_peer's shape with random weights, built on the
-    GPU directly (writing and reading an 8B checkpoint would cost minutes)."""
-    spec = hf_peer.SHAPES[shape]
+    device directly (writing and reading an 8B checkpoint would cost minutes)."""
+    spec = SHAPES[shape]
     config = ModelConfig(
         architecture="llama",
         vocab_size=spec["vocab_size"],
@@ -57,7 +73,6 @@ def random_model(shape: str, dtype: torch.dtype, max_model_len: int) -> LoadedMo
         qkv_bias=False,
         eos_token_ids=(),
     )
-    device = torch.device("cuda")
     with torch.device("meta"):
         model = LlamaForCausalLM(config, select_backend(device), max_model_len)
     model = model.to_empty(device=device).to(dtype)
@@ -75,6 +90,14 @@ def percentiles(values: list[float], prefix: str) -> dict:
     quantiles = statistics.quantiles(values, n=100, method="inclusive")
     return {f"{prefix}_p50_ms": round(quantiles[49] * 1e3, 2), f"{prefix}_p90_ms": round(quantiles[89] * 1e3, 2),
             f"{prefix}_p99_ms": round(quantiles[98] * 1e3, 2)}  # fmt: skip
+
+
+def summarize(start: float, first_token: dict[str, float], finished: dict[str, float], output_tokens: int, seconds: float, output_len: int) -> dict:
+    """Throughput and TTFT/TPOT percentiles from per-request first-token and finish times."""
+    ttft = [first_token[r] - start for r in first_token]
+    tpot = [(finished[r] - first_token[r]) / (output_len - 1) for r in finished]
+    return dict(seconds=round(seconds, 3), output_tokens=output_tokens, out_tok_s=round(output_tokens / seconds, 1),
+                **percentiles(ttft, "ttft"), **percentiles(tpot, "tpot"))  # fmt: skip
 
 
 def run_engine(core: EngineCore, prompts: list[list[int]], output_len: int) -> dict:
@@ -103,11 +126,8 @@ def run_engine(core: EngineCore, prompts: list[list[int]], output_len: int) -> d
             if output.finished:
                 finished[output.request_id] = now
     seconds = time.perf_counter() - start
-    ttft = [first_token[r] - start for r in first_token]
-    tpot = [(finished[r] - first_token[r]) / (output_len - 1) for r in finished]
     return dict(
-        seconds=round(seconds, 3), output_tokens=output_tokens, out_tok_s=round(output_tokens / seconds, 1),
-        **percentiles(ttft, "ttft"), **percentiles(tpot, "tpot"),
+        **summarize(start, first_token, finished, output_tokens, seconds, output_len),
         decode_steps=phase_steps["decode"], decode_seconds=round(phase_seconds["decode"], 3),
         prefill_or_mixed_steps=phase_steps["prefill_or_mixed"], prefill_or_mixed_seconds=round(phase_seconds["prefill_or_mixed"], 3),
     )  # fmt: skip
@@ -115,23 +135,59 @@ def run_engine(core: EngineCore, prompts: list[list[int]], output_len: int) -> d
 
 def free_gpu() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine settings of both the in-process and the served engine."""
+    return EngineConfig(
+        device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32", max_model_len=args.prompt_len + args.output_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+    )  # fmt: skip
+
+
+def warm_up_prompts(prompts: list[list[int]], args: argparse.Namespace) -> list[list[int]]:
+    """Prompts of the warm-up run (8 output tokens each) that loads every kernel variant."""
+    return prompts[: args.max_num_seqs // 4]
+
+
+def run_gateway(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, log_path: Path) -> dict:
+    """The workload through `pagewire serve` on model_dir, after the same warm-up as in-process."""
+    config = engine_config(args)
+    engine_flags = ["--device", config.device, "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
+                    "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens),
+                    "--gpu-memory-utilization", str(config.gpu_memory_utilization)]  # fmt: skip
+    served = through_gateway.Served(model_dir, engine_flags, log_path)
+    try:
+        startup_seconds = served.wait_serving()
+        through_gateway.stream_requests(served.target, warm_up_prompts(prompts, args), 8, prefix="warm")
+        before = served.engine_stats()
+        timings = through_gateway.stream_requests(served.target, prompts, args.output_len)
+        after = served.engine_stats()
+    finally:
+        served.stop()
+    record = dict(startup_seconds=round(startup_seconds, 1), streams=1,
+                  **summarize(timings.start, timings.first_token, timings.finished, timings.output_tokens, timings.seconds, args.output_len),
+                  server_messages=timings.messages, engine_steps=after.steps_total - before.steps_total,
+                  num_kv_blocks=after.num_total_blocks, preemptions=after.num_preemptions - before.num_preemptions,
+                  prefix_cache_hit_tokens=after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens)  # fmt: skip
+    if timings.errors:
+        record.update(errors=len(timings.errors), first_error=timings.errors[0])
+    return record
 
 
 def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
     workload = dict(shape=shape, requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len,
-                    device=torch.cuda.get_device_name())  # fmt: skip
-    prompts = hf_peer.prompts(args.requests, args.prompt_len, hf_peer.SHAPES[shape]["vocab_size"])
-    max_model_len = args.prompt_len + args.output_len
-    loaded = random_model(shape, torch.bfloat16, max_model_len)
-    config = EngineConfig(
-        device="cuda", dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-    )  # fmt: skip
+                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")  # fmt: skip
+    prompts = hf_peer.prompts(args.requests, args.prompt_len, SHAPES[shape]["vocab_size"])
+    config = engine_config(args)
+    loaded = random_model(shape, resolve_dtype(config.dtype, device), config.max_model_len, device)
     setup_start = time.perf_counter()
     core = EngineCore(config, loaded)
     setup_seconds = time.perf_counter() - setup_start
-    run_engine(core, prompts[: args.max_num_seqs // 4], 8)  # warm-up: every kernel variant loads
+    run_engine(core, warm_up_prompts(prompts, args), 8)
     if args.profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as profiler:
             run_engine(core, prompts[: args.requests // 4], args.output_len)
@@ -140,9 +196,27 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     engine = run_engine(core, prompts, args.output_len)
     emit(dict(bench="throughput", system="pagewire", **workload, num_kv_blocks=core.kv_cache.num_blocks,
               setup_seconds=round(setup_seconds, 1), **engine))  # fmt: skip
+    if args.gateway:
+        work_dir = Path(tempfile.mkdtemp(prefix=f"pagewire-{shape}-", dir=args.work_dir or None))
+        write_start = time.perf_counter()
+        through_gateway.write_model_dir(loaded, work_dir / "model")
+        through_gateway.write_tokenizer(loaded.config.vocab_size, work_dir / "model")
+        write_seconds = time.perf_counter() - write_start
     del core, loaded
     free_gpu()
 
+    if shape in hf_peer.SHAPES and not args.no_peer:
+        run_peer(shape, prompts, workload, engine, args)
+    if args.gateway:
+        log_path = Path(args.log_dir or work_dir) / f"serve-{shape}.log"
+        gateway = run_gateway(work_dir / "model", prompts, args, log_path)
+        emit(dict(bench="throughput", system="pagewire-gateway", **workload, model_write_seconds=round(write_seconds, 1), **gateway))
+        emit(dict(bench="throughput_ratio", shape=shape, gateway_over_in_process=round(gateway["out_tok_s"] / engine["out_tok_s"], 3)))
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def run_peer(shape: str, prompts: list[list[int]], workload: dict, engine: dict, args: argparse.Namespace) -> None:
+    """HF `generate` at a static batch on the same prompts, and pagewire's ratio to it."""
     record = dict(bench="throughput", system="hf-generate", **workload, batch_size=args.peer_batch_size)
     try:
         model = hf_peer.build(shape, torch.bfloat16, "cuda", "sdpa")
@@ -169,6 +243,11 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--peer-batch-size", type=int, default=64, help="HF generate's static batch size")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of a quarter-size run to PATH.<shape>.txt")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a cheap check of the benchmark itself")
+    parser.add_argument("--no-peer", action="store_true", help="skip the HF generate peer")
+    parser.add_argument("--gateway", action="store_true", help="also run the workload through `pagewire serve` and its public gRPC API")
+    parser.add_argument("--work-dir", default="", help="where the model directory for --gateway is written (default: the system's temp dir)")
+    parser.add_argument("--log-dir", default="", help="where `pagewire serve`'s log for --gateway goes (default: beside the model, deleted)")
     args = parser.parse_args()
     configure_logging("warning")  # stdout carries only the JSON lines
     for shape in args.shapes.split(","):

@@ -1,0 +1,197 @@
+"""The standard workload through pagewire's public API: helpers for
+benchmarks/throughput.py's `--gateway` mode.
+
+The in-process model is written out as a HF directory (config.json +
+safetensors, HF tensor names) with a word-level tokenizer whose vocabulary
+covers every id, `pagewire serve` starts tokenizer, engine and gateway on it
+as real processes on loopback ports, and a client sends the prompts as token
+ids over one bidirectional `Generate` stream, as a real client multiplexes
+its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from services.common.grpc_utils import check_health
+from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from services.engine.loader import LoadedModel, dtype_name
+from services.engine.models.llama import STACKED_PARAMS
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 480.0
+STOP_TIMEOUT_S = 30.0
+# Chunks of a whole step for every request come in one ServerMessage.
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass
+class StreamTimings:
+    """Client-side clock of one run: when it began, each request's first
+    chunk with tokens and its last chunk, and the output tokens received."""
+
+    start: float
+    first_token: dict[str, float]
+    finished: dict[str, float]
+    output_tokens: int
+    seconds: float
+    errors: list[str]
+    # ServerMessages received: how finely the gateway's output arrives.
+    messages: int
+
+
+def write_model_dir(loaded: LoadedModel, directory: Path) -> None:
+    """Save the engine's model as a HF checkpoint: its fused q/k/v and
+    gate/up parameters are split back into HF's tensors."""
+    from safetensors.torch import save_file
+
+    model, config = loaded.model, loaded.config
+    fused_parts: dict[str, list[tuple[str, int]]] = {}
+    for part, fused, index in STACKED_PARAMS:
+        fused_parts.setdefault(fused, []).append((part, index))
+    tensors = {}
+    for name, param in model.named_parameters():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        fused = next((f for f in fused_parts if f".{f}." in name), None)
+        if fused is None:
+            tensors[name] = param.detach().cpu()
+            continue
+        pieces = param.detach().split(model._part_sizes(name, param))
+        for part, index in fused_parts[fused]:
+            tensors[name.replace(fused, part)] = pieces[index].cpu().contiguous()
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": config.architecture,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": config.qkv_bias,
+        "torch_dtype": dtype_name(loaded.dtype),
+    }
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+
+
+def write_tokenizer(vocab_size: int, directory: Path) -> None:
+    """A word-level tokenizer with one word per id ("<unk>" for 0, "w<id>"
+    otherwise), so that every id the model can emit detokenizes; saved as
+    tokenizer.json + tokenizer_config.json for AutoTokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0} | {f"w{i}": i for i in range(1, vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(str(directory))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Served:
+    """`pagewire serve` on a model directory, as a child process on free
+    loopback ports; its output goes to log_path."""
+
+    def __init__(self, model_dir: Path, engine_flags: list[str], log_path: Path):
+        self.ports = {name: free_port() for name in ("port", "http_port", "tokenizer_port", "engine_port")}
+        flags = [part for name, port in self.ports.items() for part in ("--" + name.replace("_", "-"), str(port))]
+        command = [
+            sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", *flags, "--model", str(model_dir),
+            *engine_flags, "--log-format", "json", "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+        ]  # fmt: skip
+        # Every setting comes from flags, not from PAGEWIRE_* variables of the caller.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")}
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.ports['port']}"
+
+    def wait_serving(self) -> float:
+        """Seconds until the gateway reported SERVING."""
+        start = time.monotonic()
+        while not check_health(self.target, "pagewire.v1.Generation", timeout_s=1.0):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"pagewire serve exited with {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() - start > START_TIMEOUT_S:
+                raise TimeoutError(f"pagewire serve not SERVING after {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.5)
+        return time.monotonic() - start
+
+    def engine_stats(self) -> engine_pb2.EngineStats:
+        """The served engine's counters (steps, preemptions, prefix cache hits)."""
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports['engine_port']}") as channel:
+            return engine_pb2_grpc.EngineStub(channel).Stats(engine_pb2.EngineStatsRequest(), timeout=10)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix: str) -> StreamTimings:
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    starts = [
+        gateway_pb2.ClientMessage(start=gateway_pb2.GenerateRequest(request_id=f"{prefix}{index}", token_ids=gateway_pb2.TokenIds(ids=ids), sampling=sampling))
+        for index, ids in enumerate(prompts)
+    ]  # fmt: skip
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        await channel.channel_ready()
+        stub = gateway_pb2_grpc.GenerationStub(channel)
+        first_token: dict[str, float] = {}
+        finished: dict[str, float] = {}
+        errors: list[str] = []
+        output_tokens = messages = 0
+        start = time.perf_counter()
+        # Every request starts at once; the client half-closes after the last.
+        async for reply in stub.Generate(iter(starts)):
+            now = time.perf_counter()
+            messages += 1
+            for chunk in reply.chunks:
+                if chunk.token_ids:
+                    output_tokens += len(chunk.token_ids)
+                    first_token.setdefault(chunk.request_id, now)
+                if chunk.error.code:
+                    errors.append(f"{chunk.request_id}: {chunk.error.message}")
+                if chunk.finish_reason:
+                    finished[chunk.request_id] = now
+        seconds = time.perf_counter() - start
+    return StreamTimings(start, first_token, finished, output_tokens, seconds, errors, messages)
+
+
+def stream_requests(target: str, prompts: list[list[int]], output_len: int, prefix: str = "r") -> StreamTimings:
+    """Send every prompt as token ids on one Generate stream and time the chunks."""
+    return asyncio.run(_stream(target, prompts, output_len, prefix))
