@@ -175,14 +175,6 @@ def _gguf_weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch
         yield name, weight
 
 
-def read_model_config(source: ModelSource) -> ModelConfig:
-    if source.is_gguf:
-        from gguf import GGUFReader
-
-        return read_gguf_config(GGUFReader(str(source.directory / source.gguf_file)))
-    return read_hf_config(source.directory)
-
-
 def load_model(
     source: ModelSource,
     device: torch.device,

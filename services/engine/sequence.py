@@ -91,10 +91,10 @@ class Sequence:
     deadline: float | None = None
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    # Tokens whose K/V are in the cache; the rest of all_token_ids still needs a forward pass.
+    # Tokens (prompt then output) whose K/V are in the cache; the rest still need a forward pass.
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
-    # Hashes of the full blocks of all_token_ids, in order (filled lazily).
+    # Hashes of the full blocks of prompt + output tokens, in order (filled lazily).
     block_hashes: list[int] = field(default_factory=list)
     # Leading blocks of block_table already entered in the prefix cache.
     num_registered_blocks: int = 0
@@ -107,20 +107,12 @@ class Sequence:
     matched_stop_token_id: int | None = None
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
 
     def token_at(self, index: int) -> int:
         n = len(self.prompt_token_ids)
