@@ -100,11 +100,6 @@ class ServiceProcess:
                 self.process.wait(STOP_TIMEOUT_S)
         return self.process.returncode
 
-    def restart(self) -> float:
-        self.stop()
-        self.start()
-        return self.wait_serving()
-
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():
             return ""
@@ -121,7 +116,7 @@ class Cluster:
     http_port: int
 
     @classmethod
-    def create(cls, log_dir: Path, engine_args: list[str], gateway_args: list[str], gateway_env: dict[str, str] | None = None) -> Cluster:
+    def create(cls, log_dir: Path, engine_args: list[str], gateway_args: list[str]) -> Cluster:
         tokenizer = ServiceProcess("tokenizer", "pagewire.v1.Tokenizer", [], log_dir)
         engine = ServiceProcess("engine", "pagewire.v1.Engine", ["--device", "cpu", *engine_args], log_dir)
         http_port = free_port()
@@ -130,7 +125,6 @@ class Cluster:
             "pagewire.v1.Generation",
             ["--http-port", str(http_port), "--tokenizer", tokenizer.address, "--engine", engine.address, *gateway_args],
             log_dir,
-            env=gateway_env or {},
         )
         return cls(tokenizer, engine, gateway, http_port)
 
