@@ -133,6 +133,23 @@ class Served:
     def target(self) -> str:
         return f"127.0.0.1:{self.ports['port']}"
 
+    @property
+    def engine_target(self) -> str:
+        return f"127.0.0.1:{self.ports['engine_port']}"
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each child service has used so far, from
+        /proc (Linux): where the host's work goes."""
+        clock_ticks = os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        seconds = {}
+        for pid in children:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            service = arguments[arguments.index(b"services.cli") + 1].decode()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds[service] = (int(fields[11]) + int(fields[12])) / clock_ticks
+        return seconds
+
     def wait_serving(self) -> float:
         """Seconds until the gateway reported SERVING."""
         start = time.monotonic()
@@ -146,7 +163,7 @@ class Served:
 
     def engine_stats(self) -> engine_pb2.EngineStats:
         """The served engine's counters (steps, preemptions, prefix cache hits)."""
-        with grpc.insecure_channel(f"127.0.0.1:{self.ports['engine_port']}") as channel:
+        with grpc.insecure_channel(self.engine_target) as channel:
             return engine_pb2_grpc.EngineStub(channel).Stats(engine_pb2.EngineStatsRequest(), timeout=10)
 
     def stop(self) -> None:
@@ -161,26 +178,33 @@ class Served:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix: str) -> StreamTimings:
+async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix: str, direct_to_engine: bool) -> StreamTimings:
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    starts = [
-        gateway_pb2.ClientMessage(start=gateway_pb2.GenerateRequest(request_id=f"{prefix}{index}", token_ids=gateway_pb2.TokenIds(ids=ids), sampling=sampling))
-        for index, ids in enumerate(prompts)
-    ]  # fmt: skip
+    ids = [f"{prefix}{index}" for index in range(len(prompts))]
+    if direct_to_engine:
+        inputs: list = [engine_pb2.EngineInput(add=[engine_pb2.AddRequest(request_id=i, prompt_token_ids=p, sampling=sampling)]) for i, p in zip(ids, prompts)]
+    else:
+        inputs = [
+            gateway_pb2.ClientMessage(start=gateway_pb2.GenerateRequest(request_id=i, token_ids=gateway_pb2.TokenIds(ids=p), sampling=sampling))
+            for i, p in zip(ids, prompts)
+        ]  # fmt: skip
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         await channel.channel_ready()
-        stub = gateway_pb2_grpc.GenerationStub(channel)
         first_token: dict[str, float] = {}
         finished: dict[str, float] = {}
         errors: list[str] = []
         output_tokens = messages = 0
         start = time.perf_counter()
         # Every request starts at once; the client half-closes after the last.
-        async for reply in stub.Generate(iter(starts)):
+        if direct_to_engine:
+            replies = engine_pb2_grpc.EngineStub(channel).Generate(iter(inputs))
+        else:
+            replies = gateway_pb2_grpc.GenerationStub(channel).Generate(iter(inputs))
+        async for reply in replies:
             now = time.perf_counter()
             messages += 1
-            for chunk in reply.chunks:
+            for chunk in reply.updates if direct_to_engine else reply.chunks:
                 if chunk.token_ids:
                     output_tokens += len(chunk.token_ids)
                     first_token.setdefault(chunk.request_id, now)
@@ -192,6 +216,7 @@ async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix
     return StreamTimings(start, first_token, finished, output_tokens, seconds, errors, messages)
 
 
-def stream_requests(target: str, prompts: list[list[int]], output_len: int, prefix: str = "r") -> StreamTimings:
-    """Send every prompt as token ids on one Generate stream and time the chunks."""
-    return asyncio.run(_stream(target, prompts, output_len, prefix))
+def stream_requests(target: str, prompts: list[list[int]], output_len: int, prefix: str = "r", direct_to_engine: bool = False) -> StreamTimings:
+    """Send every prompt as token ids on one Generate stream (the gateway's,
+    or with direct_to_engine the engine's own) and time the replies."""
+    return asyncio.run(_stream(target, prompts, output_len, prefix, direct_to_engine))

@@ -152,8 +152,9 @@ def warm_up_prompts(prompts: list[list[int]], args: argparse.Namespace) -> list[
     return prompts[: args.max_num_seqs // 4]
 
 
-def run_gateway(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, log_path: Path) -> dict:
-    """The workload through `pagewire serve` on model_dir, after the same warm-up as in-process."""
+def run_gateway(model_dir: Path, prompts: list[list[int]], vocab_size: int, args: argparse.Namespace, log_path: Path) -> tuple[dict, dict]:
+    """The workload through `pagewire serve` on model_dir, after the same
+    warm-up as in-process; then straight to its engine's Generate stream."""
     config = engine_config(args)
     engine_flags = ["--device", config.device, "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
                     "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens),
@@ -162,16 +163,30 @@ def run_gateway(model_dir: Path, prompts: list[list[int]], args: argparse.Namesp
     try:
         startup_seconds = served.wait_serving()
         through_gateway.stream_requests(served.target, warm_up_prompts(prompts, args), 8, prefix="warm")
-        before = served.engine_stats()
-        timings = through_gateway.stream_requests(served.target, prompts, args.output_len)
-        after = served.engine_stats()
+        gateway = measure_served(served, served.target, prompts, args, direct_to_engine=False)
+        # The engine's own Generate stream, on other prompts with the same
+        # warm-up, so that its prefix cache hits match: the engine process
+        # and gRPC without the gateway and the tokenizer.
+        other_prompts = hf_peer.prompts(len(prompts), len(prompts[0]), vocab_size, seed=2)
+        through_gateway.stream_requests(served.engine_target, warm_up_prompts(other_prompts, args), 8, prefix="warm", direct_to_engine=True)
+        engine = measure_served(served, served.engine_target, other_prompts, args, direct_to_engine=True)
     finally:
         served.stop()
-    record = dict(startup_seconds=round(startup_seconds, 1), streams=1,
+    return dict(startup_seconds=round(startup_seconds, 1), **gateway), engine
+
+
+def measure_served(served: through_gateway.Served, target: str, prompts: list[list[int]], args: argparse.Namespace, direct_to_engine: bool) -> dict:
+    """One run of the workload on a Generate stream of the served system,
+    with the engine's counters and each service's CPU time over the run."""
+    stats_before, cpu_before = served.engine_stats(), served.cpu_seconds()
+    timings = through_gateway.stream_requests(target, prompts, args.output_len, direct_to_engine=direct_to_engine)
+    stats_after, cpu_after = served.engine_stats(), served.cpu_seconds()
+    record = dict(streams=1,
                   **summarize(timings.start, timings.first_token, timings.finished, timings.output_tokens, timings.seconds, args.output_len),
-                  server_messages=timings.messages, engine_steps=after.steps_total - before.steps_total,
-                  num_kv_blocks=after.num_total_blocks, preemptions=after.num_preemptions - before.num_preemptions,
-                  prefix_cache_hit_tokens=after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens)  # fmt: skip
+                  messages=timings.messages, engine_steps=stats_after.steps_total - stats_before.steps_total,
+                  num_kv_blocks=stats_after.num_total_blocks, preemptions=stats_after.num_preemptions - stats_before.num_preemptions,
+                  prefix_cache_hit_tokens=stats_after.prefix_cache_hit_tokens - stats_before.prefix_cache_hit_tokens,
+                  **{f"cpu_s_{name}": round(cpu_after[name] - cpu_before[name], 2) for name in cpu_after})  # fmt: skip
     if timings.errors:
         record.update(errors=len(timings.errors), first_error=timings.errors[0])
     return record
@@ -209,9 +224,11 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
         run_peer(shape, prompts, workload, engine, args)
     if args.gateway:
         log_path = Path(args.log_dir or work_dir) / f"serve-{shape}.log"
-        gateway = run_gateway(work_dir / "model", prompts, args, log_path)
+        gateway, engine_grpc = run_gateway(work_dir / "model", prompts, SHAPES[shape]["vocab_size"], args, log_path)
         emit(dict(bench="throughput", system="pagewire-gateway", **workload, model_write_seconds=round(write_seconds, 1), **gateway))
-        emit(dict(bench="throughput_ratio", shape=shape, gateway_over_in_process=round(gateway["out_tok_s"] / engine["out_tok_s"], 3)))
+        emit(dict(bench="throughput", system="pagewire-engine-grpc", **workload, **engine_grpc))
+        emit(dict(bench="throughput_ratio", shape=shape, gateway_over_in_process=round(gateway["out_tok_s"] / engine["out_tok_s"], 3),
+                  engine_grpc_over_in_process=round(engine_grpc["out_tok_s"] / engine["out_tok_s"], 3)))  # fmt: skip
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
