@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.grpc_utils import check_health
 from tests.deploy.cluster import (
     SteadyLoad,
     complete,
@@ -129,6 +130,7 @@ def test_a_deleted_pod_finishes_its_requests_and_gets_no_new_ones(pods: PodClust
         draining, other = sorted(serving, key=lambda e: engine_stats(e).load.num_running, reverse=True)
         other_before = finished_requests(other)
         pods.delete_pod(draining, other)
+        wait_until(lambda: not check_health(draining.address, draining.readiness_service), "the deleted pod reports NOT_SERVING")
         for n in range(4):
             complete(client, f"What is {n} plus {n}?")
         assert draining.alive, "the long request should still be running: make it longer"
