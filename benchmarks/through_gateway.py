@@ -6,7 +6,8 @@ safetensors, HF tensor names) with a word-level tokenizer whose vocabulary
 covers every id, `pagewire serve` starts tokenizer, engine and gateway on it
 as real processes on loopback ports, and a client sends the prompts as token
 ids over one bidirectional `Generate` stream, as a real client multiplexes
-its requests.
+its requests. The same client can talk to the served engine's own `Generate`
+stream, which separates the engine process's cost from the gateway's.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class StreamTimings:
     output_tokens: int
     seconds: float
     errors: list[str]
-    # ServerMessages received: how finely the gateway's output arrives.
+    # Messages received (ServerMessages, or EngineSteps from the engine): how
+    # finely the output arrives.
     messages: int
 
 

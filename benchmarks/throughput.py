@@ -2,7 +2,8 @@
 transformers `generate` peer (benchmarks/hf_peer.py) in the same run, on
 random bf16 weights of real model shapes. With --gateway, the same model then
 runs behind `pagewire serve` (tokenizer, engine and gateway as processes) and
-the same prompts go through the public gRPC `Generate` stream
+the same prompts go through the public gRPC `Generate` stream, then (other
+prompts, same warm-up) straight to the served engine's own `Generate` stream
 (benchmarks/through_gateway.py).
 
 Workload: --requests requests (256) of --prompt-len random prompt ids (512),

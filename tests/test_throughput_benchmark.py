@@ -1,0 +1,56 @@
+"""benchmarks/throughput.py --gateway: the model directory it writes loads
+back into the same weights and tokenizer, and the whole served path runs on
+the CPU with the tiny shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import through_gateway  # noqa: E402
+import throughput  # noqa: E402
+
+from services.common.model import load_hf_tokenizer, resolve_model  # noqa: E402
+from services.engine.loader import load_model  # noqa: E402
+
+
+def test_model_dir_loads_back(tmp_path: Path) -> None:
+    original = throughput.random_model("tiny", torch.float32, 64, torch.device("cpu"))
+    through_gateway.write_model_dir(original, tmp_path)
+    through_gateway.write_tokenizer(original.config.vocab_size, tmp_path)
+
+    source = resolve_model(str(tmp_path))
+    loaded = load_model(source, torch.device("cpu"), torch.float32, 64)
+    assert loaded.config == original.config
+    reloaded = dict(loaded.model.named_parameters())
+    for name, param in original.model.named_parameters():
+        assert torch.equal(reloaded[name], param), name
+
+    tokenizer = load_hf_tokenizer(source)
+    assert len(tokenizer) == original.config.vocab_size
+    assert tokenizer.decode([1, 2, original.config.vocab_size - 1]) == f"w1 w2 w{original.config.vocab_size - 1}"
+
+
+@pytest.mark.slow
+def test_gateway_mode_on_cpu() -> None:
+    command = [sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--shapes", "tiny", "--requests", "8",
+               "--prompt-len", "32", "--output-len", "8", "--max-num-seqs", "8", "--gateway"]  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")} | {"PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    runs = {r["system"]: r for r in records if r["bench"] == "throughput"}
+    assert set(runs) == {"pagewire", "pagewire-gateway", "pagewire-engine-grpc"}
+    for record in runs.values():
+        assert record["output_tokens"] == 8 * 8 and "errors" not in record
+    ratio = next(r for r in records if r["bench"] == "throughput_ratio")
+    assert ratio["gateway_over_in_process"] > 0
