@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.grpc_utils import check_health
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,9 +47,12 @@ class ServeProcess:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until the launcher itself says it is serving: the gateway can
+        answer health a poll interval before the launcher has seen it, and a
+        child lost in that window counts as a start-up failure."""
         assert self.process is not None
         deadline = time.monotonic() + timeout_s
-        while not check_health(self.grpc_target, "pagewire.v1.Generation", timeout_s=1.0):
+        while not self.events("pagewire is serving"):
             if self.process.poll() is not None:
                 raise AssertionError(f"pagewire serve exited with {self.process.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
