@@ -28,8 +28,43 @@ def _unavailable(peer: str) -> RequestError:
     return RequestError(grpc.StatusCode.UNAVAILABLE, f"{peer} is not connected; retry shortly")
 
 
-class EngineReplica:
+class PeerClient:
+    """One channel to a peer service, reconnected with backoff. Subclasses
+    name the peer (`peer_kind`, `service_name`, an `address`) and open their
+    streams in `_session` once the peer reports SERVING."""
+
+    peer_kind: str
+    service_name: str
+    address: str
+
+    def __init__(self, channel_options: list[tuple[str, int]], backoff: Backoff, connect_timeout_s: float):
+        self._channel_options = channel_options
+        self._backoff = backoff
+        self._connect_timeout_s = connect_timeout_s
+        self._channel: grpc.aio.Channel | None = None
+
+    async def run(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.address, options=self._channel_options)
+        try:
+            await keep_connected(f"{self.peer_kind} {self.address}", self._session_when_serving, self._backoff)
+        finally:
+            await self._channel.close()
+
+    async def _session_when_serving(self) -> None:
+        assert self._channel is not None
+        readiness = await until_serving(self._channel, self.service_name)
+        if readiness is not None:
+            await self._session(readiness)
+
+    async def _session(self, readiness: grpc.aio.UnaryStreamCall) -> None:
+        raise NotImplementedError
+
+
+class EngineReplica(PeerClient):
     """One engine replica: its Generate stream, Info and Stats."""
+
+    peer_kind = "engine"
+    service_name = ENGINE_SERVICE
 
     def __init__(
         self,
@@ -40,32 +75,19 @@ class EngineReplica:
         on_step: Callable[[EngineReplica, engine_pb2.EngineStep], None],
         on_down: Callable[[EngineReplica, str], None],
     ):
+        super().__init__(channel_options, backoff, connect_timeout_s)
         self.state = ReplicaState(address)
-        self._channel_options = channel_options
-        self._backoff = backoff
-        self._connect_timeout_s = connect_timeout_s
         self._on_step = on_step
         self._on_down = on_down
         self._outgoing: OutgoingStream[engine_pb2.EngineInput] | None = None
-        self._channel: grpc.aio.Channel | None = None
         self._idle = asyncio.Event()
 
     @property
     def address(self) -> str:
         return self.state.address
 
-    async def run(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address, options=self._channel_options)
-        try:
-            await keep_connected(f"engine {self.address}", self._session, self._backoff)
-        finally:
-            await self._channel.close()
-
-    async def _session(self) -> None:
+    async def _session(self, readiness: grpc.aio.UnaryStreamCall) -> None:
         assert self._channel is not None
-        readiness = await until_serving(self._channel, ENGINE_SERVICE)
-        if readiness is None:
-            return
         stub = engine_pb2_grpc.EngineStub(self._channel)
         outgoing: OutgoingStream[engine_pb2.EngineInput] = OutgoingStream()
         tasks: list[asyncio.Future[None]] = []
@@ -157,8 +179,11 @@ class EngineReplica:
         return await engine_pb2_grpc.EngineStub(self._channel).Stats(engine_pb2.EngineStatsRequest(), timeout=timeout_s)
 
 
-class TokenizerClient:
+class TokenizerClient(PeerClient):
     """The tokenizer service: one Tokenize and one Detokenize stream."""
+
+    peer_kind = "tokenizer"
+    service_name = TOKENIZER_SERVICE
 
     def __init__(
         self,
@@ -169,16 +194,13 @@ class TokenizerClient:
         on_text: Callable[[tokenizer_pb2.TextDelta], None],
         on_down: Callable[[str], None],
     ):
+        super().__init__(channel_options, backoff, connect_timeout_s)
         self.address = address
         self.info: tokenizer_pb2.TokenizerInfo | None = None
-        self._channel_options = channel_options
-        self._backoff = backoff
-        self._connect_timeout_s = connect_timeout_s
         self._on_text = on_text
         self._on_down = on_down
         self._tokenize_out: OutgoingStream[tokenizer_pb2.TokenizeBatch] | None = None
         self._detokenize_out: OutgoingStream[tokenizer_pb2.DetokenizeBatch] | None = None
-        self._channel: grpc.aio.Channel | None = None
         self._pending_tokenize: dict[str, asyncio.Future[list[int]]] = {}
         # Single-token texts for logprobs and matched stop tokens, decoded on
         # the Detokenize stream under ids of their own; a token's text never
@@ -191,18 +213,8 @@ class TokenizerClient:
     def available(self) -> bool:
         return self._detokenize_out is not None
 
-    async def run(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address, options=self._channel_options)
-        try:
-            await keep_connected(f"tokenizer {self.address}", self._session, self._backoff)
-        finally:
-            await self._channel.close()
-
-    async def _session(self) -> None:
+    async def _session(self, readiness: grpc.aio.UnaryStreamCall) -> None:
         assert self._channel is not None
-        readiness = await until_serving(self._channel, TOKENIZER_SERVICE)
-        if readiness is None:
-            return
         readiness.cancel()
         stub = tokenizer_pb2_grpc.TokenizerStub(self._channel)
         self.info = await stub.Info(tokenizer_pb2.TokenizerInfoRequest(), timeout=self._connect_timeout_s)
