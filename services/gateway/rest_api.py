@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
@@ -83,6 +83,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Integer fields are bounded by the proto field they fill (int32, uint32,
+# uint64), so an out-of-range value is a 400 naming the field rather than a
+# failed conversion further down.
+INT32_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
+
+
 class SamplingFields(BaseModel):
     """Fields both endpoints share; unknown fields are ignored, as OpenAI
     clients send some that do not apply here."""
@@ -92,15 +101,15 @@ class SamplingFields(BaseModel):
     model: str = ""
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off")
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX, description="-1 or 0: off")
     min_p: float | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=UINT32_MAX)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool = False
@@ -141,10 +150,10 @@ class SamplingFields(BaseModel):
 
 
 class CompletionBody(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     # OpenAI's default for completions.
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(16, ge=1, le=UINT32_MAX)
+    logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
     echo: bool = False
 
     def to_request(self) -> gateway_pb2.GenerateRequest:
@@ -182,10 +191,10 @@ class ChatTurn(BaseModel):
 
 class ChatBody(SamplingFields):
     messages: list[ChatTurn]
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
 
     def to_request(self) -> gateway_pb2.GenerateRequest:
         top = (self.top_logprobs or 0) if self.logprobs else None

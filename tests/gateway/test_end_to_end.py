@@ -157,13 +157,15 @@ def test_openai_completion_stream_ends_with_done_and_logprobs_have_text(server: 
         (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": "lots"}', 400, "max_tokens", "valid integer"),
         (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": -5}', 400, "max_tokens", "greater than or equal to 1"),
         (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "temperature": -1}', 400, "temperature", "[0, 100]"),
+        (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "top_k": 2147483648}', 400, "top_k", "less than or equal to 2147483647"),
+        (b'{"model": "SmolLM2-135M-Instruct", "prompt": [1, -2]}', 400, "prompt", "prompt"),
         (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "n": 3}', 400, "n", "must be 1"),
         (b'{"model": "SmolLM2-135M-Instruct", "prompt": ""}', 400, "text", "empty"),
         (b'{"model": "gpt-4", "prompt": "Hi"}', 404, None, "'gpt-4' is not served here"),
         (json.dumps({"model": MODEL, "prompt": "hello " * 600}).encode(), 400, "prompt", "shorten the prompt"),
         (json.dumps({"model": MODEL, "prompt": "x" * (MAX_MESSAGE_BYTES + 10)}).encode(), 413, None, "--max-message-bytes"),
     ],
-    ids=["malformed-json", "wrong-type", "negative-max-tokens", "bad-temperature", "n", "empty-prompt", "unknown-model", "prompt-too-long", "oversized"],
+    ids=["malformed-json", "wrong-type", "negative-max-tokens", "bad-temperature", "top-k-past-int32", "negative-token-id", "n", "empty-prompt", "unknown-model", "prompt-too-long", "oversized"],
 )
 def test_rest_bad_input_gets_openai_errors_and_the_server_goes_on(server: ServeProcess, body: bytes, status: int, param: str | None, words: str) -> None:
     with httpx.Client(base_url=server.rest_url, timeout=60) as client:
