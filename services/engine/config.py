@@ -26,7 +26,7 @@ class EngineConfig(ServiceConfig):
     block_size: int = option(16, "Tokens per KV cache block.")
     max_num_seqs: int = option(256, "Most sequences in one step.")
     max_queue_len: int = option(
-        1024, "Most requests waiting to be scheduled; past it new ones are refused with RESOURCE_EXHAUSTED (HTTP 429) instead of piling up."
+        1024, "Most requests queued behind a full running batch (--max-num-seqs); past it new ones are refused with RESOURCE_EXHAUSTED (HTTP 429) instead of piling up."
     )
     max_num_batched_tokens: int | None = option(
         None, f"Token budget of one step (prefill chunks + decodes); unset: {CPU_MAX_NUM_BATCHED_TOKENS} on the CPU, {GPU_MAX_NUM_BATCHED_TOKENS} on a GPU."

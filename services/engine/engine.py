@@ -164,12 +164,14 @@ class EngineCore:
         if request_id in self.sequences:
             raise invalid_argument(f"request id {request_id!r} is already live in this engine")
         self.validate(prompt_token_ids, sampling)
-        if len(self.scheduler.waiting) >= self.max_queue_len:
+        queued = self.scheduler.num_queued()
+        if queued >= self.max_queue_len:
             # Refusing at once lets the caller retry elsewhere or later; queueing
             # without bound would only turn overload into timeouts.
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{len(self.scheduler.waiting)} requests are already waiting (--max-queue-len {self.max_queue_len}); retry later",
+                f"{queued} requests are already queued behind a full batch of {self.scheduler.max_num_seqs} "
+                f"(--max-queue-len {self.max_queue_len}); retry later",
             )
         now = time.monotonic()
         seq = Sequence(

@@ -46,6 +46,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def num_queued(self) -> int:
+        """Waiting sequences beyond the free seats of the running batch: a burst
+        of arrivals between two steps is not a queue when the next step admits it."""
+        free_seats = max(0, self.max_num_seqs - len(self.running))
+        return max(0, len(self.waiting) - free_seats)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
