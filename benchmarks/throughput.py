@@ -34,7 +34,7 @@ import torch
 import hf_peer
 import through_gateway
 from services.common.logging import configure_logging
-from services.engine.attention import select_backend
+from services.engine.backend import select_backend
 from services.engine.config import EngineConfig
 from services.engine.engine import EngineCore
 from services.engine.loader import LoadedModel, resolve_dtype

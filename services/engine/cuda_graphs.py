@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from services.common.logging import get_logger
-from services.engine.attention import AttentionMetadata
+from services.engine.backend import AttentionMetadata
 from services.engine.kv_cache import cdiv
 from services.engine.loader import LoadedModel
 from services.engine.runner import ModelRunner

@@ -14,7 +14,7 @@ import torch
 
 from services.common.logging import get_logger
 from services.common.model import ModelSource
-from services.engine.attention import AttentionBackend, select_backend
+from services.engine.backend import KernelBackend, select_backend
 from services.engine.models.llama import LlamaForCausalLM, ModelConfig
 
 log = get_logger("engine")
@@ -180,7 +180,7 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     max_positions: int | None = None,
-    backend: AttentionBackend | None = None,
+    backend: KernelBackend | None = None,
 ) -> LoadedModel:
     """Build the model on `device` in `dtype` with RoPE tables for max_positions
     (default: the model's context length) and fill it from the checkpoint."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.attention import AttentionMetadata
+from services.engine.backend import AttentionMetadata
 from services.engine.loader import LoadedModel
 from services.engine.sampler import Sampler, SamplerOutput, SamplingRequest
 from services.engine.scheduler import ScheduledSequence

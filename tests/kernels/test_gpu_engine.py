@@ -2,10 +2,13 @@
 run eagerly) generates HF transformers' greedy continuations of the same
 random SmolLM2-135M-shaped checkpoint, loaded from safetensors.
 
-Both run in bf16 with different kernels, so on random weights a near-tie
-between the two best logits can flip one token; as in vLLM's model tests, a
-continuation may leave HF's only where its token is among HF's top three at
-that step, and most tokens must match exactly."""
+Both run in bf16 with different kernels, so on random weights, whose logits
+sit close together, a near-tie can flip one token and the continuations part.
+The check is therefore made at every position: HF is run over the prompt
+plus pagewire's own continuation (teacher forcing), and pagewire's token must
+be HF's argmax, except where HF's margin between the two is within the noise
+of bf16 itself, measured as how far HF's bf16 logits stand from HF's fp32
+logits at that position."""
 
 from __future__ import annotations
 
@@ -47,26 +50,39 @@ def prompts() -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(checkpoint: Path, prompts: list[list[int]]) -> list[tuple[list[int], torch.Tensor]]:
-    """HF generate, one prompt at a time (no padding): tokens and each step's logits."""
+def hf_models(checkpoint: Path):  # type: ignore[no-untyped-def]
+    """HF transformers' model on the GPU in bf16 (the reference) and fp32 (to measure bf16 noise)."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
-    results = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model.generate(
-                torch.tensor([ids], device="cuda"), max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-            )  # fmt: skip
-            results.append((out.sequences[0, len(ids) :].tolist(), torch.cat(out.logits).float().cpu()))
-    del model
+    models = {dtype: LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype).cuda().eval() for dtype in (torch.bfloat16, torch.float32)}
+    yield models
+    models.clear()
     torch.cuda.empty_cache()
-    return results
+
+
+@torch.inference_mode()
+def check_against_hf(hf_models, prompt: list[int], continuation: list[int]) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """(positions where pagewire took HF's argmax, positions excused as bf16
+    near-ties); fails on any other position."""
+    ids = torch.tensor([prompt + continuation[:-1]], device="cuda")
+    rows = slice(len(prompt) - 1, len(prompt) - 1 + len(continuation))
+    reference = hf_models[torch.bfloat16](ids).logits[0, rows].float()
+    exact = hf_models[torch.float32](ids).logits[0, rows].float()
+    agreed = excused = 0
+    for step, token in enumerate(continuation):
+        best = int(reference[step].argmax())
+        if token == best:
+            agreed += 1
+            continue
+        margin = float(reference[step, best] - reference[step, token])
+        noise = float((reference[step] - exact[step]).abs().max())
+        assert margin <= 2 * noise, f"step {step}: pagewire took {token}, HF {best} by a margin of {margin:.4f} (bf16 noise {noise:.4f})"
+        excused += 1
+    return agreed, excused
 
 
 @pytest.mark.parametrize("max_num_batched_tokens", [64, 4096], ids=["chunked-prefill", "whole-prompts"])
-def test_gpu_engine_greedy_matches_hf(checkpoint: Path, prompts, hf_greedy, max_num_batched_tokens: int) -> None:
+def test_gpu_engine_greedy_matches_hf(checkpoint: Path, prompts, hf_models, max_num_batched_tokens: int) -> None:  # type: ignore[no-untyped-def]
     config = EngineConfig(
         model=str(checkpoint), device="cuda", dtype="bfloat16", max_model_len=512, num_kv_blocks=512,
         max_num_seqs=8, max_num_batched_tokens=max_num_batched_tokens,
@@ -81,13 +97,11 @@ def test_gpu_engine_greedy_matches_hf(checkpoint: Path, prompts, hf_greedy, max_
         for output in core.step():
             generated.setdefault(output.request_id, []).extend(output.new_token_ids)
 
-    matched = 0
-    for index, (expected, logits) in enumerate(hf_greedy):
-        actual = generated[f"r{index}"]
-        assert len(actual) == MAX_NEW_TOKENS
-        first_difference = next((step for step, (a, e) in enumerate(zip(actual, expected)) if a != e), len(expected))
-        matched += first_difference
-        if first_difference < len(expected):
-            top3 = logits[first_difference].topk(3).indices.tolist()
-            assert actual[first_difference] in top3, f"prompt {index}, step {first_difference}: {actual[first_difference]} not in {top3}"
-    assert matched >= 0.75 * MAX_NEW_TOKENS * len(prompts), f"only {matched} tokens before the first differences"
+    agreed = excused = 0
+    for index, prompt in enumerate(prompts):
+        continuation = generated[f"r{index}"]
+        assert len(continuation) == MAX_NEW_TOKENS
+        counts = check_against_hf(hf_models, prompt, continuation)
+        agreed, excused = agreed + counts[0], excused + counts[1]
+    # Near-ties are rare: a kernel bug shows as many positions, not a few.
+    assert excused <= 0.05 * agreed, f"{excused} near-ties excused against {agreed} exact positions"

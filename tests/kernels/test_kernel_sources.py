@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from kernels.cuda_ops import all_kernel_names
+from kernels import cuda_layer_ops, cuda_ops
 from kernels.loader import COMPILE_OPTIONS, KERNEL_DIR
 
 NVCC = shutil.which("nvcc")
+
+
+def all_kernel_names() -> dict[str, list[str]]:
+    """Every instantiation the launchers can request, per source file."""
+    return {**cuda_ops.all_kernel_names(), cuda_layer_ops.SOURCE: cuda_layer_ops.kernel_names()}
 
 
 def test_every_source_has_its_kernels_listed() -> None:
