@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import importlib
 import sys
+from pathlib import Path
 
 from services.common.config import add_config_arguments, config_from_args
 from services.common.grpc_utils import check_health
@@ -35,6 +36,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     health.add_argument("target", metavar="HOST:PORT")
     health.add_argument("--service", default="", help="Service name to check; empty for the whole server.")
     health.add_argument("--timeout", type=float, default=3.0, help="Seconds to wait for the answer.")
+    health.add_argument(
+        "--ca-file", default="", help="PEM root certificates: probe over TLS, trusting these (a TLS gateway's own cert when self-signed)."
+    )
     return parser, modules
 
 
@@ -42,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     if args.command == "health":
-        serving = check_health(args.target, args.service, args.timeout)
+        try:
+            root_certificates = Path(args.ca_file).read_bytes() if args.ca_file else None
+        except OSError as exc:
+            parser.error(f"--ca-file: {exc}")
+        serving = check_health(args.target, args.service, args.timeout, root_certificates)
         sys.stdout.write(("SERVING" if serving else "NOT_SERVING") + "\n")
         return 0 if serving else 1
     module = modules[args.command]

@@ -7,6 +7,7 @@ import asyncio
 import shutil
 
 from services.common.grpc_utils import start_server
+from services.common.tls import TlsFiles
 from tests.conftest import free_port
 
 SERVICE = "pagewire.v1.Engine"
@@ -47,5 +48,22 @@ def test_health_fails_fast_on_a_closed_port() -> None:
         started = loop.time()
         assert await probe(f"127.0.0.1:{free_port()}", "--timeout", "5") == (1, "NOT_SERVING")
         assert loop.time() - started < 5
+
+    asyncio.run(scenario())
+
+
+def test_health_probes_a_tls_port_with_its_ca_file(tls_files: TlsFiles) -> None:
+    async def scenario() -> None:
+        running = await start_server("127.0.0.1", 0, 1 << 20, [], [SERVICE], credentials=tls_files.grpc_server_credentials())
+        await running.set_serving(True)
+        target = f"127.0.0.1:{running.port}"
+        try:
+            assert await probe(target, "--service", SERVICE, "--ca-file", str(tls_files.cert_path)) == (0, "SERVING")
+            # Plaintext against a TLS port is not an answer.
+            assert await probe(target, "--service", SERVICE, "--timeout", "2") == (1, "NOT_SERVING")
+            missing = await probe(target, "--ca-file", str(tls_files.cert_path) + ".missing")
+            assert missing[0] == 2 and missing[1] == ""
+        finally:
+            await running.server.stop(None)
 
     asyncio.run(scenario())
