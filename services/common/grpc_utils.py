@@ -54,6 +54,10 @@ class RequestError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple[type[RequestError], tuple[grpc.StatusCode, str]]:
+        # Requests cross into the engine core's process with their errors.
+        return RequestError, (self.code, self.message)
+
     def to_status(self) -> status_pb2.Status:
         return error_status(self.code, self.message)
 

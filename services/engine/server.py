@@ -11,8 +11,7 @@ from services.common.logging import get_logger
 from services.engine.config import EngineConfig
 
 if TYPE_CHECKING:
-    from services.engine.engine import EngineCore
-    from services.engine.servicer import EngineServicer
+    from services.engine.servicer import CoreHandle, EngineServicer
 
 CONFIG = EngineConfig
 
@@ -35,7 +34,7 @@ async def start_engine_server(config: EngineConfig) -> tuple[RunningServer, Engi
     return running, servicer
 
 
-async def attach_core(running: RunningServer, servicer: EngineServicer, core: EngineCore) -> None:
+async def attach_core(running: RunningServer, servicer: EngineServicer, core: CoreHandle) -> None:
     servicer.attach(core)
     await running.set_serving(True)
     log.info("engine serving", port=running.port, model_id=core.info.model_id, device=core.info.device)
@@ -43,16 +42,26 @@ async def attach_core(running: RunningServer, servicer: EngineServicer, core: En
 
 async def serve(config: EngineConfig) -> int:
     from services.common.model import resolve_model
-    from services.engine.engine import EngineCore
+    from services.engine.core_process import CoreProcess
 
     resolve_model(config.model)  # a missing model fails before the port opens
     running, servicer = await start_engine_server(config)
     log.info("engine loading model", port=running.port, model=config.model or "embedded")
+    event_loop = asyncio.get_running_loop()
+
+    def stop_serving() -> None:
+        # Without its core the server has nothing to offer; exiting lets a supervisor start a fresh one.
+        event_loop.call_soon_threadsafe(lambda: asyncio.ensure_future(running.server.stop(None)))
+
+    core = CoreProcess(config, on_lost=stop_serving)
     try:
-        core = await asyncio.to_thread(EngineCore, config)
+        await asyncio.to_thread(core.start)
         await attach_core(running, servicer, core)
         await serve_until_signalled(running, config.shutdown_grace_s)
     finally:
         await running.server.stop(None)
         servicer.stop()
+    if core.error is not None:
+        log.error("engine stopped: its core failed", reason=str(core.error))
+        return 1
     return 0

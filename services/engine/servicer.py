@@ -14,13 +14,14 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
 from services.common.grpc_utils import RequestError, invalid_argument
 from services.common.logging import get_logger
 from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
-from services.engine.engine import EngineCore, EngineLoad
+from services.engine.engine import EngineCore, EngineInfo, EngineLoad, EngineStats
 from services.engine.sequence import FinishReason, RequestOutput, SamplingParams
 
 log = get_logger("engine")
@@ -134,10 +135,12 @@ class StreamCommand:
 
 
 class StepLoop:
-    """The thread that owns the EngineCore."""
+    """The thread that owns the EngineCore. `on_error` hears of a step that raised
+    before the streams are ended."""
 
-    def __init__(self, core: EngineCore):
+    def __init__(self, core: EngineCore, on_error: Callable[[BaseException], None] = lambda exc: None):
         self.core = core
+        self._on_error = on_error
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[int, StreamState] = {}
         # Core id -> (stream id, caller's request id).
@@ -159,6 +162,13 @@ class StepLoop:
     def submit(self, command: object) -> None:
         self.commands.put(command)
 
+    @property
+    def info(self) -> EngineInfo:
+        return self.core.info
+
+    async def stats(self) -> EngineStats:
+        return self.core.stats()
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             pending: dict[int, list[tuple[str, RequestOutput | RequestError]]] = {}
@@ -170,6 +180,7 @@ class StepLoop:
             except Exception as exc:
                 log.exception("engine step loop failed")
                 self.error = exc
+                self._on_error(exc)
                 self._fail_all_streams()
                 return
             if pending:
@@ -254,33 +265,46 @@ class StepLoop:
         self.streams.clear()
 
 
+class CoreHandle(Protocol):
+    """What the servicer needs of a running core: a StepLoop in this process
+    (tests) or a CoreProcess (`pagewire engine`)."""
+
+    error: BaseException | None
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    async def stats(self) -> EngineStats: ...
+
+    def submit(self, command: object) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class EngineServicer(engine_pb2_grpc.EngineServicer):
     def __init__(self) -> None:
-        self.core: EngineCore | None = None
-        self.loop: StepLoop | None = None
+        self.core: CoreHandle | None = None
         self._stream_ids = itertools.count()
 
-    def attach(self, core: EngineCore) -> None:
-        """Start serving with a loaded core (RPCs before this get UNAVAILABLE)."""
+    def attach(self, core: CoreHandle) -> None:
+        """Start serving with a running core (RPCs before this get UNAVAILABLE)."""
         self.core = core
-        self.loop = StepLoop(core)
-        self.loop.start()
 
     def stop(self) -> None:
-        if self.loop is not None:
-            self.loop.stop()
+        if self.core is not None:
+            self.core.stop()
 
-    async def _ready(self, context: grpc.aio.ServicerContext) -> tuple[EngineCore, StepLoop]:
-        if self.core is None or self.loop is None:
+    async def _ready(self, context: grpc.aio.ServicerContext) -> CoreHandle:
+        if self.core is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is still loading its model")
-        if self.loop.error is not None:
-            await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {self.loop.error!r}")
-        return self.core, self.loop
+        if self.core.error is not None:
+            await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {self.core.error}")
+        return self.core
 
     async def Generate(
         self, request_iterator: AsyncIterator[engine_pb2.EngineInput], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[engine_pb2.EngineStep]:
-        _, step_loop = await self._ready(context)
+        step_loop = await self._ready(context)
         event_loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[StreamBatch | None] = asyncio.Queue()
 
@@ -298,7 +322,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 batch = await inbox.get()
                 if batch is None:
                     if step_loop.error is not None:
-                        await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {step_loop.error!r}")
+                        await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {step_loop.error}")
                     return
                 updates = [
                     update_from_error(rid, item) if isinstance(item, RequestError) else update_from_output(rid, item)
@@ -309,7 +333,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             reader.cancel()
             step_loop.submit(StreamCommand("close", stream))
 
-    async def _read_inputs(self, request_iterator: AsyncIterator[engine_pb2.EngineInput], stream: StreamState, step_loop: StepLoop) -> None:
+    async def _read_inputs(self, request_iterator: AsyncIterator[engine_pb2.EngineInput], stream: StreamState, step_loop: CoreHandle) -> None:
         try:
             async for message in request_iterator:
                 for add in message.add:
@@ -330,8 +354,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         return sampling_from_proto(add.sampling)
 
     async def Info(self, request: engine_pb2.EngineInfoRequest, context: grpc.aio.ServicerContext) -> engine_pb2.EngineInfo:
-        core, _ = await self._ready(context)
-        info = core.info
+        info = (await self._ready(context)).info
         return engine_pb2.EngineInfo(
             model_id=info.model_id,
             max_model_len=info.max_model_len,
@@ -347,8 +370,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         )
 
     async def Stats(self, request: engine_pb2.EngineStatsRequest, context: grpc.aio.ServicerContext) -> engine_pb2.EngineStats:
-        core, _ = await self._ready(context)
-        stats = core.stats()
+        stats = await (await self._ready(context)).stats()
         return engine_pb2.EngineStats(
             load=load_to_proto(stats.load),
             num_total_blocks=stats.num_total_blocks,

@@ -18,7 +18,7 @@ from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_gr
 from services.engine.config import EngineConfig
 from services.engine.engine import EngineCore
 from services.engine.server import attach_core, start_engine_server
-from services.engine.servicer import SERVICE_NAME, sampling_from_proto
+from services.engine.servicer import SERVICE_NAME, StepLoop, sampling_from_proto
 from services.engine.sequence import SamplingParams
 from tests.conftest import free_port
 from tests.engine.conftest import MAX_NEW_TOKENS
@@ -37,7 +37,10 @@ class EngineServerThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.running, self.servicer = self._call(start_engine_server(self.config))
-        self._call(attach_core(self.running, self.servicer, core))
+        # The step loop in this process: the core process is tested in test_core_process.py.
+        step_loop = StepLoop(core)
+        step_loop.start()
+        self._call(attach_core(self.running, self.servicer, step_loop))
         self.target = f"127.0.0.1:{self.running.port}"
 
     def _call(self, coroutine):
