@@ -182,9 +182,9 @@ class CoreProcess:
                 # The core's state is unknown: the server stops, and whatever supervises it starts a fresh one.
                 self.error = CoreProcessError(f"an engine step failed: {message[1]}")
                 self._on_lost()
-        self.process.join(STOP_TIMEOUT_S)
         if self._stopping:
-            return
+            return  # stop() reaps the child
+        self.process.join(STOP_TIMEOUT_S)
         self.error = self.error or CoreProcessError(f"the engine core process exited with code {self.process.exitcode}")
         log.error("engine core lost", reason=str(self.error))
         for deliver in list(self._deliveries.values()):
