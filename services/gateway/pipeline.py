@@ -77,7 +77,13 @@ class _TokenizerLost:
     status: status_pb2.Status
 
 
-Event = engine_pb2.SequenceUpdate | tokenizer_pb2.TextDelta | _Cancelled | _ReplicaLost | _TokenizerLost
+@dataclass
+class _Finished:
+    """The request finished outside its task (an engine update it applied on
+    arrival); the task wakes to send the last chunk."""
+
+
+Event = tokenizer_pb2.TextDelta | _Cancelled | _ReplicaLost | _TokenizerLost | _Finished
 
 
 class FieldError(RequestError):
@@ -233,7 +239,7 @@ class Gateway:
             request = self.live.get(update.request_id)
             if request is None:
                 continue
-            request.events.put_nowait(update)
+            request.apply_engine_update(update)
             if request.detokenizing and not update.error.code and (update.token_ids or update.finish_reason):
                 append = tokenizer_pb2.DetokenizeAppend(token_ids=update.token_ids, last=update.finish_reason != UNFINISHED)
                 items.append(tokenizer_pb2.DetokenizeItem(request_id=update.request_id, append=append))
@@ -392,8 +398,6 @@ class GatewayRequest:
         if self.finish_reason != UNFINISHED:
             return
         match event:
-            case engine_pb2.SequenceUpdate():
-                self._apply_update(event)
             case tokenizer_pb2.TextDelta():
                 self._apply_text(event)
             case _Cancelled():
@@ -404,6 +408,18 @@ class GatewayRequest:
                     self._fail(status)
             case _TokenizerLost(status):
                 self._fail(status)
+            case _Finished():
+                pass
+
+    def apply_engine_update(self, update: engine_pb2.SequenceUpdate) -> None:
+        """Applied as the engine's step arrives, outside the request's task: ids
+        wait for their text anyway, so the task wakes once a step, for the text,
+        not once more for the ids."""
+        if self.finish_reason != UNFINISHED:
+            return
+        self._apply_update(update)
+        if self.finish_reason != UNFINISHED:
+            self.events.put_nowait(_Finished())
 
     def _apply_update(self, update: engine_pb2.SequenceUpdate) -> None:
         if update.error.code:
