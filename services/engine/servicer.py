@@ -1,10 +1,12 @@
 """The Engine gRPC service over one EngineCore.
 
-Many Generate streams share the core. A step thread owns the core: the
-asyncio side only converts messages and queues commands (add, abort, input
-done, close) for it; after every step the thread hands each stream that had
-an update one batch, which becomes exactly one EngineStep on that stream.
-Per-request failures travel in band as an update with `error` set."""
+Many Generate streams share the core. A step thread (StepLoop) owns the
+core: the asyncio side only converts messages and queues commands (add,
+abort, input done, close) for it; after every step the thread hands each
+stream that had an update one batch, which becomes exactly one EngineStep on
+that stream. Per-request failures travel in band as an update with `error`
+set. `pagewire engine` runs the StepLoop in a process of its own
+(core_process.py); tests may attach one in this process."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """Faults: a peer of the gateway dies under running requests, or the gateway
 itself is told to stop.
 
-- kill -9 the engine, then the tokenizer, mid-stream: every in-flight request
-  ends promptly with UNAVAILABLE (an error event in the SSE stream, the RPC
-  status on gRPC), new requests get 503 at once while the peer is away, and
-  once it is restarted the gateway reconnects by itself and serves again.
+- kill -9 the engine, then the tokenizer, then the engine's core process,
+  mid-stream: every in-flight request ends promptly with UNAVAILABLE (an
+  error event in the SSE stream, the RPC status on gRPC), new requests get
+  503 at once while the peer is away, and once it is restarted the gateway
+  reconnects by itself and serves again. An engine that loses its core
+  exits with code 1 by itself, for its supervisor to restart.
 - SIGTERM the gateway during requests: it drains (every running request
   finishes normally) and exits 0.
 """
@@ -14,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import httpx
+import psutil
 
 from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2
 from tests.reliability.clients import GrpcResult, Outcome, StreamResult, completion_body, grpc_complete, rest_client, stream_completion
@@ -64,11 +68,20 @@ async def _wait_ready(client: httpx.AsyncClient) -> float:
     raise TimeoutError("the gateway did not report ready again")
 
 
-async def _peer_crash(cluster: Cluster, peer: ServiceProcess) -> dict[str, Any]:
+def _kill_engine_core(engine: ServiceProcess) -> None:
+    """kill -9 the engine's core process; the engine server must then exit 1."""
+    assert engine.process is not None
+    # Beside the core, multiprocessing keeps a resource tracker process.
+    (core,) = [child for child in psutil.Process(engine.process.pid).children() if "spawn_main" in " ".join(child.cmdline())]
+    core.kill()
+    assert engine.process.wait(30) == 1, engine.log_tail()
+
+
+async def _peer_crash(cluster: Cluster, peer: ServiceProcess, kill: Callable[[ServiceProcess], None] = ServiceProcess.kill) -> dict[str, Any]:
     async with rest_client(cluster.rest_url) as client:
         rest_tasks, grpc_tasks = await _start_in_flight(cluster, client, max_tokens=1000)
         killed_at = time.monotonic()
-        peer.kill()
+        kill(peer)
         rest_results: list[StreamResult] = await asyncio.gather(*rest_tasks)
         grpc_results: list[GrpcResult] = await asyncio.gather(*grpc_tasks)
         all_ended_s = time.monotonic() - killed_at
@@ -108,6 +121,10 @@ async def _peer_crash(cluster: Cluster, peer: ServiceProcess) -> dict[str, Any]:
 
 def test_engine_killed_mid_stream_fails_fast_and_gateway_reconnects(serving_cluster: Cluster, record_figures) -> None:  # type: ignore[no-untyped-def]
     record_figures(asyncio.run(_peer_crash(serving_cluster, serving_cluster.engine)))
+
+
+def test_engine_core_process_killed_mid_stream_fails_fast_and_engine_exits(serving_cluster: Cluster, record_figures) -> None:  # type: ignore[no-untyped-def]
+    record_figures(asyncio.run(_peer_crash(serving_cluster, serving_cluster.engine, kill=_kill_engine_core)))
 
 
 def test_tokenizer_killed_mid_stream_fails_fast_and_gateway_reconnects(serving_cluster: Cluster, record_figures) -> None:  # type: ignore[no-untyped-def]
