@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import cuda_layer_ops, cuda_ops, layer_ops, reference
+from kernels import cpu_attention, cuda_layer_ops, cuda_ops, layer_ops
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,11 @@ def _backend(name: str, attention: ModuleType, layer: ModuleType) -> KernelBacke
     )  # fmt: skip
 
 
-TORCH_REFERENCE = _backend("torch-reference", reference, layer_ops)
+# kernels/reference.py with the step's sequences attending in batched SDPA calls.
+CPU = _backend("cpu", cpu_attention, layer_ops)
 CUDA_KERNELS = _backend("cuda-kernels", cuda_ops, cuda_layer_ops)
 
 
 def select_backend(device: torch.device) -> KernelBackend:
     """The kernel implementations for a device."""
-    return CUDA_KERNELS if device.type == "cuda" else TORCH_REFERENCE
+    return CUDA_KERNELS if device.type == "cuda" else CPU
