@@ -37,9 +37,7 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
 
         async def follow(request: GatewayRequest) -> None:
             try:
-                async with aclosing(request.chunks()) as chunks:
-                    async for chunk in chunks:
-                        outgoing.put_nowait(chunk)
+                await request.run(outgoing.put_nowait)
             finally:
                 live.pop(request.id, None)
 

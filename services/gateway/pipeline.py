@@ -6,10 +6,17 @@ updates, whose new ids go to the tokenizer's Detokenize stream in one batch
 per step → text deltas → chunks for the client. Stop strings are matched by
 the detokenizer; on a match the request is aborted in the engine.
 
+The per-step path runs in the callbacks of the engine and tokenizer streams,
+not in the request's task: a request's text delta becomes its chunk and is
+handed to the caller's `emit` as it arrives, so a step of N requests costs N
+chunk builds and no task switches. The request's task wakes only for what
+needs awaiting: its start, its end, and chunks whose logprobs need token
+texts from the tokenizer.
+
 Whatever ends a request early (a Cancel, the client going away, its deadline,
 a failure) aborts it in the engine, so its KV blocks are freed, and cancels it
 in the detokenizer. That cleanup runs when the chunk iterator closes, so
-callers iterate it under `contextlib.aclosing`.
+callers cancel `run` or iterate `chunks` under `contextlib.aclosing`.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -58,32 +65,7 @@ class GatewaySettings:
     discovery_interval_s: float
 
 
-@dataclass
-class _Cancelled:
-    """The client sent Cancel."""
-
-
-@dataclass
-class _ReplicaLost:
-    """The request's engine replica went away."""
-
-    status: status_pb2.Status
-
-
-@dataclass
-class _TokenizerLost:
-    """The tokenizer went away with the request's detokenizer state."""
-
-    status: status_pb2.Status
-
-
-@dataclass
-class _Finished:
-    """The request finished outside its task (an engine update it applied on
-    arrival); the task wakes to send the last chunk."""
-
-
-Event = tokenizer_pb2.TextDelta | _Cancelled | _ReplicaLost | _TokenizerLost | _Finished
+Emit = Callable[[gateway_pb2.GenerateChunk], None]
 
 
 class FieldError(RequestError):
@@ -252,21 +234,22 @@ class Gateway:
     def _on_text(self, delta: tokenizer_pb2.TextDelta) -> None:
         request = self.live.get(delta.request_id)
         if request is not None:
-            request.events.put_nowait(delta)
+            request.apply_text(delta)
 
     def _on_replica_down(self, replica: EngineReplica, reason: str) -> None:
         self.metrics.forget_replica(replica.address)
         status = error_status(grpc.StatusCode.UNAVAILABLE, f"engine replica {replica.address} went away ({reason}); retry the request")
         for request in self.live.values():
-            if request.replica is replica:
-                request.events.put_nowait(_ReplicaLost(status))
+            # A request the engine had finished only waits for its last text.
+            if request.replica is replica and not request.engine_done:
+                request.fail(status)
 
     def _on_tokenizer_down(self, reason: str) -> None:
         status = error_status(grpc.StatusCode.UNAVAILABLE, f"the tokenizer service went away ({reason}); retry the request")
         for request in self.live.values():
             if request.detokenizing:
                 request.detokenizing = False
-                request.events.put_nowait(_TokenizerLost(status))
+                request.fail(status)
 
 
 class GatewayRequest:
@@ -281,9 +264,15 @@ class GatewayRequest:
         # Client ids are unique per client stream only; the peers see this one.
         self.internal_id = uuid.uuid4().hex
         # The request's own timeout; an RPC deadline ends the RPC instead,
-        # which closes the chunk iterator and so aborts the request.
+        # which cancels the request's task and so aborts the request.
         self.deadline = self.arrival + request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        # Set when the request's task has something to await or send: its
+        # end, or output whose chunk needs token texts.
+        self._wake = asyncio.Event()
+        self._emit: Emit | None = None
+        # Chunks with logprobs wait in the task for their token texts; all
+        # others are sent from the stream callbacks as their text arrives.
+        self._emit_on_arrival = not request.sampling.HasField("logprobs")
         self.log = log.bind(request_id=self.id, internal_id=self.internal_id)
         self.replica: EngineReplica | None = None
         self.detokenizing = False
@@ -304,11 +293,19 @@ class GatewayRequest:
 
     def cancel(self) -> None:
         """Finish the request as CANCELLED (a no-op once it has finished)."""
-        self.events.put_nowait(_Cancelled())
+        if self.finish_reason == UNFINISHED:
+            self._finish(common_pb2.FINISH_REASON_CANCELLED)
 
-    async def chunks(self) -> AsyncIterator[gateway_pb2.GenerateChunk]:
-        """The request's chunks; the last one carries the finish reason and
-        usage (and the error, when it failed). Iterate under aclosing()."""
+    def fail(self, status: status_pb2.Status) -> None:
+        """Finish the request with an error (a no-op once it has finished)."""
+        if self.finish_reason == UNFINISHED:
+            self._fail(status)
+
+    async def run(self, emit: Emit) -> None:
+        """Serve the request to its end, handing each chunk to `emit`; the last
+        one carries the finish reason and usage (and the error, when it
+        failed). Cancelling the task ends the request and frees what it holds."""
+        self._emit = emit
         self.gateway.active += 1
         try:
             try:
@@ -319,13 +316,18 @@ class GatewayRequest:
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"the gateway has {self.gateway.settings.max_concurrent_requests} requests in flight (--max-concurrent-requests); retry later",
                     )
-                prompt = await self._prompt_ids()
-                self._submit(model, prompt)
-                while self.finish_reason == UNFINISHED:
-                    await self._next_events()
-                    chunk = await self._take_chunk()
-                    if chunk is not None:
-                        yield chunk
+                async with asyncio.timeout_at(self.deadline):
+                    prompt = await self._prompt_ids()
+                    if self.finish_reason == UNFINISHED:
+                        self._submit(model, prompt)
+                    while self.finish_reason == UNFINISHED:
+                        await self._wake.wait()
+                        self._wake.clear()
+                        if self.finish_reason == UNFINISHED and (chunk := await self._take_chunk()) is not None:
+                            emit(chunk)
+                    final = await self._take_chunk()
+                assert final is not None
+                emit(final)
                 return
             except RequestError as exc:
                 self._fail(exc.to_status())
@@ -333,15 +335,26 @@ class GatewayRequest:
                 self._finish(common_pb2.FINISH_REASON_TIME_LIMIT)
             final = await self._take_chunk(fill_token_text=False)
             assert final is not None
-            yield final
+            emit(final)
         finally:
             self.gateway.active -= 1
             self._release()
 
-    async def _wait(self, awaitable):  # type: ignore[no-untyped-def]
-        """Await under the request's deadline (TimeoutError past it)."""
-        async with asyncio.timeout_at(self.deadline):
-            return await awaitable
+    async def chunks(self) -> AsyncIterator[gateway_pb2.GenerateChunk]:
+        """`run` as an iterator of the request's chunks, for callers that serve
+        one request at a time. Iterate under aclosing()."""
+        ready: asyncio.Queue[gateway_pb2.GenerateChunk | None] = asyncio.Queue()
+        task = asyncio.ensure_future(self.run(ready.put_nowait))
+        # Queued after the last chunk, or when the task failed.
+        task.add_done_callback(lambda _: ready.put_nowait(None))
+        try:
+            while (chunk := await ready.get()) is not None:
+                yield chunk
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _prompt_ids(self) -> list[int]:
         kind = self.request.WhichOneof("input")
@@ -352,7 +365,7 @@ class GatewayRequest:
             tokenize.text = self.request.text
         else:
             tokenize.chat.messages.extend(self.request.chat.messages)
-        return await self._wait(self.gateway.tokenizer.tokenize(tokenize))
+        return await self.gateway.tokenizer.tokenize(tokenize)
 
     def _submit(self, model: engine_pb2.EngineInfo, prompt: list[int]) -> None:
         if len(prompt) >= model.max_model_len:
@@ -388,38 +401,11 @@ class GatewayRequest:
         self.gateway.metrics.prompt_tokens.inc(len(prompt))
         self.log.debug("submitted", replica=state.address, prompt_tokens=len(prompt))
 
-    async def _next_events(self) -> None:
-        """Wait for the next event, then apply every one already queued."""
-        self._apply(await self._wait(self.events.get()))
-        while not self.events.empty() and self.finish_reason == UNFINISHED:
-            self._apply(self.events.get_nowait())
-
-    def _apply(self, event: Event) -> None:
-        if self.finish_reason != UNFINISHED:
-            return
-        match event:
-            case tokenizer_pb2.TextDelta():
-                self._apply_text(event)
-            case _Cancelled():
-                self._finish(common_pb2.FINISH_REASON_CANCELLED)
-            case _ReplicaLost(status):
-                # A request the engine had finished only waits for its last text.
-                if not self.engine_done:
-                    self._fail(status)
-            case _TokenizerLost(status):
-                self._fail(status)
-            case _Finished():
-                pass
-
     def apply_engine_update(self, update: engine_pb2.SequenceUpdate) -> None:
-        """Applied as the engine's step arrives, outside the request's task: ids
-        wait for their text anyway, so the task wakes once a step, for the text,
-        not once more for the ids."""
-        if self.finish_reason != UNFINISHED:
-            return
-        self._apply_update(update)
-        if self.finish_reason != UNFINISHED:
-            self.events.put_nowait(_Finished())
+        """Applied as the engine's step arrives; ids wait for their text, so
+        only an end wakes the task."""
+        if self.finish_reason == UNFINISHED:
+            self._apply_update(update)
 
     def _apply_update(self, update: engine_pb2.SequenceUpdate) -> None:
         if update.error.code:
@@ -446,6 +432,20 @@ class GatewayRequest:
             assert self.replica is not None
             self.replica.release(self.internal_id)
 
+    def apply_text(self, delta: tokenizer_pb2.TextDelta) -> None:
+        """Applied as the tokenizer's batch arrives: the text goes out at once
+        in a chunk of its own, unless it has to wait for the task."""
+        if self.finish_reason != UNFINISHED:
+            return
+        self._apply_text(delta)
+        if self.finish_reason != UNFINISHED or not any(self._text):
+            return  # an end has woken the task already
+        if self._emit_on_arrival:
+            assert self._emit is not None
+            self._emit(self._build_chunk())
+        else:
+            self._wake.set()
+
     def _apply_text(self, delta: tokenizer_pb2.TextDelta) -> None:
         if delta.error.code:
             self.detokenizing = False
@@ -463,6 +463,7 @@ class GatewayRequest:
 
     def _finish(self, reason: int) -> None:
         self.finish_reason = reason
+        self._wake.set()
 
     def _fail(self, status: status_pb2.Status) -> None:
         self.error = status
@@ -470,12 +471,11 @@ class GatewayRequest:
 
     async def _take_chunk(self, fill_token_text: bool = True) -> gateway_pb2.GenerateChunk | None:
         """The output not yet sent, as a chunk; None when there is nothing new."""
-        finished = self.finish_reason != UNFINISHED
         # Ids wait for their text, so that a chunk's text and ids match.
-        if not (any(self._text) or finished):
+        if not (any(self._text) or self.finish_reason != UNFINISHED):
             return None
-        chunk = gateway_pb2.GenerateChunk(request_id=self.id, text="".join(self._text), token_ids=self._ids, logprobs=self._logprobs)
-        self._text, self._ids, self._logprobs = [], [], []
+        finished = self.finish_reason != UNFINISHED
+        chunk = self._build_chunk()
         if fill_token_text:
             await self._fill_token_texts(chunk)
         if finished:
@@ -488,6 +488,11 @@ class GatewayRequest:
                 chunk.error.CopyFrom(self.error)
         return chunk
 
+    def _build_chunk(self) -> gateway_pb2.GenerateChunk:
+        chunk = gateway_pb2.GenerateChunk(request_id=self.id, text="".join(self._text), token_ids=self._ids, logprobs=self._logprobs)
+        self._text, self._ids, self._logprobs = [], [], []
+        return chunk
+
     async def _fill_token_texts(self, chunk: gateway_pb2.GenerateChunk) -> None:
         """Token texts of logprobs, and of the stop token that ended the request."""
         wanted = {lp.token_id for lp in chunk.logprobs} | {top.token_id for lp in chunk.logprobs for top in lp.top_logprobs}
@@ -496,7 +501,7 @@ class GatewayRequest:
             wanted.add(stop_token)
         if not wanted:
             return
-        texts = await self._wait(self.gateway.tokenizer.token_texts(wanted))
+        texts = await self.gateway.tokenizer.token_texts(wanted)
         for lp in chunk.logprobs:
             lp.token = texts[lp.token_id]
             for top in lp.top_logprobs:
