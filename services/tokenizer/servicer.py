@@ -90,16 +90,18 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         )
 
     def check_ids(self, token_ids: Any, field_name: str) -> None:
-        bad = [i for i in token_ids if i >= self.vocab_size]
-        if bad:
+        # max() first: a step's ids are checked on every append.
+        if token_ids and max(token_ids) >= self.vocab_size:
+            bad = [i for i in token_ids if i >= self.vocab_size]
             raise invalid_argument(f"{field_name} holds ids outside the vocabulary of {self.vocab_size}: {bad[:5]}")
 
     def detokenize_item(self, item: tokenizer_pb2.DetokenizeItem, live: dict[str, IncrementalDetokenizer]) -> tokenizer_pb2.TextDelta | None:
+        """The item's reply: new text, its end, or its refusal; None when there is nothing to say."""
         rid = item.request_id
         if item.cancel:
             live.pop(rid, None)
             return None
-        delta = tokenizer_pb2.TextDelta(request_id=rid)
+        append = item.append
         try:
             if item.HasField("start"):
                 if rid in live:
@@ -109,30 +111,26 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 raise invalid_argument(f"request {rid!r} was never started on this stream (send DetokenizeStart first)")
             if not item.HasField("append"):
                 return None
-            self.check_ids(item.append.token_ids, "token_ids")
-            update = live[rid].append(list(item.append.token_ids), last=item.append.last)
+            token_ids = list(append.token_ids)
+            self.check_ids(token_ids, "token_ids")
+            update = live[rid].append(token_ids, last=append.last)
         except RequestError as exc:
             live.pop(rid, None)
-            delta.error.CopyFrom(exc.to_status())
-            delta.closed = True
             log.info("detokenize_refused", request_id=rid, reason=exc.message)
-            return delta
-        delta.text, delta.stopped, delta.matched_stop = update.text, update.stopped, update.matched_stop
-        if update.stopped or item.append.last:
-            delta.closed = True
+            return tokenizer_pb2.TextDelta(request_id=rid, error=exc.to_status(), closed=True)
+        closed = update.stopped or append.last
+        if closed:
             live.pop(rid, None)
-        return delta
+        elif not update.text:
+            return None
+        return tokenizer_pb2.TextDelta(request_id=rid, text=update.text, stopped=update.stopped, matched_stop=update.matched_stop, closed=closed)
 
     def Detokenize(self, request_iterator: Iterator[tokenizer_pb2.DetokenizeBatch], context: grpc.ServicerContext) -> Iterator[tokenizer_pb2.TextBatch]:
         live: dict[str, IncrementalDetokenizer] = {}
         for batch in request_iterator:
-            out = tokenizer_pb2.TextBatch()
-            for item in batch.items:
-                delta = self.detokenize_item(item, live)
-                if delta is not None and (delta.text or delta.closed):
-                    out.deltas.append(delta)
-            if out.deltas:
-                yield out
+            deltas = [delta for item in batch.items if (delta := self.detokenize_item(item, live)) is not None]
+            if deltas:
+                yield tokenizer_pb2.TextBatch(deltas=deltas)
 
     def Info(self, request: tokenizer_pb2.TokenizerInfoRequest, context: grpc.ServicerContext) -> tokenizer_pb2.TokenizerInfo:
         info = tokenizer_pb2.TokenizerInfo(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
-from services.tokenizer.detokenizer import IncrementalDetokenizer
+from services.tokenizer.detokenizer import IncrementalDetokenizer, text_decoder
 
 TEXTS = {
     "ascii": "The quick brown fox jumps over the lazy dog. 1234567890!",
@@ -28,6 +30,19 @@ def test_one_token_at_a_time_reproduces_decode(hf_tokenizer, name: str, skip_spe
     pieces = _stream(IncrementalDetokenizer(hf_tokenizer, skip_special_tokens=skip_special_tokens), ids)
     assert "".join(pieces) == hf_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     assert not any("\ufffd" in piece for piece in pieces), "a broken character was emitted"
+
+
+@pytest.mark.parametrize("clean_up_spaces", [False, True])
+def test_text_decoder_equals_transformers_decode(hf_tokenizer, clean_up_spaces: bool) -> None:
+    # With clean-up on, the wrapper changes text ("a ." -> "a."), so the
+    # direct call must not be taken.
+    tokenizer = copy.copy(hf_tokenizer)
+    tokenizer.clean_up_tokenization_spaces = clean_up_spaces
+    decode = text_decoder(tokenizer)
+    for text in [*TEXTS.values(), "a . b , c ! it ' s"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for skip in (True, False):
+            assert decode(ids, skip) == tokenizer.decode(ids, skip_special_tokens=skip)
 
 
 def test_raw_byte_tokens_emit_no_broken_characters(hf_tokenizer) -> None:
