@@ -288,9 +288,12 @@ class TokenizerClient(PeerClient):
             self._pending_tokenize.pop(request.request_id, None)
 
     def detokenize(self, items: Iterable[tokenizer_pb2.DetokenizeItem]) -> None:
+        self.send_detokenize(tokenizer_pb2.DetokenizeBatch(items=items))
+
+    def send_detokenize(self, batch: tokenizer_pb2.DetokenizeBatch) -> None:
         if self._detokenize_out is None:
             raise _unavailable(f"tokenizer {self.address}")
-        self._detokenize_out.send(tokenizer_pb2.DetokenizeBatch(items=items))
+        self._detokenize_out.send(batch)
 
     async def token_texts(self, token_ids: Iterable[int]) -> dict[int, str]:
         """The text of each token on its own, special tokens included."""

@@ -32,12 +32,19 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request_iterator: AsyncIterator[gateway_pb2.ClientMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.ServerMessage]:
-        outgoing: asyncio.Queue[gateway_pb2.GenerateChunk | None] = asyncio.Queue()
+        # Chunks of every request, sent together in the writer's next message.
+        pending: list[gateway_pb2.GenerateChunk] = []
+        ready = asyncio.Event()
+        all_done = False
         live: dict[str, tuple[GatewayRequest, asyncio.Task[None]]] = {}
+
+        def send(chunk: gateway_pb2.GenerateChunk) -> None:
+            pending.append(chunk)
+            ready.set()
 
         async def follow(request: GatewayRequest) -> None:
             try:
-                await request.run(outgoing.put_nowait)
+                await request.run(send)
             finally:
                 live.pop(request.id, None)
 
@@ -50,28 +57,27 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
                     continue
                 start = message.start
                 if not start.request_id:
-                    outgoing.put_nowait(_refusal("", "request_id is required on the Generate stream"))
+                    send(_refusal("", "request_id is required on the Generate stream"))
                 elif start.request_id in live:
-                    outgoing.put_nowait(_refusal(start.request_id, f"request_id {start.request_id!r} is already in flight on this stream"))
+                    send(_refusal(start.request_id, f"request_id {start.request_id!r} is already in flight on this stream"))
                 else:
                     request = self.gateway.request(start)
                     live[start.request_id] = (request, asyncio.create_task(follow(request)))
             # The client half-closed: finish what is in flight, then end.
             await asyncio.gather(*(task for _, task in list(live.values())), return_exceptions=True)
-            outgoing.put_nowait(None)
+            nonlocal all_done
+            all_done = True
+            ready.set()
 
         reader = asyncio.create_task(read())
         try:
-            ended = False
-            while not ended:
-                chunks = [await outgoing.get()]
-                while not outgoing.empty():
-                    chunks.append(outgoing.get_nowait())
-                # The end marker is queued after every request's last chunk.
-                ended = chunks[-1] is None
-                if ended:
-                    chunks.pop()
-                if chunks:
+            # all_done is set after every request's last chunk went to pending.
+            while not (all_done and not pending):
+                await ready.wait()
+                ready.clear()
+                if pending:
+                    chunks = pending.copy()
+                    pending.clear()
                     yield gateway_pb2.ServerMessage(chunks=chunks)
             reader.result()
         finally:

@@ -216,18 +216,21 @@ class Gateway:
 
     def _on_step(self, replica: EngineReplica, step: engine_pb2.EngineStep) -> None:
         self.metrics.observe_load(replica.address, step.load)
-        items = []
+        # Built in place: a step carries an item per running request.
+        batch = tokenizer_pb2.DetokenizeBatch()
         for update in step.updates:
             request = self.live.get(update.request_id)
             if request is None:
                 continue
             request.apply_engine_update(update)
-            if request.detokenizing and not update.error.code and (update.token_ids or update.finish_reason):
-                append = tokenizer_pb2.DetokenizeAppend(token_ids=update.token_ids, last=update.finish_reason != UNFINISHED)
-                items.append(tokenizer_pb2.DetokenizeItem(request_id=update.request_id, append=append))
-        if items:
+            token_ids, finished = update.token_ids, update.finish_reason != UNFINISHED
+            if request.detokenizing and (token_ids or finished) and not update.error.code:
+                append = batch.items.add(request_id=update.request_id).append
+                append.token_ids.extend(token_ids)
+                append.last = finished
+        if batch.items:
             try:
-                self.tokenizer.detokenize(items)
+                self.tokenizer.send_detokenize(batch)
             except RequestError:
                 pass  # the tokenizer-down callback fails these requests
 
@@ -272,7 +275,7 @@ class GatewayRequest:
         self._emit: Emit | None = None
         # Chunks with logprobs wait in the task for their token texts; all
         # others are sent from the stream callbacks as their text arrives.
-        self._emit_on_arrival = not request.sampling.HasField("logprobs")
+        self._wants_logprobs = request.sampling.HasField("logprobs")
         self.log = log.bind(request_id=self.id, internal_id=self.internal_id)
         self.replica: EngineReplica | None = None
         self.detokenizing = False
@@ -417,13 +420,15 @@ class GatewayRequest:
             self.cached_tokens = update.num_cached_tokens
         if update.HasField("queue_time_s"):
             self.gateway.metrics.queue_time.observe(update.queue_time_s)
-        if update.token_ids:
+        token_ids = update.token_ids
+        if token_ids:
             now = self.loop.time()
             self.first_token_at = self.first_token_at or now
             self.last_token_at = now
-            self.completion_tokens += len(update.token_ids)
-            self._ids.extend(update.token_ids)
-            self._logprobs.extend(update.logprobs)
+            self.completion_tokens += len(token_ids)
+            self._ids.extend(token_ids)
+            if self._wants_logprobs:
+                self._logprobs.extend(update.logprobs)
         if update.finish_reason != UNFINISHED:
             self.engine_done = True
             self.engine_reason = update.finish_reason
@@ -440,11 +445,11 @@ class GatewayRequest:
         self._apply_text(delta)
         if self.finish_reason != UNFINISHED or not any(self._text):
             return  # an end has woken the task already
-        if self._emit_on_arrival:
+        if self._wants_logprobs:
+            self._wake.set()
+        else:
             assert self._emit is not None
             self._emit(self._build_chunk())
-        else:
-            self._wake.set()
 
     def _apply_text(self, delta: tokenizer_pb2.TextDelta) -> None:
         if delta.error.code:
