@@ -54,3 +54,20 @@ def test_gateway_mode_on_cpu() -> None:
         assert record["output_tokens"] == 8 * 8 and "errors" not in record
     ratio = next(r for r in records if r["bench"] == "throughput_ratio")
     assert ratio["gateway_over_in_process"] > 0
+
+
+def test_gateway_overhead_benchmark_runs_the_public_path() -> None:
+    # benchmarks/gateway_overhead.py: real tokenizer and gateway processes
+    # over a scripted engine; every token of every request arrives both ways.
+    command = [sys.executable, "benchmarks/gateway_overhead.py", "--requests", "8", "--output-len", "8", "--step-ms", "2", "--repeat", "1"]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")} | {"PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    runs = {r["system"]: r for r in records if "system" in r}
+    assert set(runs) == {"engine-grpc", "gateway"}
+    for record in runs.values():
+        assert record["output_tokens"] == 8 * 8
+    # CPU time counts in clock ticks, too coarse to be non-zero for 64 tokens.
+    assert set(runs["gateway"]["cpu_us_per_token"]) == {"engine", "tokenizer", "gateway"}
+    assert records[-1]["ratio"]["gateway_over_engine_grpc"] > 0
