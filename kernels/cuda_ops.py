@@ -24,8 +24,12 @@ KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16"}
 WARPS_M_CHOICES = (1, 2, 4)  # query row groups of 16 per thread block (4 warps in all)
 THREADS = 128
 KV_TILE = 64
-# A context is split across thread blocks until there are this many waves of
-# blocks, but never into pieces shorter than MIN_SPLIT_TOKENS.
+# A context is split across thread blocks (never into pieces shorter than
+# MIN_SPLIT_TOKENS): a batch that fits in one wave of resident blocks is split
+# until about BLOCKS_PER_MULTIPROCESSOR blocks run on every multiprocessor,
+# all at once; a larger one until there are TARGET_WAVES waves, so that the
+# last, partial wave costs little.
+BLOCKS_PER_MULTIPROCESSOR = 2
 TARGET_WAVES = 4
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
@@ -126,12 +130,22 @@ def choose_warps_m(max_query_len: int, group: int) -> int:
 
 
 def choose_num_splits(busy_blocks: int, max_seq_len: int, shared_bytes: int, device: torch.device) -> int:
-    """How many thread blocks share one sequence's context (flash-decoding):
-    enough for TARGET_WAVES waves of blocks when the batch alone is too small."""
+    """How many thread blocks share one sequence's context (flash-decoding).
+
+    Measured on an H100 (docs/PERFORMANCE.md): a small batch runs fastest
+    with every block resident at once and about two per multiprocessor (more
+    splits add partial results to combine and shorten each block's K/V
+    stream below what hides its latency); a batch of more blocks than fit at
+    once wants several waves, or its second, mostly empty wave costs as much
+    as the first."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     multiprocessors, shared_per_multiprocessor = loader.device_limits(index)
     resident = multiprocessors * max(1, shared_per_multiprocessor // (shared_bytes + 1024))
-    wanted = math.ceil(TARGET_WAVES * resident / max(1, busy_blocks))
+    busy_blocks = max(1, busy_blocks)
+    if busy_blocks <= resident:
+        wanted = min(math.ceil(BLOCKS_PER_MULTIPROCESSOR * multiprocessors / busy_blocks), resident // busy_blocks)
+    else:
+        wanted = math.ceil(TARGET_WAVES * resident / busy_blocks)
     return max(1, min(wanted, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 

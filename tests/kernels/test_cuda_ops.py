@@ -113,10 +113,12 @@ def test_paged_attention_any_split_count(
 
 def test_small_decode_batches_split_their_context() -> None:
     """Guards the premise of the split tests: a small decode batch with a long
-    context does spread over many blocks, a large batch does not need to."""
+    context does spread over many blocks, a batch just past one wave of
+    resident blocks splits into several waves, a large batch does not split."""
     device = torch.device("cuda")
     shared_bytes = cuda_ops.attention_shared_bytes(128, 1)
     assert cuda_ops.choose_num_splits(1 * 8, 8192, shared_bytes, device) > 8
+    assert cuda_ops.choose_num_splits(64 * 8, 4096, shared_bytes, device) > 1
     assert cuda_ops.choose_num_splits(1024 * 8, 8192, shared_bytes, device) == 1
 
 
