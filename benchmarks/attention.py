@@ -96,10 +96,12 @@ def measure(batch: int, context: int, args: argparse.Namespace, copy_bytes_per_s
     record: dict = dict(
         bench="decode_attention", batch=batch, context=context, num_heads=num_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, dtype=args.dtype, block_size=block_size, kv_bytes=kv_bytes, rotated_copies=copies,
-        num_splits=cuda_ops.choose_num_splits(
-            batch * num_kv_heads, context, cuda_ops.attention_shared_bytes(head_dim, 1), query.device
-        ),
     )  # fmt: skip
+    kernel = cuda_ops.attention_kernel(dtype, head_dim, cuda_ops.choose_warps_m(1, num_heads // num_kv_heads), query.device)
+    record.update(
+        resident_blocks=kernel.resident_blocks,
+        num_splits=cuda_ops.choose_num_splits(batch * num_kv_heads, context, kernel.resident_blocks, kernel.multiprocessors),
+    )
     seconds = time_graph([lambda c=c: paged(c) for c in range(copies)], args.replays)
     record.update(
         pagewire_us=round(seconds * 1e6, 2),

@@ -205,10 +205,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     setup_seconds = time.perf_counter() - setup_start
     run_engine(core, warm_up_prompts(prompts, args), 8)
     if args.profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as profiler:
-            run_engine(core, prompts[: args.requests // 4], args.output_len)
-        with open(f"{args.profile}.{shape}.txt", "w") as table:
-            table.write(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        profile_engine(core, hf_peer.prompts(args.requests, args.prompt_len, SHAPES[shape]["vocab_size"], seed=3), args, f"{args.profile}.{shape}")
     engine = run_engine(core, prompts, args.output_len)
     emit(dict(bench="throughput", system="pagewire", **workload, num_kv_blocks=core.kv_cache.num_blocks,
               setup_seconds=round(setup_seconds, 1), **engine))  # fmt: skip
@@ -231,6 +228,31 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
         emit(dict(bench="throughput_ratio", shape=shape, gateway_over_in_process=round(gateway["out_tok_s"] / engine["out_tok_s"], 3),
                   engine_grpc_over_in_process=round(engine_grpc["out_tok_s"] / engine["out_tok_s"], 3)))  # fmt: skip
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def profile_engine(core: EngineCore, prompts: list[list[int]], args: argparse.Namespace, path: str) -> None:
+    """Where a full-size run's time goes, on prompts other than the measured
+    ones (so the measured run's prefix cache hits are unchanged): torch
+    operators and kernels (PATH.torch.txt, by device time and by host time)
+    and the engine's Python functions (PATH.python.txt, cProfile by own time)."""
+    import cProfile
+    import pstats
+
+    on_gpu = core.loaded.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        run_engine(core, prompts, args.output_len)
+    averages = profiler.key_averages()
+    with open(f"{path}.torch.txt", "w") as out:
+        out.write(averages.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=40))
+        out.write("\n\n")
+        out.write(averages.table(sort_by="self_cpu_time_total", row_limit=40))
+    # Fresh prompts again, so this run prefills as much as the first.
+    rerun = hf_peer.prompts(len(prompts), len(prompts[0]), core.vocab_size, seed=4)
+    python_profile = cProfile.Profile()
+    python_profile.runcall(run_engine, core, rerun, args.output_len)
+    with open(f"{path}.python.txt", "w") as out:
+        pstats.Stats(python_profile, stream=out).sort_stats("tottime").print_stats(50)
 
 
 def run_peer(shape: str, prompts: list[list[int]], workload: dict, engine: dict, args: argparse.Namespace) -> None:
@@ -260,7 +282,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--peer-batch-size", type=int, default=64, help="HF generate's static batch size")
-    parser.add_argument("--profile", default="", help="write a torch.profiler table of a quarter-size run to PATH.<shape>.txt")
+    parser.add_argument("--profile", default="", help="profile a full-size run on other prompts: PATH.<shape>.torch.txt and PATH.<shape>.python.txt")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a cheap check of the benchmark itself")
     parser.add_argument("--no-peer", action="store_true", help="skip the HF generate peer")
     parser.add_argument("--gateway", action="store_true", help="also run the workload through `pagewire serve` and its public gRPC API")

@@ -9,6 +9,8 @@ launch shape (warp layout, number of context splits) is fixed from them."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,8 +131,9 @@ def choose_warps_m(max_query_len: int, group: int) -> int:
     return next((warps_m for warps_m in WARPS_M_CHOICES if rows <= 16 * warps_m), WARPS_M_CHOICES[-1])
 
 
-def choose_num_splits(busy_blocks: int, max_seq_len: int, shared_bytes: int, device: torch.device) -> int:
-    """How many thread blocks share one sequence's context (flash-decoding).
+def choose_num_splits(busy_blocks: int, max_seq_len: int, resident_blocks: int, multiprocessors: int) -> int:
+    """How many thread blocks share one sequence's context (flash-decoding),
+    given how many blocks run at once on the device.
 
     Measured on an H100 (docs/PERFORMANCE.md): a small batch runs fastest
     with every block resident at once and about two per multiprocessor (more
@@ -138,15 +141,30 @@ def choose_num_splits(busy_blocks: int, max_seq_len: int, shared_bytes: int, dev
     stream below what hides its latency); a batch of more blocks than fit at
     once wants several waves, or its second, mostly empty wave costs as much
     as the first."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    multiprocessors, shared_per_multiprocessor = loader.device_limits(index)
-    resident = multiprocessors * max(1, shared_per_multiprocessor // (shared_bytes + 1024))
     busy_blocks = max(1, busy_blocks)
-    if busy_blocks <= resident:
-        wanted = min(math.ceil(BLOCKS_PER_MULTIPROCESSOR * multiprocessors / busy_blocks), resident // busy_blocks)
+    if busy_blocks <= resident_blocks:
+        wanted = min(math.ceil(BLOCKS_PER_MULTIPROCESSOR * multiprocessors / busy_blocks), resident_blocks // busy_blocks)
     else:
-        wanted = math.ceil(TARGET_WAVES * resident / busy_blocks)
+        wanted = math.ceil(TARGET_WAVES * resident_blocks / busy_blocks)
     return max(1, min(wanted, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
+
+
+@dataclass(frozen=True)
+class AttentionKernel:
+    """The attention kernel of one launch shape and how it fits the device."""
+
+    kernel: Any
+    shared_bytes: int
+    # Blocks that run at once on the device, and its multiprocessors.
+    resident_blocks: int
+    multiprocessors: int
+
+
+def attention_kernel(dtype: torch.dtype, head_dim: int, warps_m: int, device: torch.device) -> AttentionKernel:
+    shared_bytes = attention_shared_bytes(head_dim, warps_m)
+    kernel = loader.get_kernel(ATTENTION_SOURCE, attention_kernel_name(dtype, head_dim, warps_m), shared_bytes)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return AttentionKernel(kernel, shared_bytes, loader.resident_blocks(kernel, THREADS, shared_bytes, index), loader.multiprocessor_count(index))
 
 
 def paged_attention(
@@ -195,8 +213,8 @@ def paged_attention(
     tile_tokens = 16 * warps_m // group
     grid_tiles = num_tokens // tile_tokens + num_seqs
     busy_tiles = num_seqs if max_query_len <= tile_tokens else grid_tiles
-    shared_bytes = attention_shared_bytes(head_dim, warps_m)
-    num_splits = choose_num_splits(busy_tiles * num_kv_heads, max_seq_len, shared_bytes, query.device)
+    attention = attention_kernel(query.dtype, head_dim, warps_m, query.device)
+    num_splits = choose_num_splits(busy_tiles * num_kv_heads, max_seq_len, attention.resident_blocks, attention.multiprocessors)
     if num_splits > 1:
         partial_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
         partial_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
@@ -204,7 +222,7 @@ def paged_attention(
         partial_out = partial_lse = out  # unused with one split
 
     loader.launch(
-        loader.get_kernel(ATTENTION_SOURCE, attention_kernel_name(query.dtype, head_dim, warps_m), shared_bytes),
+        attention.kernel,
         query.device,
         (grid_tiles, num_kv_heads, num_splits),
         (THREADS,),
@@ -228,7 +246,7 @@ def paged_attention(
             np.int32(block_size),
             np.float32(scale * math.log2(math.e)),
         ),
-        shared_bytes,
+        attention.shared_bytes,
     )
     if num_splits > 1:
         loader.launch(

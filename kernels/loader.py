@@ -48,12 +48,37 @@ def _external_stream(device_index: int, stream_pointer: int) -> cupy.cuda.Extern
 
 
 @functools.cache
-def device_limits(device_index: int) -> tuple[int, int]:
-    """(multiprocessor count, shared memory bytes per multiprocessor)."""
+def _device_attributes(device_index: int) -> dict[str, int]:
     import cupy
 
-    attributes = cupy.cuda.Device(device_index).attributes
-    return attributes["MultiProcessorCount"], attributes["MaxSharedMemoryPerMultiprocessor"]
+    return cupy.cuda.Device(device_index).attributes
+
+
+def multiprocessor_count(device_index: int) -> int:
+    return _device_attributes(device_index)["MultiProcessorCount"]
+
+
+# Registers go to warps in pieces of 256; the runtime keeps 1 KiB of shared
+# memory per block for itself.
+REGISTER_ALLOCATION_UNIT = 256
+RESERVED_SHARED_BYTES_PER_BLOCK = 1024
+
+
+@functools.cache
+def resident_blocks(kernel: cupy.RawKernel, threads: int, shared_bytes: int, device_index: int) -> int:
+    """How many blocks of `kernel` run at once on the whole device: the
+    occupancy rule over its registers, its shared memory and the thread and
+    block limits of a multiprocessor."""
+    attributes = _device_attributes(device_index)
+    warps = -(-threads // 32)
+    registers_per_warp = -(-kernel.num_regs * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    per_multiprocessor = min(
+        attributes["MaxRegistersPerMultiprocessor"] // max(1, warps * registers_per_warp),
+        attributes["MaxSharedMemoryPerMultiprocessor"] // (shared_bytes + RESERVED_SHARED_BYTES_PER_BLOCK),
+        attributes["MaxThreadsPerMultiProcessor"] // threads,
+        attributes["MaxBlocksPerMultiprocessor"],
+    )
+    return multiprocessor_count(device_index) * max(1, per_multiprocessor)
 
 
 def launch(

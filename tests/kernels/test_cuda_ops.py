@@ -111,15 +111,17 @@ def test_paged_attention_any_split_count(
     assert_attention_close(cuda_ops.paged_attention(*batch.attention_args(), scale), reference_attention(batch, scale))
 
 
-def test_small_decode_batches_split_their_context() -> None:
-    """Guards the premise of the split tests: a small decode batch with a long
-    context does spread over many blocks, a batch just past one wave of
-    resident blocks splits into several waves, a large batch does not split."""
+def test_decode_kernels_fit_the_device_as_measured() -> None:
+    """The split rule counts resident blocks with the occupancy calculator:
+    registers, not only shared memory, limit the decode layout."""
     device = torch.device("cuda")
-    shared_bytes = cuda_ops.attention_shared_bytes(128, 1)
-    assert cuda_ops.choose_num_splits(1 * 8, 8192, shared_bytes, device) > 8
-    assert cuda_ops.choose_num_splits(64 * 8, 4096, shared_bytes, device) > 1
-    assert cuda_ops.choose_num_splits(1024 * 8, 8192, shared_bytes, device) == 1
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    for head_dim in cuda_ops.SUPPORTED_HEAD_DIMS:
+        kernel = cuda_ops.attention_kernel(torch.bfloat16, head_dim, 1, device)
+        assert kernel.multiprocessors == multiprocessors
+        assert multiprocessors <= kernel.resident_blocks <= multiprocessors * 2048 // cuda_ops.THREADS
+        by_shared = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor // kernel.shared_bytes
+        assert kernel.resident_blocks <= multiprocessors * by_shared
 
 
 def test_paged_attention_accepts_a_strided_query_view() -> None:
