@@ -144,7 +144,10 @@ class KVCacheManager:
         for block in cached_blocks:
             self.pool.touch(block)
             seq.block_table.append(block.block_id)
-        seq.num_registered_blocks = len(seq.block_table)
+        if cached_blocks:
+            # Adopted hits are registered already; the sequence's own blocks
+            # are registered as they fill (cache_computed_blocks).
+            seq.num_registered_blocks = len(seq.block_table)
         seq.num_computed_tokens = num_computed
         for _ in range(max(num_needed, 0)):
             seq.block_table.append(self.pool.allocate().block_id)

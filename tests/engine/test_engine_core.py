@@ -58,6 +58,23 @@ def test_shared_prefix_reuses_cached_blocks_with_unchanged_output(engine_model, 
     assert core.stats().num_cached_free_blocks > 0
 
 
+def test_follow_up_turn_hits_the_blocks_of_the_earlier_output(engine_model, hf_model, prompts) -> None:
+    # A chat's next turn repeats the last prompt and its answer: the blocks the
+    # answer filled while decoding, and those of a prompt prefilled in chunks
+    # ending mid-block, are in the prefix cache.
+    core = make_engine(engine_model, block_size=16, max_num_batched_tokens=24)
+    base = prompts[LONG]
+    core.add_request("turn-1", base, greedy(MAX_NEW_TOKENS, ignore_eos=True))
+    answer = tokens_of(run_all(core)["turn-1"])
+    follow_up = base + answer + prompts[0]
+    core.add_request("turn-2", follow_up, greedy(MAX_NEW_TOKENS))
+    second = run_all(core)["turn-2"]
+    # Every full block of turn 1's tokens whose KV was computed (the last answer token's never is).
+    assert second[0].num_cached_tokens == (len(base) + len(answer) - 1) // 16 * 16
+    assert tokens_of(second) == _hf_greedy(hf_model, follow_up)
+    assert_no_leaks(core)
+
+
 def test_prompt_of_whole_blocks_recomputes_its_last_token(engine_model, hf_model) -> None:
     core = make_engine(engine_model, block_size=4)
     ids = list(range(1000, 1012))  # three full blocks

@@ -86,3 +86,24 @@ def test_evicting_a_cached_block_drops_its_hash() -> None:
     assert kv.allocate_slots(other, 4)
     assert kv.pool.cached == {} and kv.pool.num_cached_free == 0
     assert kv.cached_prefix(_seq("c", [1, 2, 3])) == []
+
+
+def test_blocks_filled_by_later_steps_enter_the_prefix_cache() -> None:
+    # A block left partial by one step (a prompt chunk ending mid-block, or the
+    # last prompt block) and filled by later steps (the next chunk, decoded
+    # tokens) is cached once full: a follow-up turn that repeats the output hits it.
+    kv = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    seq = _seq("a", list(range(10)))
+    assert kv.allocate_slots(seq, 6)  # first chunk ends inside block 1
+    seq.num_computed_tokens = 6
+    kv.cache_computed_blocks(seq)
+    assert kv.allocate_slots(seq, 4)  # the rest of the prompt
+    seq.num_computed_tokens = 10
+    kv.cache_computed_blocks(seq)
+    for token in (10, 11, 12, 13):  # decode four tokens, one a step
+        seq.output_token_ids.append(token)
+        assert kv.allocate_slots(seq, 1)
+        seq.num_computed_tokens += 1
+        kv.cache_computed_blocks(seq)
+    follow_up = _seq("b", list(range(14)) + [99, 98])
+    assert [b.block_id for b in kv.cached_prefix(follow_up)] == seq.block_table[:3]
