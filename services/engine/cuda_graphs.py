@@ -62,6 +62,11 @@ class CudaGraphRunner(ModelRunner):
         self.staged_rows = torch.zeros(3, largest, dtype=torch.int64, pin_memory=True)  # ids, positions, slots
         self.staged_seq_lens = torch.zeros(largest, dtype=torch.int32, pin_memory=True)
         self.staged_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, pin_memory=True)
+        # What each staged table row holds: (sequence, its preemptions, blocks).
+        # A running sequence's table only grows, and is rebuilt only after a
+        # preemption, so a row whose key matches needs at most its new tail.
+        # The sequence object itself is the key: request ids may be reused.
+        self.staged_table_keys: list[tuple[Sequence, int, int] | None] = [None] * largest
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
@@ -102,21 +107,26 @@ class CudaGraphRunner(ModelRunner):
         rows, seq_lens, tables = self.staged_rows.numpy(), self.staged_seq_lens.numpy(), self.staged_tables.numpy()
         rows[2, num_seqs:size] = -1  # padding rows: no cache write ...
         seq_lens[num_seqs:size] = 0  # ... and no context
-        for row, item in enumerate(scheduled):
-            seq = item.seq
-            position = seq.num_computed_tokens
+        sequences = [item.seq for item in scheduled]
+        positions = [seq.num_computed_tokens for seq in sequences]
+        block_size = self.block_size
+        rows[0, :num_seqs] = [seq.token_at(position) for seq, position in zip(sequences, positions)]
+        rows[1, :num_seqs] = positions
+        rows[2, :num_seqs] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(sequences, positions)]
+        seq_lens[:num_seqs] = rows[1, :num_seqs] + 1
+        keys = self.staged_table_keys
+        for row, seq in enumerate(sequences):
             table = seq.block_table
-            rows[0, row] = seq.token_at(position)
-            rows[1, row] = position
-            rows[2, row] = table[position // self.block_size] * self.block_size + position % self.block_size
-            seq_lens[row] = position + 1
-            tables[row, : len(table)] = table
+            key = keys[row]
+            staged = key[2] if key is not None and key[0] is seq and key[1] == seq.num_preemptions else 0
+            if staged != len(table):
+                tables[row, staged : len(table)] = table[staged:]
+                keys[row] = (seq, seq.num_preemptions, len(table))
         self.input_ids[:size].copy_(self.staged_rows[0, :size], non_blocking=True)
         self.positions[:size].copy_(self.staged_rows[1, :size], non_blocking=True)
         self.slot_mapping[:size].copy_(self.staged_rows[2, :size], non_blocking=True)
         self.seq_lens[:size].copy_(self.staged_seq_lens[:size], non_blocking=True)
         self.block_tables[:size].copy_(self.staged_tables[:size], non_blocking=True)
         self.graphs[size].replay()
-        sequences = [item.seq for item in scheduled]
         requests = [SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids) for s in sequences]
         return sequences, self.sampler(self.logits[:num_seqs], requests)

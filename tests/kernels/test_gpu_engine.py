@@ -81,27 +81,48 @@ def check_against_hf(hf_models, prompt: list[int], continuation: list[int]) -> t
     return agreed, excused
 
 
-@pytest.mark.parametrize("max_num_batched_tokens", [64, 4096], ids=["chunked-prefill", "whole-prompts"])
-def test_gpu_engine_greedy_matches_hf(checkpoint: Path, prompts, hf_models, max_num_batched_tokens: int) -> None:  # type: ignore[no-untyped-def]
-    config = EngineConfig(
-        model=str(checkpoint), device="cuda", dtype="bfloat16", max_model_len=512, num_kv_blocks=512,
-        max_num_seqs=8, max_num_batched_tokens=max_num_batched_tokens,
-    )  # fmt: skip
-    core = EngineCore(config)
-    assert isinstance(core.runner, CudaGraphRunner)
-    # More requests than max_num_seqs: decode batches of several sizes replay graphs.
+def generate(core: EngineCore, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy continuations of prompts submitted together as r0, r1, ..."""
     for index, ids in enumerate(prompts):
         core.add_request(f"r{index}", ids, SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS))
     generated: dict[str, list[int]] = {}
     while core.has_unfinished():
         for output in core.step():
             generated.setdefault(output.request_id, []).extend(output.new_token_ids)
+    return [generated[f"r{index}"] for index in range(len(prompts))]
 
+
+def assert_matches_hf(hf_models, prompts: list[list[int]], continuations: list[list[int]]) -> None:  # type: ignore[no-untyped-def]
     agreed = excused = 0
-    for index, prompt in enumerate(prompts):
-        continuation = generated[f"r{index}"]
+    for prompt, continuation in zip(prompts, continuations):
         assert len(continuation) == MAX_NEW_TOKENS
         counts = check_against_hf(hf_models, prompt, continuation)
         agreed, excused = agreed + counts[0], excused + counts[1]
     # Near-ties are rare: a kernel bug shows as many positions, not a few.
     assert excused <= 0.05 * agreed, f"{excused} near-ties excused against {agreed} exact positions"
+
+
+def gpu_engine(checkpoint: Path, **overrides) -> EngineCore:  # type: ignore[no-untyped-def]
+    settings = dict(max_model_len=512, num_kv_blocks=512, max_num_seqs=8, max_num_batched_tokens=4096) | overrides
+    core = EngineCore(EngineConfig(model=str(checkpoint), device="cuda", dtype="bfloat16", **settings))
+    assert isinstance(core.runner, CudaGraphRunner)
+    return core
+
+
+@pytest.mark.parametrize("max_num_batched_tokens", [64, 4096], ids=["chunked-prefill", "whole-prompts"])
+def test_gpu_engine_greedy_matches_hf(checkpoint: Path, prompts, hf_models, max_num_batched_tokens: int) -> None:  # type: ignore[no-untyped-def]
+    core = gpu_engine(checkpoint, max_num_batched_tokens=max_num_batched_tokens)
+    # More requests than max_num_seqs: decode batches of several sizes replay graphs.
+    assert_matches_hf(hf_models, prompts, generate(core, prompts))
+
+
+def test_gpu_engine_reused_ids_and_preemption_keep_greedy_output(checkpoint: Path, prompts, hf_models) -> None:  # type: ignore[no-untyped-def]
+    # The decode graphs keep each row's block table between steps; a second
+    # wave reuses the first wave's request ids, and a KV cache of 18 blocks
+    # preempts part of it (two sequences admitted together outgrow it while
+    # decoding), so stale rows would show as wrong tokens.
+    core = gpu_engine(checkpoint, num_kv_blocks=18)
+    first, second = prompts[:5], prompts[5:]
+    continuations = generate(core, first) + generate(core, second)
+    assert core.stats().num_preemptions > 0
+    assert_matches_hf(hf_models, first + second, continuations)
