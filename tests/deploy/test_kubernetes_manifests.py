@@ -1,6 +1,6 @@
 """deploy/kubernetes: every rendered overlay validates against Kubernetes 1.3x
-schemas (offline, strict) and agrees with the CLI, the protos and the
-gateway's metrics."""
+schemas (offline, strict) and agrees with the CLI, the protos, the
+gateway's metrics and, in its NetworkPolicies, with its own pods and ports."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def overlay(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
 def test_every_resource_validates_strictly(overlay: tuple[str, list[dict[str, Any]]], version: str) -> None:
     _, resources = overlay
     kinds = {r["kind"] for r in resources}
-    assert {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
+    assert {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"} <= kinds
     for resource in resources:
         try:
             kubernetes_validate.validate(resource, version, strict=True)
@@ -199,3 +199,84 @@ def test_tokenizer_and_engines_load_one_model_from_the_models_volume(overlay: tu
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == "models"]
         assert mount["mountPath"] == "/models" and mount["readOnly"] is True
     assert len(models) == 1
+
+
+def _pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def _selected(selector: dict[str, Any], deployments: dict[str, dict[str, Any]]) -> list[str]:
+    """The Deployments whose pods `selector` (a LabelSelector) selects."""
+    # matchLabels only, so that a subset check is the whole match.
+    assert set(selector) == {"matchLabels"}, selector
+    return sorted(name for name, d in deployments.items() if selector["matchLabels"].items() <= _pod_labels(d).items())
+
+
+def _pod_ports(resources: list[dict[str, Any]], component: str) -> set[tuple[str, int]]:
+    """(protocol, port) of `component`'s container ports, after checking that
+    they are exactly the ports its Services send to."""
+    deployments = by_kind(resources, "Deployment")
+    (container,) = deployments[component]["spec"]["template"]["spec"]["containers"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    container_ports = {(p.get("protocol", "TCP"), p["containerPort"]) for p in container["ports"]}
+    service_ports = {
+        (port.get("protocol", "TCP"), named.get(port["targetPort"], port["targetPort"]))
+        for service in by_kind(resources, "Service").values()
+        if _selected({"matchLabels": service["spec"]["selector"]}, deployments) == [component]
+        for port in service["spec"]["ports"]
+    }
+    assert service_ports == container_ports, component
+    return container_ports
+
+
+def _policy_ports(rule: dict[str, Any]) -> set[tuple[str, int]]:
+    return {(p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]}
+
+
+def test_every_pod_is_covered_by_one_network_policy(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    _, resources = overlay
+    deployments = by_kind(resources, "Deployment")
+    policies = by_kind(resources, "NetworkPolicy")
+    for name, policy in policies.items():
+        assert policy["apiVersion"] == "networking.k8s.io/v1"
+        # Ingress only: the gateway must still reach the tokenizer, the
+        # engines and DNS.
+        assert policy["spec"]["policyTypes"] == ["Ingress"], name
+        assert _selected(policy["spec"]["podSelector"], deployments) == [name], name
+    assert set(policies) == set(deployments)
+
+
+@pytest.mark.parametrize("component", ["tokenizer", "engine"])
+def test_backends_accept_only_gateway_pods_on_their_grpc_port(overlay: tuple[str, list[dict[str, Any]]], component: str) -> None:
+    _, resources = overlay
+    deployments = by_kind(resources, "Deployment")
+    policy = by_kind(resources, "NetworkPolicy")[component]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    # A bare podSelector: pods of the policy's own namespace, no ipBlock or
+    # namespaceSelector widening it.
+    assert set(peer) == {"podSelector"}, peer
+    assert _selected(peer["podSelector"], deployments) == ["gateway"]
+    assert _policy_ports(rule) == _pod_ports(resources, component)
+
+    (container,) = deployments[component]["spec"]["template"]["spec"]["containers"]
+    config = config_for(container["args"], pod_environment(resources, container))
+    assert _policy_ports(rule) == {("TCP", config.port)}, "the gRPC port the service listens on"
+
+
+def test_gateway_accepts_its_public_ports_from_anywhere(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    _, resources = overlay
+    template = by_kind(resources, "Deployment")["gateway"]["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    config = config_for(container["args"], pod_environment(resources, container))
+    (rule,) = by_kind(resources, "NetworkPolicy")["gateway"]["spec"]["ingress"]
+    assert not rule.get("from"), "clients and Prometheus come from anywhere"
+    assert _policy_ports(rule) == _pod_ports(resources, "gateway") == {("TCP", config.port), ("TCP", config.http_port)}
+    assert ("TCP", int(template["metadata"]["annotations"]["prometheus.io/port"])) in _policy_ports(rule)
+
+
+def test_validation_rejects_a_broken_network_policy() -> None:
+    policy = by_kind(render(KUBERNETES / "overlays" / "cpu"), "NetworkPolicy")["engine"]
+    policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabel"] = {"app.kubernetes.io/component": "gateway"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(policy, SCHEMA_VERSIONS[0], strict=True)
