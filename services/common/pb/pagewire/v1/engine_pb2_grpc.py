@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class EngineStub:
-    """Missing associated documentation comment in .proto file."""
+    """One model replica, called by the gateway. Every RPC fails with UNAVAILABLE
+    while the model is still loading, and with INTERNAL once a step has failed.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,18 +54,21 @@ class EngineStub:
 
 
 class EngineServicer:
-    """Missing associated documentation comment in .proto file."""
+    """One model replica, called by the gateway. Every RPC fails with UNAVAILABLE
+    while the model is still loading, and with INTERNAL once a step has failed.
+    """
 
     def Generate(self, request_iterator, context):
         """Add and abort requests; receive per-step batched updates. Closing the
-        stream aborts every request it added and frees their KV blocks.
+        stream aborts every request it added and frees their KV blocks. After the
+        caller half-closes, the stream ends once its last request has finished.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Info(self, request, context):
-        """The model and limits of this engine.
+        """The model and limits of this engine; fixed for the life of the process.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,7 +108,9 @@ def add_EngineServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Engine:
-    """Missing associated documentation comment in .proto file."""
+    """One model replica, called by the gateway. Every RPC fails with UNAVAILABLE
+    while the model is still loading, and with INTERNAL once a step has failed.
+    """
 
     @staticmethod
     def Generate(request_iterator,

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class GenerationStub:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation for clients. The gateway tokenizes the input, routes the
+    request to an engine replica serving the model, and streams back text.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,13 +54,16 @@ class GenerationStub:
 
 
 class GenerationServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation for clients. The gateway tokenizes the input, routes the
+    request to an engine replica serving the model, and streams back text.
+    """
 
     def Generate(self, request_iterator, context):
         """Many requests on one stream: send Start messages with your own request
         ids, Cancel any of them; receive ServerMessages whose chunks are tagged by
         id. A bad request fails alone (a chunk carrying its error); the stream's
-        own status is for stream-wide failure only.
+        own status is for stream-wide failure only. After you half-close, the
+        stream ends once every request in flight has sent its last chunk.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,7 +77,8 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The models that GenerateRequest.model may name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -104,7 +110,9 @@ def add_GenerationServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Generation:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation for clients. The gateway tokenizes the input, routes the
+    request to an engine replica serving the model, and streams back text.
+    """
 
     @staticmethod
     def Generate(request_iterator,

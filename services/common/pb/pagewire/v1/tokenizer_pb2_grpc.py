@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class TokenizerStub:
-    """Missing associated documentation comment in .proto file."""
+    """The model's tokenizer, called by the gateway.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,12 +53,13 @@ class TokenizerStub:
 
 
 class TokenizerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The model's tokenizer, called by the gateway.
+    """
 
     def Tokenize(self, request_iterator, context):
-        """Encode many texts or chats. Each TokenizeRequest gets exactly one
-        TokenizeResult, in a later TokenizedBatch; a bad request gets a result
-        carrying INVALID_ARGUMENT and the stream goes on.
+        """Encode many texts or chats. Each TokenizeBatch is answered by one
+        TokenizedBatch holding exactly one TokenizeResult per request; a bad
+        request gets a result carrying INVALID_ARGUMENT and the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -66,7 +68,8 @@ class TokenizerServicer:
     def Detokenize(self, request_iterator, context):
         """Incrementally decode the output of many requests. Text is emitted only
         once it can no longer change, so the concatenated deltas of a request
-        equal decoding its whole token sequence at once.
+        equal decoding its whole token sequence at once. Request state lives
+        with the stream: closing it drops every open request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +109,8 @@ def add_TokenizerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Tokenizer:
-    """Missing associated documentation comment in .proto file."""
+    """The model's tokenizer, called by the gateway.
+    """
 
     @staticmethod
     def Tokenize(request_iterator,
