@@ -1,14 +1,18 @@
 """Paged KV cache bookkeeping: a pool of fixed-size blocks with reference
 counts, per-sequence block tables, and prefix caching of full blocks.
 
-A full block is named by the hash of (its parent block's hash, its token ids),
-so equal hashes mean equal prefixes. Blocks no live sequence holds wait in an
+A full block is named by the SHA-256 of (its parent block's hash, its token
+ids), so equal hashes mean equal prefixes: a lookup trusts the hash alone, and
+a collision would hand one request another's K/V, so the hash must be one
+that a crafted prompt cannot collide with. Blocks no live sequence holds wait in an
 LRU free queue; cached ones keep their hash (and their K/V) until allocation
 has to reuse them, so a later request with the same prefix can revive them.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
@@ -22,15 +26,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def hash_block(parent_hash: int | None, token_ids: SequenceOf[int]) -> int:
-    return hash((parent_hash, tuple(token_ids)))
+def hash_block(parent_hash: bytes | None, token_ids: SequenceOf[int]) -> bytes:
+    return hashlib.sha256((parent_hash or b"") + array("I", token_ids).tobytes()).digest()
 
 
 @dataclass
 class KVBlock:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    block_hash: bytes | None = None
 
 
 class BlockPool:
@@ -39,7 +43,7 @@ class BlockPool:
     def __init__(self, num_blocks: int):
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
-        self.cached: dict[int, KVBlock] = {}
+        self.cached: dict[bytes, KVBlock] = {}
         # Kept as a counter (not counted on demand) so other threads can read it.
         self.num_cached_free = 0
 
@@ -74,10 +78,10 @@ class BlockPool:
             # Holds nothing reusable: hand it out before any cached block.
             self.free_queue.move_to_end(block.block_id, last=False)
 
-    def lookup(self, block_hash: int) -> KVBlock | None:
+    def lookup(self, block_hash: bytes) -> KVBlock | None:
         return self.cached.get(block_hash)
 
-    def register(self, block: KVBlock, block_hash: int) -> None:
+    def register(self, block: KVBlock, block_hash: bytes) -> None:
         # A block that came from the cache keeps its hash; a block whose
         # content another block already caches stays private.
         if block.block_hash is not None or block_hash in self.cached:
@@ -138,7 +142,8 @@ class KVCacheManager:
         num_revived = sum(1 for b in cached_blocks if b.ref_count == 0)
         if num_needed + num_revived > self.pool.num_free:
             return False
-        if seq.num_computed_tokens == 0 and self.enable_prefix_caching:
+        # A preempted sequence's recompute is not a new query of the cache.
+        if seq.num_computed_tokens == 0 and seq.num_preemptions == 0 and self.enable_prefix_caching:
             self.queried_tokens += seq.num_tokens
             self.hit_tokens += len(cached_blocks) * self.block_size
         for block in cached_blocks:

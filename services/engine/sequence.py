@@ -4,6 +4,7 @@ and how much of it sits in the KV cache."""
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -60,8 +61,8 @@ class SamplingParams:
             found.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             found.append(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0.0:
-            found.append(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0.0 < self.repetition_penalty < math.inf:  # written so that NaN fails too
+            found.append(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
         if not -2.0 <= self.presence_penalty <= 2.0:
             found.append(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
@@ -95,7 +96,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     # Hashes of the full blocks of prompt + output tokens, in order (filled lazily).
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     # Leading blocks of block_table already entered in the prefix cache.
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0

@@ -28,7 +28,10 @@ def test_preempted_requests_produce_the_unpreempted_output(engine_model, prompts
     for i in short:
         core.add_request(f"r{i}", prompts[i], greedy(MAX_NEW_TOKENS, ignore_eos=True))
     outputs = run_all(core)
-    assert core.stats().num_preemptions > 0
+    stats = core.stats()
+    assert stats.num_preemptions > 0
+    # Recomputing a preempted request is not a new query of the prefix cache.
+    assert stats.prefix_cache_queried_tokens == sum(len(prompts[i]) for i in short)
     for i in short:
         expected = hf_greedy[i]
         # ignore_eos: HF stops at EOS, so compare up to it.
@@ -192,6 +195,11 @@ def test_logprobs_equal_hf_log_softmax(engine_model, hf_model, prompts) -> None:
         ([1], SamplingParams(top_k=-1), "top_k"),
         ([1], SamplingParams(min_p=1.5), "min_p"),
         ([1], SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+        ([1], SamplingParams(repetition_penalty=float("nan")), "repetition_penalty"),
+        ([1], SamplingParams(repetition_penalty=float("inf")), "repetition_penalty"),
+        ([1], SamplingParams(temperature=float("nan")), "temperature"),
+        ([1], SamplingParams(top_p=float("nan")), "top_p"),
+        ([1], SamplingParams(presence_penalty=float("inf")), "presence_penalty"),
         ([1], SamplingParams(presence_penalty=2.5), "presence_penalty"),
         ([1], SamplingParams(frequency_penalty=-3.0), "frequency_penalty"),
         ([1], SamplingParams(logprobs=21), "logprobs"),

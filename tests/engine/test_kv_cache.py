@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from services.engine.kv_cache import KVCacheManager
+import hashlib
+from array import array
+
+from services.engine.kv_cache import KVCacheManager, hash_block
 from services.engine.sequence import SamplingParams, Sequence
 
 
@@ -107,3 +110,11 @@ def test_blocks_filled_by_later_steps_enter_the_prefix_cache() -> None:
         kv.cache_computed_blocks(seq)
     follow_up = _seq("b", list(range(14)) + [99, 98])
     assert [b.block_id for b in kv.cached_prefix(follow_up)] == seq.block_table[:3]
+
+
+def test_block_hash_is_a_sha256_chained_over_the_prefix() -> None:
+    first = hash_block(None, [1, 2, 3, 4])
+    assert first == hashlib.sha256(array("I", [1, 2, 3, 4]).tobytes()).digest()
+    # The same tokens after another prefix are another block.
+    assert hash_block(first, [5, 6, 7, 8]) != hash_block(None, [5, 6, 7, 8])
+    assert hash_block(first, [5, 6, 7, 8]) == hashlib.sha256(first + array("I", [5, 6, 7, 8]).tobytes()).digest()
