@@ -102,10 +102,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             live.pop(rid, None)
             return None
         append = item.append
+        if item.HasField("start") and rid in live:
+            # The caller's id clash must not cost the live request its text so far.
+            reason = f"request {rid!r} is already open on this stream; the earlier request continues"
+            log.info("detokenize_refused", request_id=rid, reason=reason)
+            return tokenizer_pb2.TextDelta(request_id=rid, error=invalid_argument(reason).to_status(), closed=False)
         try:
             if item.HasField("start"):
-                if rid in live:
-                    raise invalid_argument(f"request {rid!r} is already open on this stream")
                 live[rid] = self.start_detokenizer(item.start)
             if rid not in live:
                 raise invalid_argument(f"request {rid!r} was never started on this stream (send DetokenizeStart first)")

@@ -119,6 +119,32 @@ def test_detokenize_multiplexes_requests_and_refuses_bad_items(server, hf_tokeni
     assert "unknown-cancel" not in last
 
 
+def test_duplicate_start_cancel_and_refusals_leave_the_stream_and_live_requests_going(server, hf_tokenizer) -> None:
+    ids = hf_tokenizer("Keep going, 世界 😀", add_special_tokens=False)["input_ids"]
+    half = len(ids) // 2
+    start = tokenizer_pb2.DetokenizeStart()
+    batches = [
+        tokenizer_pb2.DetokenizeBatch(items=[_item("a", ids[:half], start=start), _item("b", [42], start=start)]),
+        # A second start of a live id is refused; "a" keeps what it has. A
+        # cancel drops "b" at once, so its next tokens are refused.
+        tokenizer_pb2.DetokenizeBatch(items=[_item("a", start=start), _item("b", cancel=True)]),
+        tokenizer_pb2.DetokenizeBatch(items=[_item("b", [43]), _item("c", [hf_tokenizer.vocab_size], start=start)]),
+        # After every refusal the stream still serves old and new requests.
+        tokenizer_pb2.DetokenizeBatch(items=[_item("a", ids[half:], last=True), _item("e", [42], start=start, last=True)]),
+    ]
+    deltas = [delta for reply in _exchange(server, "Detokenize", batches) for delta in reply.deltas]
+    refusals = {d.request_id: d for d in deltas if d.error.code != 0}
+    assert set(refusals) == {"a", "b", "c"}
+    assert "already open" in refusals["a"].error.message and not refusals["a"].closed
+    assert "never started" in refusals["b"].error.message
+    assert "outside the vocabulary" in refusals["c"].error.message
+    text = {}
+    for delta in deltas:
+        if delta.error.code == 0:
+            text[delta.request_id] = text.get(delta.request_id, "") + delta.text
+    assert text["a"] == hf_tokenizer.decode(ids) and text["e"] == hf_tokenizer.decode([42])
+
+
 def test_info_describes_the_model(server, hf_tokenizer) -> None:
     rpc = server.invoke_unary_unary(SERVICE.methods_by_name["Info"], (), tokenizer_pb2.TokenizerInfoRequest(), 5)
     info, _, code, _ = rpc.termination()
