@@ -7,8 +7,14 @@ children inherit the environment, but every port and address is given to
 them as a flag, which beats PAGEWIRE_* variables.
 
 Readiness is each service's grpc.health.v1 status under its full service
-name. Ctrl-C or SIGTERM stops the gateway first (it drains its clients), then
-the engine and the tokenizer. If a child dies, the launcher says which, with
+name. With `--tls-cert`/`--tls-key` (or PAGEWIRE_TLS_CERT / PAGEWIRE_TLS_KEY)
+the gateway serves TLS on both public ports, and the launcher probes it over
+TLS, trusting the gateway's own certificate: as for `pagewire health
+--ca-file`, that certificate must be valid for the address probed (127.0.0.1
+when `--host` is 0.0.0.0 or ::, else `--host`).
+
+Ctrl-C or SIGTERM stops the gateway first (it drains its clients), then the
+engine and the tokenizer. If a child dies, the launcher says which, with
 its exit code and last lines of output. Before all three are serving it then
 stops the others (a child that cannot start would only die again); once they
 are, it starts the dead child again, after a delay that doubles while the
@@ -30,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import ServiceConfig, option
 from services.common.logging import get_logger
+from services.common.tls import TlsFiles
 from services.engine.config import EngineConfig
 
 log = get_logger("serve")
@@ -46,6 +53,9 @@ RESTART_INITIAL_S = 1.0
 RESTART_MAX_S = 30.0
 # A child that ran this long before dying is restarted after the initial delay.
 RESTART_RESET_AFTER_S = 60.0
+# Beyond its grace period, what a child gets to exit before it is killed (the
+# gateway needs a second or two to close its REST connections).
+STOP_MARGIN_S = 5.0
 
 
 @dataclass
@@ -58,6 +68,8 @@ class LauncherOptions(ServiceConfig):
     engine_port: int = option(50053, "Port of the engine service (on 127.0.0.1).")
     startup_timeout_s: float = option(600.0, "Seconds the three services get to report SERVING.")
     shutdown_grace_s: float = option(10.0, "Seconds each service gets to drain on shutdown before it is killed.")
+    tls_cert: str = option("", "PEM certificate chain for TLS on the gateway's public ports; with --tls-key.")
+    tls_key: str = option("", "PEM private key for TLS on the gateway's public ports; with --tls-cert.")
 
 
 def _engine_fields() -> list[dataclasses.Field]:  # type: ignore[type-arg]
@@ -108,6 +120,8 @@ def child_commands(config: typing.Any) -> dict[str, list[str]]:
     common = ["--log-level", config.log_level, "--log-format", log_format, "--max-message-bytes", str(config.max_message_bytes)]
     grace = ["--shutdown-grace-s", str(config.shutdown_grace_s)]
     model = ["--model", config.model] if config.model else []
+    # Given as flags, so that the gateway serves the TLS files the launcher probes with.
+    tls = ["--tls-cert", config.tls_cert, "--tls-key", config.tls_key] if config.tls_cert else []
     base = [sys.executable, "-m", "services.cli"]
     engine_has_grace = any(f.name == "shutdown_grace_s" for f in dataclasses.fields(EngineConfig))
     return {
@@ -118,7 +132,7 @@ def child_commands(config: typing.Any) -> dict[str, list[str]]:
         ],
         "gateway": [
             *base, "gateway", "--host", config.host, "--port", str(config.port), "--http-port", str(config.http_port),
-            "--tokenizer", f"127.0.0.1:{config.tokenizer_port}", "--engine", f"127.0.0.1:{config.engine_port}", *common, *grace,
+            "--tokenizer", f"127.0.0.1:{config.tokenizer_port}", "--engine", f"127.0.0.1:{config.engine_port}", *tls, *common, *grace,
         ],
     }  # fmt: skip
 
@@ -152,8 +166,9 @@ async def _start(name: str, command: list[str]) -> Child:
     return Child(name, process, tail, asyncio.create_task(_relay_output(process.stdout, tail)))
 
 
-async def _is_serving(target: str, service: str) -> bool:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _is_serving(target: str, service: str, credentials: grpc.ChannelCredentials | None) -> bool:
+    channel = grpc.aio.insecure_channel(target) if credentials is None else grpc.aio.secure_channel(target, credentials)
+    async with channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=READINESS_POLL_S * 4)
         except grpc.aio.AioRpcError:
@@ -161,12 +176,13 @@ async def _is_serving(target: str, service: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def _wait_serving(children: dict[str, Child], targets: dict[str, str]) -> None:
-    """Returns once every child reports SERVING."""
+async def _wait_serving(targets: dict[str, str], credentials: dict[str, grpc.ChannelCredentials]) -> None:
+    """Returns once every child reports SERVING (probed with its channel
+    credentials in `credentials`, in plaintext if it has none)."""
     pending = dict(targets)
     while pending:
         for name, target in list(pending.items()):
-            if await _is_serving(target, READINESS_NAMES[name]):
+            if await _is_serving(target, READINESS_NAMES[name], credentials.get(name)):
                 log.info("ready", child=name, address=target)
                 del pending[name]
         if pending:
@@ -179,9 +195,9 @@ async def _stop(children: dict[str, Child], grace_s: float) -> None:
         if child.process.returncode is None:
             child.process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(child.process.wait(), grace_s)
+                await asyncio.wait_for(child.process.wait(), grace_s + STOP_MARGIN_S)
             except TimeoutError:
-                log.warning("did not stop in time, killing", child=child.name, grace_s=grace_s)
+                log.warning("did not stop in time, killing", child=child.name, grace_s=grace_s, margin_s=STOP_MARGIN_S)
                 child.process.kill()
                 await child.process.wait()
         await asyncio.wait_for(child.relay, grace_s)
@@ -220,12 +236,14 @@ async def _supervise(
 
 
 async def serve(config: typing.Any) -> int:
+    tls = TlsFiles.from_options(config.tls_cert, config.tls_key)
     commands = child_commands(config)
     targets = {
         "tokenizer": f"127.0.0.1:{config.tokenizer_port}",
         "engine": f"127.0.0.1:{config.engine_port}",
         "gateway": f"{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}",
     }
+    credentials = {"gateway": grpc.ssl_channel_credentials(root_certificates=tls.cert_path.read_bytes())} if tls else {}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -237,19 +255,24 @@ async def serve(config: typing.Any) -> int:
             children[name] = await _start(name, command)
         exits = {asyncio.ensure_future(child.process.wait()): child for child in children.values()}
         stopping = asyncio.ensure_future(stop.wait())
-        ready = asyncio.ensure_future(asyncio.wait_for(_wait_serving(children, targets), config.startup_timeout_s))
+        ready = asyncio.ensure_future(asyncio.wait_for(_wait_serving(targets, credentials), config.startup_timeout_s))
         done, _ = await asyncio.wait([ready, stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
         if ready in done and ready.exception() is None:
             log.info(
                 "pagewire is serving",
                 grpc=f"{config.host}:{config.port}",
-                rest=f"http://{config.host}:{config.http_port}/v1",
+                grpc_tls=tls is not None,
+                rest=f"{'https' if tls else 'http'}://{config.host}:{config.http_port}/v1",
                 model=config.model or "embedded default",
             )
             await _supervise(children, commands, exits, stopping)
             done = {stopping}
         elif ready in done:
-            log.error("services did not report SERVING in time", startup_timeout_s=config.startup_timeout_s)
+            log.error(
+                "services did not report SERVING in time",
+                startup_timeout_s=config.startup_timeout_s,
+                gateway_probe=f"{targets['gateway']} over " + (f"TLS, trusting {tls.cert_path}" if tls else "plaintext"),
+            )
             exit_code = 1
         ready.cancel()
         stopping.cancel()

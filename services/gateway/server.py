@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
+import grpc
+
 from services.common.config import ServiceConfig, option
-from services.common.grpc_utils import RunningServer, channel_options, serve_until_signalled, start_server
+from services.common.grpc_utils import RunningServer, channel_options, error_status, start_server
 from services.common.logging import get_logger
 from services.common.pb.pagewire.v1 import gateway_pb2
 from services.gateway.router import RoutingPolicy
 
 if TYPE_CHECKING:
+    import uvicorn
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
     from services.gateway.pipeline import Gateway
 
 log = get_logger("gateway")
@@ -25,6 +31,12 @@ log = get_logger("gateway")
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 # How often readiness follows the peers' connection state.
 READINESS_POLL_S = 0.2
+# After the grace period: the seconds uvicorn gets to cancel the REST requests
+# still running (its timeout_graceful_shutdown, whole seconds), and to exit in
+# all (it notices should_exit within 0.1 s, then pauses 0.1 s before waiting).
+REST_CANCEL_S = 1
+REST_EXIT_S = REST_CANCEL_S + 1.0
+SHUTTING_DOWN = "the gateway is shutting down; send new requests to another replica or retry after it restarts"
 
 
 @dataclass
@@ -63,6 +75,43 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class RestAdmission:
+    """The REST front door: counts the requests it let in, and once closed
+    answers every new one with `refusal` (the listener stays open meanwhile,
+    so that clients get a 503 saying why instead of a refused connection)."""
+
+    def __init__(self, app: ASGIApp, refusal: ASGIApp) -> None:
+        self.app = app
+        self.refusal = refusal
+        self.closed = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.closed:
+            await self.refusal(scope, receive, send)
+            return
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> None:
+        """Return once the requests let in have ended, or after timeout_s."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        if self._in_flight:
+            log.warning("REST requests still running after the grace period", requests=self._in_flight)
+
+
 async def _follow_readiness(gateway: Gateway, running: RunningServer) -> None:
     """Report SERVING while the tokenizer and at least one replica are up."""
     serving: bool | None = None
@@ -72,6 +121,19 @@ async def _follow_readiness(gateway: Gateway, running: RunningServer) -> None:
             await running.set_serving(serving)
             log.info("readiness", serving=serving)
         await asyncio.sleep(READINESS_POLL_S)
+
+
+async def _drain(running: RunningServer, rest: uvicorn.Server, admission: RestAdmission, readiness: asyncio.Task[None], grace_s: float) -> None:
+    """Close both front doors at once, give the requests running on either
+    one shared grace period, then stop both servers."""
+    admission.closed = True
+    # A peer that reconnects mid-drain must not turn readiness back to SERVING.
+    readiness.cancel()
+    await asyncio.gather(readiness, return_exceptions=True)
+    await running.health.enter_graceful_shutdown()
+    log.info("draining", grace_s=grace_s)
+    await asyncio.gather(running.drain_and_stop(grace_s), admission.wait_idle(grace_s))
+    rest.should_exit = True
 
 
 async def serve(config: GatewayConfig) -> int:
@@ -86,7 +148,7 @@ async def serve(config: GatewayConfig) -> int:
     from services.gateway.grpc_api import GenerationServicer
     from services.gateway.metrics import GatewayMetrics
     from services.gateway.pipeline import Gateway, GatewaySettings
-    from services.gateway.rest_api import create_app
+    from services.gateway.rest_api import create_app, status_response
 
     class EmbeddedUvicorn(uvicorn.Server):
         """uvicorn on the gateway's event loop; shutdown signals are the gateway's to handle."""
@@ -134,13 +196,18 @@ async def serve(config: GatewayConfig) -> int:
         credentials=tls.grpc_server_credentials() if tls else None,
     )
     app = create_app(gateway, config.max_message_bytes)
+    refusal = status_response(error_status(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN))
+    # Keep-alive clients then open their next connection elsewhere.
+    refusal.headers["Connection"] = "close"
+    admission = RestAdmission(ApiKeyMiddleware(app, config.api_key) if config.api_key else app, refusal)
     rest = EmbeddedUvicorn(
         uvicorn.Config(
-            ApiKeyMiddleware(app, config.api_key) if config.api_key else app,
+            admission,
             log_config=None,
             access_log=False,
             lifespan="off",
-            timeout_graceful_shutdown=int(config.shutdown_grace_s),
+            # The grace period is spent in _drain already.
+            timeout_graceful_shutdown=REST_CANCEL_S,
             **(tls.uvicorn_options() if tls else {}),
         )
     )
@@ -158,21 +225,24 @@ async def serve(config: GatewayConfig) -> int:
         engines=config.engine,
         routing=config.routing,
     )
-    server_done = asyncio.create_task(serve_until_signalled(running, config.shutdown_grace_s))
-    done, _ = await asyncio.wait([server_done, *background], return_when=asyncio.FIRST_COMPLETED)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    signalled = asyncio.create_task(stop.wait(), name="signal")
+    grpc_ended = asyncio.create_task(running.server.wait_for_termination(), name="grpc")
+    done, _ = await asyncio.wait([signalled, grpc_ended, *background], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
     for task in done:
-        if task is not server_done and not task.cancelled() and task.exception() is not None:
+        if task in background and not task.cancelled() and task.exception() is not None:
             log.error("gateway task failed", task=task.get_name(), error=repr(task.exception()))
             exit_code = 1
-    rest.should_exit = True
-    if not server_done.done():
-        await running.drain_and_stop(0)
-        server_done.cancel()
-    await asyncio.wait([background[2]], timeout=config.shutdown_grace_s)
-    for task in background:
+    # Only a signal asks for a drain; after a failure nothing is waited for.
+    await _drain(running, rest, admission, background[1], config.shutdown_grace_s if stop.is_set() else 0.0)
+    await asyncio.wait([background[2]], timeout=REST_EXIT_S)
+    for task in [signalled, grpc_ended, *background]:
         task.cancel()
-    await asyncio.gather(*background, return_exceptions=True)
+    await asyncio.gather(signalled, grpc_ended, *background, return_exceptions=True)
     http_socket.close()
     log.info("gateway stopped", exit_code=exit_code)
     return exit_code

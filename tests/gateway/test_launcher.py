@@ -1,15 +1,22 @@
-"""`pagewire serve`: the children's command lines, and a child that dies."""
+"""`pagewire serve`: the children's command lines, a child that dies, and a
+gateway that serves TLS."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
 
 from services.common.config import parse_config
+from services.common.grpc_utils import check_health
+from services.common.tls import TlsFiles
 from services.launcher import CONFIG, child_commands
-from tests.gateway.serve_process import ServeProcess
+from tests.gateway.serve_process import REPO, ServeProcess
+
+# Seconds `pagewire serve` on the embedded model gets to say it is serving.
+TLS_READY_S = 120.0
 
 
 def flags_of(command: list[str]) -> list[str]:
@@ -60,3 +67,27 @@ def test_a_child_that_dies_is_named_with_its_exit_code_and_output_and_the_others
     for started in serve.events("started"):
         with pytest.raises(ProcessLookupError):
             os.kill(started["pid"], 0)
+
+
+def test_serve_with_tls_from_the_environment_probes_the_gateway_over_tls(tmp_path, tls_files: TlsFiles) -> None:  # type: ignore[no-untyped-def]
+    serve = ServeProcess(tmp_path / "serve.log", ["--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512"])
+    flags = [part for name, port in serve.ports.items() for part in ("--" + name.replace("_", "-"), str(port))]
+    # ServeProcess.start drops every PAGEWIRE_* variable; these two, as a
+    # container would set them, are the point here.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")}
+    env |= {"PAGEWIRE_TLS_CERT": str(tls_files.cert_path), "PAGEWIRE_TLS_KEY": str(tls_files.key_path)}
+    command = [sys.executable, "-m", "services.cli", "serve", *flags, *serve.extra_args, "--log-format", "json"]
+    with serve.log_path.open("wb") as log:
+        serve.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Far below the launcher's 600 s startup timeout, which a probe that cannot speak TLS runs into.
+        serve.wait_serving(TLS_READY_S)
+        roots = tls_files.cert_path.read_bytes()
+        serving_over_tls = check_health(f"localhost:{serve.ports['port']}", "pagewire.v1.Generation", root_certificates=roots)
+        serving_in_plaintext = check_health(serve.grpc_target, "pagewire.v1.Generation", timeout_s=1.0)
+    finally:
+        exit_code = serve.stop()
+    (serving,) = serve.events("pagewire is serving")
+    assert serving["grpc_tls"] is True and serving["rest"].startswith("https://"), serving
+    assert serving_over_tls and not serving_in_plaintext
+    assert exit_code == 0, serve.log_tail()
