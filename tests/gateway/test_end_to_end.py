@@ -1,6 +1,7 @@
 """`pagewire serve` on the embedded model, as real processes on real ports:
 OpenAI clients over REST, gRPC clients over the bidi stream and Complete,
-bad input, cancellation and deadlines reaching the engine, metrics."""
+bad input, cancellation and deadlines reaching the engine, metrics,
+reflection."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import grpc
 import httpx
 import openai
 import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
 from google.rpc import error_details_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
 
 from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc, gateway_pb2, gateway_pb2_grpc
@@ -29,6 +32,7 @@ MAX_MODEL_LEN = 512
 MAX_MESSAGE_BYTES = 1 << 20
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+CHAT_MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -103,20 +107,23 @@ class BidiStream:
             yield from message.chunks
 
 
-def hf_greedy_chat(hf_model, hf_tokenizer, max_new_tokens: int) -> str:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def hf_greedy_chat(hf_model, hf_tokenizer) -> tuple[list[int], list[int]]:  # type: ignore[no-untyped-def]
+    """HF transformers' greedy reply to CHAT as (prompt ids, reply ids), generated once for the module."""
     import torch
 
     prompt = hf_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        output = hf_model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
-    return hf_tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        output = hf_model.generate(**prompt, max_new_tokens=CHAT_MAX_TOKENS, do_sample=False)
+    prompt_ids = prompt["input_ids"][0].tolist()
+    return prompt_ids, output[0, len(prompt_ids) :].tolist()
 
 
 # --- OpenAI-compatible REST --------------------------------------------------
 
 
-def test_openai_chat_equals_hf_greedy_with_and_without_streaming(openai_client: openai.OpenAI, hf_model, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
-    max_tokens = 24
+def test_openai_chat_equals_hf_greedy_with_and_without_streaming(openai_client: openai.OpenAI, hf_greedy_chat, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    max_tokens = CHAT_MAX_TOKENS
     assert [model.id for model in openai_client.models.list()] == [MODEL]
     whole = openai_client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=max_tokens, temperature=0)
     stream = openai_client.chat.completions.create(
@@ -124,7 +131,7 @@ def test_openai_chat_equals_hf_greedy_with_and_without_streaming(openai_client: 
     )
     events = list(stream)
     streamed = "".join(event.choices[0].delta.content or "" for event in events if event.choices)
-    expected = hf_greedy_chat(hf_model, hf_tokenizer, max_tokens)
+    expected = hf_tokenizer.decode(hf_greedy_chat[1], skip_special_tokens=True)
 
     assert whole.choices[0].message.content == expected
     assert streamed == expected
@@ -253,6 +260,33 @@ def test_grpc_disconnect_and_deadline_abort_in_the_engine(server: ServeProcess, 
     assert_no_leak(wait_engine_idle(server))
 
 
+def test_grpc_greedy_token_ids_equal_hf_and_text_is_their_decode(stub: gateway_pb2_grpc.GenerationStub, hf_greedy_chat, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    prompt_ids, expected_ids = hf_greedy_chat
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=CHAT_MAX_TOKENS)
+    chat = gateway_pb2.ChatInput(messages=[common_pb2.ChatMessage(**message) for message in CHAT])
+    # The same prompt as ids (straight to the engine) and as chat (through the tokenizer's template).
+    stream = BidiStream(stub)
+    stream.start(gateway_pb2.GenerateRequest(request_id="ids", token_ids=gateway_pb2.TokenIds(ids=prompt_ids), sampling=sampling))
+    stream.start(gateway_pb2.GenerateRequest(request_id="chat", chat=chat, sampling=sampling))
+    stream.close()  # the gateway finishes what is in flight after the half-close
+    ids: dict[str, list[int]] = {"ids": [], "chat": []}
+    texts = {"ids": "", "chat": ""}
+    last: dict[str, gateway_pb2.GenerateChunk] = {}
+    for chunk in stream.chunks():
+        ids[chunk.request_id] += chunk.token_ids
+        texts[chunk.request_id] += chunk.text
+        if chunk.finish_reason:
+            last[chunk.request_id] = chunk
+
+    assert sorted(last) == ["chat", "ids"]
+    for request_id, chunk in last.items():
+        assert not chunk.error.code, chunk
+        assert ids[request_id] == expected_ids, request_id
+        assert texts[request_id] == hf_tokenizer.decode(expected_ids, skip_special_tokens=True), request_id
+        assert chunk.usage.completion_tokens == len(expected_ids)
+        assert chunk.usage.prompt_tokens == len(prompt_ids)
+
+
 def grpc_error(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.RpcError) as raised:
         list(call)
@@ -346,11 +380,31 @@ def test_list_models_health_and_metrics(server: ServeProcess, stub: gateway_pb2_
         assert samples[(f"pagewire_{histogram}_seconds_count", ())] >= 1
 
 
+def test_gateway_reflection_lists_its_services_and_serves_the_generation_descriptor(server: ServeProcess) -> None:
+    compiled = gateway_pb2.DESCRIPTOR.services_by_name["Generation"]
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        # Resolving the service pulls its file and every import over reflection.
+        fetched = DescriptorPool(database).FindServiceByName(compiled.full_name)
+        methods = {m.name: (m.input_type.full_name, m.output_type.full_name) for m in fetched.methods}
+    assert {compiled.full_name, "grpc.health.v1.Health"} <= services, services
+    assert methods == {m.name: (m.input_type.full_name, m.output_type.full_name) for m in compiled.methods}
+    assert fetched.file.serialized_pb == compiled.file.serialized_pb
+
+
 def test_examples_python_client(server: ServeProcess) -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "python_client.py"
     result = subprocess.run([sys.executable, str(example), server.grpc_target], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def npm_registry_reachable(cwd: Path) -> bool:
+    try:
+        return subprocess.run(["npm", "ping"], cwd=cwd, capture_output=True, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def test_examples_node_client(server: ServeProcess, tmp_path: Path) -> None:
@@ -361,7 +415,10 @@ def test_examples_node_client(server: ServeProcess, tmp_path: Path) -> None:
     shutil.copytree(examples, work)
     install = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefer-offline"], cwd=work, capture_output=True, text=True, timeout=180)
     if install.returncode != 0:
-        pytest.skip(f"npm install failed (no network?): {install.stderr[-300:]}")
+        # Only an unreachable registry excuses a failed install; a broken package.json must fail.
+        if not npm_registry_reachable(work):
+            pytest.skip(f"npm registry unreachable: {install.stderr[-300:]}")
+        pytest.fail(f"npm install failed with the registry reachable:\n{install.stderr[-3000:]}")
     protos = Path(__file__).resolve().parents[2] / "protos"
     result = subprocess.run(
         ["node", "client.js", server.grpc_target], cwd=work, capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"], "PAGEWIRE_PROTOS": str(protos)}

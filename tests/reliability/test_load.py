@@ -41,7 +41,10 @@ def _check_and_summarise(results: list[StreamResult], watch: HealthWatch, elapse
     assert counts["completed"] > 0
     refused = [r for r in results if r.outcome is Outcome.REFUSED]
     # A refusal is immediate and says why, in the OpenAI error body.
-    assert all(r.error is not None and r.error["code"] == "RESOURCE_EXHAUSTED" for r in refused), refused[:3]
+    for result in refused:
+        assert result.error is not None and set(result.error) == {"message", "type", "param", "code"}, result
+        assert (result.error["type"], result.error["code"], result.error["param"]) == ("rate_limit_error", "RESOURCE_EXHAUSTED", None), result
+        assert isinstance(result.error["message"], str) and result.error["message"].strip(), result
     slowest_refusal = max((r.elapsed_s for r in refused), default=0.0)
     assert not watch.failures, f"health went unanswered during the load: {watch.failures[:5]}"
     assert watch.answered > 0
