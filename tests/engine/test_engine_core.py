@@ -3,12 +3,16 @@ caching, aborts in every state, deadlines, stop conditions, validation."""
 
 from __future__ import annotations
 
+import itertools
+
 import grpc
 import pytest
 import torch
 
 from services.common.grpc_utils import RequestError
-from services.engine.sequence import FinishReason, SamplingParams, SequenceStatus
+from services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS
+from services.engine.kv_cache import kv_bytes_per_block
+from services.engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus
 from tests.engine.conftest import MAX_NEW_TOKENS
 from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
 
@@ -37,6 +41,70 @@ def test_preempted_requests_produce_the_unpreempted_output(engine_model, prompts
         # ignore_eos: HF stops at EOS, so compare up to it.
         assert tokens_of(outputs[f"r{i}"])[: len(expected)] == expected, f"request r{i}"
     assert_no_leaks(core)
+
+
+def test_preemption_takes_the_newest_running_sequence_and_queues_it_first(engine_model, prompts, hf_greedy) -> None:
+    """DESIGN.md: when blocks run out the newest running sequence is preempted
+    and waits at the front of the queue, ahead of requests that never ran."""
+    short = [i for i, ids in enumerate(prompts) if len(ids) <= 16][:6]
+    core = make_engine(engine_model, block_size=4, num_kv_blocks=14, max_model_len=64)
+    # Three arrive before step 0 and already outgrow the cache; three more before step 2.
+    arrivals = {0: short[:3], 2: short[3:]}
+    # Admission order, kept by the test: (step, place in the waiting queue) when a sequence last entered the batch.
+    admitted: dict[str, tuple[int, int]] = {}
+    outputs: dict[str, list[RequestOutput]] = {}
+    contested = 0  # preemptions that spared an older running sequence
+    for step in itertools.count():
+        for i in arrivals.get(step, []):
+            core.add_request(f"r{i}", prompts[i], greedy(MAX_NEW_TOKENS, ignore_eos=True))
+        if not core.has_unfinished():
+            break
+        running, waiting = list(core.scheduler.running), list(core.scheduler.waiting)
+        preemptions = {seq.request_id: seq.num_preemptions for seq in running}
+        for out in core.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        for place, seq in enumerate(waiting):
+            if seq.status is SequenceStatus.RUNNING:
+                admitted[seq.request_id] = (step, place)
+        victims = [seq for seq in running if seq.num_preemptions > preemptions[seq.request_id]]
+        if not victims:
+            continue
+        by_age = sorted(running, key=lambda seq: admitted[seq.request_id])
+        assert _ids(victims) == _ids(by_age[len(by_age) - len(victims) :]), f"step {step}: preempted from {_ids(by_age)}"
+        queue = list(core.scheduler.waiting)
+        # Oldest victim first, so they rerun in arrival order, then the queue as it was.
+        assert _ids(queue) == _ids(victims) + _ids([seq for seq in waiting if seq in queue]), f"step {step}"
+        assert all(not seq.block_table and seq.num_computed_tokens == 0 for seq in victims)
+        contested += len(victims) < len(running)
+    assert contested > 0
+    for i in short:
+        # ignore_eos: HF stops at EOS, so compare up to it.
+        assert tokens_of(outputs[f"r{i}"])[: len(hf_greedy[i])] == hf_greedy[i], f"request r{i}"
+    assert_no_leaks(core)
+
+
+def _ids(seqs: list[Sequence]) -> list[str]:
+    return [seq.request_id for seq in seqs]
+
+
+def test_kv_cache_memory_sizes_the_cpu_cache_and_num_kv_blocks_wins(engine_model) -> None:
+    c = engine_model.config
+    per_block = kv_bytes_per_block(c.num_layers, 16, c.num_kv_heads, c.head_dim, torch.float32)
+    # K and V x 30 layers x 16 tokens x 3 KV heads x head_dim 64 x 4 bytes for SmolLM2-135M.
+    assert per_block == 2 * 30 * 16 * 3 * 64 * 4
+    sized = make_engine(engine_model, num_kv_blocks=None, kv_cache_memory=11 * per_block - 1)
+    assert sized.info.num_kv_blocks == sized.kv_cache.pool.num_free == 10
+    assert all(k.shape[0] == v.shape[0] == 10 for k, v in sized.runner.kv_caches)
+    assert make_engine(engine_model, num_kv_blocks=3, kv_cache_memory=11 * per_block).info.num_kv_blocks == 3
+    with pytest.raises(ValueError, match="--kv-cache-memory"):
+        make_engine(engine_model, num_kv_blocks=None, kv_cache_memory=per_block - 1)
+
+
+def test_default_token_budget_is_2048_on_the_cpu(engine_model) -> None:
+    assert make_engine(engine_model).info.max_num_batched_tokens == CPU_MAX_NUM_BATCHED_TOKENS == 2048
+    # The GPU default is picked inline in EngineCore.__init__ (no pure function to call without a GPU).
+    assert GPU_MAX_NUM_BATCHED_TOKENS == 8192
+    assert make_engine(engine_model, max_num_batched_tokens=100).info.max_num_batched_tokens == 100
 
 
 def test_shared_prefix_reuses_cached_blocks_with_unchanged_output(engine_model, hf_model, prompts) -> None:

@@ -132,13 +132,62 @@ def test_bad_requests_get_invalid_argument_and_leave_others_alone(server, stub, 
     assert set(by_id) == set(hints)
     for request_id, hint in hints.items():
         (update,) = by_id[request_id]
-        assert update.error.code == INVALID_ARGUMENT and hint in update.error.message
-        assert update.finish_reason == common_pb2.FINISH_REASON_ERROR and not update.token_ids
+        _assert_refused(update, hint)
     for step in steps:
         ids = [u.request_id for u in step.updates if not u.error.code]
         assert len(ids) == len(set(ids)), "one update per request per step"
     _wait_idle(server.core)
     assert_no_leaks(server.core)
+
+
+def test_bad_adds_while_a_request_decodes_leave_it_alone(server, stub, prompts, hf_greedy) -> None:
+    hints = {
+        "empty": "prompt_token_ids is empty",
+        "out-of-vocab": "outside the vocabulary [0, 49152)",
+        "no-tokens": "max_tokens must be >= 1",
+        "too-long": "max_model_len",
+        "top-p-zero": "top_p must be in (0, 1]",
+        "nan-penalty": "repetition_penalty must be a finite number",
+        "good": "already live on this stream; the earlier request continues",
+    }
+    bad = [
+        _add("empty", []),
+        _add("out-of-vocab", [1, 2, 49152]),
+        _add("no-tokens", prompts[1], max_tokens=0),
+        _add("too-long", [1] * server.core.max_model_len),
+        _add("top-p-zero", prompts[1], temperature=1.0, top_p=0.0),
+        _add("nan-penalty", prompts[1], repetition_penalty=float("nan")),
+        _add("good", prompts[1]),
+    ]
+    inputs = Inputs()
+    inputs.send(add=[_add("good", prompts[0])])
+    steps = []
+    for step in stub.Generate(iter(inputs), timeout=120):
+        steps.append(step)
+        if len(steps) == 1:
+            # The good request is past prefill and decoding when the bad ones arrive.
+            (first,) = step.updates
+            assert first.request_id == "good" and len(first.token_ids) == 1 and not first.finish_reason
+            inputs.send(add=bad)
+            inputs.close()
+    refusals = {u.request_id: (index, u) for index, step in enumerate(steps) for u in step.updates if u.error.code}
+    assert set(refusals) == set(hints)
+    for request_id, hint in hints.items():
+        _assert_refused(refusals[request_id][1], hint)
+    good = [(index, u) for index, step in enumerate(steps) for u in step.updates if u.request_id == "good" and not u.error.code]
+    assert _tokens([u for _, u in good]) == hf_greedy[0]
+    assert [u.finish_reason for _, u in good] == [0] * (len(good) - 1) + [common_pb2.FINISH_REASON_LENGTH]
+    # It was still running when every refusal went out.
+    assert max(index for index, _ in refusals.values()) < good[-1][0]
+    _wait_idle(server.core)
+    stats = stub.Stats(engine_pb2.EngineStatsRequest())
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.load.num_running == stats.load.num_waiting == 0
+    assert_no_leaks(server.core)
+
+
+def _assert_refused(update: engine_pb2.SequenceUpdate, hint: str) -> None:
+    assert update.error.code == INVALID_ARGUMENT and hint in update.error.message, update.error.message
+    assert update.finish_reason == common_pb2.FINISH_REASON_ERROR and not update.token_ids
 
 
 def test_stream_of_only_bad_requests_gets_its_errors_before_it_ends(stub) -> None:
