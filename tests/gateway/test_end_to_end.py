@@ -5,6 +5,7 @@ reflection."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import queue
@@ -19,6 +20,7 @@ from pathlib import Path
 import grpc
 import httpx
 import openai
+import psutil
 import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from google.rpc import error_details_pb2
@@ -440,3 +442,19 @@ def test_rest_client_that_goes_away_frees_the_request(server: ServeProcess) -> N
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.rest_url}/v1/completions", json={**body, "stream": False}, timeout=1.5)
     assert_no_leak(wait_engine_idle(server))
+
+
+def test_internal_services_listen_on_loopback_only(server: ServeProcess) -> None:
+    assert server.process is not None
+    processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+    listening: dict[int, set[str]] = {}
+    for process in processes:
+        for connection in process.net_connections(kind="inet"):
+            if connection.status == psutil.CONN_LISTEN:
+                listening.setdefault(connection.laddr.port, set()).add(connection.laddr.ip)
+    # The tokenizer and engine carry no API key: only the gateway may reach
+    # them. gRPC may bind 127.0.0.1 as its IPv4-mapped IPv6 form.
+    for name in ("tokenizer_port", "engine_port"):
+        addresses = [ipaddress.ip_address(ip) for ip in listening[server.ports[name]]]
+        assert all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in addresses), (name, addresses)
+    assert server.ports["port"] in listening and server.ports["http_port"] in listening
