@@ -4,7 +4,6 @@ gateway's metrics and, in its NetworkPolicies, with its own pods and ports."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -13,7 +12,7 @@ import yaml
 
 from services.gateway.discovery import DnsTarget, parse_target
 from services.gateway.metrics import GatewayMetrics
-from tests.deploy.contract import READINESS_SERVICE, REPO, config_for, parse_health_command
+from tests.deploy.contract import READINESS_SERVICE, REPO, config_for
 from tests.deploy.kustomize import by_kind, pod_environment, render
 
 KUBERNETES = REPO / "deploy" / "kubernetes"

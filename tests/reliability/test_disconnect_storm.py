@@ -19,7 +19,6 @@ SETTLE_TIMEOUT_S = 30.0
 
 async def _storm(cluster: Cluster, clients: int) -> dict[str, Any]:
     async with rest_client(cluster.rest_url) as client:
-        started = time.monotonic()
         # Long enough (max_tokens) that every stream is still going when it is dropped.
         body = completion_body(max_tokens=400, prompt="Tell me a long story about a lighthouse keeper.")
         results = await asyncio.gather(*(stream_completion(client, body, timeout_s=120.0, drop_after_events=2) for _ in range(clients)))
