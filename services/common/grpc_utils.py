@@ -62,6 +62,17 @@ class RequestError(Exception):
         return error_status(self.code, self.message)
 
 
+class DuplicateRequestError(RequestError):
+    """A request id already live on the stream: the new request is refused
+    and the live one it names goes on, so the refusal does not end it."""
+
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    def __reduce__(self) -> tuple[type[DuplicateRequestError], tuple[str]]:  # type: ignore[override]
+        return DuplicateRequestError, (self.message,)
+
+
 def invalid_argument(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 

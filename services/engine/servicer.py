@@ -20,7 +20,7 @@ from typing import Protocol
 
 import grpc
 
-from services.common.grpc_utils import RequestError, invalid_argument
+from services.common.grpc_utils import DuplicateRequestError, RequestError, invalid_argument
 from services.common.logging import get_logger
 from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from services.engine.engine import EngineCore, EngineInfo, EngineLoad, EngineStats
@@ -86,7 +86,9 @@ def update_from_output(request_id: str, output: RequestOutput) -> engine_pb2.Seq
 
 
 def update_from_error(request_id: str, error: RequestError) -> engine_pb2.SequenceUpdate:
-    return engine_pb2.SequenceUpdate(request_id=request_id, finish_reason=common_pb2.FINISH_REASON_ERROR, error=error.to_status())
+    ends = not isinstance(error, DuplicateRequestError)
+    finish_reason = common_pb2.FINISH_REASON_ERROR if ends else common_pb2.FINISH_REASON_UNSPECIFIED
+    return engine_pb2.SequenceUpdate(request_id=request_id, finish_reason=finish_reason, error=error.to_status())
 
 
 def load_to_proto(load: EngineLoad) -> engine_pb2.EngineLoad:
@@ -238,7 +240,7 @@ class StepLoop:
         if isinstance(command.sampling, RequestError):
             return command.sampling
         if command.request_id in stream.live:
-            return invalid_argument(f"request id {command.request_id!r} is already live on this stream; the earlier request continues")
+            return DuplicateRequestError(f"request id {command.request_id!r} is already live on this stream; the earlier request continues")
         core_id = f"{stream.stream_id}/{next(self._core_ids)}"
         try:
             self.core.add_request(core_id, command.prompt_token_ids, command.sampling, command.timeout_s)

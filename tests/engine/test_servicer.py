@@ -123,7 +123,8 @@ def test_bad_requests_get_invalid_argument_and_leave_others_alone(server, stub, 
     by_id = _updates_by_id(steps)
     good = by_id.pop("good")
     refused_duplicate = [u for u in good if u.error.code]
-    assert len(refused_duplicate) == 1 and "already live" in refused_duplicate[0].error.message
+    assert len(refused_duplicate) == 1
+    _assert_refused(refused_duplicate[0], "already live", ends_request=False)
     good = [u for u in good if not u.error.code]
     assert _tokens(good) == hf_greedy[0]
     assert good[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
@@ -173,7 +174,7 @@ def test_bad_adds_while_a_request_decodes_leave_it_alone(server, stub, prompts, 
     refusals = {u.request_id: (index, u) for index, step in enumerate(steps) for u in step.updates if u.error.code}
     assert set(refusals) == set(hints)
     for request_id, hint in hints.items():
-        _assert_refused(refusals[request_id][1], hint)
+        _assert_refused(refusals[request_id][1], hint, ends_request=request_id != "good")
     good = [(index, u) for index, step in enumerate(steps) for u in step.updates if u.request_id == "good" and not u.error.code]
     assert _tokens([u for _, u in good]) == hf_greedy[0]
     assert [u.finish_reason for _, u in good] == [0] * (len(good) - 1) + [common_pb2.FINISH_REASON_LENGTH]
@@ -185,9 +186,11 @@ def test_bad_adds_while_a_request_decodes_leave_it_alone(server, stub, prompts, 
     assert_no_leaks(server.core)
 
 
-def _assert_refused(update: engine_pb2.SequenceUpdate, hint: str) -> None:
+def _assert_refused(update: engine_pb2.SequenceUpdate, hint: str, *, ends_request: bool = True) -> None:
     assert update.error.code == INVALID_ARGUMENT and hint in update.error.message, update.error.message
-    assert update.finish_reason == common_pb2.FINISH_REASON_ERROR and not update.token_ids
+    # A refused duplicate id does not end the live request of that id.
+    expected = common_pb2.FINISH_REASON_ERROR if ends_request else common_pb2.FINISH_REASON_UNSPECIFIED
+    assert update.finish_reason == expected and not update.token_ids
 
 
 def test_stream_of_only_bad_requests_gets_its_errors_before_it_ends(stub) -> None:
