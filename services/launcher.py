@@ -11,7 +11,8 @@ name. With `--tls-cert`/`--tls-key` (or PAGEWIRE_TLS_CERT / PAGEWIRE_TLS_KEY)
 the gateway serves TLS on both public ports, and the launcher probes it over
 TLS, trusting the gateway's own certificate: as for `pagewire health
 --ca-file`, that certificate must be valid for the address probed (127.0.0.1
-when `--host` is 0.0.0.0 or ::, else `--host`).
+when `--host` is 0.0.0.0 or ::, else `--host`) and be self-signed or carry its
+root CA; when a handshake shows it is not, serve says why and stops at once.
 
 Ctrl-C or SIGTERM stops the gateway first (it drains its clients), then the
 engine and the tokenizer. If a child dies, the launcher says which, with
@@ -27,9 +28,12 @@ import asyncio
 import collections
 import dataclasses
 import signal
+import socket
+import ssl
 import sys
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,6 +42,7 @@ from services.common.config import ServiceConfig, option
 from services.common.logging import get_logger
 from services.common.tls import TlsFiles
 from services.engine.config import EngineConfig
+from services.gateway.discovery import split_host_port
 
 log = get_logger("serve")
 
@@ -176,15 +181,43 @@ async def _is_serving(target: str, service: str, credentials: grpc.ChannelCreden
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def _wait_serving(targets: dict[str, str], credentials: dict[str, grpc.ChannelCredentials]) -> None:
+class UnverifiableCertificate(RuntimeError):
+    """The gateway serves TLS with a certificate that its readiness probe
+    cannot verify, so waiting longer would never see it SERVING."""
+
+
+def _check_certificate(target: str, cert_path: Path) -> None:
+    """A TLS handshake with target trusting cert_path: raises
+    UnverifiableCertificate when verification fails; a port not yet open or
+    any other failure says nothing and returns."""
+    host, port = split_host_port(target)
+    context = ssl.create_default_context(cafile=str(cert_path))
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=READINESS_POLL_S * 4) as sock, context.wrap_socket(sock, server_hostname=host):
+            return
+    except ssl.SSLCertVerificationError as exc:
+        raise UnverifiableCertificate(
+            f"the gateway's TLS certificate {cert_path} cannot be verified for {host}: {exc.verify_message}; "
+            f"serve needs a certificate valid for {host} that is self-signed or includes its root CA"
+        ) from exc
+    except OSError:
+        return
+
+
+async def _wait_serving(targets: dict[str, str], credentials: dict[str, grpc.ChannelCredentials], gateway_cert: Path | None) -> None:
     """Returns once every child reports SERVING (probed with its channel
-    credentials in `credentials`, in plaintext if it has none)."""
+    credentials in `credentials`, in plaintext if it has none). Raises
+    UnverifiableCertificate as soon as the gateway's TLS handshake shows the
+    probe can never succeed."""
     pending = dict(targets)
     while pending:
         for name, target in list(pending.items()):
             if await _is_serving(target, READINESS_NAMES[name], credentials.get(name)):
                 log.info("ready", child=name, address=target)
                 del pending[name]
+            elif name == "gateway" and gateway_cert is not None:
+                await asyncio.to_thread(_check_certificate, target, gateway_cert)
         if pending:
             await asyncio.sleep(READINESS_POLL_S)
 
@@ -255,7 +288,8 @@ async def serve(config: typing.Any) -> int:
             children[name] = await _start(name, command)
         exits = {asyncio.ensure_future(child.process.wait()): child for child in children.values()}
         stopping = asyncio.ensure_future(stop.wait())
-        ready = asyncio.ensure_future(asyncio.wait_for(_wait_serving(targets, credentials), config.startup_timeout_s))
+        waiting = _wait_serving(targets, credentials, tls.cert_path if tls else None)
+        ready = asyncio.ensure_future(asyncio.wait_for(waiting, config.startup_timeout_s))
         done, _ = await asyncio.wait([ready, stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
         if ready in done and ready.exception() is None:
             log.info(
@@ -267,6 +301,9 @@ async def serve(config: typing.Any) -> int:
             )
             await _supervise(children, commands, exits, stopping)
             done = {stopping}
+        elif ready in done and isinstance(ready.exception(), UnverifiableCertificate):
+            log.error("gateway readiness cannot be probed", reason=str(ready.exception()))
+            exit_code = 1
         elif ready in done:
             log.error(
                 "services did not report SERVING in time",

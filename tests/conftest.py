@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -56,17 +57,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    """A self-signed certificate for localhost and 127.0.0.1."""
+def self_signed_certificate(directory: Path, dns_name: str, ip: str | None = None) -> TlsFiles:
+    """A self-signed certificate valid for dns_name (and ip, if given)."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a test certificate")
-    directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
+    names = f"DNS:{dns_name}" + (f",IP:{ip}" if ip else "")
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-subj", f"/CN={dns_name}", "-addext", f"subjectAltName={names}",
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
     return TlsFiles(cert, key)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A self-signed certificate for localhost and 127.0.0.1."""
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"), "localhost", "127.0.0.1")

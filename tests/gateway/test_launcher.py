@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from services.common.config import parse_config
 from services.common.grpc_utils import check_health
 from services.common.tls import TlsFiles
 from services.launcher import CONFIG, child_commands
+from tests.conftest import self_signed_certificate
 from tests.gateway.serve_process import REPO, ServeProcess
 
 # Seconds `pagewire serve` on the embedded model gets to say it is serving.
@@ -69,16 +71,21 @@ def test_a_child_that_dies_is_named_with_its_exit_code_and_output_and_the_others
             os.kill(started["pid"], 0)
 
 
-def test_serve_with_tls_from_the_environment_probes_the_gateway_over_tls(tmp_path, tls_files: TlsFiles) -> None:  # type: ignore[no-untyped-def]
-    serve = ServeProcess(tmp_path / "serve.log", ["--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512"])
+def start_serve_with_tls_env(log_path: Path, tls: TlsFiles) -> ServeProcess:
+    serve = ServeProcess(log_path, ["--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512"])
     flags = [part for name, port in serve.ports.items() for part in ("--" + name.replace("_", "-"), str(port))]
     # ServeProcess.start drops every PAGEWIRE_* variable; these two, as a
     # container would set them, are the point here.
     env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")}
-    env |= {"PAGEWIRE_TLS_CERT": str(tls_files.cert_path), "PAGEWIRE_TLS_KEY": str(tls_files.key_path)}
+    env |= {"PAGEWIRE_TLS_CERT": str(tls.cert_path), "PAGEWIRE_TLS_KEY": str(tls.key_path)}
     command = [sys.executable, "-m", "services.cli", "serve", *flags, *serve.extra_args, "--log-format", "json"]
     with serve.log_path.open("wb") as log:
         serve.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return serve
+
+
+def test_serve_with_tls_from_the_environment_probes_the_gateway_over_tls(tmp_path, tls_files: TlsFiles) -> None:  # type: ignore[no-untyped-def]
+    serve = start_serve_with_tls_env(tmp_path / "serve.log", tls_files)
     try:
         # Far below the launcher's 600 s startup timeout, which a probe that cannot speak TLS runs into.
         serve.wait_serving(TLS_READY_S)
@@ -91,3 +98,19 @@ def test_serve_with_tls_from_the_environment_probes_the_gateway_over_tls(tmp_pat
     assert serving["grpc_tls"] is True and serving["rest"].startswith("https://"), serving
     assert serving_over_tls and not serving_in_plaintext
     assert exit_code == 0, serve.log_tail()
+
+
+def test_serve_with_a_certificate_its_probe_cannot_verify_says_so_and_stops(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Valid only for another name: the probe of 127.0.0.1 can never pass, so
+    # serve must say why at once instead of waiting out its startup timeout.
+    serve = start_serve_with_tls_env(tmp_path / "serve.log", self_signed_certificate(tmp_path, "pagewire.example"))
+    assert serve.process is not None
+    try:
+        exit_code = serve.process.wait(TLS_READY_S)
+    finally:
+        if serve.process.poll() is None:
+            serve.stop()
+    assert exit_code == 1, serve.log_tail()
+    (refusal,) = serve.events("gateway readiness cannot be probed")
+    assert "cannot be verified for 127.0.0.1" in refusal["reason"], refusal
+    assert not serve.events("pagewire is serving")
