@@ -64,7 +64,8 @@ class RequestError(Exception):
 
 class DuplicateRequestError(RequestError):
     """A request id already live on the stream: the new request is refused
-    and the live one it names goes on, so the refusal does not end it."""
+    and the live one it names goes on, so the refusal does not end it (the
+    engine's and the tokenizer's multiplexed streams alike)."""
 
     def __init__(self, message: str):
         super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from services.common.grpc_utils import RequestError, invalid_argument
+from services.common.grpc_utils import DuplicateRequestError, RequestError, invalid_argument
 from services.common.logging import get_logger
 from services.common.pb.pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from services.tokenizer.detokenizer import IncrementalDetokenizer
@@ -102,13 +102,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             live.pop(rid, None)
             return None
         append = item.append
-        if item.HasField("start") and rid in live:
-            # The caller's id clash must not cost the live request its text so far.
-            reason = f"request {rid!r} is already open on this stream; the earlier request continues"
-            log.info("detokenize_refused", request_id=rid, reason=reason)
-            return tokenizer_pb2.TextDelta(request_id=rid, error=invalid_argument(reason).to_status(), closed=False)
         try:
             if item.HasField("start"):
+                if rid in live:
+                    raise DuplicateRequestError(f"request {rid!r} is already open on this stream; the earlier request continues")
                 live[rid] = self.start_detokenizer(item.start)
             if rid not in live:
                 raise invalid_argument(f"request {rid!r} was never started on this stream (send DetokenizeStart first)")
@@ -118,9 +115,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             self.check_ids(token_ids, "token_ids")
             update = live[rid].append(token_ids, last=append.last)
         except RequestError as exc:
-            live.pop(rid, None)
+            # The caller's id clash must not cost the live request its text so far.
+            closed = not isinstance(exc, DuplicateRequestError)
+            if closed:
+                live.pop(rid, None)
             log.info("detokenize_refused", request_id=rid, reason=exc.message)
-            return tokenizer_pb2.TextDelta(request_id=rid, error=exc.to_status(), closed=True)
+            return tokenizer_pb2.TextDelta(request_id=rid, error=exc.to_status(), closed=closed)
         closed = update.stopped or append.last
         if closed:
             live.pop(rid, None)
