@@ -35,10 +35,9 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import ServiceConfig, option
+from services.common.grpc_utils import check_health, stop_on_signals
 from services.common.logging import get_logger
 from services.common.tls import TlsFiles
 from services.engine.config import EngineConfig
@@ -171,16 +170,6 @@ async def _start(name: str, command: list[str]) -> Child:
     return Child(name, process, tail, asyncio.create_task(_relay_output(process.stdout, tail)))
 
 
-async def _is_serving(target: str, service: str, credentials: grpc.ChannelCredentials | None) -> bool:
-    channel = grpc.aio.insecure_channel(target) if credentials is None else grpc.aio.secure_channel(target, credentials)
-    async with channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=READINESS_POLL_S * 4)
-        except grpc.aio.AioRpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 class UnverifiableCertificate(RuntimeError):
     """The gateway serves TLS with a certificate that its readiness probe
     cannot verify, so waiting longer would never see it SERVING."""
@@ -205,15 +194,15 @@ def _check_certificate(target: str, cert_path: Path) -> None:
         return
 
 
-async def _wait_serving(targets: dict[str, str], credentials: dict[str, grpc.ChannelCredentials], gateway_cert: Path | None) -> None:
-    """Returns once every child reports SERVING (probed with its channel
-    credentials in `credentials`, in plaintext if it has none). Raises
-    UnverifiableCertificate as soon as the gateway's TLS handshake shows the
-    probe can never succeed."""
+async def _wait_serving(targets: dict[str, str], gateway_cert: Path | None) -> None:
+    """Returns once every child reports SERVING (the gateway probed over TLS,
+    trusting gateway_cert, when it has one). Raises UnverifiableCertificate as
+    soon as the gateway's TLS handshake shows the probe can never succeed."""
+    roots = {"gateway": gateway_cert.read_bytes()} if gateway_cert is not None else {}
     pending = dict(targets)
     while pending:
         for name, target in list(pending.items()):
-            if await _is_serving(target, READINESS_NAMES[name], credentials.get(name)):
+            if await asyncio.to_thread(check_health, target, READINESS_NAMES[name], READINESS_POLL_S * 4, roots.get(name)):
                 log.info("ready", child=name, address=target)
                 del pending[name]
             elif name == "gateway" and gateway_cert is not None:
@@ -276,11 +265,7 @@ async def serve(config: typing.Any) -> int:
         "engine": f"127.0.0.1:{config.engine_port}",
         "gateway": f"{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}",
     }
-    credentials = {"gateway": grpc.ssl_channel_credentials(root_certificates=tls.cert_path.read_bytes())} if tls else {}
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     children: dict[str, Child] = {}
     exit_code = 0
     try:
@@ -288,7 +273,7 @@ async def serve(config: typing.Any) -> int:
             children[name] = await _start(name, command)
         exits = {asyncio.ensure_future(child.process.wait()): child for child in children.values()}
         stopping = asyncio.ensure_future(stop.wait())
-        waiting = _wait_serving(targets, credentials, tls.cert_path if tls else None)
+        waiting = _wait_serving(targets, tls.cert_path if tls else None)
         ready = asyncio.ensure_future(asyncio.wait_for(waiting, config.startup_timeout_s))
         done, _ = await asyncio.wait([ready, stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
         if ready in done and ready.exception() is None:

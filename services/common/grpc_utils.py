@@ -142,12 +142,19 @@ async def start_server(
     return RunningServer(server, health, service_names, bound_port)
 
 
-async def serve_until_signalled(running: RunningServer, grace_s: float = 10.0) -> None:
-    """Block until SIGINT/SIGTERM (then drain) or until the server stops."""
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, on the running loop: the one way a
+    service learns that it is asked to stop."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve_until_signalled(running: RunningServer, grace_s: float = 10.0) -> None:
+    """Block until SIGINT/SIGTERM (then drain) or until the server stops."""
+    stop = stop_on_signals()
     waiter = asyncio.ensure_future(running.server.wait_for_termination())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from services.common.config import ServiceConfig, option
-from services.common.grpc_utils import RunningServer, channel_options, error_status, start_server
+from services.common.grpc_utils import RunningServer, channel_options, error_status, start_server, stop_on_signals
 from services.common.logging import get_logger
 from services.common.pb.pagewire.v1 import gateway_pb2
 from services.gateway.router import RoutingPolicy
@@ -225,10 +224,7 @@ async def serve(config: GatewayConfig) -> int:
         engines=config.engine,
         routing=config.routing,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     signalled = asyncio.create_task(stop.wait(), name="signal")
     grpc_ended = asyncio.create_task(running.server.wait_for_termination(), name="grpc")
     done, _ = await asyncio.wait([signalled, grpc_ended, *background], return_when=asyncio.FIRST_COMPLETED)
