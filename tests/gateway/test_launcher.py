@@ -4,7 +4,6 @@ gateway that serves TLS."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from services.common.grpc_utils import check_health
 from services.common.tls import TlsFiles
 from services.launcher import CONFIG, child_commands
 from tests.conftest import self_signed_certificate
-from tests.gateway.serve_process import REPO, ServeProcess
+from tests.gateway.serve_process import ServeProcess
 
 # Seconds `pagewire serve` on the embedded model gets to say it is serving.
 TLS_READY_S = 120.0
@@ -73,14 +72,8 @@ def test_a_child_that_dies_is_named_with_its_exit_code_and_output_and_the_others
 
 def start_serve_with_tls_env(log_path: Path, tls: TlsFiles) -> ServeProcess:
     serve = ServeProcess(log_path, ["--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512"])
-    flags = [part for name, port in serve.ports.items() for part in ("--" + name.replace("_", "-"), str(port))]
-    # ServeProcess.start drops every PAGEWIRE_* variable; these two, as a
-    # container would set them, are the point here.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")}
-    env |= {"PAGEWIRE_TLS_CERT": str(tls.cert_path), "PAGEWIRE_TLS_KEY": str(tls.key_path)}
-    command = [sys.executable, "-m", "services.cli", "serve", *flags, *serve.extra_args, "--log-format", "json"]
-    with serve.log_path.open("wb") as log:
-        serve.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # The TLS files as a container would set them, not as flags, are the point here.
+    serve.start({"PAGEWIRE_TLS_CERT": str(tls.cert_path), "PAGEWIRE_TLS_KEY": str(tls.key_path)})
     return serve
 
 
