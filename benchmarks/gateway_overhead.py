@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 
 import through_gateway
-from services.common.grpc_utils import check_health
+from pagewire.services.common.grpc_utils import check_health
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 32000
@@ -97,7 +97,7 @@ def main() -> None:
     through_gateway.write_tokenizer(VOCAB_SIZE, workdir / "model")
     # The tokenizer service resolves a HF directory by its config.json.
     (workdir / "model" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": VOCAB_SIZE}))
-    cli = [sys.executable, "-m", "services.cli"]
+    cli = [sys.executable, "-m", "pagewire.services.cli"]
     common = ["--host", "127.0.0.1", "--log-level", "warning", "--log-format", "json"]
     commands = {
         "engine": [sys.executable, "-c", ENGINE_MAIN, str(ports["engine"]), str(args.step_ms / 1000)],

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import grpc
 
-from services.common.grpc_utils import check_health
-from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from services.engine.loader import LoadedModel, dtype_name
-from services.engine.models.llama import STACKED_PARAMS
+from pagewire.services.common.grpc_utils import check_health
+from pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from pagewire.services.engine.executor.loader import LoadedModel, dtype_name
+from pagewire.services.engine.executor.models.llama import STACKED_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 480.0
@@ -122,7 +122,7 @@ class Served:
         self.ports = {name: free_port() for name in ("port", "http_port", "tokenizer_port", "engine_port")}
         flags = [part for name, port in self.ports.items() for part in ("--" + name.replace("_", "-"), str(port))]
         command = [
-            sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", *flags, "--model", str(model_dir),
+            sys.executable, "-m", "pagewire.services.cli", "serve", "--host", "127.0.0.1", *flags, "--model", str(model_dir),
             *engine_flags, "--log-format", "json", "--max-message-bytes", str(MAX_MESSAGE_BYTES),
         ]  # fmt: skip
         # Every setting comes from flags, not from PAGEWIRE_* variables of the caller.
@@ -147,7 +147,7 @@ class Served:
         seconds = {}
         for pid in children:
             arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            service = arguments[arguments.index(b"services.cli") + 1].decode()
+            service = arguments[arguments.index(b"pagewire.services.cli") + 1].decode()
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             seconds[service] = (int(fields[11]) + int(fields[12])) / clock_ticks
         return seconds

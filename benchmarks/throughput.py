@@ -33,13 +33,14 @@ import torch
 
 import hf_peer
 import through_gateway
-from services.common.logging import configure_logging
-from services.engine.backend import select_backend
-from services.engine.config import EngineConfig
-from services.engine.engine import EngineCore
-from services.engine.loader import LoadedModel, resolve_dtype
-from services.engine.models.llama import LlamaForCausalLM, ModelConfig
-from services.engine.sequence import SamplingParams
+from pagewire.services.common.logging import configure_logging
+from pagewire.services.engine.executor.backend import select_backend
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.core.engine import EngineCore
+from pagewire.services.engine.executor.model_executor import create_engine_core
+from pagewire.services.engine.executor.loader import LoadedModel, resolve_dtype
+from pagewire.services.engine.executor.models.llama import LlamaForCausalLM, ModelConfig
+from pagewire.services.engine.core.sequence import SamplingParams
 
 INIT_STD = 0.02  # HF's initializer_range for Llama
 # "tiny" exercises the whole path on a CPU in seconds; it has no HF peer run.
@@ -201,7 +202,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     config = engine_config(args)
     loaded = random_model(shape, resolve_dtype(config.dtype, device), config.max_model_len, device)
     setup_start = time.perf_counter()
-    core = EngineCore(config, loaded)
+    core = create_engine_core(config, loaded)
     setup_seconds = time.perf_counter() - setup_start
     run_engine(core, warm_up_prompts(prompts, args), 8)
     if args.profile:
@@ -238,7 +239,7 @@ def profile_engine(core: EngineCore, prompts: list[list[int]], args: argparse.Na
     import cProfile
     import pstats
 
-    on_gpu = core.loaded.device.type == "cuda"
+    on_gpu = core.executor.loaded.device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with torch.profiler.profile(activities=activities) as profiler:
         run_engine(core, prompts, args.output_len)

@@ -13,7 +13,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc  # noqa: E402
 
 target = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
 with grpc.insecure_channel(target) as channel:

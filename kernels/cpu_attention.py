@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from pagewire.kernels import reference
 
 # Writing the cache is one indexed copy already.
 reshape_and_cache = reference.reshape_and_cache

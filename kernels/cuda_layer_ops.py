@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels import loader
+from pagewire.kernels import loader
 
 SOURCE = "layer_ops.cu"
 KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16"}

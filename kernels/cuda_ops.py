@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels import loader
+from pagewire.kernels import loader
 
 ATTENTION_SOURCE = "paged_attention.cu"
 CACHE_SOURCE = "reshape_and_cache.cu"

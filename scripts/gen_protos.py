@@ -3,22 +3,20 @@
 Usage: python scripts/gen_protos.py [OUTPUT_DIR]
 
 The generated modules import each other as `pagewire.v1.*`; they are rewritten
-to import from `services.common.pb.pagewire.v1` so no extra top-level package
+to import from `pagewire.v1` so no extra top-level package
 is needed. tests/test_protos.py fails when the checked-in stubs differ from
 what this script produces.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-DEFAULT_OUT = ROOT / "services" / "common" / "pb"
-PACKAGE_PREFIX = "services.common.pb."
+DEFAULT_OUT = PROTO_ROOT
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -45,13 +43,11 @@ def generate(out_dir: Path) -> list[Path]:
         written = []
         for src in sorted(Path(tmp).rglob("*.py*")):
             rel = src.relative_to(tmp)
-            text = re.sub(r"^from pagewire\.", f"from {PACKAGE_PREFIX}pagewire.", src.read_text(), flags=re.M)
             dest = out_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(text)
+            dest.write_text(src.read_text())
             written.append(rel)
-    for package_dir in {out_dir, out_dir / "pagewire", out_dir / "pagewire" / "v1"}:
-        (package_dir / "__init__.py").touch()
+    (out_dir / "pagewire" / "v1" / "__init__.py").touch()
     return written
 
 

@@ -9,17 +9,17 @@ import importlib
 import sys
 from pathlib import Path
 
-from services.common.config import add_config_arguments, config_from_args
-from services.common.grpc_utils import check_health
-from services.common.logging import configure_logging, get_logger
-from services.common.model import ModelNotFoundError
+from pagewire.services.common.config import add_config_arguments, config_from_args
+from pagewire.services.common.grpc_utils import check_health
+from pagewire.services.common.logging import configure_logging, get_logger
+from pagewire.services.common.model import ModelNotFoundError
 
 # subcommand -> (module with `CONFIG` and `async def serve(config)`, summary)
 SERVICES = {
-    "tokenizer": ("services.tokenizer.server", "Run the tokenizer service (default port 50052)."),
-    "engine": ("services.engine.server", "Run the engine service (default port 50053)."),
-    "gateway": ("services.gateway.server", "Run the gateway: public gRPC (50051) and OpenAI-style REST (8000)."),
-    "serve": ("services.launcher", "Run tokenizer, engine and gateway as three processes on one model."),
+    "tokenizer": ("pagewire.services.tokenizer.server", "Run the tokenizer service (default port 50052)."),
+    "engine": ("pagewire.services.engine.service.server", "Run the engine service (default port 50053)."),
+    "gateway": ("pagewire.services.gateway.server", "Run the gateway: public gRPC (50051) and OpenAI-style REST (8000)."),
+    "serve": ("pagewire.services.launcher", "Run tokenizer, engine and gateway as three processes on one model."),
 }
 
 

@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from services.common.config import ServiceConfig, option
-from services.common.grpc_utils import check_health, stop_on_signals
-from services.common.logging import get_logger
-from services.common.tls import TlsFiles
-from services.engine.config import EngineConfig
-from services.gateway.discovery import split_host_port
+from pagewire.services.common.config import ServiceConfig, option
+from pagewire.services.common.grpc_utils import check_health, stop_on_signals
+from pagewire.services.common.logging import get_logger
+from pagewire.services.common.tls import TlsFiles
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.gateway.discovery import split_host_port
 
 log = get_logger("serve")
 
@@ -126,7 +126,7 @@ def child_commands(config: typing.Any) -> dict[str, list[str]]:
     model = ["--model", config.model] if config.model else []
     # Given as flags, so that the gateway serves the TLS files the launcher probes with.
     tls = ["--tls-cert", config.tls_cert, "--tls-key", config.tls_key] if config.tls_cert else []
-    base = [sys.executable, "-m", "services.cli"]
+    base = [sys.executable, "-m", "pagewire.services.cli"]
     engine_has_grace = any(f.name == "shutdown_grace_s" for f in dataclasses.fields(EngineConfig))
     return {
         "tokenizer": [*base, "tokenizer", "--host", "127.0.0.1", "--port", str(config.tokenizer_port), *model, *common, *grace],

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.model import ModelSource, load_hf_tokenizer, resolve_model
-from services.common.tls import TlsFiles
+from pagewire.services.common.model import ModelSource, load_hf_tokenizer, resolve_model
+from pagewire.services.common.tls import TlsFiles
 
 
 def _cuda_available() -> bool:

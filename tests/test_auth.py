@@ -14,9 +14,9 @@ import pytest
 from fastapi import FastAPI, Request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.auth import ApiKeyMiddleware, bearer_key_matches, grpc_interceptors
-from services.common.grpc_utils import start_server
-from services.common.tls import TlsFiles
+from pagewire.services.common.auth import ApiKeyMiddleware, bearer_key_matches, grpc_interceptors
+from pagewire.services.common.grpc_utils import start_server
+from pagewire.services.common.tls import TlsFiles
 
 KEY = "sk-test-0123456789"
 ECHO_SERVICE = "test.Echo"

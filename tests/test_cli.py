@@ -5,19 +5,19 @@ import sys
 
 import pytest
 
-from services.cli import SERVICES
+from pagewire.services.cli import SERVICES
 
 
 @pytest.mark.parametrize("command", [*SERVICES, "health"])
 def test_every_subcommand_has_help(command: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "services.cli", command, "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "pagewire.services.cli", command, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage: pagewire" in done.stdout
 
 
 def test_unknown_model_exits_with_an_actionable_message(tmp_path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "tokenizer", "--model", str(tmp_path / "nope"), "--port", "0", "--log-format", "json"],
+        [sys.executable, "-m", "pagewire.services.cli", "tokenizer", "--model", str(tmp_path / "nope"), "--port", "0", "--log-format", "json"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -6,9 +6,9 @@ from typing import TypeVar
 
 import pytest
 
-from services.cli import build_parser
-from services.common.config import ServiceConfig, add_config_arguments, config_from_args, option
-from services.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from pagewire.services.cli import build_parser
+from pagewire.services.common.config import ServiceConfig, add_config_arguments, config_from_args, option
+from pagewire.services.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 
 C = TypeVar("C")
 

@@ -1,4 +1,4 @@
-"""services.common.logging as configured for a service whose stderr is a pipe
+"""pagewire.services.common.logging as configured for a service whose stderr is a pipe
 (a container, a supervisor): its real output, read back and parsed."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import pytest
 import structlog
 
-from services.common.logging import configure_logging, get_logger
+from pagewire.services.common.logging import configure_logging, get_logger
 
 
 class TtyStream(io.StringIO):

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.grpc_utils import start_server
-from services.common.pb.pagewire.v1 import gateway_pb2, gateway_pb2_grpc
+from pagewire.services.common.grpc_utils import start_server
+from pagewire.v1 import gateway_pb2, gateway_pb2_grpc
 
 CORRUPT = [b"\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x1a\x05ab"]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.model import EMBEDDED_GGUF, ModelNotFoundError, resolve_model
+from pagewire.services.common.model import EMBEDDED_GGUF, ModelNotFoundError, resolve_model
 
 
 def test_default_is_the_embedded_gguf() -> None:

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKED_IN = ROOT / "services" / "common" / "pb"
+CHECKED_IN = ROOT / "protos"
 
 
 def _load_generator():
@@ -17,7 +17,9 @@ def _load_generator():
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): p.read_text() for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    """The generated files under root: stubs and package markers, not the .proto sources."""
+    generated = [p for p in root.rglob("*.py*") if "__pycache__" not in p.parts]
+    return {str(p.relative_to(root)): p.read_text() for p in generated}
 
 
 def test_stubs_match_protos(tmp_path: Path) -> None:
@@ -29,7 +31,7 @@ def test_stubs_match_protos(tmp_path: Path) -> None:
 
 
 def test_stubs_import_and_describe_every_service() -> None:
-    from services.common.pb.pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
+    from pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
 
     assert set(engine_pb2.DESCRIPTOR.services_by_name) == {"Engine"}
     assert set(tokenizer_pb2.DESCRIPTOR.services_by_name) == {"Tokenizer"}
@@ -37,7 +39,7 @@ def test_stubs_import_and_describe_every_service() -> None:
 
 
 def test_sampling_knobs_distinguish_unset_from_zero() -> None:
-    from services.common.pb.pagewire.v1 import common_pb2
+    from pagewire.v1 import common_pb2
 
     params = common_pb2.SamplingParams()
     assert not params.HasField("temperature")

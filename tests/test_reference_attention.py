@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import paged_attention, reshape_and_cache
+from pagewire.kernels.reference import paged_attention, reshape_and_cache
 
 
 def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

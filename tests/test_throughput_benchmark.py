@@ -19,8 +19,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import through_gateway  # noqa: E402
 import throughput  # noqa: E402
 
-from services.common.model import load_hf_tokenizer, resolve_model  # noqa: E402
-from services.engine.loader import load_model  # noqa: E402
+from pagewire.services.common.model import load_hf_tokenizer, resolve_model  # noqa: E402
+from pagewire.services.engine.executor.loader import load_model  # noqa: E402
 
 
 def test_model_dir_loads_back(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from services.common.logging import get_logger
+from pagewire.services.common.logging import get_logger
 
 log = get_logger("auth")
 

@@ -10,13 +10,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.common.logging import get_logger
-from services.common.message_guard import MalformedMessageInterceptor
+from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.services.common.logging import get_logger
+from pagewire.services.common.message_guard import MalformedMessageInterceptor
 
 log = get_logger("grpc")
 
@@ -46,36 +47,41 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return message_size_options(max_message_bytes) + KEEPALIVE_CHANNEL_OPTIONS
 
 
-class RequestError(Exception):
-    """A request-level failure with the gRPC code that describes it."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __reduce__(self) -> tuple[type[RequestError], tuple[grpc.StatusCode, str]]:
-        # Requests cross into the engine core's process with their errors.
-        return RequestError, (self.code, self.message)
-
-    def to_status(self) -> status_pb2.Status:
-        return error_status(self.code, self.message)
+# The one table from a transport-neutral refusal to its gRPC status code.
+GRPC_CODES: dict[Refusal, grpc.StatusCode] = {kind: getattr(grpc.StatusCode, kind.name) for kind in Refusal}
+REFUSALS: dict[grpc.StatusCode, Refusal] = {code: kind for kind, code in GRPC_CODES.items()}
 
 
-class DuplicateRequestError(RequestError):
-    """A request id already live on the stream: the new request is refused
-    and the live one it names goes on, so the refusal does not end it (the
-    engine's and the tokenizer's multiplexed streams alike)."""
-
-    def __init__(self, message: str):
-        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-    def __reduce__(self) -> tuple[type[DuplicateRequestError], tuple[str]]:  # type: ignore[override]
-        return DuplicateRequestError, (self.message,)
+def grpc_code(error: RequestError) -> grpc.StatusCode:
+    return GRPC_CODES[error.kind]
 
 
-def invalid_argument(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def to_status(error: RequestError) -> status_pb2.Status:
+    """The error as a google.rpc.Status; a field at fault travels as a
+    google.rpc.BadRequest detail naming it."""
+    status = error_status(grpc_code(error), error.message)
+    if error.field is not None:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return status
+
+
+def violated_field(status: status_pb2.Status) -> str | None:
+    """The field a google.rpc.BadRequest detail of `status` names, if any."""
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request) and bad_request.field_violations:
+            return bad_request.field_violations[0].field
+    return None
+
+
+def refusal_of(code: grpc.StatusCode) -> Refusal:
+    return REFUSALS.get(code, Refusal.UNKNOWN)
+
+
+def error_from_status(status: status_pb2.Status) -> RequestError:
+    """An in-band google.rpc.Status back into a RequestError."""
+    return RequestError(refusal_of(status_code(status)), status.message, violated_field(status))
 
 
 def error_status(code: grpc.StatusCode, message: str) -> status_pb2.Status:

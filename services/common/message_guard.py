@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from services.common.logging import get_logger
+from pagewire.services.common.logging import get_logger
 
 log = get_logger("grpc")
 

@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterable
 import grpc
 from grpc_health.v1 import health_pb2
 
-from services.common.grpc_utils import RequestError, status_code
-from services.common.logging import get_logger
-from services.common.pb.pagewire.v1 import engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
-from services.gateway.connection import Backoff, OutgoingStream, keep_connected, until_serving
-from services.gateway.router import ReplicaState
+from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.services.common.grpc_utils import error_from_status
+from pagewire.services.common.logging import get_logger
+from pagewire.v1 import engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from pagewire.services.gateway.connection import Backoff, OutgoingStream, keep_connected, until_serving
+from pagewire.services.gateway.router import ReplicaState
 
 log = get_logger("gateway")
 
@@ -25,7 +26,7 @@ TOKENIZER_SERVICE = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_
 
 
 def _unavailable(peer: str) -> RequestError:
-    return RequestError(grpc.StatusCode.UNAVAILABLE, f"{peer} is not connected; retry shortly")
+    return RequestError(Refusal.UNAVAILABLE, f"{peer} is not connected; retry shortly")
 
 
 class PeerClient:
@@ -256,7 +257,7 @@ class TokenizerClient(PeerClient):
                 if future is None or future.done():
                     continue
                 if result.error.code:
-                    future.set_exception(RequestError(status_code(result.error), result.error.message))
+                    future.set_exception(error_from_status(result.error))
                 else:
                     future.set_result(list(result.token_ids))
 

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.logging import get_logger
+from pagewire.services.common.logging import get_logger
 
 log = get_logger("gateway")
 

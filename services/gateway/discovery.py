@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from services.common.logging import get_logger
+from pagewire.services.common.logging import get_logger
 
 log = get_logger("gateway")
 

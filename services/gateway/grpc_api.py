@@ -9,10 +9,10 @@ from contextlib import aclosing
 import grpc
 from grpc_status import rpc_status
 
-from services.common.grpc_utils import error_status
-from services.common.logging import get_logger
-from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.gateway.pipeline import Gateway, GatewayRequest
+from pagewire.services.common.grpc_utils import error_status
+from pagewire.services.common.logging import get_logger
+from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from pagewire.services.gateway.pipeline import Gateway, GatewayRequest
 
 log = get_logger("gateway")
 

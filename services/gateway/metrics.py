@@ -12,7 +12,7 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from services.common.pb.pagewire.v1 import common_pb2, engine_pb2
+from pagewire.v1 import common_pb2, engine_pb2
 
 # Buckets span a CPU-served small model (seconds per token) to a GPU (ms).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)

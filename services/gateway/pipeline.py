@@ -29,16 +29,17 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 
-from services.common.grpc_utils import RequestError, error_status
-from services.common.logging import get_logger
-from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, gateway_pb2, tokenizer_pb2
-from services.gateway.clients import EngineReplica, TokenizerClient
-from services.gateway.connection import Backoff
-from services.gateway.discovery import EngineDiscovery
-from services.gateway.metrics import GatewayMetrics
-from services.gateway.router import Router, RoutingPolicy
+from pagewire.services.common.errors import RequestError, invalid_argument
+from pagewire.services.common.grpc_utils import error_status, to_status
+from pagewire.services.common.logging import get_logger
+from pagewire.v1 import common_pb2, engine_pb2, gateway_pb2, tokenizer_pb2
+from pagewire.services.gateway.clients import EngineReplica, TokenizerClient
+from pagewire.services.gateway.connection import Backoff
+from pagewire.services.gateway.discovery import EngineDiscovery
+from pagewire.services.gateway.metrics import GatewayMetrics
+from pagewire.services.gateway.router import Router, RoutingPolicy
 
 log = get_logger("gateway")
 
@@ -68,74 +69,50 @@ class GatewaySettings:
 Emit = Callable[[gateway_pb2.GenerateChunk], None]
 
 
-class FieldError(RequestError):
-    """INVALID_ARGUMENT caused by one field, named so that the REST shim can
-    report it as the error's `param`."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
-        self.param = param
-
-    def to_status(self) -> status_pb2.Status:
-        """The status with a google.rpc.BadRequest detail naming the field."""
-        status = super().to_status()
-        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[{"field": self.param, "description": self.message}]))
-        return status
-
-
-def violated_field(status: status_pb2.Status) -> str | None:
-    """The field a google.rpc.BadRequest detail of `status` names, if any."""
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request) and bad_request.field_violations:
-            return bad_request.field_violations[0].field
-    return None
-
-
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
     if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
-        raise FieldError(name, f"{name} must be in {bracket}{low:g}, {high:g}], got {value:g}")
+        raise invalid_argument(f"{name} must be in {bracket}{low:g}, {high:g}], got {value:g}", field=name)
 
 
 def validate_request(request: gateway_pb2.GenerateRequest) -> None:
     """Refuse what the protos declare invalid, with a message naming the field."""
     kind = request.WhichOneof("input")
     if kind is None:
-        raise FieldError("input", "the request has no input: set text, token_ids or chat")
+        raise invalid_argument("the request has no input: set text, token_ids or chat", field="input")
     if kind == "text" and not request.text:
-        raise FieldError("text", "text is empty")
+        raise invalid_argument("text is empty", field="text")
     if kind == "token_ids" and not request.token_ids.ids:
-        raise FieldError("token_ids", "token_ids is empty")
+        raise invalid_argument("token_ids is empty", field="token_ids")
     if kind == "chat" and not request.chat.messages:
-        raise FieldError("messages", "chat has no messages")
+        raise invalid_argument("chat has no messages", field="messages")
     s = request.sampling
     if s.HasField("temperature"):
         _check_range("temperature", s.temperature, 0, 100)
     if s.HasField("top_p"):
         _check_range("top_p", s.top_p, 0, 1, low_open=True)
     if s.HasField("top_k") and s.top_k < 0:
-        raise FieldError("top_k", f"top_k must be >= 0 (0 = off), got {s.top_k}")
+        raise invalid_argument(f"top_k must be >= 0 (0 = off), got {s.top_k}", field="top_k")
     if s.HasField("min_p"):
         _check_range("min_p", s.min_p, 0, 1)
     if s.HasField("repetition_penalty") and not (math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
-        raise FieldError("repetition_penalty", f"repetition_penalty must be > 0 (1 = off), got {s.repetition_penalty:g}")
+        raise invalid_argument(f"repetition_penalty must be > 0 (1 = off), got {s.repetition_penalty:g}", field="repetition_penalty")
     if s.HasField("presence_penalty"):
         _check_range("presence_penalty", s.presence_penalty, -2, 2)
     if s.HasField("frequency_penalty"):
         _check_range("frequency_penalty", s.frequency_penalty, -2, 2)
     if s.HasField("max_tokens") and s.max_tokens < 1:
-        raise FieldError("max_tokens", f"max_tokens must be >= 1, got {s.max_tokens}")
+        raise invalid_argument(f"max_tokens must be >= 1, got {s.max_tokens}", field="max_tokens")
     if s.HasField("logprobs") and s.logprobs > MAX_LOGPROBS:
-        raise FieldError("logprobs", f"logprobs must be at most {MAX_LOGPROBS}, got {s.logprobs}")
+        raise invalid_argument(f"logprobs must be at most {MAX_LOGPROBS}, got {s.logprobs}", field="logprobs")
     if s.HasField("n") and s.n != 1:
-        raise FieldError("n", f"n must be 1 (one completion per request), got {s.n}; send several requests instead")
+        raise invalid_argument(f"n must be 1 (one completion per request), got {s.n}; send several requests instead", field="n")
     if len(request.stop) > MAX_STOP_STRINGS:
-        raise FieldError("stop", f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(request.stop)}")
+        raise invalid_argument(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(request.stop)}", field="stop")
     if any(not stop for stop in request.stop):
-        raise FieldError("stop", "stop strings must not be empty")
+        raise invalid_argument("stop strings must not be empty", field="stop")
     if request.timeout.seconds < 0 or request.timeout.nanos < 0:
-        raise FieldError("timeout", "timeout must not be negative")
+        raise invalid_argument("timeout must not be negative", field="timeout")
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:
@@ -333,7 +310,7 @@ class GatewayRequest:
                 emit(final)
                 return
             except RequestError as exc:
-                self._fail(exc.to_status())
+                self._fail(to_status(exc))
             except TimeoutError:
                 self._finish(common_pb2.FINISH_REASON_TIME_LIMIT)
             final = await self._take_chunk(fill_token_text=False)
@@ -372,10 +349,10 @@ class GatewayRequest:
 
     def _submit(self, model: engine_pb2.EngineInfo, prompt: list[int]) -> None:
         if len(prompt) >= model.max_model_len:
-            raise FieldError(
-                "prompt",
+            raise invalid_argument(
                 f"the prompt has {len(prompt)} tokens; {model.model_id} accepts at most {model.max_model_len - 1} "
-                f"(max_model_len {model.max_model_len} includes at least one output token): shorten the prompt"
+                f"(max_model_len {model.max_model_len} includes at least one output token): shorten the prompt",
+                field="prompt",
             )
         state = self.gateway.router.pick(model.model_id, prompt)
         self.replica = self.gateway.replicas[state.address]

@@ -48,10 +48,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from services.common.grpc_utils import RequestError, error_status, status_code
-from services.common.logging import get_logger
-from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2
-from services.gateway.pipeline import Gateway, violated_field
+from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.services.common.grpc_utils import error_status, status_code, to_status, violated_field
+from pagewire.services.common.logging import get_logger
+from pagewire.v1 import common_pb2, gateway_pb2
+from pagewire.services.gateway.pipeline import Gateway
 
 log = get_logger("gateway")
 
@@ -158,18 +159,18 @@ class CompletionBody(SamplingFields):
 
     def to_request(self) -> gateway_pb2.GenerateRequest:
         if self.echo:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "echo is not supported")
+            raise RequestError(Refusal.INVALID_ARGUMENT, "echo is not supported")
         request = self.generate_request(self.max_tokens, self.logprobs)
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"one prompt per request is supported, got {len(prompt)}; send several requests")
+                raise RequestError(Refusal.INVALID_ARGUMENT, f"one prompt per request is supported, got {len(prompt)}; send several requests")
             prompt = prompt[0]
         if isinstance(prompt, str):
             request.text = prompt
         else:
             if any(token_id < 0 for token_id in prompt):
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt token ids must not be negative")
+                raise RequestError(Refusal.INVALID_ARGUMENT, "prompt token ids must not be negative")
             request.token_ids.ids.extend(prompt)
         return request
 
@@ -398,7 +399,7 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return status_response(exc.to_status())
+        return status_response(to_status(exc))
 
     async def generate(request: Request, body: CompletionBody | ChatBody, output: CompletionFormat) -> Response:
         model_id = gateway.router.resolve_model(body.model).model_id

@@ -17,10 +17,9 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import grpc
 
-from services.common.grpc_utils import RequestError
-from services.common.pb.pagewire.v1 import engine_pb2
+from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.v1 import engine_pb2
 
 
 class RoutingPolicy(enum.StrEnum):
@@ -81,19 +80,19 @@ class Router:
         NOT_FOUND for a model no replica serves."""
         models = self.served_models()
         if not models:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "no engine replica has connected yet; retry shortly")
+            raise RequestError(Refusal.UNAVAILABLE, "no engine replica has connected yet; retry shortly")
         if not model:
             return models[0]
         for info in models:
             if info.model_id == model:
                 return info
         served = ", ".join(repr(info.model_id) for info in models)
-        raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {model!r} is not served here; available: {served}")
+        raise RequestError(Refusal.NOT_FOUND, f"model {model!r} is not served here; available: {served}")
 
     def pick(self, model_id: str, prompt_ids: Sequence[int]) -> ReplicaState:
         candidates = [r for r in self.replicas if r.available and r.model_id == model_id]
         if not candidates:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no engine replica serving {model_id!r} is available; retry shortly")
+            raise RequestError(Refusal.UNAVAILABLE, f"no engine replica serving {model_id!r} is available; retry shortly")
         if self.policy is RoutingPolicy.PREFIX_AFFINITY:
             key = prefix_key(prompt_ids, candidates[0].info.block_size, self.affinity_blocks)  # type: ignore[union-attr]
             if key is not None:

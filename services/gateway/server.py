@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from services.common.config import ServiceConfig, option
-from services.common.grpc_utils import RunningServer, channel_options, error_status, start_server, stop_on_signals
-from services.common.logging import get_logger
-from services.common.pb.pagewire.v1 import gateway_pb2
-from services.gateway.router import RoutingPolicy
+from pagewire.services.common.config import ServiceConfig, option
+from pagewire.services.common.grpc_utils import RunningServer, channel_options, error_status, start_server, stop_on_signals
+from pagewire.services.common.logging import get_logger
+from pagewire.v1 import gateway_pb2
+from pagewire.services.gateway.router import RoutingPolicy
 
 if TYPE_CHECKING:
     import uvicorn
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    from services.gateway.pipeline import Gateway
+    from pagewire.services.gateway.pipeline import Gateway
 
 log = get_logger("gateway")
 
@@ -139,15 +139,15 @@ async def serve(config: GatewayConfig) -> int:
     # Imported here so that the CLI (and `pagewire health` probes) stay quick.
     import uvicorn
 
-    from services.common.auth import ApiKeyMiddleware, grpc_interceptors
-    from services.common.pb.pagewire.v1 import gateway_pb2_grpc
-    from services.common.tls import TlsFiles
-    from services.gateway.connection import Backoff
-    from services.gateway.discovery import TargetError
-    from services.gateway.grpc_api import GenerationServicer
-    from services.gateway.metrics import GatewayMetrics
-    from services.gateway.pipeline import Gateway, GatewaySettings
-    from services.gateway.rest_api import create_app, status_response
+    from pagewire.services.common.auth import ApiKeyMiddleware, grpc_interceptors
+    from pagewire.v1 import gateway_pb2_grpc
+    from pagewire.services.common.tls import TlsFiles
+    from pagewire.services.gateway.connection import Backoff
+    from pagewire.services.gateway.discovery import TargetError
+    from pagewire.services.gateway.grpc_api import GenerationServicer
+    from pagewire.services.gateway.metrics import GatewayMetrics
+    from pagewire.services.gateway.pipeline import Gateway, GatewaySettings
+    from pagewire.services.gateway.rest_api import create_app, status_response
 
     class EmbeddedUvicorn(uvicorn.Server):
         """uvicorn on the gateway's event loop; shutdown signals are the gateway's to handle."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from services.common.config import ServiceConfig, option
-from services.common.grpc_utils import RunningServer, serve_until_signalled, start_server
-from services.common.logging import get_logger
+from pagewire.services.common.config import ServiceConfig, option
+from pagewire.services.common.grpc_utils import RunningServer, serve_until_signalled, start_server
+from pagewire.services.common.logging import get_logger
 
 log = get_logger("tokenizer")
 
@@ -28,9 +28,9 @@ CONFIG = TokenizerConfig
 
 
 async def start(config: TokenizerConfig) -> RunningServer:
-    from services.common.model import load_hf_tokenizer, resolve_model
-    from services.common.pb.pagewire.v1 import tokenizer_pb2_grpc
-    from services.tokenizer.servicer import TokenizerServicer
+    from pagewire.services.common.model import load_hf_tokenizer, resolve_model
+    from pagewire.v1 import tokenizer_pb2_grpc
+    from pagewire.services.tokenizer.servicer import TokenizerServicer
 
     source = resolve_model(config.model)
     tokenizer = await asyncio.to_thread(load_hf_tokenizer, source)

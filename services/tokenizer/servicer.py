@@ -13,10 +13,11 @@ from typing import Any
 
 import grpc
 
-from services.common.grpc_utils import DuplicateRequestError, RequestError, invalid_argument
-from services.common.logging import get_logger
-from services.common.pb.pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from services.tokenizer.detokenizer import IncrementalDetokenizer
+from pagewire.services.common.errors import DuplicateRequestError, RequestError, invalid_argument
+from pagewire.services.common.grpc_utils import to_status
+from pagewire.services.common.logging import get_logger
+from pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from pagewire.services.tokenizer.detokenizer import IncrementalDetokenizer
 
 log = get_logger("tokenizer")
 
@@ -65,7 +66,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             try:
                 result.token_ids.extend(self.encode(request))
             except RequestError as exc:
-                result.error.CopyFrom(exc.to_status())
+                result.error.CopyFrom(to_status(exc))
                 log.info("tokenize_refused", request_id=request.request_id, reason=exc.message)
         return out
 
@@ -120,7 +121,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             if closed:
                 live.pop(rid, None)
             log.info("detokenize_refused", request_id=rid, reason=exc.message)
-            return tokenizer_pb2.TextDelta(request_id=rid, error=exc.to_status(), closed=closed)
+            return tokenizer_pb2.TextDelta(request_id=rid, error=to_status(exc), closed=closed)
         closed = update.stopped or append.last
         if closed:
             live.pop(rid, None)

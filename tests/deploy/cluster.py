@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import httpx
 
-from services.common.pb.pagewire.v1 import engine_pb2, engine_pb2_grpc
+from pagewire.v1 import engine_pb2, engine_pb2_grpc
 from tests.conftest import free_port
 from tests.deploy.contract import READINESS_SERVICE
 from tests.reliability.harness import LOOPBACK, ServiceProcess

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from services.cli import build_parser
-from services.common.config import env_name
-from services.common.pb.pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
+from pagewire.services.cli import build_parser
+from pagewire.services.common.config import env_name
+from pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def config_class(subcommand: str) -> type:
 def config_for(command: list[str], environment: Mapping[str, str]) -> Any:
     """The config `pagewire COMMAND...` builds in `environment`, after checking
     that every PAGEWIRE_* variable there names a field of that service."""
-    from services.common.config import config_from_args
+    from pagewire.services.common.config import config_from_args
 
     config_cls = config_class(command[0])
     args = build_parser()[0].parse_args(command)

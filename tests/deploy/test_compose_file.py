@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.gateway.discovery import DnsTarget, parse_target
+from pagewire.services.gateway.discovery import DnsTarget, parse_target
 from tests.deploy.compose import COMPOSE_FILE, compose_config, engine_services, network_names
 from tests.deploy.contract import READINESS_SERVICE, config_for, parse_health_command
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.gateway.discovery import DnsTarget, EngineDiscovery, FileTarget, ReplicaSetChange, StaticTarget, TargetError, parse_target
+from pagewire.services.gateway.discovery import DnsTarget, EngineDiscovery, FileTarget, ReplicaSetChange, StaticTarget, TargetError, parse_target
 
 
 @pytest.mark.parametrize(

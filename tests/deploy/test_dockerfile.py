@@ -56,7 +56,7 @@ def test_runtime_stage_runs_pagewire_as_a_non_root_user(instructions: list[docke
     (entrypoint,) = [c for c in runtime if c.cmd == "ENTRYPOINT"]
     assert entrypoint.json and entrypoint.value == ("pagewire",)
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["pagewire"] == "services.cli:main"
+    assert scripts["pagewire"] == "pagewire.services.cli:main"
     env = " ".join(" ".join(c.value) for c in runtime if c.cmd == "ENV")
     assert "PAGEWIRE_HOST 0.0.0.0" in env or "PAGEWIRE_HOST=0.0.0.0" in env
     assert not any("pip install" in line for line in run_lines(runtime)), "the runtime stage only copies the built virtualenv"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 
-from services.common.grpc_utils import start_server
-from services.common.tls import TlsFiles
+from pagewire.services.common.grpc_utils import start_server
+from pagewire.services.common.tls import TlsFiles
 from tests.conftest import free_port
 
 SERVICE = "pagewire.v1.Engine"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.grpc_utils import check_health
+from pagewire.services.common.grpc_utils import check_health
 from tests.deploy.cluster import (
     SteadyLoad,
     complete,

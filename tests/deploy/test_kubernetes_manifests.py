@@ -10,8 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.gateway.discovery import DnsTarget, parse_target
-from services.gateway.metrics import GatewayMetrics
+from pagewire.services.gateway.discovery import DnsTarget, parse_target
+from pagewire.services.gateway.metrics import GatewayMetrics
 from tests.deploy.contract import READINESS_SERVICE, REPO, config_for
 from tests.deploy.kustomize import by_kind, pod_environment, render
 

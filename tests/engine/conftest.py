@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine.loader import LoadedModel, load_model
+from pagewire.services.engine.executor.loader import LoadedModel, load_model
 
 MAX_NEW_TOKENS = 12
 

@@ -10,14 +10,13 @@ import queue
 import signal
 import threading
 
-import grpc
 import pytest
 
-from services.common.grpc_utils import RequestError
-from services.engine.config import EngineConfig
-from services.engine.core_process import CoreProcess, CoreProcessError
-from services.engine.sequence import FinishReason, SamplingParams
-from services.engine.servicer import AbortCommand, AddCommand, StreamBatch, StreamCommand, StreamState
+from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.service.core_process import CoreProcess, CoreProcessError
+from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
+from pagewire.services.engine.core.step_loop import AbortCommand, AddCommand, StreamBatch, StreamCommand, StreamState
 from tests.engine.conftest import MAX_NEW_TOKENS
 
 CONFIG = EngineConfig(num_kv_blocks=128, max_model_len=512, max_num_batched_tokens=64)
@@ -78,7 +77,7 @@ def test_generates_hf_greedy_over_the_pipe_and_frees_every_block(core: CoreProce
     outputs = stream.collect_until_finished({"long", "empty"})
     assert outputs["long"][-1].finish_reason is FinishReason.CANCELLED
     (refusal,) = outputs["empty"]
-    assert refusal.code == grpc.StatusCode.INVALID_ARGUMENT and "empty" in refusal.message
+    assert refusal.kind is Refusal.INVALID_ARGUMENT and "empty" in refusal.message
 
     core.submit(StreamCommand("input_done", stream.state))
     while (batch := stream.next_batch()) is not None:

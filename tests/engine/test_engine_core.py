@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import itertools
 
-import grpc
 import pytest
 import torch
 
-from services.common.grpc_utils import RequestError
-from services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS
-from services.engine.kv_cache import kv_bytes_per_block
-from services.engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus
+from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS
+from pagewire.services.engine.executor.kv_tensors import kv_bytes_per_block
+from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus
 from tests.engine.conftest import MAX_NEW_TOKENS
 from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
 
@@ -94,7 +93,7 @@ def test_kv_cache_memory_sizes_the_cpu_cache_and_num_kv_blocks_wins(engine_model
     assert per_block == 2 * 30 * 16 * 3 * 64 * 4
     sized = make_engine(engine_model, num_kv_blocks=None, kv_cache_memory=11 * per_block - 1)
     assert sized.info.num_kv_blocks == sized.kv_cache.pool.num_free == 10
-    assert all(k.shape[0] == v.shape[0] == 10 for k, v in sized.runner.kv_caches)
+    assert all(k.shape[0] == v.shape[0] == 10 for k, v in sized.executor.runner.kv_caches)
     assert make_engine(engine_model, num_kv_blocks=3, kv_cache_memory=11 * per_block).info.num_kv_blocks == 3
     with pytest.raises(ValueError, match="--kv-cache-memory"):
         make_engine(engine_model, num_kv_blocks=None, kv_cache_memory=per_block - 1)
@@ -278,7 +277,7 @@ def test_bad_requests_are_refused_with_invalid_argument(engine_model, prompt, pa
     core = make_engine(engine_model, max_model_len=64)
     with pytest.raises(RequestError) as refused:
         core.add_request("bad", prompt, params)
-    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.kind == Refusal.INVALID_ARGUMENT
     assert message in refused.value.message
     assert not core.sequences
 
@@ -287,7 +286,7 @@ def test_request_larger_than_the_whole_cache_is_refused(engine_model) -> None:
     core = make_engine(engine_model, block_size=4, num_kv_blocks=4, max_model_len=64)
     with pytest.raises(RequestError) as refused:
         core.add_request("big", [1] * 10, greedy(20))
-    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.kind == Refusal.INVALID_ARGUMENT
     assert "KV blocks" in refused.value.message
     core.add_request("fits", [1] * 10, greedy(6))
     assert tokens_of(run_all(core)["fits"])

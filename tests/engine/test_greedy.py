@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine.sequence import FinishReason
+from pagewire.services.engine.core.sequence import FinishReason
 from tests.engine.conftest import MAX_NEW_TOKENS
 from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
 

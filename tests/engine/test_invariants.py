@@ -13,11 +13,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from services.common.model import resolve_model
-from services.engine.config import EngineConfig
-from services.engine.engine import EngineCore
-from services.engine.loader import LoadedModel, load_model
-from services.engine.sequence import FinishReason
+from pagewire.services.common.model import resolve_model
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.core.engine import EngineCore
+from pagewire.services.engine.executor.model_executor import create_engine_core
+from pagewire.services.engine.executor.loader import LoadedModel, load_model
+from pagewire.services.engine.core.sequence import FinishReason
 from tests.engine.util import assert_no_leaks, greedy, run_all, tokens_of
 
 
@@ -57,7 +58,7 @@ def _check_accounting(core: EngineCore) -> None:
 def test_random_adds_aborts_and_steps_keep_blocks_consistent(tiny_model, seed) -> None:
     rng = random.Random(seed)
     config = EngineConfig(num_kv_blocks=24, block_size=4, max_num_batched_tokens=rng.choice([6, 16, 64]), max_model_len=128, max_num_seqs=6)
-    core = EngineCore(config, tiny_model)
+    core = create_engine_core(config, tiny_model)
     shared_prefix = [rng.randrange(128) for _ in range(12)]
     requests: dict[str, tuple[list[int], int]] = {}
     outputs: dict[str, list] = {}
@@ -81,7 +82,7 @@ def test_random_adds_aborts_and_steps_keep_blocks_consistent(tiny_model, seed) -
     assert set(outputs) == set(requests)
     completed = [rid for rid, outs in outputs.items() if outs[-1].finish_reason is FinishReason.LENGTH]
     assert completed and core.stats().num_preemptions > 0
-    alone = EngineCore(EngineConfig(num_kv_blocks=64, block_size=4, max_model_len=128, enable_prefix_caching=False), tiny_model)
+    alone = create_engine_core(EngineConfig(num_kv_blocks=64, block_size=4, max_model_len=128, enable_prefix_caching=False), tiny_model)
     for request_id in completed:
         prompt, max_tokens = requests[request_id]
         alone.add_request(request_id, prompt, greedy(max_tokens, ignore_eos=True))

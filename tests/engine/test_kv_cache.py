@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from array import array
 
-from services.engine.kv_cache import KVCacheManager, hash_block
-from services.engine.sequence import SamplingParams, Sequence
+from pagewire.services.engine.core.kv_cache import KVCacheManager, hash_block
+from pagewire.services.engine.core.sequence import SamplingParams, Sequence
 
 
 def _seq(request_id: str, tokens: list[int]) -> Sequence:

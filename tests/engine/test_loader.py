@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from services.engine.config import EngineConfig
-from services.engine.engine import EngineCore
-from services.engine.loader import read_hf_config
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.executor.model_executor import create_engine_core
+from pagewire.services.engine.executor.loader import read_hf_config
 from tests.engine.util import assert_no_leaks, greedy, run_all, tokens_of
 
 TINY = dict(
@@ -36,7 +36,7 @@ def test_safetensors_model_matches_transformers(tmp_path, build) -> None:
     config = read_hf_config(tmp_path)
     assert config.qkv_bias == (config.architecture == "qwen2")
     assert (config.rope_scaling or {}).get("rope_type") == ("llama3" if config.architecture == "llama" else None)
-    core = EngineCore(EngineConfig(model=str(tmp_path), device="cpu", num_kv_blocks=32, block_size=4, max_num_batched_tokens=8))
+    core = create_engine_core(EngineConfig(model=str(tmp_path), device="cpu", num_kv_blocks=32, block_size=4, max_num_batched_tokens=8))
     # Long enough to pass the llama3 rope's original context, in several chunks.
     prompt = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     core.add_request("r", prompt, greedy(10, ignore_eos=True))

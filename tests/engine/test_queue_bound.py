@@ -4,17 +4,16 @@ refusal leaves nothing behind."""
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
-from services.common.grpc_utils import RequestError
+from pagewire.services.common.errors import Refusal, RequestError
 from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all
 
 
 def _assert_refused(core, request_id: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(RequestError) as refused:
         core.add_request(request_id, [1, 2, 3], greedy(2))
-    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.kind == Refusal.RESOURCE_EXHAUSTED
     assert "--max-queue-len 3" in refused.value.message
     assert request_id not in core.sequences
 

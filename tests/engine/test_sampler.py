@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from services.engine.sampler import Sampler, SamplingRequest, apply_penalties, filter_logits
-from services.engine.sequence import SamplingParams
+from pagewire.services.engine.executor.sampler import Sampler, SamplingRequest, apply_penalties, filter_logits
+from pagewire.services.engine.core.sequence import SamplingParams
 
 VOCAB = 64
 

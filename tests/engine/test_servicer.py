@@ -13,13 +13,15 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services.common.grpc_utils import check_health
-from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
-from services.engine.config import EngineConfig
-from services.engine.engine import EngineCore
-from services.engine.server import attach_core, start_engine_server
-from services.engine.servicer import SERVICE_NAME, StepLoop, sampling_from_proto
-from services.engine.sequence import SamplingParams
+from pagewire.services.common.grpc_utils import check_health
+from pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.core.engine import EngineCore
+from pagewire.services.engine.executor.model_executor import create_engine_core
+from pagewire.services.engine.service.server import attach_core, start_engine_server
+from pagewire.services.engine.core.step_loop import StepLoop
+from pagewire.services.engine.service.servicer import SERVICE_NAME, sampling_from_proto
+from pagewire.services.engine.core.sequence import SamplingParams
 from tests.conftest import free_port
 from tests.engine.conftest import MAX_NEW_TOKENS
 from tests.engine.util import assert_no_leaks
@@ -55,7 +57,7 @@ class EngineServerThread:
 
 @pytest.fixture(scope="module")
 def server(engine_model) -> Iterator[EngineServerThread]:
-    core = EngineCore(EngineConfig(num_kv_blocks=128, max_model_len=512, max_num_batched_tokens=64), engine_model)
+    core = create_engine_core(EngineConfig(num_kv_blocks=128, max_model_len=512, max_num_batched_tokens=64), engine_model)
     running = EngineServerThread(core)
     yield running
     running.stop()

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from services.engine.config import EngineConfig
-from services.engine.engine import EngineCore
-from services.engine.loader import LoadedModel
-from services.engine.sequence import RequestOutput, SamplingParams
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.core.engine import EngineCore
+from pagewire.services.engine.executor.model_executor import create_engine_core
+from pagewire.services.engine.executor.loader import LoadedModel
+from pagewire.services.engine.core.sequence import RequestOutput, SamplingParams
 
 
 def make_engine(loaded: LoadedModel, **overrides) -> EngineCore:
     settings = {"num_kv_blocks": 128, "max_model_len": 1024} | overrides
-    return EngineCore(EngineConfig(**settings), loaded)
+    return create_engine_core(EngineConfig(**settings), loaded)
 
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
@@ -40,4 +41,4 @@ def assert_no_leaks(core: EngineCore) -> None:
     assert all(block.ref_count == 0 for block in pool.blocks)
     assert pool.num_free == core.kv_cache.num_blocks
     assert core.kv_cache.usage == 0.0
-    assert not core.sampler.request_generators
+    assert not core.executor.sampler.request_generators

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.common.grpc_utils import RunningServer, error_status, start_server
-from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+from pagewire.services.common.grpc_utils import RunningServer, error_status, start_server
+from pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 SERVICE_NAME = "pagewire.v1.Engine"
 BLOCK_SIZE = 16

@@ -40,7 +40,7 @@ class ServeProcess:
 
     def start(self, extra_env: dict[str, str] | None = None) -> None:
         flags = [part for name, port in self.ports.items() for part in ("--" + name.replace("_", "-"), str(port))]
-        command = [sys.executable, "-m", "services.cli", "serve", *flags, *self.extra_args, "--log-format", "json"]
+        command = [sys.executable, "-m", "pagewire.services.cli", "serve", *flags, *self.extra_args, "--log-format", "json"]
         # Every setting comes from flags or extra_env, not from a developer's PAGEWIRE_* variables.
         env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")} | (extra_env or {})
         with self.log_path.open("wb") as log:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import parse_config
-from services.common.grpc_utils import check_health
-from services.common.tls import TlsFiles
-from services.launcher import CONFIG, child_commands
+from pagewire.services.common.config import parse_config
+from pagewire.services.common.grpc_utils import check_health
+from pagewire.services.common.tls import TlsFiles
+from pagewire.services.launcher import CONFIG, child_commands
 from tests.conftest import self_signed_certificate
 from tests.gateway.serve_process import ServeProcess
 
@@ -21,7 +21,7 @@ TLS_READY_S = 120.0
 
 
 def flags_of(command: list[str]) -> list[str]:
-    assert command[:3] == [sys.executable, "-m", "services.cli"]
+    assert command[:3] == [sys.executable, "-m", "pagewire.services.cli"]
     return command[3:]
 
 

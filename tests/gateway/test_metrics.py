@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.pb.pagewire.v1 import common_pb2, engine_pb2
-from services.gateway.metrics import GatewayMetrics
+from pagewire.v1 import common_pb2, engine_pb2
+from pagewire.services.gateway.metrics import GatewayMetrics
 
 
 def samples(metrics: GatewayMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

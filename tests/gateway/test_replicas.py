@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from services.common.grpc_utils import RunningServer, check_health
-from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.tokenizer.server import TokenizerConfig, start
+from pagewire.services.common.grpc_utils import RunningServer, check_health
+from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from pagewire.services.tokenizer.server import TokenizerConfig, start
 from tests.conftest import free_port
 from tests.gateway.scripted_engine import ScriptedEngine, start_scripted_engine
 from tests.gateway.test_end_to_end import BidiStream
@@ -90,7 +90,7 @@ class Cluster:
         """A gateway process over both replicas; yields its gRPC address."""
         port = free_port()
         command = [
-            sys.executable, "-m", "services.cli", "gateway", "--port", str(port), "--http-port", str(free_port()),
+            sys.executable, "-m", "pagewire.services.cli", "gateway", "--port", str(port), "--http-port", str(free_port()),
             "--tokenizer", f"127.0.0.1:{self.tokenizer_port}", *(part for r in self.replicas for part in ("--engine", r.address)),
             "--reconnect-initial-s", "0.05", "--reconnect-max-s", "0.2", "--log-format", "json", *flags,
         ]  # fmt: skip

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import random
 
-import grpc
 import pytest
 
-from services.common.grpc_utils import RequestError
-from services.common.pb.pagewire.v1 import engine_pb2
-from services.gateway.router import ReplicaState, Router, RoutingPolicy, prefix_key
+from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.v1 import engine_pb2
+from pagewire.services.gateway.router import ReplicaState, Router, RoutingPolicy, prefix_key
 
 BLOCK = 16
 
@@ -48,7 +47,7 @@ def test_unavailable_replicas_and_other_models_are_skipped() -> None:
     busy.available = False
     with pytest.raises(RequestError) as raised:
         router.pick("m", [1])
-    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert raised.value.kind == Refusal.UNAVAILABLE
 
 
 def test_prefix_affinity_sends_a_shared_prefix_to_one_replica_whatever_the_load() -> None:
@@ -94,7 +93,7 @@ def test_model_resolution() -> None:
     router = Router([], RoutingPolicy.LEAST_LOADED, 1)
     with pytest.raises(RequestError) as raised:
         router.resolve_model("")
-    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert raised.value.kind == Refusal.UNAVAILABLE
 
     router.replicas = [replica("a:1", model="small"), replica("b:1", model="small"), replica("c:1", model="large")]
     assert [info.model_id for info in router.served_models()] == ["small", "large"]
@@ -102,5 +101,5 @@ def test_model_resolution() -> None:
     assert router.resolve_model("large").model_id == "large"
     with pytest.raises(RequestError) as raised:
         router.resolve_model("gpt-4")
-    assert raised.value.code == grpc.StatusCode.NOT_FOUND
+    assert raised.value.kind == Refusal.NOT_FOUND
     assert "'gpt-4'" in raised.value.message and "'small'" in raised.value.message

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_attention, reference
+from pagewire.kernels import cpu_attention, reference
 
 BATCHES = {
     "decodes": ([1] * 7, [1, 2, 16, 17, 33, 100, 250]),

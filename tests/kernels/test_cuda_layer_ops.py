@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cuda_layer_ops, layer_ops
+from pagewire.kernels import cuda_layer_ops, layer_ops
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels import cuda_ops, reference
+from pagewire.kernels import cuda_ops, reference
 
 pytestmark = pytest.mark.gpu
 

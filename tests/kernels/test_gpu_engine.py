@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.engine.config import EngineConfig
-from services.engine.cuda_graphs import CudaGraphRunner
-from services.engine.engine import EngineCore
-from services.engine.sequence import SamplingParams
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
+from pagewire.services.engine.core.engine import EngineCore
+from pagewire.services.engine.executor.model_executor import create_engine_core
+from pagewire.services.engine.core.sequence import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
@@ -104,8 +105,8 @@ def assert_matches_hf(hf_models, prompts: list[list[int]], continuations: list[l
 
 def gpu_engine(checkpoint: Path, **overrides) -> EngineCore:  # type: ignore[no-untyped-def]
     settings = dict(max_model_len=512, num_kv_blocks=512, max_num_seqs=8, max_num_batched_tokens=4096) | overrides
-    core = EngineCore(EngineConfig(model=str(checkpoint), device="cuda", dtype="bfloat16", **settings))
-    assert isinstance(core.runner, CudaGraphRunner)
+    core = create_engine_core(EngineConfig(model=str(checkpoint), device="cuda", dtype="bfloat16", **settings))
+    assert isinstance(core.executor.runner, CudaGraphRunner)
     return core
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kernels import cuda_layer_ops, cuda_ops
-from kernels.loader import COMPILE_OPTIONS, KERNEL_DIR
+from pagewire.kernels import cuda_layer_ops, cuda_ops
+from pagewire.kernels.loader import COMPILE_OPTIONS, KERNEL_DIR
 
 NVCC = shutil.which("nvcc")
 

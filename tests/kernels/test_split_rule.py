@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernels.cuda_ops import MAX_SPLITS, MIN_SPLIT_TOKENS, TARGET_WAVES, choose_num_splits
+from pagewire.kernels.cuda_ops import MAX_SPLITS, MIN_SPLIT_TOKENS, TARGET_WAVES, choose_num_splits
 
 MULTIPROCESSORS = 132
 

@@ -17,7 +17,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.pb.pagewire.v1 import gateway_pb2, gateway_pb2_grpc
+from pagewire.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 class Outcome(enum.Enum):

@@ -1,5 +1,5 @@
 """Real pagewire processes on loopback ports for the reliability tests: each
-service runs as `python -m services.cli <service>`, is waited on until its
+service runs as `python -m pagewire.services.cli <service>`, is waited on until its
 grpc.health.v1 readiness says SERVING, and can be killed (any signal) and
 started again on the same port."""
 
@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.config import ENV_PREFIX
-from services.common.grpc_utils import check_health
+from pagewire.services.common.config import ENV_PREFIX
+from pagewire.services.common.grpc_utils import check_health
 from tests.conftest import free_port
 
 LOOPBACK = "127.0.0.1"
@@ -57,7 +57,7 @@ class ServiceProcess:
         # Only the settings given here: none leak in from the caller's environment.
         env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
         env.update({f"{ENV_PREFIX}LOG_FORMAT": "json", **self.env})
-        command = [sys.executable, "-m", "services.cli", self.name, "--host", LOOPBACK, "--port", str(self.port), *self.args]
+        command = [sys.executable, "-m", "pagewire.services.cli", self.name, "--host", LOOPBACK, "--port", str(self.port), *self.args]
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts}: {' '.join(command)}\n".encode())
             self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

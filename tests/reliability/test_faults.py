@@ -23,7 +23,7 @@ import grpc
 import httpx
 import psutil
 
-from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2
+from pagewire.v1 import common_pb2, gateway_pb2
 from tests.reliability.clients import GrpcResult, Outcome, StreamResult, completion_body, grpc_complete, rest_client, stream_completion
 from tests.reliability.harness import Cluster, ServiceProcess
 

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.common.model import resolve_model
-from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from pagewire.services.common.model import resolve_model
+from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.reliability.harness import Cluster
 
 SHORT_EXAMPLES = 60

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services.common.grpc_utils import check_health
-from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2
+from pagewire.services.common.grpc_utils import check_health
+from pagewire.v1 import common_pb2, gateway_pb2
 from tests.conftest import free_port
 from tests.reliability.clients import Outcome, completion_body, grpc_complete, rest_client, stream_completion
 from tests.reliability.harness import LOOPBACK, Cluster, ServiceProcess

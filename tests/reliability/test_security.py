@@ -16,8 +16,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.pb.pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.common.tls import TlsFiles
+from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from pagewire.services.common.tls import TlsFiles
 from tests.conftest import free_port
 from tests.reliability.harness import LOOPBACK, Cluster, ServiceProcess
 
@@ -119,8 +119,8 @@ def test_api_key_and_tls_on_the_public_ports(secured_gateway: tuple[ServiceProce
 
 
 def test_internal_services_bind_to_localhost_by_default() -> None:
-    from services.engine.config import EngineConfig
-    from services.tokenizer.server import TokenizerConfig
+    from pagewire.services.engine.config import EngineConfig
+    from pagewire.services.tokenizer.server import TokenizerConfig
 
     assert TokenizerConfig().host == LOOPBACK
     assert EngineConfig().host == LOOPBACK

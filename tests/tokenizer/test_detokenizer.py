@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from services.tokenizer.detokenizer import IncrementalDetokenizer, text_decoder
+from pagewire.services.tokenizer.detokenizer import IncrementalDetokenizer, text_decoder
 
 TEXTS = {
     "ascii": "The quick brown fox jumps over the lazy dog. 1234567890!",

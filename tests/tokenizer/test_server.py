@@ -9,8 +9,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services.common.pb.pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from services.tokenizer.server import SERVICE_NAME, TokenizerConfig, start
+from pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from pagewire.services.tokenizer.server import SERVICE_NAME, TokenizerConfig, start
 from tests.conftest import free_port
 
 
@@ -51,7 +51,7 @@ def test_tokenizer_server_on_a_free_port(hf_tokenizer) -> None:
 
 
 def test_health_command_exits_zero_only_for_a_serving_service(hf_tokenizer) -> None:
-    from services.cli import main
+    from pagewire.services.cli import main
 
     port = free_port()
     assert main(["health", f"127.0.0.1:{port}", "--timeout", "0.5"]) == 1

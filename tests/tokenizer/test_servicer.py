@@ -7,8 +7,8 @@ import grpc
 import grpc_testing
 import pytest
 
-from services.common.pb.pagewire.v1 import common_pb2, tokenizer_pb2
-from services.tokenizer.servicer import TokenizerServicer
+from pagewire.v1 import common_pb2, tokenizer_pb2
+from pagewire.services.tokenizer.servicer import TokenizerServicer
 
 SERVICE = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]

@@ -25,10 +25,10 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from services.common.logging import configure_logging, get_logger
-from services.engine.config import EngineConfig
-from services.engine.engine import EngineInfo, EngineStats
-from services.engine.servicer import StepLoop, StreamBatch, StreamCommand, StreamState
+from pagewire.services.common.logging import configure_logging, get_logger
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.core.engine import EngineInfo, EngineStats
+from pagewire.services.engine.core.step_loop import StepLoop, StreamBatch, StreamCommand, StreamState
 
 log = get_logger("engine")
 
@@ -43,10 +43,10 @@ def _child_main(config: EngineConfig, conn: Connection) -> None:
     # Ctrl-C reaches the whole process group; the server decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(config.log_level, config.log_format)
-    from services.engine.engine import EngineCore
+    from pagewire.services.engine.executor.model_executor import create_engine_core
 
     try:
-        core = EngineCore(config)
+        core = create_engine_core(config)
     except Exception as exc:
         log.exception("engine core failed to load")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))

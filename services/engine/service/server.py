@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from services.common.grpc_utils import RunningServer, serve_until_signalled, start_server
-from services.common.logging import get_logger
-from services.engine.config import EngineConfig
+from pagewire.services.common.grpc_utils import RunningServer, serve_until_signalled, start_server
+from pagewire.services.common.logging import get_logger
+from pagewire.services.engine.config import EngineConfig
 
 if TYPE_CHECKING:
-    from services.engine.servicer import CoreHandle, EngineServicer
+    from pagewire.services.engine.service.servicer import CoreHandle, EngineServicer
 
 CONFIG = EngineConfig
 
@@ -20,8 +20,8 @@ log = get_logger("engine")
 
 async def start_engine_server(config: EngineConfig) -> tuple[RunningServer, EngineServicer]:
     """Bind and start answering health (NOT_SERVING for the Engine until attach)."""
-    from services.common.pb.pagewire.v1 import engine_pb2_grpc
-    from services.engine.servicer import SERVICE_NAME, EngineServicer
+    from pagewire.v1 import engine_pb2_grpc
+    from pagewire.services.engine.service.servicer import SERVICE_NAME, EngineServicer
 
     servicer = EngineServicer()
     running = await start_server(
@@ -41,8 +41,8 @@ async def attach_core(running: RunningServer, servicer: EngineServicer, core: Co
 
 
 async def serve(config: EngineConfig) -> int:
-    from services.common.model import resolve_model
-    from services.engine.core_process import CoreProcess
+    from pagewire.services.common.model import resolve_model
+    from pagewire.services.engine.service.core_process import CoreProcess
 
     resolve_model(config.model)  # a missing model fails before the port opens
     running, servicer = await start_engine_server(config)

@@ -17,9 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
-import torch
-
-from services.engine.sequence import Sequence
+from pagewire.services.engine.core.sequence import Sequence
 
 
 def cdiv(a: int, b: int) -> int:
@@ -176,16 +174,3 @@ class KVCacheManager:
             self.pool.release(self.pool.blocks[block_id])
         seq.block_table.clear()
         seq.num_registered_blocks = 0
-
-
-def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
-
-
-def allocate_kv_tensors(
-    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (key, value) pair per layer, laid out as kernels/reference.py documents."""
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.engine.backend import AttentionMetadata, KernelBackend
+from pagewire.services.engine.executor.backend import AttentionMetadata, KernelBackend
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from services.common.logging import get_logger
-from services.engine.backend import AttentionMetadata
-from services.engine.kv_cache import cdiv
-from services.engine.loader import LoadedModel
-from services.engine.runner import ModelRunner
-from services.engine.sampler import Sampler, SamplerOutput, SamplingRequest
-from services.engine.scheduler import ScheduledSequence
-from services.engine.sequence import Sequence
+from pagewire.services.common.logging import get_logger
+from pagewire.services.engine.executor.backend import AttentionMetadata
+from pagewire.services.engine.core.kv_cache import cdiv
+from pagewire.services.engine.executor.loader import LoadedModel
+from pagewire.services.engine.executor.runner import ModelRunner
+from pagewire.services.engine.executor.sampler import Sampler, SamplerOutput, SamplingRequest
+from pagewire.services.engine.core.scheduler import ScheduledSequence
+from pagewire.services.engine.core.sequence import Sequence
 
 log = get_logger("engine")
 

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from kernels import cpu_attention, cuda_layer_ops, cuda_ops, layer_ops
+from pagewire.kernels import cpu_attention, cuda_layer_ops, cuda_ops, layer_ops
 
 
 @dataclass(frozen=True)

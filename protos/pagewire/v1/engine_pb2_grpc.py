@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from services.common.pb.pagewire.v1 import engine_pb2 as pagewire_dot_v1_dot_engine__pb2
+from pagewire.v1 import engine_pb2 as pagewire_dot_v1_dot_engine__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.backend import AttentionMetadata
-from services.engine.loader import LoadedModel
-from services.engine.sampler import Sampler, SamplerOutput, SamplingRequest
-from services.engine.scheduler import ScheduledSequence
-from services.engine.sequence import Sequence
+from pagewire.services.engine.core.kv_cache import cdiv
+from pagewire.services.engine.executor.backend import AttentionMetadata
+from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors
+from pagewire.services.engine.executor.loader import LoadedModel
+from pagewire.services.engine.executor.sampler import Sampler, SamplerOutput, SamplingRequest
+from pagewire.services.engine.core.scheduler import ScheduledSequence
+from pagewire.services.engine.core.sequence import Sequence
 
 
 @dataclass
@@ -89,8 +91,6 @@ def profile_peak_memory(loaded: LoadedModel, num_tokens: int, block_size: int) -
     """Peak device bytes of one forward over num_tokens prompt tokens, weights
     included, using a throwaway KV cache just large enough; the KV cache
     budget is what remains of the device's allowance after it."""
-    from services.engine.kv_cache import allocate_kv_tensors, cdiv
-
     config = loaded.config
     num_blocks = cdiv(num_tokens, block_size)
     kv_caches = allocate_kv_tensors(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, loaded.dtype, loaded.device)

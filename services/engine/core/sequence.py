@@ -84,6 +84,14 @@ class TokenLogprob:
 
 
 @dataclass
+class SamplerOutput:
+    """One step's sampled tokens, a row per sequence whose next token was due."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+@dataclass
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]

@@ -1,27 +1,47 @@
-"""EngineCore: the engine without transport. Requests come in as token ids,
-each `step()` runs one scheduled batch and reports what every request did."""
+"""EngineCore: the engine without transport or device. Requests come in as
+token ids, each `step()` schedules one batch, has the executor run it, and
+reports what every request did. The executor (executor/model_executor.py)
+owns the model, the KV tensors and the device; the core owns the requests,
+the scheduler and the block pool."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
-import grpc
-import torch
-
-from services.common.grpc_utils import RequestError, invalid_argument
-from services.common.logging import get_logger
-from services.common.model import resolve_model
-from services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS, EngineConfig
-from services.engine.cuda_graphs import CudaGraphRunner
-from services.engine.kv_cache import KVCacheManager, allocate_kv_tensors, cdiv, kv_bytes_per_block
-from services.engine.loader import LoadedModel, dtype_name, load_model, resolve_device, resolve_dtype
-from services.engine.runner import ModelRunner, profile_peak_memory
-from services.engine.sampler import Sampler
-from services.engine.scheduler import Scheduler
-from services.engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence
+from pagewire.services.common.errors import Refusal, RequestError, invalid_argument
+from pagewire.services.common.logging import get_logger
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.core.kv_cache import KVCacheManager, cdiv
+from pagewire.services.engine.core.scheduler import ScheduledSequence, Scheduler
+from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplerOutput, SamplingParams, Sequence
 
 log = get_logger("engine")
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """What the executor settled at start-up that the core schedules by."""
+
+    model_id: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    max_num_batched_tokens: int
+    num_kv_blocks: int
+    device: str
+    dtype: str
+
+
+class Executor(Protocol):
+    """Runs the model over a scheduled batch (executor/model_executor.py)."""
+
+    spec: ExecutorSpec
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], SamplerOutput]: ...
+
+    def forget(self, request_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,65 +81,34 @@ class EngineStats:
     steps_total: int
 
 
-def load_engine_model(config: EngineConfig) -> LoadedModel:
-    device = resolve_device(config.device)
-    return load_model(resolve_model(config.model), device, resolve_dtype(config.dtype, device), config.max_model_len)
-
-
 class EngineCore:
     """Not thread-safe: one thread owns it (the servicer's step loop)."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
-            value = getattr(config, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        loaded = loaded or load_engine_model(config)
-        model_config = loaded.config
-        self.loaded = loaded
+    def __init__(self, config: EngineConfig, executor: Executor):
+        spec = executor.spec
+        self.executor = executor
+        self.spec = spec
         self.block_size = config.block_size
-        self.vocab_size = model_config.vocab_size
-        self.eos_token_ids = frozenset(model_config.eos_token_ids)
-        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
-        rope_positions = loaded.model.model.rotary.max_positions
-        if self.max_model_len > rope_positions:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the {rope_positions} positions the model was loaded for")
-        on_gpu = loaded.device.type == "cuda"
-        self.max_num_batched_tokens = config.max_num_batched_tokens or (GPU_MAX_NUM_BATCHED_TOKENS if on_gpu else CPU_MAX_NUM_BATCHED_TOKENS)
+        self.vocab_size = spec.vocab_size
+        self.eos_token_ids = frozenset(spec.eos_token_ids)
+        self.max_model_len = spec.max_model_len
+        self.max_num_batched_tokens = spec.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
         self.max_queue_len = config.max_queue_len
-        num_blocks = config.num_kv_blocks or self._blocks_for_memory(config)
-        if num_blocks < 1:
-            raise ValueError("no memory is left for the KV cache: raise --kv-cache-memory / --gpu-memory-utilization or set --num-kv-blocks")
-        kv_caches = allocate_kv_tensors(
-            model_config.num_layers, num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim, loaded.dtype, loaded.device
-        )
-        self.kv_cache = KVCacheManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(spec.num_kv_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, self.max_num_batched_tokens)
-        self.sampler = Sampler(config.seed, loaded.device)
-        runner_args = (loaded, kv_caches, self.block_size, self.sampler)
-        self.runner = CudaGraphRunner(*runner_args, self.max_num_seqs, self.max_model_len) if on_gpu else ModelRunner(*runner_args)
         self.sequences: dict[str, Sequence] = {}
         self._finished_outside_step: list[RequestOutput] = []
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.requests_finished_total = 0
         self.steps_total = 0
-        log.info("engine ready", num_kv_blocks=num_blocks, block_size=self.block_size, max_model_len=self.max_model_len)
-
-    def _blocks_for_memory(self, config: EngineConfig) -> int:
-        c, loaded = self.loaded.config, self.loaded
-        per_block = kv_bytes_per_block(c.num_layers, self.block_size, c.num_kv_heads, c.head_dim, loaded.dtype)
-        if loaded.device.type != "cuda":
-            return config.kv_cache_memory // per_block
-        total = torch.cuda.get_device_properties(loaded.device).total_memory
-        peak = profile_peak_memory(loaded, min(self.max_num_batched_tokens, self.max_model_len), self.block_size)
-        return int(total * config.gpu_memory_utilization - peak) // per_block
+        log.info("engine ready", num_kv_blocks=spec.num_kv_blocks, block_size=self.block_size, max_model_len=self.max_model_len)
 
     @property
     def info(self) -> EngineInfo:
         return EngineInfo(
-            model_id=self.loaded.model_id,
+            model_id=self.spec.model_id,
             max_model_len=self.max_model_len,
             block_size=self.block_size,
             num_kv_blocks=self.kv_cache.num_blocks,
@@ -127,8 +116,8 @@ class EngineCore:
             max_num_batched_tokens=self.max_num_batched_tokens,
             vocab_size=self.vocab_size,
             eos_token_ids=tuple(sorted(self.eos_token_ids)),
-            device=str(self.loaded.device),
-            dtype=dtype_name(self.loaded.dtype),
+            device=self.spec.device,
+            dtype=self.spec.dtype,
             prefix_caching=self.kv_cache.enable_prefix_caching,
         )
 
@@ -169,7 +158,7 @@ class EngineCore:
             # Refusing at once lets the caller retry elsewhere or later; queueing
             # without bound would only turn overload into timeouts.
             raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Refusal.RESOURCE_EXHAUSTED,
                 f"{queued} requests are already queued behind a full batch of {self.scheduler.max_num_seqs} "
                 f"(--max-queue-len {self.max_queue_len}); retry later",
             )
@@ -202,7 +191,7 @@ class EngineCore:
         if not scheduled.scheduled:
             return outputs
         self.steps_total += 1
-        sampled_sequences, sampled = self.runner.execute(scheduled.scheduled)
+        sampled_sequences, sampled = self.executor.execute(scheduled.scheduled)
         self.scheduler.update_computed(scheduled)
         for row, seq in enumerate(sampled_sequences):
             token_id = sampled.token_ids[row]
@@ -245,7 +234,7 @@ class EngineCore:
     def _release(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)
         del self.sequences[seq.request_id]
-        self.sampler.forget(seq.request_id)
+        self.executor.forget(seq.request_id)
         self.requests_finished_total += 1
         log.debug("request finished", request_id=seq.request_id, reason=reason.value, output_tokens=len(seq.output_token_ids))
 

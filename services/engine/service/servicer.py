@@ -1,35 +1,29 @@
-"""The Engine gRPC service over one EngineCore.
+"""The Engine gRPC service over a running core (core/step_loop.py).
 
-Many Generate streams share the core. A step thread (StepLoop) owns the
-core: the asyncio side only converts messages and queues commands (add,
-abort, input done, close) for it; after every step the thread hands each
-stream that had an update one batch, which becomes exactly one EngineStep on
-that stream. Per-request failures travel in band as an update with `error`
-set. `pagewire engine` runs the StepLoop in a process of its own
-(core_process.py); tests may attach one in this process."""
+The servicer only converts messages: each Generate stream's inputs become
+commands for the step loop, and each StreamBatch the loop hands back becomes
+exactly one EngineStep on that stream. Per-request failures travel in band as
+an update with `error` set; the refusal kinds map to gRPC codes in
+grpc_utils.GRPC_CODES. `pagewire engine` runs the step loop in a process of
+its own (core_process.py); tests may attach one in this process."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import queue
-import threading
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import grpc
 
-from services.common.grpc_utils import DuplicateRequestError, RequestError, invalid_argument
-from services.common.logging import get_logger
-from services.common.pb.pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
-from services.engine.engine import EngineCore, EngineInfo, EngineLoad, EngineStats
-from services.engine.sequence import FinishReason, RequestOutput, SamplingParams
-
-log = get_logger("engine")
+from pagewire.services.common.errors import DuplicateRequestError, RequestError, invalid_argument
+from pagewire.services.common.grpc_utils import to_status
+from pagewire.services.engine.core.engine import EngineInfo, EngineLoad, EngineStats
+from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplingParams
+from pagewire.services.engine.core.step_loop import AbortCommand, AddCommand, StreamBatch, StreamCommand, StreamState
+from pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
-IDLE_WAIT_S = 0.5
 
 FINISH_REASONS = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -88,185 +82,11 @@ def update_from_output(request_id: str, output: RequestOutput) -> engine_pb2.Seq
 def update_from_error(request_id: str, error: RequestError) -> engine_pb2.SequenceUpdate:
     ends = not isinstance(error, DuplicateRequestError)
     finish_reason = common_pb2.FINISH_REASON_ERROR if ends else common_pb2.FINISH_REASON_UNSPECIFIED
-    return engine_pb2.SequenceUpdate(request_id=request_id, finish_reason=finish_reason, error=error.to_status())
+    return engine_pb2.SequenceUpdate(request_id=request_id, finish_reason=finish_reason, error=to_status(error))
 
 
 def load_to_proto(load: EngineLoad) -> engine_pb2.EngineLoad:
     return engine_pb2.EngineLoad(num_running=load.num_running, num_waiting=load.num_waiting, kv_cache_usage=load.kv_cache_usage)
-
-
-@dataclass
-class StreamBatch:
-    """What one step did for one stream's requests: (request id, output or error)."""
-
-    updates: list[tuple[str, RequestOutput | RequestError]]
-    load: EngineLoad
-
-
-@dataclass
-class StreamState:
-    """A Generate stream as the step thread sees it. `deliver` is called from
-    the step thread with a StreamBatch, or None once the stream is done."""
-
-    stream_id: int
-    deliver: Callable[[StreamBatch | None], None]
-    # Caller's request id -> the core's (engine-wide unique) id.
-    live: dict[str, str] = field(default_factory=dict)
-    input_done: bool = False
-
-
-@dataclass
-class AddCommand:
-    stream_id: int
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams | RequestError
-    timeout_s: float | None
-
-
-@dataclass
-class AbortCommand:
-    stream_id: int
-    request_id: str
-
-
-@dataclass
-class StreamCommand:
-    """Open a stream, mark its input finished, or close it (aborting its requests)."""
-
-    kind: str
-    stream: StreamState
-
-
-class StepLoop:
-    """The thread that owns the EngineCore. `on_error` hears of a step that raised
-    before the streams are ended."""
-
-    def __init__(self, core: EngineCore, on_error: Callable[[BaseException], None] = lambda exc: None):
-        self.core = core
-        self._on_error = on_error
-        self.commands: queue.SimpleQueue = queue.SimpleQueue()
-        self.streams: dict[int, StreamState] = {}
-        # Core id -> (stream id, caller's request id).
-        self.owners: dict[str, tuple[int, str]] = {}
-        self._core_ids = itertools.count()
-        # Set when a step raised: the core's state is unknown, so nothing more runs.
-        self.error: BaseException | None = None
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.commands.put(None)
-        self._thread.join()
-
-    def submit(self, command: object) -> None:
-        self.commands.put(command)
-
-    @property
-    def info(self) -> EngineInfo:
-        return self.core.info
-
-    async def stats(self) -> EngineStats:
-        return self.core.stats()
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            pending: dict[int, list[tuple[str, RequestOutput | RequestError]]] = {}
-            try:
-                self._apply_commands(pending)
-                if self.core.has_unfinished():
-                    for output in self.core.step():
-                        self._route(output, pending)
-            except Exception as exc:
-                log.exception("engine step loop failed")
-                self.error = exc
-                self._on_error(exc)
-                self._fail_all_streams()
-                return
-            if pending:
-                load = self.core.load()
-                for stream_id, updates in pending.items():
-                    stream = self.streams.get(stream_id)
-                    if stream is not None:
-                        stream.deliver(StreamBatch(updates, load))
-            # After the deliveries, so a stream's last updates precede its end.
-            for stream in [s for s in self.streams.values() if s.input_done and not s.live]:
-                del self.streams[stream.stream_id]
-                stream.deliver(None)
-
-    def _apply_commands(self, pending: dict[int, list]) -> None:
-        block = not self.core.has_unfinished()
-        while True:
-            try:
-                command = self.commands.get(timeout=IDLE_WAIT_S) if block else self.commands.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            if command is None:
-                return
-            self._apply(command, pending)
-
-    def _apply(self, command: object, pending: dict[int, list]) -> None:
-        if isinstance(command, StreamCommand):
-            stream = command.stream
-            if command.kind == "open":
-                self.streams[stream.stream_id] = stream
-            elif command.kind == "input_done":
-                stream.input_done = True
-            elif command.kind == "close":
-                for core_id in stream.live.values():
-                    self.core.abort(core_id)
-                self.streams.pop(stream.stream_id, None)
-                stream.live.clear()
-            return
-        stream = self.streams.get(command.stream_id)
-        if stream is None:
-            return
-        if isinstance(command, AbortCommand):
-            core_id = stream.live.get(command.request_id)
-            if core_id is not None:
-                self.core.abort(core_id)
-            return
-        error = self._add(stream, command)
-        if error is not None:
-            log.info("request refused", request_id=command.request_id, reason=error.message)
-            pending.setdefault(stream.stream_id, []).append((command.request_id, error))
-
-    def _add(self, stream: StreamState, command: AddCommand) -> RequestError | None:
-        if isinstance(command.sampling, RequestError):
-            return command.sampling
-        if command.request_id in stream.live:
-            return DuplicateRequestError(f"request id {command.request_id!r} is already live on this stream; the earlier request continues")
-        core_id = f"{stream.stream_id}/{next(self._core_ids)}"
-        try:
-            self.core.add_request(core_id, command.prompt_token_ids, command.sampling, command.timeout_s)
-        except RequestError as error:
-            return error
-        stream.live[command.request_id] = core_id
-        self.owners[core_id] = (stream.stream_id, command.request_id)
-        return None
-
-    def _route(self, output: RequestOutput, pending: dict[int, list]) -> None:
-        owner = self.owners.get(output.request_id)
-        if owner is None:
-            return
-        stream_id, request_id = owner
-        if output.finished:
-            del self.owners[output.request_id]
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                stream.live.pop(request_id, None)
-        if stream_id in self.streams:
-            pending.setdefault(stream_id, []).append((request_id, output))
-
-    def _fail_all_streams(self) -> None:
-        for stream in list(self.streams.values()):
-            stream.deliver(None)
-        self.streams.clear()
 
 
 class CoreHandle(Protocol):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine.sequence import SamplingParams, TokenLogprob
+from pagewire.services.engine.core.sequence import SamplerOutput, SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -23,12 +23,6 @@ class SamplingRequest:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-
-
-@dataclass
-class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[TokenLogprob | None]
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:

@@ -10,8 +10,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from services.engine.kv_cache import KVCacheManager
-from services.engine.sequence import FinishReason, Sequence, SequenceStatus
+from pagewire.services.engine.core.kv_cache import KVCacheManager
+from pagewire.services.engine.core.sequence import FinishReason, Sequence, SequenceStatus
 
 
 @dataclass

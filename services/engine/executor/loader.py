@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from services.common.logging import get_logger
-from services.common.model import ModelSource
-from services.engine.backend import KernelBackend, select_backend
-from services.engine.models.llama import LlamaForCausalLM, ModelConfig
+from pagewire.services.common.logging import get_logger
+from pagewire.services.common.model import ModelSource
+from pagewire.services.engine.executor.backend import KernelBackend, select_backend
+from pagewire.services.engine.executor.models.llama import LlamaForCausalLM, ModelConfig
 
 log = get_logger("engine")
 

@@ -1,0 +1,82 @@
+"""The model executor: loads the model onto its device, sizes and allocates
+the KV cache, and runs the core's scheduled batches through a runner (CUDA
+graphs on a GPU, eager on the CPU) and the sampler. Everything the engine
+does with torch and the device goes through here."""
+
+from __future__ import annotations
+
+import torch
+
+from pagewire.services.common.model import resolve_model
+from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from pagewire.services.engine.core.engine import EngineCore, ExecutorSpec
+from pagewire.services.engine.core.scheduler import ScheduledSequence
+from pagewire.services.engine.core.sequence import SamplerOutput, Sequence
+from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
+from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors, kv_bytes_per_block
+from pagewire.services.engine.executor.loader import LoadedModel, dtype_name, load_model, resolve_device, resolve_dtype
+from pagewire.services.engine.executor.runner import ModelRunner, profile_peak_memory
+from pagewire.services.engine.executor.sampler import Sampler
+
+SIZED_SETTINGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks")
+
+
+def load_engine_model(config: EngineConfig) -> LoadedModel:
+    device = resolve_device(config.device)
+    return load_model(resolve_model(config.model), device, resolve_dtype(config.dtype, device), config.max_model_len)
+
+
+class ModelExecutor:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        for name in SIZED_SETTINGS:
+            value = getattr(config, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        loaded = loaded or load_engine_model(config)
+        model_config = loaded.config
+        self.loaded = loaded
+        max_model_len = config.max_model_len or model_config.max_position_embeddings
+        rope_positions = loaded.model.model.rotary.max_positions
+        if max_model_len > rope_positions:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the {rope_positions} positions the model was loaded for")
+        on_gpu = loaded.device.type == "cuda"
+        max_num_batched_tokens = config.max_num_batched_tokens or (GPU_MAX_NUM_BATCHED_TOKENS if on_gpu else CPU_MAX_NUM_BATCHED_TOKENS)
+        num_blocks = config.num_kv_blocks or self._blocks_for_memory(config, min(max_num_batched_tokens, max_model_len))
+        if num_blocks < 1:
+            raise ValueError("no memory is left for the KV cache: raise --kv-cache-memory / --gpu-memory-utilization or set --num-kv-blocks")
+        self.spec = ExecutorSpec(
+            model_id=loaded.model_id,
+            vocab_size=model_config.vocab_size,
+            eos_token_ids=tuple(sorted(set(model_config.eos_token_ids))),
+            max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens,
+            num_kv_blocks=num_blocks,
+            device=str(loaded.device),
+            dtype=dtype_name(loaded.dtype),
+        )
+        kv_caches = allocate_kv_tensors(
+            model_config.num_layers, num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim, loaded.dtype, loaded.device
+        )
+        self.sampler = Sampler(config.seed, loaded.device)
+        runner_args = (loaded, kv_caches, config.block_size, self.sampler)
+        self.runner = CudaGraphRunner(*runner_args, config.max_num_seqs, max_model_len) if on_gpu else ModelRunner(*runner_args)
+
+    def _blocks_for_memory(self, config: EngineConfig, profiled_tokens: int) -> int:
+        c, loaded = self.loaded.config, self.loaded
+        per_block = kv_bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim, loaded.dtype)
+        if loaded.device.type != "cuda":
+            return config.kv_cache_memory // per_block
+        total = torch.cuda.get_device_properties(loaded.device).total_memory
+        peak = profile_peak_memory(loaded, profiled_tokens, config.block_size)
+        return int(total * config.gpu_memory_utilization - peak) // per_block
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], SamplerOutput]:
+        return self.runner.execute(scheduled)
+
+    def forget(self, request_id: str) -> None:
+        self.sampler.forget(request_id)
+
+
+def create_engine_core(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore:
+    """An EngineCore over a ModelExecutor: the model of `config` (or `loaded`) on its device."""
+    return EngineCore(config, ModelExecutor(config, loaded))
