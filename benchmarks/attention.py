@@ -8,7 +8,7 @@ kernel's time. Each kernel runs inside a CUDA graph, rotating over enough
 copies of the K/V that the working set exceeds the L2 cache. Prints one JSON
 line per measurement.
 
-    python benchmarks/attention.py [--batches 1,4,16,64,256] [--contexts 512,1024,2048,4096,8192]
+    python -m benchmarks.attention [--batches 1,4,16,64,256] [--contexts 512,1024,2048,4096,8192]
 """
 
 from __future__ import annotations

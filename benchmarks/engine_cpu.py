@@ -8,7 +8,7 @@ padding) and, with --hf-sequential, one at a time. The two alternate for
 --repeat rounds and each keeps its best round, which evens out other load on
 a shared machine. Prints one JSON line per system, then the ratios.
 
-    python benchmarks/engine_cpu.py [--requests 32] [--prompt-len 64] [--output-len 32] [--repeat 3]
+    python -m benchmarks.engine_cpu [--requests 32] [--prompt-len 64] [--output-len 32] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.common.model import resolve_model
 from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.core.engine import EngineCore
 from pagewire.services.engine.executor.model_executor import create_engine_core, load_engine_model
 from pagewire.services.engine.core.sequence import SamplingParams
 

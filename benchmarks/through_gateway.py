@@ -14,25 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 
-from pagewire.services.common.grpc_utils import check_health
 from pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from pagewire.services.engine.executor.loader import LoadedModel, dtype_name
 from pagewire.services.engine.executor.models.llama import STACKED_PARAMS
+from tests.support.harness import LOOPBACK, ServeProcess
 
-REPO = Path(__file__).resolve().parents[1]
+# Room for the largest shape's checkpoint to load.
 START_TIMEOUT_S = 480.0
-STOP_TIMEOUT_S = 30.0
 # Chunks of a whole step for every request come in one ServerMessage.
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -108,76 +104,25 @@ def write_tokenizer(vocab_size: int, directory: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(str(directory))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def serve(model_dir: Path, engine_flags: list[str], log_path: Path) -> ServeProcess:
+    """`pagewire serve` on a model directory, started; its output goes to log_path."""
+    served = ServeProcess(
+        ["--host", LOOPBACK, "--model", str(model_dir), *engine_flags, "--max-message-bytes", str(MAX_MESSAGE_BYTES)],
+        log_path=log_path,
+    )
+    served.start()
+    return served
 
 
-class Served:
-    """`pagewire serve` on a model directory, as a child process on free
-    loopback ports; its output goes to log_path."""
+def serve_children(served: ServeProcess) -> dict[str, int]:
+    """The pid of each service `pagewire serve` runs, by name."""
+    return {record["child"]: record["pid"] for record in served.events("started")}
 
-    def __init__(self, model_dir: Path, engine_flags: list[str], log_path: Path):
-        self.ports = {name: free_port() for name in ("port", "http_port", "tokenizer_port", "engine_port")}
-        flags = [part for name, port in self.ports.items() for part in ("--" + name.replace("_", "-"), str(port))]
-        command = [
-            sys.executable, "-m", "pagewire.services.cli", "serve", "--host", "127.0.0.1", *flags, "--model", str(model_dir),
-            *engine_flags, "--log-format", "json", "--max-message-bytes", str(MAX_MESSAGE_BYTES),
-        ]  # fmt: skip
-        # Every setting comes from flags, not from PAGEWIRE_* variables of the caller.
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")}
-        self.log_path = log_path
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.ports['port']}"
-
-    @property
-    def engine_target(self) -> str:
-        return f"127.0.0.1:{self.ports['engine_port']}"
-
-    def cpu_seconds(self) -> dict[str, float]:
-        """CPU time (user + system) each child service has used so far, from
-        /proc (Linux): where the host's work goes."""
-        clock_ticks = os.sysconf("SC_CLK_TCK")
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        seconds = {}
-        for pid in children:
-            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            service = arguments[arguments.index(b"pagewire.services.cli") + 1].decode()
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            seconds[service] = (int(fields[11]) + int(fields[12])) / clock_ticks
-        return seconds
-
-    def wait_serving(self) -> float:
-        """Seconds until the gateway reported SERVING."""
-        start = time.monotonic()
-        while not check_health(self.target, "pagewire.v1.Generation", timeout_s=1.0):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"pagewire serve exited with {self.process.returncode}:\n{self.log_tail()}")
-            if time.monotonic() - start > START_TIMEOUT_S:
-                raise TimeoutError(f"pagewire serve not SERVING after {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.5)
-        return time.monotonic() - start
-
-    def engine_stats(self) -> engine_pb2.EngineStats:
-        """The served engine's counters (steps, preemptions, prefix cache hits)."""
-        with grpc.insecure_channel(self.engine_target) as channel:
-            return engine_pb2_grpc.EngineStub(channel).Stats(engine_pb2.EngineStatsRequest(), timeout=10)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+def cpu_seconds(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU time (user + system) each process has used so far: where the host's work goes."""
+    times = {name: psutil.Process(pid).cpu_times() for name, pid in pids.items()}
+    return {name: t.user + t.system for name, t in times.items()}
 
 
 async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix: str, direct_to_engine: bool) -> StreamTimings:

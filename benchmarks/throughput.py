@@ -10,11 +10,11 @@ Workload: --requests requests (256) of --prompt-len random prompt ids (512),
 --output-len output tokens each (128), greedy, EOS ignored, all submitted at
 once. Prints one JSON line per system and shape, then the ratios.
 
-    python benchmarks/throughput.py [--shapes smollm2-135m,llama-1b,llama-8b] [--gateway]
+    python -m benchmarks.throughput [--shapes smollm2-135m,llama-1b,llama-8b] [--gateway]
 
 A cheap check of the whole path on a CPU:
 
-    python benchmarks/throughput.py --device cpu --shapes tiny --requests 16 --prompt-len 64 --output-len 16 --no-peer --gateway
+    python -m benchmarks.throughput --device cpu --shapes tiny --requests 16 --prompt-len 64 --output-len 16 --no-peer --gateway
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-import hf_peer
-import through_gateway
+from benchmarks import hf_peer, through_gateway
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.engine.executor.backend import select_backend
 from pagewire.services.engine.config import EngineConfig
@@ -41,6 +40,7 @@ from pagewire.services.engine.executor.model_executor import create_engine_core
 from pagewire.services.engine.executor.loader import LoadedModel, resolve_dtype
 from pagewire.services.engine.executor.models.llama import LlamaForCausalLM, ModelConfig
 from pagewire.services.engine.core.sequence import SamplingParams
+from tests.support.harness import ServeProcess, engine_stats
 
 INIT_STD = 0.02  # HF's initializer_range for Llama
 # "tiny" exercises the whole path on a CPU in seconds; it has no HF peer run.
@@ -161,11 +161,11 @@ def run_gateway(model_dir: Path, prompts: list[list[int]], vocab_size: int, args
     engine_flags = ["--device", config.device, "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
                     "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens),
                     "--gpu-memory-utilization", str(config.gpu_memory_utilization)]  # fmt: skip
-    served = through_gateway.Served(model_dir, engine_flags, log_path)
+    served = through_gateway.serve(model_dir, engine_flags, log_path)
     try:
-        startup_seconds = served.wait_serving()
-        through_gateway.stream_requests(served.target, warm_up_prompts(prompts, args), 8, prefix="warm")
-        gateway = measure_served(served, served.target, prompts, args, direct_to_engine=False)
+        startup_seconds = served.wait_serving(through_gateway.START_TIMEOUT_S)
+        through_gateway.stream_requests(served.grpc_target, warm_up_prompts(prompts, args), 8, prefix="warm")
+        gateway = measure_served(served, served.grpc_target, prompts, args, direct_to_engine=False)
         # The engine's own Generate stream, on other prompts with the same
         # warm-up, so that its prefix cache hits match: the engine process
         # and gRPC without the gateway and the tokenizer.
@@ -177,12 +177,13 @@ def run_gateway(model_dir: Path, prompts: list[list[int]], vocab_size: int, args
     return dict(startup_seconds=round(startup_seconds, 1), **gateway), engine
 
 
-def measure_served(served: through_gateway.Served, target: str, prompts: list[list[int]], args: argparse.Namespace, direct_to_engine: bool) -> dict:
+def measure_served(served: ServeProcess, target: str, prompts: list[list[int]], args: argparse.Namespace, direct_to_engine: bool) -> dict:
     """One run of the workload on a Generate stream of the served system,
     with the engine's counters and each service's CPU time over the run."""
-    stats_before, cpu_before = served.engine_stats(), served.cpu_seconds()
+    children = through_gateway.serve_children(served)
+    stats_before, cpu_before = engine_stats(served.engine_target), through_gateway.cpu_seconds(children)
     timings = through_gateway.stream_requests(target, prompts, args.output_len, direct_to_engine=direct_to_engine)
-    stats_after, cpu_after = served.engine_stats(), served.cpu_seconds()
+    stats_after, cpu_after = engine_stats(served.engine_target), through_gateway.cpu_seconds(children)
     record = dict(streams=1,
                   **summarize(timings.start, timings.first_token, timings.finished, timings.output_tokens, timings.seconds, args.output_len),
                   messages=timings.messages, engine_steps=stats_after.steps_total - stats_before.steps_total,

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-from pathlib import Path
-
 import pytest
 
 from pagewire.services.common.model import ModelSource, load_hf_tokenizer, resolve_model
 from pagewire.services.common.tls import TlsFiles
+from tests.support.certificates import self_signed_certificate
 
 
 def _cuda_available() -> bool:
@@ -49,27 +45,6 @@ def hf_model(model_source: ModelSource):
 
     model = AutoModelForCausalLM.from_pretrained(str(model_source.directory), dtype=torch.float32, **model_source.pretrained_kwargs())
     return model.eval()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def self_signed_certificate(directory: Path, dns_name: str, ip: str | None = None) -> TlsFiles:
-    """A self-signed certificate valid for dns_name (and ip, if given)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    names = f"DNS:{dns_name}" + (f",IP:{ip}" if ip else "")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
-         "-subj", f"/CN={dns_name}", "-addext", f"subjectAltName={names}",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return TlsFiles(cert, key)
 
 
 @pytest.fixture(scope="session")

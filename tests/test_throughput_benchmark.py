@@ -5,7 +5,6 @@ the CPU with the tiny shape."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import through_gateway  # noqa: E402
-import throughput  # noqa: E402
-
-from pagewire.services.common.model import load_hf_tokenizer, resolve_model  # noqa: E402
-from pagewire.services.engine.executor.loader import load_model  # noqa: E402
+from benchmarks import through_gateway, throughput
+from pagewire.services.common.model import load_hf_tokenizer, resolve_model
+from pagewire.services.engine.executor.loader import load_model
+from tests.support.harness import REPO, child_environment
 
 
 def test_model_dir_loads_back(tmp_path: Path) -> None:
@@ -42,10 +37,9 @@ def test_model_dir_loads_back(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_gateway_mode_on_cpu() -> None:
-    command = [sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--shapes", "tiny", "--requests", "8",
+    command = [sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--shapes", "tiny", "--requests", "8",
                "--prompt-len", "32", "--output-len", "8", "--max-num-seqs", "8", "--gateway"]  # fmt: skip
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")} | {"PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
     runs = {r["system"]: r for r in records if r["bench"] == "throughput"}
@@ -59,9 +53,8 @@ def test_gateway_mode_on_cpu() -> None:
 def test_gateway_overhead_benchmark_runs_the_public_path() -> None:
     # benchmarks/gateway_overhead.py: real tokenizer and gateway processes
     # over a scripted engine; every token of every request arrives both ways.
-    command = [sys.executable, "benchmarks/gateway_overhead.py", "--requests", "8", "--output-len", "8", "--step-ms", "2", "--repeat", "1"]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")} | {"PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "benchmarks.gateway_overhead", "--requests", "8", "--output-len", "8", "--step-ms", "2", "--repeat", "1"]
+    result = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
     runs = {r["system"]: r for r in records if "system" in r}

@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 
-from pagewire.v1 import engine_pb2, engine_pb2_grpc
-from tests.conftest import free_port
-from tests.deploy.contract import READINESS_SERVICE
-from tests.reliability.harness import LOOPBACK, ServiceProcess
+from tests.support.harness import ServiceProcess, engine_stats
 
 REQUEST_TIMEOUT_S = 60.0
 
@@ -42,43 +38,15 @@ def resolve_mounts(value: str, mounts: Mapping[str, Path]) -> str:
 
 
 def service_process(name: str, command: list[str], environment: Mapping[str, str], log_dir: Path) -> ServiceProcess:
-    """The process standing in for one container: `pagewire COMMAND` with its
-    environment; the loopback host and a free port come as flags, which beat
-    the PAGEWIRE_HOST/PAGEWIRE_PORT the container would bind."""
+    """The process standing in for the container `name`: `pagewire COMMAND`
+    with its environment; the loopback host and free ports come as flags,
+    which beat the PAGEWIRE_HOST/PAGEWIRE_PORT the container would bind."""
     subcommand, *args = command
-    if subcommand == "gateway":
-        args = [*args, "--http-port", str(free_port())]
-    directory = log_dir / name
-    directory.mkdir(parents=True, exist_ok=True)
-    return ServiceProcess(subcommand, READINESS_SERVICE[subcommand], args, directory, env=dict(environment))
-
-
-def http_port(gateway: ServiceProcess) -> int:
-    return int(gateway.args[gateway.args.index("--http-port") + 1])
-
-
-def start_all(processes: Iterable[ServiceProcess]) -> None:
-    started = list(processes)
-    for process in started:
-        process.start()
-    for process in started:
-        process.wait_serving()
-
-
-def stop_all(processes: Iterable[ServiceProcess]) -> None:
-    """Gateways first: an engine drains until the streams to it close."""
-    ordered = sorted(processes, key=lambda p: p.name != "gateway")
-    for process in ordered:
-        process.stop()
-
-
-def engine_stats(engine: ServiceProcess) -> engine_pb2.EngineStats:
-    with grpc.insecure_channel(engine.address) as channel:
-        return engine_pb2_grpc.EngineStub(channel).Stats(engine_pb2.EngineStatsRequest(), timeout=10)
+    return ServiceProcess(subcommand, args, log_path=log_dir / f"{name}.log", env=dict(environment))
 
 
 def finished_requests(engine: ServiceProcess) -> int:
-    return engine_stats(engine).requests_finished_total
+    return engine_stats(engine.address).requests_finished_total
 
 
 def complete(client: httpx.Client, prompt: str, max_tokens: int = 4, ignore_eos: bool = False) -> dict[str, Any]:
@@ -92,7 +60,7 @@ def complete(client: httpx.Client, prompt: str, max_tokens: int = 4, ignore_eos:
 
 
 def rest_client(gateway: ServiceProcess) -> httpx.Client:
-    return httpx.Client(base_url=f"http://{LOOPBACK}:{http_port(gateway)}", timeout=REQUEST_TIMEOUT_S)
+    return httpx.Client(base_url=gateway.rest_url, timeout=REQUEST_TIMEOUT_S)
 
 
 def complete_concurrently(gateway: ServiceProcess, prompts: list[str], concurrency: int = 8) -> None:

@@ -1,6 +1,7 @@
 """What deployment files must agree with: the `pagewire` CLI (subcommands,
-config fields and their PAGEWIRE_* variables, default ports) and the gRPC
-service names that health readiness is reported under."""
+config fields and their PAGEWIRE_* variables, default ports). The gRPC
+service names that health readiness is reported under are
+tests.support.harness.READINESS_SERVICE."""
 
 from __future__ import annotations
 
@@ -13,16 +14,8 @@ import pytest
 
 from pagewire.services.cli import build_parser
 from pagewire.services.common.config import env_name
-from pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
 
 REPO = Path(__file__).resolve().parents[2]
-
-# Readiness of a service is reported under its full gRPC service name.
-READINESS_SERVICE = {
-    "tokenizer": tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name,
-    "engine": engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name,
-    "gateway": gateway_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
-}
 
 
 def config_class(subcommand: str) -> type:

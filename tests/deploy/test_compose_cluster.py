@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.cluster import complete_concurrently, finished_requests, resolve_mounts, rewrite_addresses, service_process, start_all, stop_all
+from tests.deploy.cluster import complete_concurrently, finished_requests, resolve_mounts, rewrite_addresses, service_process
 from tests.deploy.compose import compose_config, network_names
 from tests.deploy.contract import config_for
-from tests.reliability.harness import ServiceProcess
+from tests.support.harness import ServiceProcess, start_all, stop_all
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import yaml
 
 from pagewire.services.gateway.discovery import DnsTarget, parse_target
 from tests.deploy.compose import COMPOSE_FILE, compose_config, engine_services, network_names
-from tests.deploy.contract import READINESS_SERVICE, config_for, parse_health_command
+from tests.deploy.contract import config_for, parse_health_command
+from tests.support.harness import READINESS_SERVICE
 
 PROFILES = ["cpu", "gpu"]
 

@@ -8,7 +8,7 @@ import shutil
 
 from pagewire.services.common.grpc_utils import start_server
 from pagewire.services.common.tls import TlsFiles
-from tests.conftest import free_port
+from tests.support.harness import free_port
 
 SERVICE = "pagewire.v1.Engine"
 

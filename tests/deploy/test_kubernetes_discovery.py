@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +17,10 @@ from pathlib import Path
 import pytest
 
 from pagewire.services.common.grpc_utils import check_health
-from tests.deploy.cluster import (
-    SteadyLoad,
-    complete,
-    engine_stats,
-    finished_requests,
-    resolve_mounts,
-    rest_client,
-    rewrite_addresses,
-    service_process,
-    start_all,
-    stop_all,
-)
+from tests.deploy.cluster import SteadyLoad, complete, finished_requests, resolve_mounts, rest_client, rewrite_addresses, service_process
 from tests.deploy.contract import REPO, config_for
 from tests.deploy.kustomize import by_kind, pod_environment, render
-from tests.reliability.harness import STOP_TIMEOUT_S, ServiceProcess
+from tests.support.harness import STOP_TIMEOUT_S, ServiceProcess, engine_stats, start_all, stop_all, wait_until
 
 # Fast re-resolution keeps the test short; pods use the configured interval.
 DISCOVERY_INTERVAL_S = "0.2"
@@ -57,13 +45,6 @@ class PodCluster:
     def delete_pod(self, engine: ServiceProcess, *remaining: ServiceProcess) -> None:
         engine.signal(signal.SIGTERM)
         self.publish(*remaining)
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +90,12 @@ def pods(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
 def test_gateway_follows_engine_pods_as_they_come_and_go(pods: PodCluster) -> None:
     first, second, newcomer = pods.engines
     with SteadyLoad(pods.gateway) as load:
-        wait_until(lambda: finished_requests(first) > 0 and finished_requests(second) > 0, "both listed pods served requests")
+        wait_until(lambda: finished_requests(first) > 0 and finished_requests(second) > 0, "both listed pods served requests", WAIT_S)
         pods.delete_pod(first, second)
         pods.publish(second, newcomer)
-        wait_until(lambda: finished_requests(newcomer) > 0, "the new pod served requests")
+        wait_until(lambda: finished_requests(newcomer) > 0, "the new pod served requests", WAIT_S)
         settled = load.succeeded
-        wait_until(lambda: load.succeeded >= settled + 6, "more requests succeeded")
+        wait_until(lambda: load.succeeded >= settled + 6, "more requests succeeded", WAIT_S)
     assert first.process is not None and first.process.wait(STOP_TIMEOUT_S) == 0
     assert load.failures == []
     assert finished_requests(second) > 0 and finished_requests(newcomer) > 0
@@ -126,11 +107,11 @@ def test_a_deleted_pod_finishes_its_requests_and_gets_no_new_ones(pods: PodClust
     pods.publish(*serving)
     with rest_client(pods.gateway) as client, ThreadPoolExecutor(1) as pool:
         long_request = pool.submit(complete, client, "Count slowly from one to a thousand:", LONG_REQUEST_TOKENS, True)
-        wait_until(lambda: any(engine_stats(e).load.num_running for e in serving), "the long request is running")
-        draining, other = sorted(serving, key=lambda e: engine_stats(e).load.num_running, reverse=True)
+        wait_until(lambda: any(engine_stats(e.address).load.num_running for e in serving), "the long request is running", WAIT_S)
+        draining, other = sorted(serving, key=lambda e: engine_stats(e.address).load.num_running, reverse=True)
         other_before = finished_requests(other)
         pods.delete_pod(draining, other)
-        wait_until(lambda: not check_health(draining.address, draining.readiness_service), "the deleted pod reports NOT_SERVING")
+        wait_until(lambda: not check_health(draining.address, draining.readiness_service), "the deleted pod reports NOT_SERVING", WAIT_S)
         for n in range(4):
             complete(client, f"What is {n} plus {n}?")
         assert draining.alive, "the long request should still be running: make it longer"

@@ -12,8 +12,9 @@ import yaml
 
 from pagewire.services.gateway.discovery import DnsTarget, parse_target
 from pagewire.services.gateway.metrics import GatewayMetrics
-from tests.deploy.contract import READINESS_SERVICE, REPO, config_for
+from tests.deploy.contract import REPO, config_for
 from tests.deploy.kustomize import by_kind, pod_environment, render
+from tests.support.harness import READINESS_SERVICE
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
 OVERLAYS = ["cpu", "gpu"]

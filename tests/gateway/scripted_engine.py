@@ -7,6 +7,7 @@ emits the prompt's own token ids in a loop, one per step.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 from dataclasses import dataclass, field
@@ -119,9 +120,27 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
         )
 
 
-async def start_scripted_engine(engine: ScriptedEngine, port: int) -> RunningServer:
+async def start_scripted_engine(engine: ScriptedEngine, port: int, host: str = "127.0.0.1") -> RunningServer:
     running = await start_server(
-        "127.0.0.1", port, 1 << 22, [lambda server: engine_pb2_grpc.add_EngineServicer_to_server(engine, server)], [SERVICE_NAME]
+        host, port, 1 << 22, [lambda server: engine_pb2_grpc.add_EngineServicer_to_server(engine, server)], [SERVICE_NAME]
     )
     await running.set_serving(True)
     return running
+
+
+async def serve_until_killed(host: str, port: int, step_s: float) -> None:
+    # Room for any benchmark's workload: no prompt is too long, no KV cache runs out.
+    engine = ScriptedEngine("scripted", step_s, max_model_len=4096, num_blocks=1 << 20)
+    running = await start_scripted_engine(engine, port, host)
+    await running.server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    # A process of its own that stands in for `pagewire engine`
+    # (benchmarks/gateway_overhead.py), with the same --host and --port.
+    parser = argparse.ArgumentParser(description="A scripted engine serving on its own")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--step-s", type=float, required=True, help="seconds per step: one token for every running request")
+    args = parser.parse_args()
+    asyncio.run(serve_until_killed(args.host, args.port, args.step_s))

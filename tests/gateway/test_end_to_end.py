@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import queue
 import re
 import shutil
 import subprocess
@@ -27,8 +26,9 @@ from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
 
-from pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from tests.gateway.serve_process import ServeProcess
+from pagewire.v1 import common_pb2, engine_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.gateway.bidi_stream import BidiStream
+from tests.support.harness import ServeProcess, engine_stats
 
 MAX_MODEL_LEN = 512
 MAX_MESSAGE_BYTES = 1 << 20
@@ -40,16 +40,12 @@ CHAT_MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     serve = ServeProcess(
-        tmp_path_factory.mktemp("serve") / "serve.log",
         ["--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "256", "--max-message-bytes", str(MAX_MESSAGE_BYTES)],
+        log_path=tmp_path_factory.mktemp("serve") / "serve.log",
     )
-    serve.start()
-    try:
-        serve.wait_serving()
+    with serve.running():
         yield serve
-    finally:
-        exit_code = serve.stop()
-    assert exit_code == 0, serve.log_tail()
+    assert serve.process is not None and serve.process.returncode == 0, serve.log_tail()
     assert serve.events("stopped")[-1]["exit_code"] == 0
 
 
@@ -64,17 +60,12 @@ def stub(server: ServeProcess) -> Iterator[gateway_pb2_grpc.GenerationStub]:
         yield gateway_pb2_grpc.GenerationStub(channel)
 
 
-def engine_stats(server: ServeProcess) -> engine_pb2.EngineStats:
-    with grpc.insecure_channel(server.engine_target) as channel:
-        return engine_pb2_grpc.EngineStub(channel).Stats(engine_pb2.EngineStatsRequest(), timeout=10)
-
-
 def wait_engine_idle(server: ServeProcess, timeout_s: float = 30.0) -> engine_pb2.EngineStats:
     """Stats once no sequence runs or waits and every KV block is free
     (cached-free blocks count as free); the last Stats when that never comes."""
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = engine_stats(server)
+        stats = engine_stats(server.engine_target)
         idle = stats.load.num_running == 0 and stats.load.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks
         if idle or time.monotonic() > deadline:
             return stats
@@ -86,27 +77,6 @@ def assert_no_leak(stats: engine_pb2.EngineStats) -> None:
     assert stats.num_free_blocks == stats.num_total_blocks, stats
     assert stats.num_cached_free_blocks <= stats.num_free_blocks
     assert stats.load.kv_cache_usage == 0
-
-
-class BidiStream:
-    """A Generate stream driven from the test thread: send, then read chunks."""
-
-    def __init__(self, stub: gateway_pb2_grpc.GenerationStub, timeout_s: float = 120):
-        self._outgoing: queue.Queue[gateway_pb2.ClientMessage | None] = queue.Queue()
-        self.call = stub.Generate(iter(self._outgoing.get, None), timeout=timeout_s)
-
-    def start(self, request: gateway_pb2.GenerateRequest) -> None:
-        self._outgoing.put(gateway_pb2.ClientMessage(start=request))
-
-    def cancel(self, request_id: str) -> None:
-        self._outgoing.put(gateway_pb2.ClientMessage(cancel=gateway_pb2.Cancel(request_id=request_id)))
-
-    def close(self) -> None:
-        self._outgoing.put(None)
-
-    def chunks(self) -> Iterator[gateway_pb2.GenerateChunk]:
-        for message in self.call:
-            yield from message.chunks
 
 
 @pytest.fixture(scope="module")
@@ -436,7 +406,7 @@ def test_rest_client_that_goes_away_frees_the_request(server: ServeProcess) -> N
     with httpx.stream("POST", f"{server.rest_url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-        assert engine_stats(server).load.num_running == 1
+        assert engine_stats(server.engine_target).load.num_running == 1
     assert_no_leak(wait_engine_idle(server))
 
     with pytest.raises(httpx.ReadTimeout):

@@ -13,8 +13,8 @@ from pagewire.services.common.config import parse_config
 from pagewire.services.common.grpc_utils import check_health
 from pagewire.services.common.tls import TlsFiles
 from pagewire.services.launcher import CONFIG, child_commands
-from tests.conftest import self_signed_certificate
-from tests.gateway.serve_process import ServeProcess
+from tests.support.certificates import self_signed_certificate
+from tests.support.harness import ServeProcess
 
 # Seconds `pagewire serve` on the embedded model gets to say it is serving.
 TLS_READY_S = 120.0
@@ -52,15 +52,9 @@ def test_children_get_their_ports_and_only_the_engine_options_given() -> None:
 
 
 def test_a_child_that_dies_is_named_with_its_exit_code_and_output_and_the_others_stop(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    serve = ServeProcess(tmp_path / "serve.log", ["--model", str(tmp_path / "missing.gguf"), "--device", "cpu"])
+    serve = ServeProcess(["--model", str(tmp_path / "missing.gguf"), "--device", "cpu"], log_path=tmp_path / "serve.log")
     serve.start()
-    assert serve.process is not None
-    try:
-        exit_code = serve.process.wait(120)
-    finally:
-        if serve.process.poll() is None:
-            serve.stop()
-    assert exit_code == 1, serve.log_tail()
+    assert serve.wait_exit(120) == 1, serve.log_tail()
     (death, *_) = serve.events("child exited")
     assert death["child"] in ("tokenizer", "engine")
     assert death["exit_code"] not in (0, None)
@@ -71,9 +65,13 @@ def test_a_child_that_dies_is_named_with_its_exit_code_and_output_and_the_others
 
 
 def start_serve_with_tls_env(log_path: Path, tls: TlsFiles) -> ServeProcess:
-    serve = ServeProcess(log_path, ["--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512"])
-    # The TLS files as a container would set them, not as flags, are the point here.
-    serve.start({"PAGEWIRE_TLS_CERT": str(tls.cert_path), "PAGEWIRE_TLS_KEY": str(tls.key_path)})
+    serve = ServeProcess(
+        ["--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512"],
+        log_path=log_path,
+        # The TLS files as a container would set them, not as flags, are the point here.
+        env={"PAGEWIRE_TLS_CERT": str(tls.cert_path), "PAGEWIRE_TLS_KEY": str(tls.key_path)},
+    )
+    serve.start()
     return serve
 
 
@@ -97,13 +95,7 @@ def test_serve_with_a_certificate_its_probe_cannot_verify_says_so_and_stops(tmp_
     # Valid only for another name: the probe of 127.0.0.1 can never pass, so
     # serve must say why at once instead of waiting out its startup timeout.
     serve = start_serve_with_tls_env(tmp_path / "serve.log", self_signed_certificate(tmp_path, "pagewire.example"))
-    assert serve.process is not None
-    try:
-        exit_code = serve.process.wait(TLS_READY_S)
-    finally:
-        if serve.process.poll() is None:
-            serve.stop()
-    assert exit_code == 1, serve.log_tail()
+    assert serve.wait_exit(TLS_READY_S) == 1, serve.log_tail()
     (refusal,) = serve.events("gateway readiness cannot be probed")
     assert "cannot be verified for 127.0.0.1" in refusal["reason"], refusal
     assert not serve.events("pagewire is serving")

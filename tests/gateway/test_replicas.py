@@ -7,12 +7,9 @@ killed and restarted cheaply; the tokenizer is the real service."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,24 +17,16 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from pagewire.services.common.grpc_utils import RunningServer, check_health
+from pagewire.services.common.grpc_utils import RunningServer
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from pagewire.services.tokenizer.server import TokenizerConfig, start
-from tests.conftest import free_port
+from tests.gateway.bidi_stream import BidiStream
 from tests.gateway.scripted_engine import ScriptedEngine, start_scripted_engine
-from tests.gateway.test_end_to_end import BidiStream
+from tests.support.harness import ServiceProcess, free_port, wait_until
 
 T = TypeVar("T")
 STEP_S = 0.02
 WAIT_S = 30.0
-REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
 
 
 class PeerLoop:
@@ -88,24 +77,14 @@ class Cluster:
 
     def gateway(self, *flags: str) -> Iterator[str]:
         """A gateway process over both replicas; yields its gRPC address."""
-        port = free_port()
-        command = [
-            sys.executable, "-m", "pagewire.services.cli", "gateway", "--port", str(port), "--http-port", str(free_port()),
-            "--tokenizer", f"127.0.0.1:{self.tokenizer_port}", *(part for r in self.replicas for part in ("--engine", r.address)),
-            "--reconnect-initial-s", "0.05", "--reconnect-max-s", "0.2", "--log-format", "json", *flags,
-        ]  # fmt: skip
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PAGEWIRE_")}
-        log_path = self.log_dir / f"gateway-{port}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        target = f"127.0.0.1:{port}"
-        try:
-            wait_until(lambda: check_health(target, "pagewire.v1.Generation", timeout_s=1.0) or process.poll() is not None, "the gateway is SERVING")
-            assert process.poll() is None, log_path.read_text()
-            yield target
-        finally:
-            process.terminate()
-            process.wait(WAIT_S)
+        engines = [part for replica in self.replicas for part in ("--engine", replica.address)]
+        gateway = ServiceProcess(
+            "gateway",
+            ["--tokenizer", f"127.0.0.1:{self.tokenizer_port}", *engines, "--reconnect-initial-s", "0.05", "--reconnect-max-s", "0.2", *flags],
+            log_path=self.log_dir / "gateway.log",
+        )
+        with gateway.running():
+            yield gateway.address
 
 
 @pytest.fixture(scope="module")
@@ -179,12 +158,12 @@ def test_a_lost_replica_fails_only_its_requests_and_is_used_again_when_back(clus
 
     cluster.start_replica(lost)
     lost_before = added(lost)
-    wait_until(lambda: complete(stub, "Anyone back?") and added(lost) > lost_before, "the returned replica gets requests again")
+    wait_until(lambda: complete(stub, "Anyone back?") and added(lost) > lost_before, "the returned replica gets requests again", WAIT_S)
 
 
 def test_a_draining_replica_finishes_its_requests_gets_no_new_ones_and_is_let_go(cluster: Cluster, stub: gateway_pb2_grpc.GenerationStub) -> None:
     draining, other = cluster.replicas
-    wait_until(lambda: draining.engine.open_streams == 1 and other.engine.open_streams == 1, "both replicas are connected")
+    wait_until(lambda: draining.engine.open_streams == 1 and other.engine.open_streams == 1, "both replicas are connected", WAIT_S)
     stream = BidiStream(stub)
     stream.start(gateway_pb2.GenerateRequest(request_id="long", text="A long answer, please", sampling=common_pb2.SamplingParams(max_tokens=40)))
     stream.start(gateway_pb2.GenerateRequest(request_id="long-2", text="Another long answer", sampling=common_pb2.SamplingParams(max_tokens=40)))
@@ -205,10 +184,10 @@ def test_a_draining_replica_finishes_its_requests_gets_no_new_ones_and_is_let_go
                 stream.close()
     assert all(f.finish_reason == common_pb2.FINISH_REASON_LENGTH and f.usage.completion_tokens == 40 for f in finals), finals
     # Nothing of the gateway's left there: its stream closes, so the replica may stop.
-    wait_until(lambda: draining.engine.open_streams == 0, "the gateway closes its stream to the draining replica")
+    wait_until(lambda: draining.engine.open_streams == 0, "the gateway closes its stream to the draining replica", WAIT_S)
 
     cluster.set_serving(draining, True)
-    wait_until(lambda: draining.engine.open_streams == 1, "the gateway reconnects once the replica serves again")
+    wait_until(lambda: draining.engine.open_streams == 1, "the gateway reconnects once the replica serves again", WAIT_S)
 
 
 def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica(cluster: Cluster) -> None:

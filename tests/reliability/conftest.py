@@ -12,22 +12,15 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.harness import Cluster
-
-# The engine's bounds under test: a small batch and a short waiting queue, so
-# that a few hundred concurrent requests overflow it and must be refused.
-MAX_NUM_SEQS = 32
-MAX_QUEUE_LEN = 96
-ENGINE_ARGS = ["--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue-len", str(MAX_QUEUE_LEN), "--num-kv-blocks", "512", "--max-model-len", "2048"]
-# A 1 MiB body limit, so that the test of an oversized body stays cheap.
-GATEWAY_ARGS = ["--shutdown-grace-s", "20", "--reconnect-max-s", "1", "--max-message-bytes", str(1 << 20)]
+from tests.reliability.settings import ENGINE_ARGS, GATEWAY_ARGS
+from tests.support.harness import Cluster
 
 _figures: dict[str, dict[str, Any]] = {}
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    running = Cluster.create(tmp_path_factory.mktemp("reliability-logs"), ENGINE_ARGS, GATEWAY_ARGS)
+    running = Cluster.create(tmp_path_factory.mktemp("reliability-logs"), engine_args=ENGINE_ARGS, gateway_args=GATEWAY_ARGS)
     try:
         running.start()
         yield running
@@ -38,7 +31,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture
 def serving_cluster(cluster: Cluster) -> Cluster:
     """The cluster with every process up and ready (a fault test before may have killed one)."""
-    cluster.ensure_serving()
+    cluster.start()
     return cluster
 
 

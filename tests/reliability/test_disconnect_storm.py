@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from tests.reliability.clients import Outcome, completion_body, metric_values, rest_client, stream_completion, tally
-from tests.reliability.conftest import MAX_NUM_SEQS, MAX_QUEUE_LEN
-from tests.reliability.harness import Cluster
+from tests.reliability.settings import MAX_NUM_SEQS, MAX_QUEUE_LEN
+from tests.support.harness import Cluster
 
 SETTLE_TIMEOUT_S = 30.0
 

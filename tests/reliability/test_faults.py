@@ -25,7 +25,7 @@ import psutil
 
 from pagewire.v1 import common_pb2, gateway_pb2
 from tests.reliability.clients import GrpcResult, Outcome, StreamResult, completion_body, grpc_complete, rest_client, stream_completion
-from tests.reliability.harness import Cluster, ServiceProcess
+from tests.support.harness import Cluster, ServiceProcess
 
 IN_FLIGHT_REST = 8
 IN_FLIGHT_GRPC = 2

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from pagewire.services.common.model import resolve_model
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.reliability.harness import Cluster
+from tests.support.harness import Cluster
 
 SHORT_EXAMPLES = 60
 LONG_EXAMPLES = 600

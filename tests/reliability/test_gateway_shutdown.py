@@ -23,33 +23,28 @@ import pytest
 
 from pagewire.services.common.grpc_utils import check_health
 from pagewire.v1 import common_pb2, gateway_pb2
-from tests.conftest import free_port
 from tests.reliability.clients import Outcome, completion_body, grpc_complete, rest_client, stream_completion
-from tests.reliability.harness import LOOPBACK, Cluster, ServiceProcess
+from tests.support.harness import Cluster, ServiceProcess
 
-READINESS = "pagewire.v1.Generation"
 # Seconds the gateway may take beyond its grace period to stop both servers.
 EXIT_MARGIN_S = 3.0
 
 
 @pytest.fixture
-def start_gateway(serving_cluster: Cluster, tmp_path: Path) -> Iterator[Callable[[float], tuple[ServiceProcess, str]]]:
-    """Start a gateway with the given grace period; (process, REST base URL)."""
+def start_gateway(serving_cluster: Cluster, tmp_path: Path) -> Iterator[Callable[[float], ServiceProcess]]:
+    """Start a gateway with the given grace period."""
     started: list[ServiceProcess] = []
 
-    def start(grace_s: float) -> tuple[ServiceProcess, str]:
-        http_port = free_port()
+    def start(grace_s: float) -> ServiceProcess:
         gateway = ServiceProcess(
             "gateway",
-            READINESS,
-            ["--http-port", str(http_port), "--tokenizer", serving_cluster.tokenizer.address, "--engine", serving_cluster.engine.address]
-            + ["--shutdown-grace-s", str(grace_s)],
-            tmp_path,
+            ["--tokenizer", serving_cluster.tokenizer.address, "--engine", serving_cluster.engine.address, "--shutdown-grace-s", str(grace_s)],
+            log_path=tmp_path / "gateway.log",
         )
         gateway.start()
         started.append(gateway)
         gateway.wait_serving()
-        return gateway, f"http://{LOOPBACK}:{http_port}"
+        return gateway
 
     yield start
     for gateway in started:
@@ -59,13 +54,13 @@ def start_gateway(serving_cluster: Cluster, tmp_path: Path) -> Iterator[Callable
 async def _wait_not_serving(gateway: ServiceProcess, timeout_s: float = 5.0) -> None:
     """Until gRPC readiness is not SERVING: the gateway has taken the signal."""
     deadline = time.monotonic() + timeout_s
-    while await asyncio.to_thread(check_health, gateway.address, READINESS, 1.0):
+    while await asyncio.to_thread(check_health, gateway.address, gateway.readiness_service, 1.0):
         assert time.monotonic() < deadline, "gRPC readiness still SERVING after SIGTERM"
         await asyncio.sleep(0.05)
 
 
-async def _refuses_and_drains(gateway: ServiceProcess, rest_url: str, grace_s: float) -> dict[str, Any]:
-    async with rest_client(rest_url) as client:
+async def _refuses_and_drains(gateway: ServiceProcess, grace_s: float) -> dict[str, Any]:
+    async with rest_client(gateway.rest_url) as client:
         first_event = asyncio.Event()
         running = asyncio.create_task(stream_completion(client, completion_body(64), timeout_s=120.0, first_event=first_event))
         await asyncio.wait_for(first_event.wait(), 60.0)
@@ -73,11 +68,11 @@ async def _refuses_and_drains(gateway: ServiceProcess, rest_url: str, grace_s: f
         gateway.signal(signal.SIGTERM)
         await _wait_not_serving(gateway)
         # A fresh connection, as a client arriving now would open.
-        async with httpx.AsyncClient(base_url=rest_url, timeout=10.0) as newcomer:
+        async with httpx.AsyncClient(base_url=gateway.rest_url, timeout=10.0) as newcomer:
             refused = await newcomer.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
             health = await newcomer.get("/health")
         refused_while_running = not running.done()
-        readiness_after = await asyncio.to_thread(check_health, gateway.address, READINESS, 1.0)
+        readiness_after = await asyncio.to_thread(check_health, gateway.address, gateway.readiness_service, 1.0)
         result = await running
     exit_code = await asyncio.to_thread(gateway.process.wait, grace_s + 30)  # type: ignore[union-attr]
     stopped_s = time.monotonic() - signalled_at
@@ -99,15 +94,14 @@ async def _refuses_and_drains(gateway: ServiceProcess, rest_url: str, grace_s: f
 
 def test_sigterm_refuses_new_rest_requests_and_drains_the_running_one(start_gateway, record_figures) -> None:  # type: ignore[no-untyped-def]
     grace_s = 20.0
-    gateway, rest_url = start_gateway(grace_s)
-    record_figures(asyncio.run(_refuses_and_drains(gateway, rest_url, grace_s)))
+    record_figures(asyncio.run(_refuses_and_drains(start_gateway(grace_s), grace_s)))
 
 
-async def _one_grace_period(gateway: ServiceProcess, rest_url: str, grace_s: float) -> dict[str, Any]:
+async def _one_grace_period(gateway: ServiceProcess, grace_s: float) -> dict[str, Any]:
     long_request = gateway_pb2.GenerateRequest(
         text="Write a long story.", sampling=common_pb2.SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
     )
-    async with rest_client(rest_url) as client:
+    async with rest_client(gateway.rest_url) as client:
         started = [asyncio.Event(), asyncio.Event()]
         rest = asyncio.create_task(stream_completion(client, completion_body(1500), timeout_s=120.0, first_event=started[0]))
         over_grpc = asyncio.create_task(grpc_complete(gateway.address, long_request, timeout_s=120.0, first_chunk=started[1]))
@@ -127,5 +121,4 @@ async def _one_grace_period(gateway: ServiceProcess, rest_url: str, grace_s: flo
 
 def test_grpc_and_rest_requests_share_one_grace_period(start_gateway, record_figures) -> None:  # type: ignore[no-untyped-def]
     grace_s = 4.0
-    gateway, rest_url = start_gateway(grace_s)
-    record_figures(asyncio.run(_one_grace_period(gateway, rest_url, grace_s)))
+    record_figures(asyncio.run(_one_grace_period(start_gateway(grace_s), grace_s)))

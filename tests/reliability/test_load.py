@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.reliability.clients import HealthWatch, Outcome, StreamResult, completion_body, rest_client, stream_completion, tally
-from tests.reliability.harness import Cluster
+from tests.support.harness import Cluster
 
 # A request still running past this is counted as hung.
 REQUEST_TIMEOUT_S = 120.0

@@ -18,35 +18,27 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from pagewire.services.common.tls import TlsFiles
-from tests.conftest import free_port
-from tests.reliability.harness import LOOPBACK, Cluster, ServiceProcess
+from tests.support.harness import LOOPBACK, Cluster, ServiceProcess
 
 API_KEY = "pw-reliability-key-7f3a"
 
 
 @pytest.fixture
-def secured_gateway(serving_cluster: Cluster, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, int]]:
-    http_port = free_port()
-    gateway = ServiceProcess(
+def secured_gateway(serving_cluster: Cluster, tls_files: TlsFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    secured = ServiceProcess(
         "gateway",
-        "pagewire.v1.Generation",
         [
-            "--http-port", str(http_port),
             "--tokenizer", serving_cluster.tokenizer.address,
             "--engine", serving_cluster.engine.address,
             "--tls-cert", str(tls_files.cert_path),
             "--tls-key", str(tls_files.key_path),
         ],
-        tmp_path_factory.mktemp("secured-gateway"),
+        log_path=tmp_path_factory.mktemp("secured-gateway") / "gateway.log",
         env={"PAGEWIRE_API_KEY": API_KEY},
         root_certificates=tls_files.cert_path.read_bytes(),
     )  # fmt: skip
-    gateway.start()
-    try:
-        gateway.wait_serving()
-        yield gateway, http_port
-    finally:
-        gateway.stop()
+    with secured.running() as gateway:
+        yield gateway
 
 
 def _rest_checks(http_port: int, tls_files: TlsFiles) -> dict[str, Any]:
@@ -111,10 +103,10 @@ async def _grpc_checks(port: int, tls_files: TlsFiles) -> dict[str, Any]:
     return {"grpc_refused_unauthenticated": 3, "grpc_accepted_with_key": 1}
 
 
-def test_api_key_and_tls_on_the_public_ports(secured_gateway: tuple[ServiceProcess, int], tls_files: TlsFiles, record_figures) -> None:  # type: ignore[no-untyped-def]
-    gateway, http_port = secured_gateway
-    figures = _rest_checks(http_port, tls_files) | asyncio.run(_grpc_checks(gateway.port, tls_files))
-    assert gateway.alive
+def test_api_key_and_tls_on_the_public_ports(secured_gateway: ServiceProcess, tls_files: TlsFiles, record_figures) -> None:  # type: ignore[no-untyped-def]
+    assert secured_gateway.http_port is not None
+    figures = _rest_checks(secured_gateway.http_port, tls_files) | asyncio.run(_grpc_checks(secured_gateway.port, tls_files))
+    assert secured_gateway.alive
     record_figures(figures)
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.gateway.serve_process import ServeProcess
+from tests.support.harness import ServeProcess
 
 ENGINE_ARGS = ["--device", "cpu", "--num-kv-blocks", "128", "--max-model-len", "1024"]
 RECOVERY_TIMEOUT_S = 180.0
@@ -21,13 +21,8 @@ RECOVERY_TIMEOUT_S = 180.0
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[ServeProcess]:
-    running = ServeProcess(tmp_path / "serve.log", ENGINE_ARGS)
-    running.start()
-    try:
-        running.wait_serving()
+    with ServeProcess(ENGINE_ARGS, log_path=tmp_path / "serve.log").running() as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _completes(rest_url: str) -> bool:
@@ -36,15 +31,6 @@ def _completes(rest_url: str) -> bool:
     except httpx.HTTPError:
         return False
     return reply.status_code == 200
-
-
-def _wait_for(serve: ServeProcess, description: str, predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
-    while not predicate():
-        assert serve.process is not None and serve.process.poll() is None, f"pagewire serve exited:\n{serve.log_tail()}"
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{description} not seen in {RECOVERY_TIMEOUT_S:.0f} s:\n{serve.log_tail()}")
-        time.sleep(0.2)
 
 
 def _engine_pids(serve: ServeProcess) -> list[int]:
@@ -58,11 +44,11 @@ def test_serve_restarts_a_killed_engine_and_says_why(serve: ServeProcess, record
     os.kill(first_engine, signal.SIGKILL)
     killed_at = time.monotonic()
 
-    _wait_for(serve, "the engine's restart", lambda: len(_engine_pids(serve)) == 2)
+    serve.wait_until(lambda: len(_engine_pids(serve)) == 2, "the engine's restart", RECOVERY_TIMEOUT_S)
     (exited,) = [record for record in serve.events("child exited") if record["child"] == "engine"]
     assert exited["exit_code"] == -signal.SIGKILL
     (restarting,) = [record for record in serve.events("restarting child") if record["child"] == "engine"]
-    _wait_for(serve, "a completion after the restart", lambda: _completes(serve.rest_url))
+    serve.wait_until(lambda: _completes(serve.rest_url), "a completion after the restart", RECOVERY_TIMEOUT_S)
     recovered_s = time.monotonic() - killed_at
     # Only the engine was started again.
     assert [record["pid"] for record in serve.events("started") if record["child"] == "gateway"] == gateway_pids

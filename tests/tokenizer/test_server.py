@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from pagewire.services.tokenizer.server import SERVICE_NAME, TokenizerConfig, start
-from tests.conftest import free_port
+from tests.support.harness import free_port
 
 
 async def _session(port: int, hf_tokenizer) -> None:
