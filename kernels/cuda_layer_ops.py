@@ -12,7 +12,11 @@ from pagewire.kernels import loader
 
 SOURCE = "layer_ops.cu"
 KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16"}
-THREADS = 256
+# 16-byte accesses: 8 elements of 16 bits.
+VECTOR = 8
+MAX_NORM_THREADS = 1024
+SILU_THREADS = 128
+MAX_ROTARY_THREADS = 128
 
 
 def kernel_names() -> list[str]:
@@ -20,13 +24,26 @@ def kernel_names() -> list[str]:
     return [
         name
         for kind in KERNEL_TYPES.values()
+        for vec in (1, VECTOR)
         for name in (
-            f"rms_norm_kernel<{kind}, false>",
-            f"rms_norm_kernel<{kind}, true>",
+            f"rms_norm_kernel<{kind}, false, {vec}>",
+            f"rms_norm_kernel<{kind}, true, {vec}>",
             f"rotary_embedding_kernel<{kind}>",
-            f"silu_and_mul_kernel<{kind}>",
+            f"silu_and_mul_kernel<{kind}, {vec}>",
         )
     ]
+
+
+def _vector_width(width: int, *tensors: torch.Tensor) -> int:
+    """8 when every row starts on a 16-byte boundary and the width is a
+    multiple of 8 elements, else 1."""
+    aligned = width % VECTOR == 0 and all(t.data_ptr() % 16 == 0 and (t.dim() < 2 or t.stride(0) % VECTOR == 0) for t in tensors)
+    return VECTOR if aligned else 1
+
+
+def _threads_for(work_items: int, most: int) -> int:
+    """Enough whole warps for one round over work_items, at most `most`."""
+    return min(most, max(32, -(-work_items // 32) * 32))
 
 
 def _kind(*tensors: torch.Tensor) -> str:
@@ -42,9 +59,9 @@ def _pointer(tensor: torch.Tensor) -> np.uint64:
     return np.uint64(tensor.data_ptr())
 
 
-def _launch(name: str, rows: int, device: torch.device, args: tuple) -> None:  # type: ignore[type-arg]
-    if rows:
-        loader.launch(loader.get_kernel(SOURCE, name), device, (rows,), (THREADS,), args)
+def _launch(name: str, grid: tuple[int, ...], threads: int, device: torch.device, args: tuple) -> None:  # type: ignore[type-arg]
+    if grid[0]:
+        loader.launch(loader.get_kernel(SOURCE, name), device, grid, (threads,), args)
 
 
 def _rms_norm(out: torch.Tensor, residual: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
@@ -52,9 +69,12 @@ def _rms_norm(out: torch.Tensor, residual: torch.Tensor | None, x: torch.Tensor,
     kind = _kind(x, weight, out, *(() if residual is None else (residual,)))
     with_residual = residual is not None
     residual = x if residual is None else residual
+    hidden = x.shape[-1]
+    vec = _vector_width(hidden, out, residual, x, weight)
     _launch(
-        f"rms_norm_kernel<{kind}, {'true' if with_residual else 'false'}>",
-        x.shape[0],
+        f"rms_norm_kernel<{kind}, {'true' if with_residual else 'false'}, {vec}>",
+        (x.shape[0],),
+        _threads_for(hidden // vec, MAX_NORM_THREADS),
         x.device,
         (
             _pointer(out), _pointer(residual), _pointer(x), _pointer(weight), np.int32(x.shape[-1]),
@@ -88,7 +108,8 @@ def rotary_embedding(
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     _launch(
         f"rotary_embedding_kernel<{kind}>",
-        num_tokens,
+        (num_tokens, num_heads + key.shape[1]),
+        _threads_for(head_dim // 2, MAX_ROTARY_THREADS),
         query.device,
         (
             _pointer(query), _pointer(key), _pointer(positions), _pointer(cos), _pointer(sin),
@@ -104,5 +125,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     kind = _kind(gate_up)
     width = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype, device=gate_up.device)
-    _launch(f"silu_and_mul_kernel<{kind}>", gate_up.shape[0], gate_up.device, (_pointer(out), _pointer(gate_up), np.int32(width), np.int64(gate_up.stride(0))))
+    vec = _vector_width(width, gate_up, out)
+    slices = -(-width // (SILU_THREADS * vec))
+    _launch(
+        f"silu_and_mul_kernel<{kind}, {vec}>",
+        (gate_up.shape[0], slices),
+        SILU_THREADS,
+        gate_up.device,
+        (_pointer(out), _pointer(gate_up), np.int32(width), np.int64(gate_up.stride(0))),
+    )
     return out

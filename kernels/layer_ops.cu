@@ -5,8 +5,12 @@
 // so the engine computes what HF transformers computes, not a more exact but
 // different value.
 //
-// One thread block per token; rows are short (a few thousand elements), so
-// a block walks its row with a stride loop and reduces through shared memory.
+// Work is spread over the hidden dimension as well as over tokens, so a
+// decode step of one or two tokens still fills many multiprocessors: RMSNorm
+// gives a row one block wide enough to load it in a single round, rotary
+// takes a block per (token, head), SiLU-and-mul splits each row over blocks.
+// Rows whose width and strides are multiples of 8 elements (16 bytes) are read
+// and written 8 elements at a time (VEC = 8); the rest one at a time.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
 // tests, so it includes no headers.
@@ -41,6 +45,26 @@ __device__ __forceinline__ float round_to(float value) {
     return T::to_float(T::from_float(value));
 }
 
+// VEC consecutive 16-bit elements, loaded or stored in one access when VEC = 8.
+template <int VEC>
+struct Pack {
+    u16 v[VEC];
+    __device__ __forceinline__ void load(const u16* p) {
+        if (VEC == 8) {
+            *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
+        } else {
+            for (int j = 0; j < VEC; ++j) v[j] = p[j];
+        }
+    }
+    __device__ __forceinline__ void store(u16* p) const {
+        if (VEC == 8) {
+            *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
+        } else {
+            for (int j = 0; j < VEC; ++j) p[j] = v[j];
+        }
+    }
+};
+
 __device__ __forceinline__ float block_sum(float value, float* scratch) {
     for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -57,8 +81,8 @@ __device__ __forceinline__ float block_sum(float value, float* scratch) {
 
 // out = weight * T(row * rsqrt(mean(row^2) + eps)), the row normalised in fp32.
 // With ADD_RESIDUAL the row is T(x + residual), written back to residual first:
-// the residual stream of the next sublayer.
-template <typename T, bool ADD_RESIDUAL>
+// the residual stream of the next sublayer. One block per row.
+template <typename T, bool ADD_RESIDUAL, int VEC>
 __global__ void rms_norm_kernel(
     u16* __restrict__ out, u16* __restrict__ residual, const u16* __restrict__ x, const u16* __restrict__ weight,
     int hidden, long long x_stride, long long residual_stride, long long out_stride, float eps) {
@@ -66,29 +90,41 @@ __global__ void rms_norm_kernel(
     const u16* x_row = x + blockIdx.x * x_stride;
     u16* residual_row = residual + blockIdx.x * residual_stride;
     float sum_of_squares = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float value = T::to_float(x_row[i]);
+    for (int i = threadIdx.x * VEC; i < hidden; i += blockDim.x * VEC) {
+        Pack<VEC> values;
+        values.load(x_row + i);
         if (ADD_RESIDUAL) {
-            const u16 summed = T::from_float(value + T::to_float(residual_row[i]));
-            residual_row[i] = summed;
-            value = T::to_float(summed);
+            Pack<VEC> residuals;
+            residuals.load(residual_row + i);
+            for (int j = 0; j < VEC; ++j) values.v[j] = T::from_float(T::to_float(values.v[j]) + T::to_float(residuals.v[j]));
+            values.store(residual_row + i);
         }
-        sum_of_squares += value * value;
+        for (int j = 0; j < VEC; ++j) {
+            const float value = T::to_float(values.v[j]);
+            sum_of_squares += value * value;
+        }
     }
     const float inverse_rms = rsqrtf(block_sum(sum_of_squares, scratch) / hidden + eps);
     // Each thread reads back only the elements it wrote above.
     const u16* row = ADD_RESIDUAL ? residual_row : x_row;
     u16* out_row = out + blockIdx.x * out_stride;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float normalised = round_to<T>(T::to_float(row[i]) * inverse_rms);
-        out_row[i] = T::from_float(normalised * T::to_float(weight[i]));
+    for (int i = threadIdx.x * VEC; i < hidden; i += blockDim.x * VEC) {
+        Pack<VEC> values, weights;
+        values.load(row + i);
+        weights.load(weight + i);
+        for (int j = 0; j < VEC; ++j) {
+            const float normalised = round_to<T>(T::to_float(values.v[j]) * inverse_rms);
+            values.v[j] = T::from_float(normalised * T::to_float(weights.v[j]));
+        }
+        values.store(out_row + i);
     }
 }
 
-// Rotates every query and key head of one token in place by its position
-// (the rotate-half layout): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, with
+// Rotates one query or key head of one token in place by its position (the
+// rotate-half layout): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, with
 // cos/sin rounded to T and each product rounded before the sum, as the
 // reference does. cos/sin: [max_positions, head_dim] fp32, both halves equal.
+// Grid: (tokens, query heads + key heads).
 template <typename T>
 __global__ void rotary_embedding_kernel(
     u16* __restrict__ query, u16* __restrict__ key, const long long* __restrict__ positions,
@@ -96,14 +132,13 @@ __global__ void rotary_embedding_kernel(
     int num_heads, int num_kv_heads, int head_dim,
     long long query_token_stride, long long query_head_stride, long long key_token_stride, long long key_head_stride) {
     const int half = head_dim / 2;
+    const int head = blockIdx.y;
     const float* cos_row = cos_table + positions[blockIdx.x] * head_dim;
     const float* sin_row = sin_table + positions[blockIdx.x] * head_dim;
-    const int pairs = (num_heads + num_kv_heads) * half;
-    for (int pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
-        const int head = pair / half, i = pair % half;
-        u16* row = head < num_heads
-            ? query + blockIdx.x * query_token_stride + head * query_head_stride
-            : key + blockIdx.x * key_token_stride + (head - num_heads) * key_head_stride;
+    u16* row = head < num_heads
+        ? query + blockIdx.x * query_token_stride + head * query_head_stride
+        : key + blockIdx.x * key_token_stride + (head - num_heads) * key_head_stride;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
         const float cos_value = round_to<T>(cos_row[i]), sin_value = round_to<T>(sin_row[i]);
         const float x1 = T::to_float(row[i]), x2 = T::to_float(row[i + half]);
         row[i] = T::from_float(round_to<T>(x1 * cos_value) - round_to<T>(x2 * sin_value));
@@ -112,14 +147,19 @@ __global__ void rotary_embedding_kernel(
 }
 
 // out = T(silu(gate)) * up, where gate_up's row is [gate | up] of 2 * width.
-template <typename T>
+// Grid: (tokens, slices of the row), each thread VEC elements.
+template <typename T, int VEC>
 __global__ void silu_and_mul_kernel(u16* __restrict__ out, const u16* __restrict__ gate_up, int width, long long gate_up_stride) {
+    const int i = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+    if (i >= width) return;
     const u16* gate = gate_up + blockIdx.x * gate_up_stride;
-    const u16* up = gate + width;
-    u16* out_row = out + (long long)blockIdx.x * width;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        const float g = T::to_float(gate[i]);
+    Pack<VEC> gates, ups;
+    gates.load(gate + i);
+    ups.load(gate + width + i);
+    for (int j = 0; j < VEC; ++j) {
+        const float g = T::to_float(gates.v[j]);
         const float activated = round_to<T>(g / (1.0f + __expf(-g)));
-        out_row[i] = T::from_float(activated * T::to_float(up[i]));
+        gates.v[j] = T::from_float(activated * T::to_float(ups.v[j]));
     }
+    gates.store(out + (long long)blockIdx.x * width + i);
 }
