@@ -1,4 +1,4 @@
-"""The public gRPC API (pagewire.v1.Generation) over the gateway pipeline."""
+"""The public gRPC API (pagewire.v1.Generation) over the gateway's requests."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import grpc
 from grpc_status import rpc_status
 
 from pagewire.services.common.grpc_utils import error_status
-from pagewire.services.common.logging import get_logger
+from pagewire.services.gateway.hub import Gateway
+from pagewire.services.gateway.request import GatewayRequest
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from pagewire.services.gateway.pipeline import Gateway, GatewayRequest
-
-log = get_logger("gateway")
 
 
 def _refusal(request_id: str, message: str) -> gateway_pb2.GenerateChunk:

@@ -1,6 +1,9 @@
 """OpenAI-compatible REST shim, served by the gateway process on its own event
 loop and feeding the same request path as the gRPC API.
 
+The request and response bodies are in openai_schemas.py; this module holds
+the app and the mapping of errors to HTTP.
+
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with
 `stream: true` as server-sent events ending in `data: [DONE]`, and
 `stream_options.include_usage`), GET /v1/models, GET /health, GET /metrics.
@@ -34,10 +37,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
@@ -45,16 +47,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.rpc import status_pb2
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.services.common.errors import RequestError
 from pagewire.services.common.grpc_utils import error_status, status_code, to_status, violated_field
-from pagewire.services.common.logging import get_logger
+from pagewire.services.gateway.hub import Gateway
+from pagewire.services.gateway.openai_schemas import ChatBody, ChatFormat, CompletionBody, CompletionFormat, merge_chunks, usage_body
 from pagewire.v1 import common_pb2, gateway_pb2
-from pagewire.services.gateway.pipeline import Gateway
-
-log = get_logger("gateway")
 
 T = TypeVar("T")
 
@@ -67,233 +67,8 @@ HTTP_ERRORS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
-FINISH_REASONS = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_CANCELLED: "abort",
-    common_pb2.FINISH_REASON_TIME_LIMIT: "time_limit",
-}
 # Seconds /metrics waits for each engine's Stats before showing the last figures.
 STATS_TIMEOUT_S = 2.0
-
-
-# --- request bodies ---------------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-# Integer fields are bounded by the proto field they fill (int32, uint32,
-# uint64), so an out-of-range value is a 400 naming the field rather than a
-# failed conversion further down.
-INT32_MAX = 2**31 - 1
-UINT32_MAX = 2**32 - 1
-UINT64_MAX = 2**64 - 1
-TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
-
-
-class SamplingFields(BaseModel):
-    """Fields both endpoints share; unknown fields are ignored, as OpenAI
-    clients send some that do not apply here."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = ""
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = Field(None, ge=-1, le=INT32_MAX, description="-1 or 0: off")
-    min_p: float | None = None
-    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    n: int | None = Field(None, ge=1, le=UINT32_MAX)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[TokenId] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool | None = None
-    include_stop_str_in_output: bool = False
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    def sampling(self, max_tokens: int | None, logprobs: int | None) -> common_pb2.SamplingParams:
-        return common_pb2.SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k if self.top_k and self.top_k > 0 else None,
-            min_p=self.min_p,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            max_tokens=max_tokens,
-            stop_token_ids=self.stop_token_ids or [],
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-            n=self.n,
-        )
-
-    def generate_request(self, max_tokens: int | None, logprobs: int | None) -> gateway_pb2.GenerateRequest:
-        request = gateway_pb2.GenerateRequest(
-            model=self.model,
-            sampling=self.sampling(max_tokens, logprobs),
-            stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []),
-            include_stop_str_in_output=self.include_stop_str_in_output,
-        )
-        if self.skip_special_tokens is not None:
-            request.skip_special_tokens = self.skip_special_tokens
-        return request
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
-
-
-class CompletionBody(SamplingFields):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    # OpenAI's default for completions.
-    max_tokens: int | None = Field(16, ge=1, le=UINT32_MAX)
-    logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
-    echo: bool = False
-
-    def to_request(self) -> gateway_pb2.GenerateRequest:
-        if self.echo:
-            raise RequestError(Refusal.INVALID_ARGUMENT, "echo is not supported")
-        request = self.generate_request(self.max_tokens, self.logprobs)
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise RequestError(Refusal.INVALID_ARGUMENT, f"one prompt per request is supported, got {len(prompt)}; send several requests")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            request.text = prompt
-        else:
-            if any(token_id < 0 for token_id in prompt):
-                raise RequestError(Refusal.INVALID_ARGUMENT, "prompt token ids must not be negative")
-            request.token_ids.ids.extend(prompt)
-        return request
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatTurn(BaseModel):
-    role: str
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class ChatBody(SamplingFields):
-    messages: list[ChatTurn]
-    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
-    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
-
-    def to_request(self) -> gateway_pb2.GenerateRequest:
-        top = (self.top_logprobs or 0) if self.logprobs else None
-        request = self.generate_request(self.max_completion_tokens or self.max_tokens, top)
-        request.chat.messages.extend(common_pb2.ChatMessage(role=turn.role, content=turn.text()) for turn in self.messages)
-        if not self.messages:
-            request.chat.SetInParent()
-        return request
-
-
-# --- responses --------------------------------------------------------------
-
-
-def _usage(usage: common_pb2.Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
-    }
-
-
-def _finish_reason(chunk: gateway_pb2.GenerateChunk) -> str | None:
-    return FINISH_REASONS.get(chunk.finish_reason)
-
-
-class CompletionFormat:
-    """/v1/completions bodies."""
-
-    object_name = "text_completion"
-    chunk_object_name = "text_completion"
-
-    def __init__(self) -> None:
-        self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.text_offset = 0
-
-    def logprobs(self, chunk: gateway_pb2.GenerateChunk) -> dict[str, Any] | None:
-        if not chunk.logprobs:
-            return None
-        offsets = []
-        for lp in chunk.logprobs:
-            offsets.append(self.text_offset)
-            self.text_offset += len(lp.token)
-        return {
-            "tokens": [lp.token for lp in chunk.logprobs],
-            "token_logprobs": [lp.logprob for lp in chunk.logprobs],
-            "top_logprobs": [{top.token: top.logprob for top in lp.top_logprobs} for lp in chunk.logprobs],
-            "text_offset": offsets,
-        }
-
-    def choice(self, chunk: gateway_pb2.GenerateChunk, streaming: bool) -> dict[str, Any]:
-        return {"index": 0, "text": chunk.text, "logprobs": self.logprobs(chunk), "finish_reason": _finish_reason(chunk)}
-
-    def opening(self) -> list[dict[str, Any]]:
-        return []
-
-
-class ChatFormat(CompletionFormat):
-    """/v1/chat/completions bodies."""
-
-    object_name = "chat.completion"
-    chunk_object_name = "chat.completion.chunk"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-
-    def logprobs(self, chunk: gateway_pb2.GenerateChunk) -> dict[str, Any] | None:
-        if not chunk.logprobs:
-            return None
-
-        def entry(token: str, logprob: float) -> dict[str, Any]:
-            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-        return {
-            "content": [
-                {**entry(lp.token, lp.logprob), "top_logprobs": [entry(top.token, top.logprob) for top in lp.top_logprobs]} for lp in chunk.logprobs
-            ]
-        }
-
-    def choice(self, chunk: gateway_pb2.GenerateChunk, streaming: bool) -> dict[str, Any]:
-        content = {"content": chunk.text} if chunk.text or not streaming else {}
-        key = "delta" if streaming else "message"
-        body = {"role": "assistant", **content} if not streaming else content
-        return {"index": 0, key: body, "logprobs": self.logprobs(chunk), "finish_reason": _finish_reason(chunk)}
-
-    def opening(self) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
-
-
-def _merge(chunks: list[gateway_pb2.GenerateChunk]) -> gateway_pb2.GenerateChunk:
-    """All chunks of a request as one (repeated fields concatenated; the last
-    chunk's finish reason, matched stop and usage)."""
-    merged = gateway_pb2.GenerateChunk()
-    for chunk in chunks:
-        merged.MergeFrom(chunk)
-    merged.text = "".join(chunk.text for chunk in chunks)
-    return merged
 
 
 # --- errors -----------------------------------------------------------------
@@ -402,14 +177,14 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
         return status_response(to_status(exc))
 
     async def generate(request: Request, body: CompletionBody | ChatBody, output: CompletionFormat) -> Response:
-        model_id = gateway.router.resolve_model(body.model).model_id
+        model_id = gateway.resolve_model(body.model).model_id
         created = int(time.time())
         chunks = gateway.request(body.to_request()).chunks()
 
         def envelope(choices: list[dict[str, Any]], streaming: bool, usage: common_pb2.Usage | None = None) -> dict[str, Any]:
             body_ = {"id": output.id, "object": output.chunk_object_name if streaming else output.object_name, "created": created, "model": model_id, "choices": choices}
             if usage is not None:
-                body_["usage"] = _usage(usage)
+                body_["usage"] = usage_body(usage)
             elif streaming and body.include_usage:
                 body_["usage"] = None
             return body_
@@ -420,7 +195,7 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
                 async with aclosing(chunks):
                     return [chunk async for chunk in chunks]
 
-            merged = _merge(await _unless_disconnected(request, collect()))
+            merged = merge_chunks(await _unless_disconnected(request, collect()))
             if merged.error.code:
                 return status_response(merged.error)
             return JSONResponse(envelope([output.choice(merged, streaming=False)], False, merged.usage))
@@ -477,7 +252,6 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        await gateway.refresh_engine_stats(STATS_TIMEOUT_S)
-        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await gateway.render_metrics(STATS_TIMEOUT_S), media_type=CONTENT_TYPE_LATEST)
 
     return app

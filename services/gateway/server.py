@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import uvicorn
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    from pagewire.services.gateway.pipeline import Gateway
+    from pagewire.services.gateway.hub import Gateway
 
 log = get_logger("gateway")
 
@@ -146,7 +146,7 @@ async def serve(config: GatewayConfig) -> int:
     from pagewire.services.gateway.discovery import TargetError
     from pagewire.services.gateway.grpc_api import GenerationServicer
     from pagewire.services.gateway.metrics import GatewayMetrics
-    from pagewire.services.gateway.pipeline import Gateway, GatewaySettings
+    from pagewire.services.gateway.hub import Gateway, GatewaySettings
     from pagewire.services.gateway.rest_api import create_app, status_response
 
     class EmbeddedUvicorn(uvicorn.Server):

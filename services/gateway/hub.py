@@ -1,0 +1,184 @@
+"""The gateway's hub: the connections to the tokenizer and the engine replicas,
+the router over the replicas, and the registry of live requests, keyed by an
+id unique across all clients. Requests (request.py) reach all of it through
+the Hub interface that Gateway implements; the peers' streams reach a request
+through the registry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.services.common.grpc_utils import error_status
+from pagewire.services.common.logging import get_logger
+from pagewire.services.gateway.clients import EngineReplica, TokenizerClient
+from pagewire.services.gateway.connection import Backoff
+from pagewire.services.gateway.discovery import EngineDiscovery
+from pagewire.services.gateway.metrics import GatewayMetrics
+from pagewire.services.gateway.request import GatewayRequest
+from pagewire.services.gateway.router import Router, RoutingPolicy
+from pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
+
+log = get_logger("gateway")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    tokenizer: str
+    engines: list[str]
+    routing: RoutingPolicy
+    affinity_blocks: int
+    max_concurrent_requests: int
+    channel_options: list[tuple[str, int]]
+    backoff: Backoff
+    connect_timeout_s: float
+    discovery_interval_s: float
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("connection task failed", task=task.get_name(), error=repr(task.exception()))
+
+
+class Gateway:
+    """Connections to the tokenizer and the engine replicas, and the requests
+    riding on them."""
+
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics):
+        self._settings = settings
+        self._metrics = metrics
+        self._discovery = EngineDiscovery(settings.engines, settings.discovery_interval_s)
+        self._tokenizer = TokenizerClient(
+            settings.tokenizer, settings.channel_options, settings.backoff, settings.connect_timeout_s, self._on_text, self._on_tokenizer_down
+        )
+        self._replicas: dict[str, EngineReplica] = {}
+        self._replica_tasks: dict[str, asyncio.Task[None]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._router = Router([], settings.routing, settings.affinity_blocks)
+        # Requests counted against --max-concurrent-requests, by internal id.
+        self._in_flight: set[str] = set()
+        # Requests the peers' streams are delivered to, by internal id.
+        self._live: dict[str, GatewayRequest] = {}
+
+    async def run(self) -> None:
+        """Keep the tokenizer and every discovered replica connected until cancelled."""
+        tokenizer = asyncio.ensure_future(self._tokenizer.run())
+        try:
+            async for change in self._discovery.watch():
+                for address in change.removed:
+                    log.info("engine replica left the replica set: no new requests go to it", peer=address)
+                    retiring = asyncio.create_task(self._retire(self._replicas.pop(address), self._replica_tasks.pop(address)))
+                    self._retiring.add(retiring)
+                    retiring.add_done_callback(self._retiring.discard)
+                for address in sorted(change.added):
+                    self._replicas[address] = EngineReplica(
+                        address, self._settings.channel_options, self._settings.backoff, self._settings.connect_timeout_s, self._on_step, self._on_replica_down
+                    )
+                    self._replica_tasks[address] = asyncio.create_task(self._replicas[address].run(), name=f"engine {address}")
+                    self._replica_tasks[address].add_done_callback(_report_crash)
+                self._router.replicas = [replica.state for replica in self._replicas.values()]
+            await tokenizer
+        finally:
+            tasks = [tokenizer, *self._replica_tasks.values(), *self._retiring]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    async def _retire(replica: EngineReplica, connection: asyncio.Task[None]) -> None:
+        """Let a replica that left the replica set finish this gateway's
+        requests (a deleted pod drains), then close its stream."""
+        await replica.idle()
+        connection.cancel()
+
+    # ---- for the APIs ----------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._tokenizer.available and any(r.state.available for r in self._replicas.values())
+
+    def models(self) -> list[gateway_pb2.ModelCard]:
+        return [gateway_pb2.ModelCard(id=info.model_id, max_model_len=info.max_model_len, owned_by="pagewire") for info in self._router.served_models()]
+
+    def request(self, request: gateway_pb2.GenerateRequest) -> GatewayRequest:
+        """A handle on a new request; nothing happens until its chunks are read."""
+        return GatewayRequest(self, self._metrics, request)
+
+    async def render_metrics(self, stats_timeout_s: float) -> bytes:
+        """The metrics in Prometheus' text format, with every connected
+        replica's Stats fetched first (waiting at most stats_timeout_s)."""
+
+        async def one(replica: EngineReplica) -> None:
+            try:
+                self._metrics.observe_stats(replica.address, await replica.stats(stats_timeout_s), replica.state.info)
+            except (RequestError, grpc.aio.AioRpcError) as exc:
+                log.warning("engine stats unavailable", peer=replica.address, error=str(exc))
+
+        await asyncio.gather(*(one(r) for r in self._replicas.values() if r.state.available))
+        return self._metrics.render()
+
+    # ---- the Hub interface of requests -----------------------------------
+
+    def resolve_model(self, name: str) -> engine_pb2.EngineInfo:
+        return self._router.resolve_model(name)
+
+    def admit(self, request: GatewayRequest) -> None:
+        limit = self._settings.max_concurrent_requests
+        if len(self._in_flight) >= limit:
+            raise RequestError(Refusal.RESOURCE_EXHAUSTED, f"the gateway has {limit} requests in flight (--max-concurrent-requests); retry later")
+        self._in_flight.add(request.internal_id)
+
+    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> list[int]:
+        return await self._tokenizer.tokenize(request)
+
+    def pick_replica(self, model_id: str, prompt: list[int]) -> EngineReplica:
+        return self._replicas[self._router.pick(model_id, prompt).address]
+
+    def register(self, request: GatewayRequest) -> None:
+        self._live[request.internal_id] = request
+
+    def detokenize(self, items: Iterable[tokenizer_pb2.DetokenizeItem]) -> None:
+        self._tokenizer.detokenize(items)
+
+    async def token_texts(self, token_ids: Iterable[int]) -> dict[int, str]:
+        return await self._tokenizer.token_texts(token_ids)
+
+    def leave(self, request: GatewayRequest) -> None:
+        self._in_flight.discard(request.internal_id)
+        self._live.pop(request.internal_id, None)
+
+    # ---- the peers' streams ------------------------------------------------
+
+    def _on_step(self, replica: EngineReplica, step: engine_pb2.EngineStep) -> None:
+        self._metrics.observe_load(replica.address, step.load)
+        # Built in place: a step carries an item per running request.
+        batch = tokenizer_pb2.DetokenizeBatch()
+        for update in step.updates:
+            request = self._live.get(update.request_id)
+            if request is not None:
+                request.on_engine_update(update, batch)
+        if batch.items:
+            try:
+                self._tokenizer.send_detokenize(batch)
+            except RequestError:
+                pass  # the tokenizer-down callback fails these requests
+
+    def _on_text(self, delta: tokenizer_pb2.TextDelta) -> None:
+        request = self._live.get(delta.request_id)
+        if request is not None:
+            request.on_text(delta)
+
+    def _on_replica_down(self, replica: EngineReplica, reason: str) -> None:
+        self._metrics.forget_replica(replica.address)
+        status = error_status(grpc.StatusCode.UNAVAILABLE, f"engine replica {replica.address} went away ({reason}); retry the request")
+        for request in self._live.values():
+            request.on_replica_down(replica, status)
+
+    def _on_tokenizer_down(self, reason: str) -> None:
+        status = error_status(grpc.StatusCode.UNAVAILABLE, f"the tokenizer service went away ({reason}); retry the request")
+        for request in self._live.values():
+            request.on_tokenizer_down(status)
