@@ -15,8 +15,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pagewire.services.common.limits import DEFAULT_MAX_MESSAGE_BYTES
+
 ENV_PREFIX = "PAGEWIRE_"
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 C = TypeVar("C")
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.services.common.limits import MIN_OUTPUT_TOKENS
 from pagewire.v1 import common_pb2, gateway_pb2
 
 # --- request bodies ---------------------------------------------------------
@@ -89,7 +90,7 @@ class SamplingFields(BaseModel):
 class CompletionBody(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     # OpenAI's default for completions.
-    max_tokens: int | None = Field(16, ge=1, le=UINT32_MAX)
+    max_tokens: int | None = Field(16, ge=MIN_OUTPUT_TOKENS, le=UINT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
     echo: bool = False
 
@@ -128,8 +129,8 @@ class ChatTurn(BaseModel):
 
 class ChatBody(SamplingFields):
     messages: list[ChatTurn]
-    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
-    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    max_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS, le=UINT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS, le=UINT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
 

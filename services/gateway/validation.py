@@ -7,10 +7,9 @@ from __future__ import annotations
 import math
 
 from pagewire.services.common.errors import invalid_argument
+from pagewire.services.common.limit_checks import at_most, check_stop_strings, timeout_problem
+from pagewire.services.common.limits import MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_OUTPUT_TOKENS
 from pagewire.v1 import engine_pb2, gateway_pb2
-
-MAX_STOP_STRINGS = 16
-MAX_LOGPROBS = 20
 
 
 def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
@@ -34,7 +33,7 @@ def _check_input(request: gateway_pb2.GenerateRequest) -> None:
 def _check_sampling(request: gateway_pb2.GenerateRequest) -> None:
     s = request.sampling
     if s.HasField("temperature"):
-        _check_range("temperature", s.temperature, 0, 100)
+        _check_range("temperature", s.temperature, 0, MAX_TEMPERATURE)
     if s.HasField("top_p"):
         _check_range("top_p", s.top_p, 0, 1, low_open=True)
     if s.HasField("top_k") and s.top_k < 0:
@@ -44,42 +43,42 @@ def _check_sampling(request: gateway_pb2.GenerateRequest) -> None:
     if s.HasField("repetition_penalty") and not (math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
         raise invalid_argument(f"repetition_penalty must be > 0 (1 = off), got {s.repetition_penalty:g}", field="repetition_penalty")
     if s.HasField("presence_penalty"):
-        _check_range("presence_penalty", s.presence_penalty, -2, 2)
+        _check_range("presence_penalty", s.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
     if s.HasField("frequency_penalty"):
-        _check_range("frequency_penalty", s.frequency_penalty, -2, 2)
-    if s.HasField("max_tokens") and s.max_tokens < 1:
-        raise invalid_argument(f"max_tokens must be >= 1, got {s.max_tokens}", field="max_tokens")
+        _check_range("frequency_penalty", s.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
+    if s.HasField("max_tokens") and s.max_tokens < MIN_OUTPUT_TOKENS:
+        raise invalid_argument(f"max_tokens must be >= {MIN_OUTPUT_TOKENS}, got {s.max_tokens}", field="max_tokens")
+    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise invalid_argument(at_most("stop_token_ids", len(s.stop_token_ids), MAX_STOP_TOKEN_IDS), field="stop_token_ids")
     if s.HasField("logprobs") and s.logprobs > MAX_LOGPROBS:
         raise invalid_argument(f"logprobs must be at most {MAX_LOGPROBS}, got {s.logprobs}", field="logprobs")
     if s.HasField("n") and s.n != 1:
         raise invalid_argument(f"n must be 1 (one completion per request), got {s.n}; send several requests instead", field="n")
 
 
-def _check_stop(request: gateway_pb2.GenerateRequest) -> None:
-    if len(request.stop) > MAX_STOP_STRINGS:
-        raise invalid_argument(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(request.stop)}", field="stop")
-    if any(not stop for stop in request.stop):
-        raise invalid_argument("stop strings must not be empty", field="stop")
-
-
 def _check_timeout(request: gateway_pb2.GenerateRequest) -> None:
-    if request.timeout.seconds < 0 or request.timeout.nanos < 0:
+    timeout = request.timeout
+    if timeout.seconds < 0 or timeout.nanos < 0:
         raise invalid_argument("timeout must not be negative", field="timeout")
+    # Not through timedelta, which overflows on a Duration far past the limit.
+    if (problem := timeout_problem(timeout.ToNanoseconds() / 1e9)) is not None:
+        raise invalid_argument(problem, field="timeout")
 
 
 def validate_request(request: gateway_pb2.GenerateRequest) -> None:
     """Refuse what the protos declare invalid, with a message naming the field."""
     _check_input(request)
     _check_sampling(request)
-    _check_stop(request)
+    check_stop_strings(request.stop)
     _check_timeout(request)
 
 
 def check_prompt_length(prompt_len: int, model: engine_pb2.EngineInfo) -> None:
-    """Refuse a prompt that leaves the model no room for an output token."""
-    if prompt_len >= model.max_model_len:
+    """Refuse a prompt that leaves the model no room for MIN_OUTPUT_TOKENS."""
+    longest = model.max_model_len - MIN_OUTPUT_TOKENS
+    if prompt_len > longest:
         raise invalid_argument(
-            f"the prompt has {prompt_len} tokens; {model.model_id} accepts at most {model.max_model_len - 1} "
-            f"(max_model_len {model.max_model_len} includes at least one output token): shorten the prompt",
+            f"the prompt has {prompt_len} tokens; {model.model_id} accepts at most {longest} "
+            f"(max_model_len {model.max_model_len} includes at least {MIN_OUTPUT_TOKENS} output token): shorten the prompt",
             field="prompt",
         )

@@ -15,6 +15,7 @@ import grpc
 
 from pagewire.services.common.errors import DuplicateRequestError, RequestError, invalid_argument
 from pagewire.services.common.grpc_utils import to_status
+from pagewire.services.common.limit_checks import check_stop_strings
 from pagewire.services.common.logging import get_logger
 from pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from pagewire.services.tokenizer.detokenizer import IncrementalDetokenizer
@@ -22,7 +23,6 @@ from pagewire.services.tokenizer.detokenizer import IncrementalDetokenizer
 log = get_logger("tokenizer")
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-MAX_STOP_STRINGS = 16
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
@@ -77,10 +77,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     # ---- decoding -------------------------------------------------------
 
     def start_detokenizer(self, start: tokenizer_pb2.DetokenizeStart) -> IncrementalDetokenizer:
-        if len(start.stop) > MAX_STOP_STRINGS:
-            raise invalid_argument(f"{len(start.stop)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
-        if any(not s for s in start.stop):
-            raise invalid_argument("stop strings must not be empty")
+        check_stop_strings(start.stop)
         self.check_ids(start.prompt_tail_ids, "prompt_tail_ids")
         return IncrementalDetokenizer.with_prompt_tail(
             self.tokenizer,

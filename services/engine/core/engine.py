@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pagewire.services.common.errors import Refusal, RequestError, invalid_argument
+from pagewire.services.common.limit_checks import timeout_problem
+from pagewire.services.common.limits import MIN_OUTPUT_TOKENS
 from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.kv_cache import KVCacheManager, cdiv
@@ -121,7 +123,7 @@ class EngineCore:
             prefix_caching=self.kv_cache.enable_prefix_caching,
         )
 
-    def validate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], sampling: SamplingParams, timeout_s: float | None = None) -> None:
         """Raise RequestError (INVALID_ARGUMENT) when the request cannot run.
         Reads only settings fixed at start-up, so any thread may call it."""
         problems = []
@@ -131,12 +133,14 @@ class EngineCore:
             bad = next(((i, t) for i, t in enumerate(prompt_token_ids) if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 problems.append(f"prompt token {bad[0]} is id {bad[1]}, outside the vocabulary [0, {self.vocab_size})")
-            if len(prompt_token_ids) >= self.max_model_len:
+            if len(prompt_token_ids) > self.max_model_len - MIN_OUTPUT_TOKENS:
                 problems.append(
                     f"the prompt has {len(prompt_token_ids)} tokens; this engine serves at most {self.max_model_len} tokens per sequence "
-                    f"(max_model_len), so prompts must be shorter than that"
+                    f"(max_model_len), output included, so a prompt may have at most {self.max_model_len - MIN_OUTPUT_TOKENS}"
                 )
         problems.extend(sampling.problems())
+        if timeout_s is not None and (problem := timeout_problem(timeout_s)) is not None:
+            problems.append(problem)
         if not problems:
             final_len = min(len(prompt_token_ids) + (sampling.max_tokens or self.max_model_len), self.max_model_len)
             # The last token is never fed back, so it needs no KV slot.
@@ -152,7 +156,7 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, timeout_s: float | None = None) -> None:
         if request_id in self.sequences:
             raise invalid_argument(f"request id {request_id!r} is already live in this engine")
-        self.validate(prompt_token_ids, sampling)
+        self.validate(prompt_token_ids, sampling, timeout_s)
         queued = self.scheduler.num_queued()
         if queued >= self.max_queue_len:
             # Refusing at once lets the caller retry elsewhere or later; queueing

@@ -7,7 +7,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-MAX_LOGPROBS = 20
+from pagewire.services.common.limit_checks import at_most
+from pagewire.services.common.limits import MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_OUTPUT_TOKENS
 
 
 class FinishReason(enum.Enum):
@@ -53,8 +54,8 @@ class SamplingParams:
     def problems(self) -> list[str]:
         """Human-readable reasons these values are out of range (empty when valid)."""
         found = []
-        if not 0.0 <= self.temperature <= 100.0:
-            found.append(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature}")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            found.append(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             found.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -63,12 +64,14 @@ class SamplingParams:
             found.append(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0.0 < self.repetition_penalty < math.inf:  # written so that NaN fails too
             found.append(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            found.append(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            found.append(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            found.append(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not -MAX_PENALTY <= self.presence_penalty <= MAX_PENALTY:
+            found.append(f"presence_penalty must be in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}], got {self.presence_penalty}")
+        if not -MAX_PENALTY <= self.frequency_penalty <= MAX_PENALTY:
+            found.append(f"frequency_penalty must be in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}], got {self.frequency_penalty}")
+        if self.max_tokens is not None and self.max_tokens < MIN_OUTPUT_TOKENS:
+            found.append(f"max_tokens must be >= {MIN_OUTPUT_TOKENS}, got {self.max_tokens}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            found.append(at_most("stop_token_ids", len(self.stop_token_ids), MAX_STOP_TOKEN_IDS))
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             found.append(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.n != 1:

@@ -161,7 +161,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         try:
             async for message in request_iterator:
                 for add in message.add:
-                    timeout_s = add.timeout.ToTimedelta().total_seconds() if add.HasField("timeout") else None
+                    # Not through timedelta, which overflows on a Duration past the limit the core refuses.
+                    timeout_s = add.timeout.ToNanoseconds() / 1e9 if add.HasField("timeout") else None
                     step_loop.submit(
                         AddCommand(stream.stream_id, add.request_id, list(add.prompt_token_ids), self._sampling(add), timeout_s)
                     )

@@ -1,0 +1,51 @@
+"""The public limits on what a request may ask for, each defined once.
+
+The gateway refuses a value past a limit where the field enters (validation.py,
+naming the field); the tokenizer and the engine check again what would hurt
+them, since clients may reach them without the gateway. The protos document
+the same values.
+"""
+
+from __future__ import annotations
+
+# Stop strings per request. The detokenizer searches the pending text for each
+# of them on every step, so the count multiplies that per-token work; 16 is
+# four times the 4 OpenAI accepts.
+MAX_STOP_STRINGS = 16
+
+# Characters per stop string. The detokenizer holds back up to this many
+# characters minus one while a stop string may be starting, which delays
+# streamed text by as much; 256 fits any delimiter or line used as a stop.
+MAX_STOP_STRING_CHARS = 256
+
+# Stop token ids per request. The engine looks every sampled token up in them
+# on every step; 64 is far past the few end-of-turn ids a chat template uses.
+MAX_STOP_TOKEN_IDS = 64
+
+# Most likely alternatives returned per output token with logprobs: OpenAI's
+# maximum, and each of them is one more token text for the gateway to fetch.
+MAX_LOGPROBS = 20
+
+# Output tokens every request is given room for: max_tokens may not be lower,
+# and a prompt must be at least this much shorter than max_model_len.
+MIN_OUTPUT_TOKENS = 1
+
+# Highest sampling temperature. Far above it the distribution is as good as
+# uniform, so a larger value is a mistake (a percentage, a unit mix-up).
+MAX_TEMPERATURE = 100.0
+
+# presence_penalty and frequency_penalty lie in [-MAX_PENALTY, MAX_PENALTY]:
+# OpenAI's range, so that clients written for it send the same values here.
+MAX_PENALTY = 2.0
+
+# Longest timeout a request may set, in seconds. A day is far past any
+# generation a client waits for, and it keeps deadline arithmetic in range (a
+# Duration of 10**15 s overflows a timedelta).
+MAX_TIMEOUT_S = 24 * 60 * 60
+
+# Default of --max-message-bytes: the largest gRPC message every service
+# accepts or sends, and the largest REST body the gateway reads, so that a
+# request too large for one door is too large for the other. 64 MiB holds a
+# prompt of millions of characters, or an engine step's updates for a full
+# batch with logprobs.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
