@@ -4,13 +4,22 @@ Request-level figures (latencies, token counts, outcomes) are measured here;
 engine-level figures (running/waiting sequences, KV cache use, prefix cache
 hits) are what each engine replica reports over gRPC (`EngineStep.load` on
 every step and the `Stats` RPC), labelled by replica.
+
+The same engine figures are also shown under the model-server metrics
+protocol of the Kubernetes Gateway API Inference Extension (vLLM's names,
+which endpoint pickers read by default), for the pod as a whole: one series
+each, summed over the gateway's replicas (one under `pagewire serve`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from pagewire.v1 import common_pb2, engine_pb2
 
@@ -22,6 +31,64 @@ PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.
 def outcome_label(reason: int) -> str:
     """'stop', 'length', 'cancelled', 'error' or 'time_limit'."""
     return common_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+class ModelServerProtocol(Collector):
+    """The engines' figures under the protocol's names, computed at each
+    scrape from the last load and Info of every replica in rotation. An
+    endpoint picker takes the first series of a name, so each is one series
+    for the whole pod rather than one per replica."""
+
+    def __init__(self) -> None:
+        self._loads: dict[str, engine_pb2.EngineLoad] = {}
+        # Known once a replica's Stats were read; it sizes its KV cache.
+        self._infos: dict[str, engine_pb2.EngineInfo] = {}
+        self._updated_at: float | None = None
+
+    def observe_load(self, replica: str, load: engine_pb2.EngineLoad) -> None:
+        self._loads[replica] = load
+        self._updated_at = time.time()
+
+    def observe_info(self, replica: str, info: engine_pb2.EngineInfo) -> None:
+        self._infos[replica] = info
+
+    def forget_replica(self, replica: str) -> None:
+        self._loads.pop(replica, None)
+        self._infos.pop(replica, None)
+
+    def collect(self) -> Iterator[Metric]:
+        loads = self._loads.values()
+        running = sum(load.num_running for load in loads)
+        waiting = sum(load.num_waiting for load in loads)
+        yield GaugeMetricFamily("vllm:num_requests_running", "Sequences running in the engines: pagewire_requests_running summed.", value=running)
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Sequences waiting in the engines: pagewire_requests_waiting summed.", value=waiting)
+
+        # The fraction of all the pod's KV blocks in use, so each replica
+        # weighs by its cache size; one whose size is not known yet is left out.
+        sized = [(load.kv_cache_usage, self._infos[replica].num_kv_blocks) for replica, load in self._loads.items() if replica in self._infos]
+        blocks = sum(size for _, size in sized)
+        usage = sum(fraction * size for fraction, size in sized) / blocks if blocks else 0.0
+        yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction (0-1) of KV blocks held by live requests: pagewire_kv_cache_usage_ratio.", value=usage)
+
+        cache_config = GaugeMetricFamily(
+            "vllm:cache_config_info", "Tokens per KV block and KV blocks in all, one series per block size; value 1.", labels=["block_size", "num_gpu_blocks"]
+        )
+        blocks_by_size: dict[int, int] = {}
+        for info in self._infos.values():
+            blocks_by_size[info.block_size] = blocks_by_size.get(info.block_size, 0) + info.num_kv_blocks
+        for block_size, num_blocks in sorted(blocks_by_size.items()):
+            cache_config.add_metric([str(block_size), str(num_blocks)], 1)
+        yield cache_config
+
+        # pagewire has no LoRA support yet: no adapter slots, no adapters.
+        lora = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "LoRA adapters (pagewire serves none yet); value: Unix time of the engines' last report.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        if self._updated_at is not None:
+            lora.add_metric(["0", "", ""], self._updated_at)
+        yield lora
 
 
 class GatewayMetrics:
@@ -51,6 +118,8 @@ class GatewayMetrics:
         self.prefix_cache_hit = Gauge(
             "pagewire_prefix_cache_hit_ratio", "Prompt tokens found in the prefix cache over those looked up, since engine start.", ["replica"], registry=r
         )
+        self.model_server = ModelServerProtocol()
+        r.register(self.model_server)
 
     def observe_finished(
         self,
@@ -73,9 +142,13 @@ class GatewayMetrics:
         self.requests_running.labels(replica).set(load.num_running)
         self.requests_waiting.labels(replica).set(load.num_waiting)
         self.kv_cache_usage.labels(replica).set(load.kv_cache_usage)
+        self.model_server.observe_load(replica, load)
 
-    def observe_stats(self, replica: str, stats: engine_pb2.EngineStats) -> None:
+    def observe_stats(self, replica: str, stats: engine_pb2.EngineStats, info: engine_pb2.EngineInfo | None = None) -> None:
+        """`info`: the replica's Info, which sizes its KV cache for the model-server figures."""
         self.observe_load(replica, stats.load)
+        if info is not None:
+            self.model_server.observe_info(replica, info)
         queried = stats.prefix_cache_queried_tokens
         self.prefix_cache_hit.labels(replica).set(stats.prefix_cache_hit_tokens / queried if queried else 0.0)
 
@@ -84,6 +157,7 @@ class GatewayMetrics:
         for gauge in (self.requests_running, self.requests_waiting, self.kv_cache_usage, self.prefix_cache_hit):
             with contextlib.suppress(KeyError):
                 gauge.remove(replica)
+        self.model_server.forget_replica(replica)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
