@@ -43,6 +43,7 @@ from pagewire.services.engine.core.sequence import SamplingParams
 from tests.support.harness import ServeProcess, engine_stats
 
 INIT_STD = 0.02  # HF's initializer_range for Llama
+WARM_UP_SEED = 7  # the measured prompts use hf_peer's seeds 0-4
 # "tiny" exercises the whole path on a CPU in seconds; it has no HF peer run.
 SHAPES = hf_peer.SHAPES | {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -89,7 +90,8 @@ def random_model(shape: str, dtype: torch.dtype, max_model_len: int, device: tor
 
 
 def percentiles(values: list[float], prefix: str) -> dict:
-    quantiles = statistics.quantiles(values, n=100, method="inclusive")
+    # quantiles() needs two points; one request's figure is every percentile.
+    quantiles = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
     return {f"{prefix}_p50_ms": round(quantiles[49] * 1e3, 2), f"{prefix}_p90_ms": round(quantiles[89] * 1e3, 2),
             f"{prefix}_p99_ms": round(quantiles[98] * 1e3, 2)}  # fmt: skip
 
@@ -104,8 +106,10 @@ def summarize(start: float, first_token: dict[str, float], finished: dict[str, f
 
 def run_engine(core: EngineCore, prompts: list[list[int]], output_len: int) -> dict:
     """Submit every prompt at once and step until all finish; per-request
-    first-token and finish times, and where the step time went."""
+    first-token and finish times, where the step time went, and the prefix
+    cache hits of this run."""
     sampling = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    hits_before = core.stats().prefix_cache_hit_tokens
     start = time.perf_counter()
     for index, ids in enumerate(prompts):
         core.add_request(f"r{index}", ids, sampling)
@@ -132,6 +136,7 @@ def run_engine(core: EngineCore, prompts: list[list[int]], output_len: int) -> d
         **summarize(start, first_token, finished, output_tokens, seconds, output_len),
         decode_steps=phase_steps["decode"], decode_seconds=round(phase_seconds["decode"], 3),
         prefill_or_mixed_steps=phase_steps["prefill_or_mixed"], prefill_or_mixed_seconds=round(phase_seconds["prefill_or_mixed"], 3),
+        prefix_cache_hit_tokens=core.stats().prefix_cache_hit_tokens - hits_before,
     )  # fmt: skip
 
 
@@ -146,12 +151,17 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32", max_model_len=args.prompt_len + args.output_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+        async_scheduling=args.async_scheduling,
     )  # fmt: skip
 
 
-def warm_up_prompts(prompts: list[list[int]], args: argparse.Namespace) -> list[list[int]]:
-    """Prompts of the warm-up run (8 output tokens each) that loads every kernel variant."""
-    return prompts[: args.max_num_seqs // 4]
+def warm_up_prompts(measured: list[list[int]], args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
+    """Prompts of the warm-up run (8 output tokens each) that loads every kernel
+    variant: random ones of their own, so that the measured run finds none of
+    its blocks in the prefix cache."""
+    warm = hf_peer.prompts(max(1, args.max_num_seqs // 4), len(measured[0]), vocab_size, seed=WARM_UP_SEED)
+    assert not {tuple(p) for p in warm} & {tuple(p) for p in measured}
+    return warm
 
 
 def run_gateway(model_dir: Path, prompts: list[list[int]], vocab_size: int, args: argparse.Namespace, log_path: Path) -> tuple[dict, dict]:
@@ -160,17 +170,18 @@ def run_gateway(model_dir: Path, prompts: list[list[int]], vocab_size: int, args
     config = engine_config(args)
     engine_flags = ["--device", config.device, "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
                     "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens),
-                    "--gpu-memory-utilization", str(config.gpu_memory_utilization)]  # fmt: skip
+                    "--gpu-memory-utilization", str(config.gpu_memory_utilization),
+                    "--async-scheduling" if config.async_scheduling else "--no-async-scheduling"]  # fmt: skip
     served = through_gateway.serve(model_dir, engine_flags, log_path)
     try:
         startup_seconds = served.wait_serving(through_gateway.START_TIMEOUT_S)
-        through_gateway.stream_requests(served.grpc_target, warm_up_prompts(prompts, args), 8, prefix="warm")
+        through_gateway.stream_requests(served.grpc_target, warm_up_prompts(prompts, args, vocab_size), 8, prefix="warm")
         gateway = measure_served(served, served.grpc_target, prompts, args, direct_to_engine=False)
         # The engine's own Generate stream, on other prompts with the same
         # warm-up, so that its prefix cache hits match: the engine process
         # and gRPC without the gateway and the tokenizer.
         other_prompts = hf_peer.prompts(len(prompts), len(prompts[0]), vocab_size, seed=2)
-        through_gateway.stream_requests(served.engine_target, warm_up_prompts(other_prompts, args), 8, prefix="warm", direct_to_engine=True)
+        through_gateway.stream_requests(served.engine_target, warm_up_prompts(other_prompts, args, vocab_size), 8, prefix="warm", direct_to_engine=True)
         engine = measure_served(served, served.engine_target, other_prompts, args, direct_to_engine=True)
     finally:
         served.stop()
@@ -205,7 +216,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     setup_start = time.perf_counter()
     core = create_engine_core(config, loaded)
     setup_seconds = time.perf_counter() - setup_start
-    run_engine(core, warm_up_prompts(prompts, args), 8)
+    run_engine(core, warm_up_prompts(prompts, args, SHAPES[shape]["vocab_size"]), 8)
     if args.profile:
         profile_engine(core, hf_peer.prompts(args.requests, args.prompt_len, SHAPES[shape]["vocab_size"], seed=3), args, f"{args.profile}.{shape}")
     engine = run_engine(core, prompts, args.output_len)
@@ -262,7 +273,8 @@ def run_peer(shape: str, prompts: list[list[int]], workload: dict, engine: dict,
     record = dict(bench="throughput", system="hf-generate", **workload, batch_size=args.peer_batch_size)
     try:
         model = hf_peer.build(shape, torch.bfloat16, "cuda", "sdpa")
-        hf_peer.run_static(model, prompts[: args.peer_batch_size], 4, args.peer_batch_size, "cuda")  # warm-up
+        warm = warm_up_prompts(prompts, args, SHAPES[shape]["vocab_size"])
+        hf_peer.run_static(model, warm[: args.peer_batch_size], 4, args.peer_batch_size, "cuda")
         seconds, tokens = hf_peer.run_static(model, prompts, args.output_len, args.peer_batch_size, "cuda")
         record.update(seconds=round(seconds, 3), output_tokens=tokens, out_tok_s=round(tokens / seconds, 1))
         del model
@@ -283,6 +295,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True, help="overlap the host's scheduling with the device's step")
     parser.add_argument("--peer-batch-size", type=int, default=64, help="HF generate's static batch size")
     parser.add_argument("--profile", default="", help="profile a full-size run on other prompts: PATH.<shape>.torch.txt and PATH.<shape>.python.txt")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a cheap check of the benchmark itself")

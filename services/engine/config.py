@@ -35,5 +35,8 @@ class EngineConfig(ServiceConfig):
     kv_cache_memory: int = option(DEFAULT_CPU_KV_CACHE_BYTES, "Bytes of KV cache on the CPU.")
     gpu_memory_utilization: float = option(0.9, "Fraction of GPU memory for weights, activations and KV cache.")
     num_kv_blocks: int | None = option(None, "Fixed number of KV blocks, overriding the memory-based sizing.")
+    async_scheduling: bool = option(
+        True, "Schedule step N+1 on the host while the device runs step N; sampled ids reach the next step on the device."
+    )
     seed: int = option(0, "Seed of the random generator shared by requests that give no seed of their own.")
     shutdown_grace_s: float = option(10.0, "Seconds in-flight requests may finish after SIGTERM/SIGINT (readiness reports NOT_SERVING meanwhile).")

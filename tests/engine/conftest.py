@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pagewire.services.engine.executor.loader import LoadedModel, load_model
-
-MAX_NEW_TOKENS = 12
+from tests.engine import util
+from tests.engine.util import MAX_NEW_TOKENS
 
 PROMPT_TEXTS = [
     "The capital of France is",
@@ -25,6 +25,13 @@ PROMPT_TEXTS = [
     "were mended on the quay, and the children of the town raced along the sea wall to watch the first catch come "
     "in. The story that follows began on one such morning, when",
 ]
+
+
+@pytest.fixture(params=[True, False], ids=["async", "sync"])
+def both_schedulings(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run the test with overlapped steps and without: make_engine follows it."""
+    monkeypatch.setattr(util, "ASYNC_SCHEDULING", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.service.core_process import CoreProcess, CoreProcessError
 from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
 from pagewire.services.engine.core.step_loop import AbortCommand, AddCommand, StreamBatch, StreamCommand, StreamState
-from tests.engine.conftest import MAX_NEW_TOKENS
+from tests.engine.util import MAX_NEW_TOKENS
 
 CONFIG = EngineConfig(num_kv_blocks=128, max_model_len=512, max_num_batched_tokens=64)
 WAIT_S = 60.0

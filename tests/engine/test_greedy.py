@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from pagewire.services.engine.core.sequence import FinishReason
-from tests.engine.conftest import MAX_NEW_TOKENS
-from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
+from tests.engine.util import MAX_NEW_TOKENS, assert_no_leaks, greedy, make_engine, run_all, tokens_of
+
+# Every test here runs with overlapped steps and without.
+pytestmark = pytest.mark.usefixtures("both_schedulings")
 
 
 @pytest.mark.parametrize(

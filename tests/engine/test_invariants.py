@@ -14,12 +14,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pagewire.services.common.model import resolve_model
-from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.engine import EngineCore
-from pagewire.services.engine.executor.model_executor import create_engine_core
 from pagewire.services.engine.executor.loader import LoadedModel, load_model
 from pagewire.services.engine.core.sequence import FinishReason
-from tests.engine.util import assert_no_leaks, greedy, run_all, tokens_of
+from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
+
+# Every test here runs with overlapped steps and without.
+pytestmark = pytest.mark.usefixtures("both_schedulings")
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,7 @@ def _check_accounting(core: EngineCore) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_adds_aborts_and_steps_keep_blocks_consistent(tiny_model, seed) -> None:
     rng = random.Random(seed)
-    config = EngineConfig(num_kv_blocks=24, block_size=4, max_num_batched_tokens=rng.choice([6, 16, 64]), max_model_len=128, max_num_seqs=6)
-    core = create_engine_core(config, tiny_model)
+    core = make_engine(tiny_model, num_kv_blocks=24, block_size=4, max_num_batched_tokens=rng.choice([6, 16, 64]), max_model_len=128, max_num_seqs=6)
     shared_prefix = [rng.randrange(128) for _ in range(12)]
     requests: dict[str, tuple[list[int], int]] = {}
     outputs: dict[str, list] = {}
@@ -82,7 +82,7 @@ def test_random_adds_aborts_and_steps_keep_blocks_consistent(tiny_model, seed) -
     assert set(outputs) == set(requests)
     completed = [rid for rid, outs in outputs.items() if outs[-1].finish_reason is FinishReason.LENGTH]
     assert completed and core.stats().num_preemptions > 0
-    alone = create_engine_core(EngineConfig(num_kv_blocks=64, block_size=4, max_model_len=128, enable_prefix_caching=False), tiny_model)
+    alone = make_engine(tiny_model, num_kv_blocks=64, block_size=4, max_model_len=128, enable_prefix_caching=False)
     for request_id in completed:
         prompt, max_tokens = requests[request_id]
         alone.add_request(request_id, prompt, greedy(max_tokens, ignore_eos=True))

@@ -80,7 +80,7 @@ def test_greedy_takes_the_argmax_and_logprobs_equal_log_softmax() -> None:
         _row(SamplingParams(temperature=0.0)),
         _row(SamplingParams(temperature=0.5, logprobs=0, seed=3), request_id="t"),
     ]
-    out = Sampler(seed=0, device=torch.device("cpu"))(logits, rows)
+    out = Sampler(seed=0, device=torch.device("cpu")).sample(logits, rows).resolve()
     assert out.token_ids[:2] == logits[:2].argmax(-1).tolist()
     reference = torch.log_softmax(logits[0], -1)
     first = out.logprobs[0]
@@ -98,7 +98,7 @@ def test_greedy_takes_the_argmax_and_logprobs_equal_log_softmax() -> None:
 def test_sampling_follows_the_distribution() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(4000, 1)
     rows = [_row(SamplingParams(temperature=1.0), request_id=str(i)) for i in range(4000)]
-    tokens = torch.tensor(Sampler(seed=7, device=torch.device("cpu"))(logits, rows).token_ids)
+    tokens = torch.tensor(Sampler(seed=7, device=torch.device("cpu")).sample(logits, rows).resolve().token_ids)
     frequencies = torch.bincount(tokens, minlength=4).float() / len(tokens)
     torch.testing.assert_close(frequencies, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
 
@@ -107,7 +107,7 @@ def test_filtered_tokens_are_never_sampled() -> None:
     torch.manual_seed(3)
     logits = torch.randn(1, VOCAB).repeat(500, 1)
     rows = [_row(SamplingParams(temperature=2.0, top_k=3), request_id=str(i)) for i in range(500)]
-    tokens = set(Sampler(seed=1, device=torch.device("cpu"))(logits, rows).token_ids)
+    tokens = set(Sampler(seed=1, device=torch.device("cpu")).sample(logits, rows).resolve().token_ids)
     assert tokens <= set(logits[0].topk(3).indices.tolist()) and len(tokens) == 3
 
 
@@ -124,7 +124,7 @@ def test_seeded_requests_reproduce_whatever_the_batch() -> None:
             batch[[0, position]] = logits[[position, 0]]
             rows = [_row(SamplingParams(temperature=1.0), request_id=f"x{i}") for i in range(3)]
             rows[position] = _row(SamplingParams(temperature=1.0, seed=seed), request_id="seeded")
-            tokens.append(sampler(batch, rows).token_ids[position])
+            tokens.append(sampler.sample(batch, rows).resolve().token_ids[position])
         return tokens
 
     assert run(1234, position=0, batch_seed=1) == run(1234, position=2, batch_seed=2)

@@ -23,8 +23,7 @@ from pagewire.services.engine.core.step_loop import StepLoop
 from pagewire.services.engine.service.servicer import SERVICE_NAME, sampling_from_proto
 from pagewire.services.engine.core.sequence import SamplingParams
 from tests.support.harness import free_port
-from tests.engine.conftest import MAX_NEW_TOKENS
-from tests.engine.util import assert_no_leaks
+from tests.engine.util import MAX_NEW_TOKENS, assert_no_leaks
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 

@@ -8,9 +8,17 @@ from pagewire.services.engine.executor.model_executor import create_engine_core
 from pagewire.services.engine.executor.loader import LoadedModel
 from pagewire.services.engine.core.sequence import RequestOutput, SamplingParams
 
+# Output tokens per request in the engine tests, and in HF's greedy reference.
+MAX_NEW_TOKENS = 12
+
+
+# Whether make_engine overlaps steps; the `both_schedulings` fixture runs a
+# test once with each value.
+ASYNC_SCHEDULING = True
+
 
 def make_engine(loaded: LoadedModel, **overrides) -> EngineCore:
-    settings = {"num_kv_blocks": 128, "max_model_len": 1024} | overrides
+    settings = {"num_kv_blocks": 128, "max_model_len": 1024, "async_scheduling": ASYNC_SCHEDULING} | overrides
     return create_engine_core(EngineConfig(**settings), loaded)
 
 

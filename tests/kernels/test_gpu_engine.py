@@ -110,20 +110,55 @@ def gpu_engine(checkpoint: Path, **overrides) -> EngineCore:  # type: ignore[no-
     return core
 
 
+ASYNC = pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+
+
+@ASYNC
 @pytest.mark.parametrize("max_num_batched_tokens", [64, 4096], ids=["chunked-prefill", "whole-prompts"])
-def test_gpu_engine_greedy_matches_hf(checkpoint: Path, prompts, hf_models, max_num_batched_tokens: int) -> None:  # type: ignore[no-untyped-def]
-    core = gpu_engine(checkpoint, max_num_batched_tokens=max_num_batched_tokens)
+def test_gpu_engine_greedy_matches_hf(checkpoint: Path, prompts, hf_models, max_num_batched_tokens: int, async_scheduling: bool) -> None:  # type: ignore[no-untyped-def]
+    core = gpu_engine(checkpoint, max_num_batched_tokens=max_num_batched_tokens, async_scheduling=async_scheduling)
     # More requests than max_num_seqs: decode batches of several sizes replay graphs.
     assert_matches_hf(hf_models, prompts, generate(core, prompts))
 
 
-def test_gpu_engine_reused_ids_and_preemption_keep_greedy_output(checkpoint: Path, prompts, hf_models) -> None:  # type: ignore[no-untyped-def]
+@ASYNC
+def test_gpu_engine_reused_ids_and_preemption_keep_greedy_output(checkpoint: Path, prompts, hf_models, async_scheduling: bool) -> None:  # type: ignore[no-untyped-def]
     # The decode graphs keep each row's block table between steps; a second
     # wave reuses the first wave's request ids, and a KV cache of 18 blocks
     # preempts part of it (two sequences admitted together outgrow it while
     # decoding), so stale rows would show as wrong tokens.
-    core = gpu_engine(checkpoint, num_kv_blocks=18)
+    core = gpu_engine(checkpoint, num_kv_blocks=18, async_scheduling=async_scheduling)
     first, second = prompts[:5], prompts[5:]
     continuations = generate(core, first) + generate(core, second)
     assert core.stats().num_preemptions > 0
     assert_matches_hf(hf_models, first + second, continuations)
+
+
+def _sampled_outputs(core: EngineCore, prompts: list[list[int]]) -> dict[str, tuple[list[int], list]]:
+    """Seeded sampling, penalties, logprobs and a stop token in one batch."""
+    variants = [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=MAX_NEW_TOKENS),
+        SamplingParams(temperature=1.2, top_k=20, min_p=0.05, seed=12, max_tokens=MAX_NEW_TOKENS),
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, max_tokens=MAX_NEW_TOKENS),
+        SamplingParams(temperature=0.0, logprobs=3, max_tokens=MAX_NEW_TOKENS),
+        SamplingParams(temperature=0.7, seed=13, presence_penalty=0.5, logprobs=2, max_tokens=MAX_NEW_TOKENS),
+    ]
+    for index, ids in enumerate(prompts):
+        core.add_request(f"r{index}", ids, variants[index % len(variants)])
+    outputs: dict[str, tuple[list[int], list]] = {}
+    while core.has_unfinished():
+        for output in core.step():
+            tokens, logprobs = outputs.setdefault(output.request_id, ([], []))
+            tokens.extend(output.new_token_ids)
+            logprobs.extend(output.logprobs)
+    return outputs
+
+
+def test_gpu_overlapped_steps_sample_exactly_as_synchronous_ones(checkpoint: Path, prompts) -> None:  # type: ignore[no-untyped-def]
+    overlapped = _sampled_outputs(gpu_engine(checkpoint, async_scheduling=True), prompts)
+    synchronous = _sampled_outputs(gpu_engine(checkpoint, async_scheduling=False), prompts)
+    assert overlapped.keys() == synchronous.keys()
+    for request_id, (tokens, logprobs) in synchronous.items():
+        assert overlapped[request_id][0] == tokens, request_id
+        for mine, theirs in zip(overlapped[request_id][1], logprobs):
+            assert mine.token_id == theirs.token_id and abs(mine.logprob - theirs.logprob) < 1e-4

@@ -17,7 +17,7 @@ from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.kv_cache import KVCacheManager, cdiv
 from pagewire.services.engine.core.scheduler import ScheduledSequence, Scheduler
-from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplerOutput, SamplingParams, Sequence
+from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplerOutput, SamplingParams, Sequence, SequenceStatus
 
 log = get_logger("engine")
 
@@ -36,12 +36,21 @@ class ExecutorSpec:
     dtype: str
 
 
+class LaunchedStep(Protocol):
+    """A step queued on the device: which sequences sample a token in it, and
+    a way to wait for those tokens."""
+
+    sequences: list[Sequence]
+
+    def resolve(self) -> SamplerOutput: ...
+
+
 class Executor(Protocol):
     """Runs the model over a scheduled batch (executor/model_executor.py)."""
 
     spec: ExecutorSpec
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], SamplerOutput]: ...
+    def launch(self, scheduled: list[ScheduledSequence]) -> LaunchedStep | None: ...
 
     def forget(self, request_id: str) -> None: ...
 
@@ -97,6 +106,9 @@ class EngineCore:
         self.max_num_batched_tokens = spec.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
         self.max_queue_len = config.max_queue_len
+        self.async_scheduling = config.async_scheduling
+        # The launched step whose tokens the host has not read back yet.
+        self._in_flight: LaunchedStep | None = None
         self.kv_cache = KVCacheManager(spec.num_kv_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, self.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
@@ -173,6 +185,7 @@ class EngineCore:
             sampling=sampling,
             arrival_time=now,
             deadline=None if timeout_s is None else now + timeout_s,
+            max_total_tokens=min(len(prompt_token_ids) + (sampling.max_tokens or self.max_model_len), self.max_model_len),
         )
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
@@ -186,18 +199,47 @@ class EngineCore:
             self._finished_outside_step.append(self._finish(seq, FinishReason.CANCELLED))
 
     def has_unfinished(self) -> bool:
-        return bool(self.sequences) or bool(self._finished_outside_step)
+        return bool(self.sequences) or bool(self._finished_outside_step) or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, then read back the tokens of the step
+        before it: with async scheduling the device runs step N while the host
+        schedules step N+1, and a request that finished in step N costs one
+        more step whose token is dropped."""
         outputs, self._finished_outside_step = self._finished_outside_step, []
         self._expire_deadlines(outputs)
+        if self._in_flight is not None and self._needs_history_on_host():
+            outputs += self._read_back()
         scheduled = self.scheduler.schedule()
-        if not scheduled.scheduled:
-            return outputs
-        self.steps_total += 1
-        sampled_sequences, sampled = self.executor.execute(scheduled.scheduled)
-        self.scheduler.update_computed(scheduled)
-        for row, seq in enumerate(sampled_sequences):
+        launched = None
+        if scheduled.scheduled:
+            self.steps_total += 1
+            launched = self.executor.launch(scheduled.scheduled)
+            self.scheduler.update_computed(scheduled)
+        if self._in_flight is not None:
+            outputs += self._read_back()
+        if launched is not None:
+            for seq in launched.sequences:
+                seq.num_pending_tokens += 1
+            self._in_flight = launched
+            if not self.async_scheduling:
+                outputs += self._read_back()
+        return outputs
+
+    def _needs_history_on_host(self) -> bool:
+        """Penalties are computed from the host's copy of a request's output
+        tokens, so a step that applies them waits for the step before."""
+        return any(seq.sampling.has_penalties for seq in self.scheduler.running)
+
+    def _read_back(self) -> list[RequestOutput]:
+        launched, self._in_flight = self._in_flight, None
+        assert launched is not None
+        sampled = launched.resolve()
+        outputs = []
+        for row, seq in enumerate(launched.sequences):
+            seq.num_pending_tokens -= 1
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # finished or aborted while its step ran: the token is dropped
             token_id = sampled.token_ids[row]
             logprob = sampled.logprobs[row]
             seq.output_token_ids.append(token_id)
@@ -210,6 +252,8 @@ class EngineCore:
                 self._release(seq, reason)
                 output.finish_reason = reason
                 output.matched_stop_token_id = seq.matched_stop_token_id
+            else:
+                self.kv_cache.cache_computed_blocks(seq)
             outputs.append(output)
         return outputs
 
@@ -220,7 +264,7 @@ class EngineCore:
             return FinishReason.STOP
         if params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens:
             return FinishReason.LENGTH
-        if seq.num_tokens >= self.max_model_len:
+        if seq.num_known_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 

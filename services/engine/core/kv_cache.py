@@ -157,10 +157,11 @@ class KVCacheManager:
         return True
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Enter seq's fully computed blocks into the prefix cache."""
+        """Enter seq's fully computed blocks into the prefix cache; a block
+        holding a token not yet read back waits, since its hash needs the id."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         if num_full <= seq.num_registered_blocks:
             return
         self._update_hashes(seq, num_full)

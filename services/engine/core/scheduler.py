@@ -55,21 +55,24 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
+        for seq in list(self.running):
+            if budget <= 0 or seq.status is not SequenceStatus.RUNNING:
+                break
+            if seq.reached_length_limit:
+                continue  # its last token is still being read back; another step would only be dropped
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._allocate_preempting(seq, num_new, out):
                 break
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
-            index += 1
         # Admitting work right after preempting would only evict it again.
         if out.preempted:
             return out
         now = time.monotonic()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                break  # preempted with a token in flight: recompute once its id is back
             cached_blocks = self.kv_cache.cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached_blocks) * self.kv_cache.block_size, budget)
             if not self.kv_cache.allocate_slots(seq, num_new, cached_blocks):

@@ -45,7 +45,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this a temperature only overflows the scaled logits; it means greedy.
+        return self.temperature < 1e-5
 
     @property
     def has_penalties(self) -> bool:
@@ -117,14 +118,29 @@ class Sequence:
     first_output_sent: bool = False
     finish_reason: FinishReason | None = None
     matched_stop_token_id: int | None = None
+    # Tokens sampled by launched steps that the host has not read back yet:
+    # they count for scheduling, and the next step takes them from the device.
+    num_pending_tokens: int = 0
+    # Prompt plus at most max_tokens, within max_model_len: no step goes past it.
+    max_total_tokens: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
-    def num_tokens(self) -> int:
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host holds: the prompt and the outputs read back."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_known_tokens + self.num_pending_tokens
+
+    @property
+    def reached_length_limit(self) -> bool:
+        """Every token it may have is sampled (some maybe still pending), so no step needs it again."""
+        return self.max_total_tokens is not None and self.num_tokens >= self.max_total_tokens
 
     def token_at(self, index: int) -> int:
         n = len(self.prompt_token_ids)

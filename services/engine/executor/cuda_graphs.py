@@ -18,8 +18,8 @@ from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.executor.backend import AttentionMetadata
 from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.executor.loader import LoadedModel
-from pagewire.services.engine.executor.runner import ModelRunner
-from pagewire.services.engine.executor.sampler import Sampler, SamplerOutput, SamplingRequest
+from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, PendingInputs
+from pagewire.services.engine.executor.sampler import Sampler
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import Sequence
 
@@ -31,6 +31,21 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     a decode batch pads by at most 15 rows."""
     ladder = [size for size in (1, 2, 4, 8) if size < max_num_seqs] + list(range(16, max_num_seqs, 16))
     return [*ladder, max_num_seqs]
+
+
+class _Staging:
+    """Pinned host copies of a decode graph's inputs, filled with numpy and
+    copied asynchronously."""
+
+    def __init__(self, rows: int, max_blocks: int):
+        self.rows = torch.zeros(3, rows, dtype=torch.int64, pin_memory=True)  # ids, positions, slots
+        self.seq_lens = torch.zeros(rows, dtype=torch.int32, pin_memory=True)
+        self.tables = torch.zeros(rows, max_blocks, dtype=torch.int32, pin_memory=True)
+        # What each staged table row holds: (sequence, its preemptions, blocks).
+        # A running sequence's table only grows, and is rebuilt only after a
+        # preemption, so a row whose key matches needs at most its new tail.
+        # The sequence object itself is the key: request ids may be reused.
+        self.table_keys: list[tuple[Sequence, int, int] | None] = [None] * rows
 
 
 class CudaGraphRunner(ModelRunner):
@@ -56,17 +71,11 @@ class CudaGraphRunner(ModelRunner):
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.logits = torch.empty(largest, loaded.config.vocab_size, dtype=torch.float32, device=device)
-        # Pinned host staging, filled with numpy and copied asynchronously.
-        # Reusing it each step is safe: sampling reads the previous step's
-        # tokens back to the host, so its copies have completed.
-        self.staged_rows = torch.zeros(3, largest, dtype=torch.int64, pin_memory=True)  # ids, positions, slots
-        self.staged_seq_lens = torch.zeros(largest, dtype=torch.int32, pin_memory=True)
-        self.staged_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, pin_memory=True)
-        # What each staged table row holds: (sequence, its preemptions, blocks).
-        # A running sequence's table only grows, and is rebuilt only after a
-        # preemption, so a row whose key matches needs at most its new tail.
-        # The sequence object itself is the key: request ids may be reused.
-        self.staged_table_keys: list[tuple[Sequence, int, int] | None] = [None] * largest
+        # Two sets of pinned staging, used in turn: while step N's copies may
+        # still be queued behind step N-1, step N+1 fills the other set, whose
+        # copies finished before step N-1's tokens were read back.
+        self.staging = [_Staging(largest, max_blocks), _Staging(largest, max_blocks)]
+        self.num_decode_launches = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
@@ -97,24 +106,25 @@ class CudaGraphRunner(ModelRunner):
         torch.cuda.synchronize(self.device)
         log.info("decode graphs captured", batch_sizes=self.batch_sizes)
 
-    @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], SamplerOutput | None]:
+    def _launch(self, scheduled: list[ScheduledSequence], pending: PendingInputs) -> LaunchedStep | None:
         is_decode = all(item.num_new_tokens == 1 and item.completes_sequence for item in scheduled)
         if not is_decode or len(scheduled) > self.batch_sizes[-1]:
-            return super().execute(scheduled)
+            return super()._launch(scheduled, pending)
         num_seqs = len(scheduled)
         size = next(size for size in self.batch_sizes if size >= num_seqs)
-        rows, seq_lens, tables = self.staged_rows.numpy(), self.staged_seq_lens.numpy(), self.staged_tables.numpy()
+        staging = self.staging[self.num_decode_launches % 2]
+        self.num_decode_launches += 1
+        rows, seq_lens, tables = staging.rows.numpy(), staging.seq_lens.numpy(), staging.tables.numpy()
         rows[2, num_seqs:size] = -1  # padding rows: no cache write ...
         seq_lens[num_seqs:size] = 0  # ... and no context
         sequences = [item.seq for item in scheduled]
         positions = [seq.num_computed_tokens for seq in sequences]
         block_size = self.block_size
-        rows[0, :num_seqs] = [seq.token_at(position) for seq, position in zip(sequences, positions)]
+        rows[0, :num_seqs] = [pending.token(seq, position, row) for row, (seq, position) in enumerate(zip(sequences, positions))]
         rows[1, :num_seqs] = positions
         rows[2, :num_seqs] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(sequences, positions)]
         seq_lens[:num_seqs] = rows[1, :num_seqs] + 1
-        keys = self.staged_table_keys
+        keys = staging.table_keys
         for row, seq in enumerate(sequences):
             table = seq.block_table
             key = keys[row]
@@ -122,11 +132,11 @@ class CudaGraphRunner(ModelRunner):
             if staged != len(table):
                 tables[row, staged : len(table)] = table[staged:]
                 keys[row] = (seq, seq.num_preemptions, len(table))
-        self.input_ids[:size].copy_(self.staged_rows[0, :size], non_blocking=True)
-        self.positions[:size].copy_(self.staged_rows[1, :size], non_blocking=True)
-        self.slot_mapping[:size].copy_(self.staged_rows[2, :size], non_blocking=True)
-        self.seq_lens[:size].copy_(self.staged_seq_lens[:size], non_blocking=True)
-        self.block_tables[:size].copy_(self.staged_tables[:size], non_blocking=True)
+        self.input_ids[:size].copy_(staging.rows[0, :size], non_blocking=True)
+        pending.fill(self.input_ids)
+        self.positions[:size].copy_(staging.rows[1, :size], non_blocking=True)
+        self.slot_mapping[:size].copy_(staging.rows[2, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(staging.seq_lens[:size], non_blocking=True)
+        self.block_tables[:size].copy_(staging.tables[:size], non_blocking=True)
         self.graphs[size].replay()
-        requests = [SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids) for s in sequences]
-        return sequences, self.sampler(self.logits[:num_seqs], requests)
+        return self._sample(sequences, self.logits[:num_seqs])

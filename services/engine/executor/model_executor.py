@@ -11,11 +11,10 @@ from pagewire.services.common.model import resolve_model
 from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from pagewire.services.engine.core.engine import EngineCore, ExecutorSpec
 from pagewire.services.engine.core.scheduler import ScheduledSequence
-from pagewire.services.engine.core.sequence import SamplerOutput, Sequence
 from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors, kv_bytes_per_block
 from pagewire.services.engine.executor.loader import LoadedModel, dtype_name, load_model, resolve_device, resolve_dtype
-from pagewire.services.engine.executor.runner import ModelRunner, profile_peak_memory
+from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, profile_peak_memory
 from pagewire.services.engine.executor.sampler import Sampler
 
 SIZED_SETTINGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks")
@@ -70,8 +69,8 @@ class ModelExecutor:
         peak = profile_peak_memory(loaded, profiled_tokens, config.block_size)
         return int(total * config.gpu_memory_utilization - peak) // per_block
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], SamplerOutput]:
-        return self.runner.execute(scheduled)
+    def launch(self, scheduled: list[ScheduledSequence]) -> LaunchedStep | None:
+        return self.runner.launch(scheduled)
 
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)

@@ -1,5 +1,7 @@
 """Turns a scheduler output into one forward pass over the flattened batch,
-then samples the sequences whose next token is due."""
+then samples the sequences whose next token is due, without waiting for the
+device: `launch` returns at once, and a token the host has not read back yet
+(sampled by the step before) is taken from that step's device tensor."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.executor.backend import AttentionMetadata
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors
 from pagewire.services.engine.executor.loader import LoadedModel
-from pagewire.services.engine.executor.sampler import Sampler, SamplerOutput, SamplingRequest
+from pagewire.services.engine.executor.sampler import DeviceSample, Sampler, SamplerOutput, SamplingRequest
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import Sequence
 
@@ -26,6 +28,43 @@ class BatchInputs:
     sampled_sequences: list[Sequence]
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose forward pass and sampling are queued on the device."""
+
+    sequences: list[Sequence]
+    sample: DeviceSample
+
+    def resolve(self) -> SamplerOutput:
+        return self.sample.resolve()
+
+
+class PendingInputs:
+    """Input positions whose token the host does not know yet, and where each
+    lies in the previous launched step's sampled ids on the device."""
+
+    def __init__(self, last: LaunchedStep | None):
+        self._rows = {id(seq): row for row, seq in enumerate(last.sequences)} if last is not None else {}
+        self._last = last
+        self.positions: list[int] = []
+        self.rows: list[int] = []
+
+    def token(self, seq: Sequence, position: int, flat_index: int) -> int:
+        """seq's token at position, or a placeholder recorded for fill()."""
+        if position < seq.num_known_tokens:
+            return seq.token_at(position)
+        # Only the newest sample can be unknown: older ones were read back before this step.
+        self.positions.append(flat_index)
+        self.rows.append(self._rows[id(seq)])
+        return 0
+
+    def fill(self, input_ids: torch.Tensor) -> None:
+        if self.positions and self._last is not None:
+            device = input_ids.device
+            rows = torch.tensor(self.rows, dtype=torch.int64).to(device, non_blocking=True)
+            input_ids[torch.tensor(self.positions, dtype=torch.int64).to(device, non_blocking=True)] = self._last.sample.token_ids[rows]
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, sampler: Sampler):
         self.model = loaded.model
@@ -33,8 +72,9 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sampler = sampler
+        self.last_launched: LaunchedStep | None = None
 
-    def prepare(self, scheduled: list[ScheduledSequence]) -> BatchInputs:
+    def prepare(self, scheduled: list[ScheduledSequence], pending: PendingInputs) -> BatchInputs:
         size = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -46,7 +86,7 @@ class ModelRunner:
         for item in scheduled:
             seq = item.seq
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
-            input_ids.extend(seq.token_at(p) for p in range(start, end))
+            input_ids.extend(pending.token(seq, p, len(input_ids)) for p in range(start, end))
             positions.extend(range(start, end))
             table = seq.block_table
             slot_mapping.extend(table[p // size] * size + p % size for p in range(start, end))
@@ -71,20 +111,29 @@ class ModelRunner:
             max_query_len=max(item.num_new_tokens for item in scheduled),
             max_seq_len=max(seq_lens),
         )
-        return BatchInputs(
-            on_device(input_ids, torch.int64), on_device(positions, torch.int64), metadata, on_device(logits_indices, torch.int64), sampled
-        )
+        device_input_ids = on_device(input_ids, torch.int64)
+        pending.fill(device_input_ids)
+        return BatchInputs(device_input_ids, on_device(positions, torch.int64), metadata, on_device(logits_indices, torch.int64), sampled)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[list[Sequence], SamplerOutput | None]:
-        """Run the step; returns the sequences that sampled a token and what they sampled."""
-        batch = self.prepare(scheduled)
+    def launch(self, scheduled: list[ScheduledSequence]) -> LaunchedStep | None:
+        """Queue the step on the device; None when no sequence samples a token in it."""
+        launched = self._launch(scheduled, PendingInputs(self.last_launched))
+        if launched is not None:
+            self.last_launched = launched
+        return launched
+
+    def _launch(self, scheduled: list[ScheduledSequence], pending: PendingInputs) -> LaunchedStep | None:
+        batch = self.prepare(scheduled, pending)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
         if not batch.sampled_sequences:
-            return [], None
+            return None
         logits = self.model.compute_logits(hidden[batch.logits_indices])
-        rows = [SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids) for s in batch.sampled_sequences]
-        return batch.sampled_sequences, self.sampler(logits, rows)
+        return self._sample(batch.sampled_sequences, logits)
+
+    def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> LaunchedStep:
+        rows = [SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids) for s in sequences]
+        return LaunchedStep(sequences, self.sampler.sample(logits, rows))
 
 
 def profile_peak_memory(loaded: LoadedModel, num_tokens: int, block_size: int) -> int:

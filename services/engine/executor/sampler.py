@@ -53,11 +53,15 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
     return counts[:, :vocab]
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, *, truncates: bool = True, uses_min_p: bool = True
+) -> torch.Tensor:
     """Set to -inf what top-k (0 = off), top-p (1 = off) and min-p (0 = off)
-    exclude, row by row. The most likely token always survives."""
+    exclude, row by row. The most likely token always survives. The caller
+    says from the host whether any row truncates (top-k or top-p) or uses
+    min-p, so that no step waits on the device to find out."""
     vocab = logits.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    if truncates:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
         k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
@@ -67,11 +71,45 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_logits = sorted_logits.masked_fill((mass_before >= top_p.unsqueeze(1)) & (ranks > 0), float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    if bool((min_p > 0).any()):
+    if uses_min_p:
         probs = logits.softmax(dim=-1)
         threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, float("-inf"))
     return logits
+
+
+def _host_floats(rows: list[list[float]], device: torch.device) -> torch.Tensor:
+    """Per-row parameters as one [len(rows), n] float32 tensor on the device,
+    through pinned memory so that the copy does not stall the host."""
+    staged = torch.tensor(rows, dtype=torch.float32)
+    if device.type == "cuda":
+        staged = staged.pin_memory()
+    return staged.to(device, non_blocking=True)
+
+
+@dataclass
+class DeviceSample:
+    """A step's sampled ids and logprobs, still on the device. `resolve()` waits
+    for them (an event, not a device-wide sync) and returns host lists; the
+    ids themselves feed the next step's inputs on the device meanwhile."""
+
+    token_ids: torch.Tensor  # [rows] int64, on the device
+    params: list[SamplingParams]
+    logprob_rows: list[int]
+    host: list[torch.Tensor]  # token ids, then (sampled, top values, top ids) when logprobs were asked for
+    ready: torch.cuda.Event | None
+
+    def resolve(self) -> SamplerOutput:
+        if self.ready is not None:
+            self.ready.synchronize()
+        token_ids = self.host[0].tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
+        if self.logprob_rows:
+            sampled, top_values, top_ids = (t.tolist() for t in self.host[1:])
+            for row, i in enumerate(self.logprob_rows):
+                n = self.params[i].logprobs or 0
+                logprobs[i] = TokenLogprob(token_ids[i], sampled[row], tuple(zip(top_ids[row][:n], top_values[row][:n])))
+        return SamplerOutput(token_ids, logprobs)
 
 
 class Sampler:
@@ -90,26 +128,48 @@ class Sampler:
             self.request_generators[request.request_id] = generator
         return generator
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> DeviceSample:
+        """Sample every row on the device without waiting for it."""
         params = [r.params for r in rows]
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits, rows)
-        greedy = torch.tensor([p.greedy for p in params], device=self.device)
-        chosen = logits.argmax(dim=-1)
         # Greedy rows keep temperature 1 so their logprobs are the plain distribution.
-        temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=self.device)
-        scaled = logits / temperature.unsqueeze(1)
-        if not bool(greedy.all()):
-            chosen = torch.where(greedy, chosen, self._sample(scaled, rows))
-        token_ids = chosen.tolist()
-        return SamplerOutput(token_ids, self._logprobs(scaled, chosen, params))
+        per_row = _host_floats(
+            [[1.0 if p.greedy else p.temperature, float(p.greedy), p.top_k, p.top_p, p.min_p] for p in params], self.device
+        )
+        # A tiny temperature or penalty overflows logits to inf, and inf - inf
+        # is NaN: keep every row finite so argmax, softmax and logprobs stay sane.
+        scaled = torch.nan_to_num(logits / per_row[:, 0:1], nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+        chosen = scaled.argmax(dim=-1)
+        if not all(p.greedy for p in params):
+            sampled = self._sample(scaled, rows, per_row)
+            chosen = torch.where(per_row[:, 1] > 0, chosen, sampled)
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        on_device = [chosen]
+        if wanted:
+            index = torch.tensor(wanted, device=self.device)
+            logprobs = torch.log_softmax(scaled[index], dim=-1)
+            top_n = max(params[i].logprobs or 0 for i in wanted)
+            top_values, top_ids = logprobs.topk(top_n, dim=-1)
+            on_device += [logprobs.gather(1, chosen[index].unsqueeze(1)).squeeze(1), top_values, top_ids]
+        return self._to_host(chosen, params, wanted, on_device)
 
-    def _sample(self, scaled: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:
+    def _to_host(self, chosen: torch.Tensor, params: list[SamplingParams], wanted: list[int], on_device: list[torch.Tensor]) -> DeviceSample:
+        if self.device.type != "cuda":
+            return DeviceSample(chosen, params, wanted, on_device, None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in on_device]
+        for target, source in zip(host, on_device):
+            target.copy_(source, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return DeviceSample(chosen, params, wanted, host, ready)
+
+    def _sample(self, scaled: torch.Tensor, rows: list[SamplingRequest], per_row: torch.Tensor) -> torch.Tensor:
         params = [r.params for r in rows]
-        top_k = torch.tensor([p.top_k for p in params], device=self.device)
-        top_p = torch.tensor([p.top_p for p in params], device=self.device)
-        min_p = torch.tensor([p.min_p for p in params], device=self.device)
-        probs = filter_logits(scaled, top_k, top_p, min_p).softmax(dim=-1)
+        truncates = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+        uses_min_p = any(p.min_p > 0.0 for p in params)
+        filtered = filter_logits(scaled, per_row[:, 2].long(), per_row[:, 3], per_row[:, 4], truncates=truncates, uses_min_p=uses_min_p)
+        probs = filtered.softmax(dim=-1)
         # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race),
         # which lets each seeded row use its own generator.
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
@@ -117,21 +177,3 @@ class Sampler:
             if request.params.seed is not None and not request.params.greedy:
                 noise[i].exponential_(generator=self._request_generator(request))
         return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-
-    def _logprobs(self, scaled: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams]) -> list[TokenLogprob | None]:
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        result: list[TokenLogprob | None] = [None] * len(params)
-        if not wanted:
-            return result
-        index = torch.tensor(wanted, device=self.device)
-        logprobs = torch.log_softmax(scaled[index], dim=-1)
-        sampled = logprobs.gather(1, chosen[index].unsqueeze(1)).squeeze(1).tolist()
-        top_n = max(params[i].logprobs for i in wanted)
-        top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], logprobs[:, :0].long())
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        token_ids = chosen[index].tolist()
-        for row, i in enumerate(wanted):
-            n = params[i].logprobs
-            top = tuple(zip(top_ids[row][:n], top_values[row][:n]))
-            result[i] = TokenLogprob(token_ids[row], sampled[row], top)
-        return result

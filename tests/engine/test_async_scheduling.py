@@ -1,0 +1,66 @@
+"""Overlapped steps: the host schedules step N+1 before it reads step N's
+tokens back, and nothing a request sees changes for it."""
+
+from __future__ import annotations
+
+from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
+from tests.engine.util import assert_no_leaks, make_engine, run_all, tokens_of
+
+MAX_TOKENS = 10
+
+VARIANTS = [
+    SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=MAX_TOKENS),
+    SamplingParams(temperature=1.2, top_k=20, min_p=0.05, seed=12, max_tokens=MAX_TOKENS),
+    SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, max_tokens=MAX_TOKENS),
+    SamplingParams(temperature=0.0, logprobs=3, max_tokens=MAX_TOKENS),
+    SamplingParams(temperature=0.7, seed=13, presence_penalty=0.5, logprobs=2, max_tokens=MAX_TOKENS),
+]
+
+
+def _run(engine_model, prompts, async_scheduling: bool) -> dict:  # type: ignore[no-untyped-def]
+    core = make_engine(engine_model, async_scheduling=async_scheduling, block_size=4, max_num_batched_tokens=24)
+    for index, ids in enumerate(prompts):
+        core.add_request(f"r{index}", ids, VARIANTS[index % len(VARIANTS)])
+    outputs = run_all(core)
+    assert_no_leaks(core)
+    return outputs
+
+
+def test_seeds_penalties_and_logprobs_are_unchanged_by_overlap(engine_model, prompts) -> None:  # type: ignore[no-untyped-def]
+    overlapped = _run(engine_model, prompts, True)
+    synchronous = _run(engine_model, prompts, False)
+    assert overlapped.keys() == synchronous.keys()
+    for request_id, outs in synchronous.items():
+        assert tokens_of(overlapped[request_id]) == tokens_of(outs), request_id
+        mine = [lp for out in overlapped[request_id] for lp in out.logprobs]
+        theirs = [lp for out in outs for lp in out.logprobs]
+        assert [(lp.token_id, lp.top) for lp in mine] == [(lp.token_id, lp.top) for lp in theirs]
+
+
+def test_tokens_arrive_one_step_behind_and_a_stop_costs_at_most_one_step(engine_model, prompts, hf_greedy) -> None:  # type: ignore[no-untyped-def]
+    stop_token = hf_greedy[0][3]
+    expected = hf_greedy[0][: hf_greedy[0].index(stop_token) + 1]
+    steps = {}
+    for async_scheduling in (True, False):
+        core = make_engine(engine_model, async_scheduling=async_scheduling)
+        core.add_request("r", prompts[0], SamplingParams(temperature=0.0, max_tokens=50, stop_token_ids=(stop_token,)))
+        first = core.step()
+        # The prefill sampled a token: overlapped, it is read back with the next step.
+        assert [t for out in first for t in out.new_token_ids] == ([] if async_scheduling else expected[:1])
+        outputs = first + [out for outs in run_all(core).values() for out in outs]
+        assert tokens_of(outputs) == expected
+        assert outputs[-1].finish_reason is FinishReason.STOP and outputs[-1].matched_stop_token_id == stop_token
+        assert_no_leaks(core)
+        steps[async_scheduling] = core.stats().steps_total
+    assert steps[False] <= steps[True] <= steps[False] + 1
+
+
+def test_length_limited_requests_take_no_extra_step(engine_model, prompts) -> None:  # type: ignore[no-untyped-def]
+    steps = {}
+    for async_scheduling in (True, False):
+        core = make_engine(engine_model, async_scheduling=async_scheduling)
+        core.add_request("r", prompts[1], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        outputs = run_all(core)["r"]
+        assert len(tokens_of(outputs)) == 6 and outputs[-1].finish_reason is FinishReason.LENGTH
+        steps[async_scheduling] = core.stats().steps_total
+    assert steps[True] == steps[False] == 6
