@@ -1,5 +1,6 @@
 """What deployment files must agree with: the `pagewire` CLI (subcommands,
-config fields and their PAGEWIRE_* variables, default ports). The gRPC
+config fields and their PAGEWIRE_* variables, default ports), the image's
+user and the Kubernetes releases the manifests target. The gRPC
 service names that health readiness is reported under are
 tests.support.harness.READINESS_SERVICE."""
 
@@ -16,6 +17,10 @@ from pagewire.services.cli import build_parser
 from pagewire.services.common.config import env_name
 
 REPO = Path(__file__).resolve().parents[2]
+# The image's USER (Dockerfile); pods must run as it.
+IMAGE_UID = 10001
+# The Kubernetes releases whose schemas the manifests validate against.
+SCHEMA_VERSIONS = ["1.30", "1.35"]
 
 
 def config_class(subcommand: str) -> type:

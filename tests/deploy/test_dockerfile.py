@@ -12,9 +12,7 @@ from pathlib import Path
 import dockerfile
 import pytest
 
-from tests.deploy.contract import REPO
-
-IMAGE_UID = "10001"
+from tests.deploy.contract import IMAGE_UID, REPO
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +50,7 @@ def test_multi_stage_with_the_base_image_a_build_argument(instructions: list[doc
 def test_runtime_stage_runs_pagewire_as_a_non_root_user(instructions: list[dockerfile.Command]) -> None:
     runtime = stages(instructions)[-1]
     users = [c.value[0] for c in runtime if c.cmd == "USER"]
-    assert users and users[-1].split(":")[0] == IMAGE_UID
+    assert users and users[-1].split(":")[0] == str(IMAGE_UID)
     (entrypoint,) = [c for c in runtime if c.cmd == "ENTRYPOINT"]
     assert entrypoint.json and entrypoint.value == ("pagewire",)
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]

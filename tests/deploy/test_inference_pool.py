@@ -18,10 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagewire.services.gateway.metrics import GatewayMetrics
 from pagewire.v1 import engine_pb2
-from tests.deploy.contract import REPO, config_for
+from tests.deploy.contract import IMAGE_UID, REPO, SCHEMA_VERSIONS, config_for
 from tests.deploy.inference_gateway_api import HTTP_ROUTE, INFERENCE_POOL, duration_s, problems
 from tests.deploy.kustomize import by_kind, pod_environment, render
-from tests.deploy.test_kubernetes_manifests import IMAGE_UID, SCHEMA_VERSIONS
 from tests.support.harness import READINESS_SERVICE
 
 OVERLAY = REPO / "deploy" / "kubernetes" / "overlays" / "inference-pool"

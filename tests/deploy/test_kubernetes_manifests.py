@@ -12,15 +12,12 @@ import yaml
 
 from pagewire.services.gateway.discovery import DnsTarget, parse_target
 from pagewire.services.gateway.metrics import GatewayMetrics
-from tests.deploy.contract import REPO, config_for
+from tests.deploy.contract import IMAGE_UID, REPO, SCHEMA_VERSIONS, config_for
 from tests.deploy.kustomize import by_kind, pod_environment, render
 from tests.support.harness import READINESS_SERVICE
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
 OVERLAYS = ["cpu", "gpu"]
-SCHEMA_VERSIONS = ["1.30", "1.35"]
-# The image's USER (Dockerfile); pods must run as it.
-IMAGE_UID = 10001
 
 
 # Ids are not the bare overlay names: a test keyword "gpu" marks GPU-only tests.
