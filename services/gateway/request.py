@@ -236,7 +236,9 @@ class GatewayRequest:
 
     def _apply_update(self, update: engine_pb2.SequenceUpdate) -> None:
         if update.error.code:
-            self.engine_done = True
+            # Refused or failed in the engine (queue bound, a bad id, no room
+            # in the KV cache): nothing of it is left there.
+            self._engine_finished()
             self._fail(update.error)
             return
         if update.num_prompt_tokens:
@@ -254,12 +256,17 @@ class GatewayRequest:
             if self._wants_logprobs:
                 self._logprobs.extend(update.logprobs)
         if update.finish_reason != UNFINISHED:
-            self.engine_done = True
+            self._engine_finished()
             self.engine_reason = update.finish_reason
             if update.HasField("matched_stop_token_id"):
                 self.engine_stop_token = update.matched_stop_token_id
-            assert self.replica is not None
-            self.replica.release(self.internal_id)
+
+    def _engine_finished(self) -> None:
+        """The engine holds nothing of the request any more: it stops
+        counting against the replica's load (and its drain) at once."""
+        self.engine_done = True
+        assert self.replica is not None
+        self.replica.release(self.internal_id)
 
     def on_text(self, delta: tokenizer_pb2.TextDelta) -> None:
         """Applied as the tokenizer's batch arrives: the text goes out at once
@@ -354,7 +361,7 @@ class GatewayRequest:
         """Free what the request holds in the peers and record its outcome."""
         self.hub.leave(self)
         if self.replica is not None and not self.engine_done:
-            self.replica.abort(self.internal_id)
+            self.replica.abort(self.internal_id)  # which releases it too
         if self.detokenizing:
             self.detokenizing = False
             try:

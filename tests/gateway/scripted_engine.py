@@ -19,6 +19,7 @@ from pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 SERVICE_NAME = "pagewire.v1.Engine"
 BLOCK_SIZE = 16
+VOCAB_SIZE = 49152
 
 
 @dataclass
@@ -62,8 +63,12 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
             async for message in request_iterator:
                 for add in message.add:
                     self.record.added.append(add.request_id)
-                    if len(add.prompt_token_ids) >= self.max_model_len:
-                        error = error_status(grpc.StatusCode.INVALID_ARGUMENT, "prompt too long")
+                    # Refused at admission, as the real engine refuses them.
+                    refusal = "prompt too long" if len(add.prompt_token_ids) >= self.max_model_len else None
+                    if max(add.prompt_token_ids, default=0) >= VOCAB_SIZE:
+                        refusal = f"prompt token ids must be below the vocabulary size {VOCAB_SIZE}"
+                    if refusal is not None:
+                        error = error_status(grpc.StatusCode.INVALID_ARGUMENT, refusal)
                         pending.append(engine_pb2.SequenceUpdate(request_id=add.request_id, finish_reason=common_pb2.FINISH_REASON_ERROR, error=error))
                         continue
                     max_tokens = add.sampling.max_tokens if add.sampling.HasField("max_tokens") else 16
@@ -105,7 +110,7 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
 
     async def Info(self, request, context):  # type: ignore[no-untyped-def]
         return engine_pb2.EngineInfo(
-            model_id=self.model_id, max_model_len=self.max_model_len, block_size=BLOCK_SIZE, num_kv_blocks=self.num_blocks, vocab_size=49152, device="cpu"
+            model_id=self.model_id, max_model_len=self.max_model_len, block_size=BLOCK_SIZE, num_kv_blocks=self.num_blocks, vocab_size=VOCAB_SIZE, device="cpu"
         )
 
     async def Stats(self, request, context):  # type: ignore[no-untyped-def]

@@ -190,6 +190,41 @@ def test_a_draining_replica_finishes_its_requests_gets_no_new_ones_and_is_let_go
     wait_until(lambda: draining.engine.open_streams == 1, "the gateway reconnects once the replica serves again", WAIT_S)
 
 
+def test_requests_the_engine_refuses_leave_no_load_behind_and_do_not_hold_up_a_drain(cluster: Cluster, stub: gateway_pb2_grpc.GenerationStub) -> None:
+    refusing, other = cluster.replicas
+    wait_until(lambda: refusing.engine.open_streams == 1 and other.engine.open_streams == 1, "both replicas are connected", WAIT_S)
+    # With the other replica out of rotation, three requests go to `refusing`,
+    # which refuses their out-of-vocabulary id. It comes first, out of the
+    # prompt tail the detokenizer gets, so that the refusal is the engine's.
+    cluster.set_serving(other, False)
+    wait_until(lambda: other.engine.open_streams == 0, "the gateway lets the idle draining replica go", WAIT_S)
+    for _ in range(3):
+        refused = stub.Complete(gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=[4_000_000, *range(1, 17)])), timeout=WAIT_S)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(refused)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in (raised.value.details() or "")
+    cluster.set_serving(other, True)
+    wait_until(lambda: other.engine.open_streams == 1, "the gateway reconnects to the replica back in rotation", WAIT_S)
+
+    # Nothing of the refused requests counts as load: least-loaded spreads evenly.
+    before = [added(r) for r in cluster.replicas]
+    stream = BidiStream(stub)
+    for i in range(8):
+        stream.start(gateway_pb2.GenerateRequest(request_id=f"even-{i}", text=f"Spread number {i}", sampling=common_pb2.SamplingParams(max_tokens=4)))
+    finals = 0
+    for chunk in stream.chunks():
+        finals += bool(chunk.finish_reason)
+        if finals == 8:
+            stream.close()
+    assert [added(r) - b for r, b in zip(cluster.replicas, before)] == [4, 4]
+
+    # Nor does it hold up a drain: the stream to the draining replica closes.
+    cluster.set_serving(refusing, False)
+    wait_until(lambda: refusing.engine.open_streams == 0, "the gateway lets the draining replica go", WAIT_S)
+    cluster.set_serving(refusing, True)
+    wait_until(lambda: refusing.engine.open_streams == 1, "the gateway reconnects once the replica serves again", WAIT_S)
+
+
 def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica(cluster: Cluster) -> None:
     shared = "You are a helpful assistant who answers every question about the weather in great detail. "
     for target in cluster.gateway("--routing", "prefix-affinity"):
