@@ -269,6 +269,8 @@ ENGINE_LIMITS = {
         {"prompt_token_ids": [1] * (MAX_MODEL_LEN - MIN_OUTPUT_TOKENS + 1)},
     ),
     "timeout": ("timeout", {"timeout_s": float(MAX_TIMEOUT_S)}, {"timeout_s": MAX_TIMEOUT_S + 1.0}),
+    # A negative timeout is refused, not taken as one that has already passed.
+    "negative-timeout": ("timeout", {"timeout_s": 0.0}, {"timeout_s": -1e-9}),
 }
 
 
@@ -293,7 +295,7 @@ def test_engine_accepts_each_limit_and_refuses_one_past_it_naming_the_field(fiel
         ("common.proto", f"Must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]."),
         ("common.proto", f"Must be >= {MIN_OUTPUT_TOKENS}."),
         ("gateway.proto", f"nor over a day ({MAX_TIMEOUT_S} s)"),
-        ("engine.proto", f"a day ({MAX_TIMEOUT_S} s)"),
+        ("engine.proto", f"Must not be negative nor over a day ({MAX_TIMEOUT_S} s)"),
     ],
 )
 def test_the_protos_document_the_limits(proto: str, wording: str) -> None:

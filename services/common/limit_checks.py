@@ -15,7 +15,9 @@ def at_most(what: str, count: int, limit: int) -> str:
 
 
 def timeout_problem(timeout_s: float) -> str | None:
-    """Why a request's timeout is refused; None when it is within MAX_TIMEOUT_S."""
+    """Why a request's timeout is refused; None when it is within [0, MAX_TIMEOUT_S]."""
+    if timeout_s < 0:
+        return f"timeout must not be negative, got {timeout_s:.15g} s"
     if timeout_s > MAX_TIMEOUT_S:
         return f"timeout must be at most {MAX_TIMEOUT_S} s (a day), got {timeout_s:.15g} s"
     return None
