@@ -15,10 +15,13 @@ from pagewire.services.gateway.request import GatewayRequest
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
-def _refusal(request_id: str, message: str) -> gateway_pb2.GenerateChunk:
+def _refusal(request_id: str, message: str, ends: bool = True) -> gateway_pb2.GenerateChunk:
+    """The refusal of a Start. A duplicate id does not end the live request
+    of that id, so its refusal carries no finish reason: the live request's
+    own last chunk is still to come."""
     return gateway_pb2.GenerateChunk(
         request_id=request_id,
-        finish_reason=common_pb2.FINISH_REASON_ERROR,
+        finish_reason=common_pb2.FINISH_REASON_ERROR if ends else common_pb2.FINISH_REASON_UNSPECIFIED,
         error=error_status(grpc.StatusCode.INVALID_ARGUMENT, message),
     )
 
@@ -57,7 +60,7 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
                 if not start.request_id:
                     send(_refusal("", "request_id is required on the Generate stream"))
                 elif start.request_id in live:
-                    send(_refusal(start.request_id, f"request_id {start.request_id!r} is already in flight on this stream"))
+                    send(_refusal(start.request_id, f"request_id {start.request_id!r} is already in flight on this stream", ends=False))
                 else:
                     request = self.gateway.request(start)
                     live[start.request_id] = (request, asyncio.create_task(follow(request)))

@@ -302,13 +302,20 @@ def test_grpc_bad_input(server: ServeProcess, stub: gateway_pb2_grpc.GenerationS
     stream.start(gateway_pb2.GenerateRequest(text="no id"))
     stream.cancel("never-started")
     finals = []
+    duplicates = []
     for chunk in stream.chunks():
+        if chunk.error.code and not chunk.finish_reason:
+            duplicates.append(chunk)
         if chunk.finish_reason:
             finals.append(chunk)
-            if any(f.request_id == "good" and not f.error.code for f in finals) and len(finals) == 4:
+            if len(finals) == 3:
                 stream.close()
+    # The duplicate start is refused without a finish reason; the live
+    # request of that id goes on to its one last chunk.
+    assert [(d.request_id, d.error.code) for d in duplicates] == [("good", grpc.StatusCode.INVALID_ARGUMENT.value[0])]
+    assert "already in flight" in duplicates[0].error.message
+    assert sorted(f.request_id for f in finals) == ["", "good", "hot"]
     by_outcome = {(f.request_id, f.finish_reason): f for f in finals}
-    assert "already in flight" in by_outcome[("good", common_pb2.FINISH_REASON_ERROR)].error.message
     assert "temperature" in by_outcome[("hot", common_pb2.FINISH_REASON_ERROR)].error.message
     assert "request_id is required" in by_outcome[("", common_pb2.FINISH_REASON_ERROR)].error.message
     good = [f for f in finals if f.request_id == "good" and not f.error.code]
