@@ -63,6 +63,9 @@ class PeersDownHub:
     def resolve_model(self, name: str) -> engine_pb2.EngineInfo:
         return engine_pb2.EngineInfo(model_id=MODEL, max_model_len=MAX_MODEL_LEN)
 
+    def models(self) -> list[gateway_pb2.ModelCard]:
+        return [gateway_pb2.ModelCard(id=MODEL, max_model_len=MAX_MODEL_LEN)]
+
     def admit(self, request: GatewayRequest) -> None:
         pass
 
@@ -134,8 +137,9 @@ def test_rest_body_of_max_bytes_is_read_and_one_byte_more_is_refused(rest: TestC
     def padded(size: int) -> bytes:
         return body + b" " * (size - len(body))
 
-    assert rest.post("/v1/completions", content=padded(MAX_BODY_BYTES)).status_code == 503
-    refused = rest.post("/v1/completions", content=padded(MAX_BODY_BYTES + 1))
+    json_type = {"content-type": "application/json"}
+    assert rest.post("/v1/completions", content=padded(MAX_BODY_BYTES), headers=json_type).status_code == 503
+    refused = rest.post("/v1/completions", content=padded(MAX_BODY_BYTES + 1), headers=json_type)
     assert refused.status_code == 413
     assert f"at most {MAX_BODY_BYTES}" in refused.json()["error"]["message"]
 

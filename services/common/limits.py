@@ -43,9 +43,40 @@ MAX_PENALTY = 2.0
 # Duration of 10**15 s overflows a timedelta).
 MAX_TIMEOUT_S = 24 * 60 * 60
 
+# Most UTF-8 bytes one token stands for, special tokens included: a bound on
+# every vocabulary served (SmolLM2's longest token has 81 bytes, a newline and
+# 80 spaces; runs of spaces, dashes or '#' are the longest in common
+# vocabularies). A prompt of more characters than max_model_len times this
+# cannot fit, and is refused before it is tokenized.
+MAX_TOKEN_BYTES = 128
+
+# Most bytes one UTF-8 byte of text takes in a JSON string: a control byte
+# written as a \u00XX escape. Other escapes take less per byte (a character
+# outside the BMP is 4 bytes of UTF-8 and 12 of escapes).
+MAX_JSON_BYTES_PER_TEXT_BYTE = 6
+
+# What a REST body holds besides its prompt: stop strings (16 of 256
+# characters, escaped), stop_token_ids, sampling fields and JSON punctuation.
+REST_BODY_OVERHEAD_BYTES = 64 * 1024
+
+
+def max_prompt_chars(max_model_len: int) -> int:
+    """Characters past which a prompt (text, or a chat's contents together)
+    cannot fit max_model_len tokens."""
+    return max_model_len * MAX_TOKEN_BYTES
+
+
+def max_rest_body_bytes(max_model_len: int) -> int:
+    """The largest REST body a request to a model of max_model_len can need:
+    its longest possible prompt, escaped at the worst, plus the other fields.
+    A prompt of token ids takes at most 12 bytes per id ("4294967295, ")."""
+    return max_prompt_chars(max_model_len) * MAX_JSON_BYTES_PER_TEXT_BYTE + REST_BODY_OVERHEAD_BYTES
+
+
 # Default of --max-message-bytes: the largest gRPC message every service
-# accepts or sends, and the largest REST body the gateway reads, so that a
-# request too large for one door is too large for the other. 64 MiB holds a
+# accepts or sends, and the largest REST body the gateway reads (less when
+# max_rest_body_bytes of the models served is less), so that a request too
+# large for one door is too large for the other. 64 MiB holds a
 # prompt of millions of characters, or an engine step's updates for a full
 # batch with logprobs.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -6,11 +6,11 @@ GenerateRequest, and how a request's chunks become /v1/completions and
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.services.common.errors import Refusal, RequestError, invalid_argument
 from pagewire.services.common.limits import MIN_OUTPUT_TOKENS
 from pagewire.v1 import common_pb2, gateway_pb2
 
@@ -27,14 +27,24 @@ class StreamOptions(BaseModel):
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
-TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
+# Strict: a float, a bool or a numeric string is not a token id.
+TokenId = Annotated[StrictInt, Field(ge=0, le=UINT32_MAX)]
+# OpenAI's default max_tokens on /v1/completions (chat has none: the model's
+# context bounds it).
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 class SamplingFields(BaseModel):
-    """Fields both endpoints share; unknown fields are ignored, as OpenAI
-    clients send some that do not apply here."""
+    """Fields both endpoints share. An unknown field is refused naming it: a
+    field that asks for something this server does not do must not be
+    answered as if it had not been sent."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    # OpenAI fields that each endpoint knows but does not implement, with the
+    # values that ask for nothing (OpenAI's defaults): any other value is
+    # refused naming the field.
+    not_implemented: ClassVar[dict[str, tuple[Any, ...]]] = {"logit_bias": (None, {})}
 
     model: str = ""
     temperature: float | None = None
@@ -49,10 +59,26 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
+    # false: the engine does not speculate for this request (see README).
+    speculative: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # OpenAI fields that change nothing here: accepted and ignored.
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    # Not implemented (see not_implemented).
+    logit_bias: Any = None
+
+    def check_implemented(self) -> None:
+        """Refuse a not_implemented field that asks for something."""
+        for name, neutral in self.not_implemented.items():
+            value = getattr(self, name)
+            if not any(value == ok and type(value) is type(ok) for ok in neutral):
+                raise invalid_argument(f"{name} is not supported by this server; leave it out (or set it to null)", field=name)
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> common_pb2.SamplingParams:
         return common_pb2.SamplingParams(
@@ -69,9 +95,11 @@ class SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             n=self.n,
+            speculative=self.speculative,
         )
 
     def generate_request(self, max_tokens: int | None, logprobs: int | None) -> gateway_pb2.GenerateRequest:
+        self.check_implemented()
         request = gateway_pb2.GenerateRequest(
             model=self.model,
             sampling=self.sampling(max_tokens, logprobs),
@@ -88,16 +116,24 @@ class SamplingFields(BaseModel):
 
 
 class CompletionBody(SamplingFields):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    # OpenAI's default for completions.
-    max_tokens: int | None = Field(16, ge=MIN_OUTPUT_TOKENS, le=UINT32_MAX)
+    not_implemented: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.not_implemented | {"suffix": (None, ""), "best_of": (None, 1)}
+
+    # Tried in order, token ids before strings: a smart-mode union validates
+    # a long id list against every alternative and keeps an error per item.
+    prompt: str | list[TokenId] | list[list[TokenId]] | list[str] = Field(union_mode="left_to_right")
+    # null, as clients that send every field write an unset one, is the default too.
+    max_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS, le=UINT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
     echo: bool = False
+    # Not implemented (see not_implemented).
+    suffix: Any = None
+    best_of: Any = None
 
     def to_request(self) -> gateway_pb2.GenerateRequest:
         if self.echo:
-            raise RequestError(Refusal.INVALID_ARGUMENT, "echo is not supported")
-        request = self.generate_request(self.max_tokens, self.logprobs)
+            raise invalid_argument("echo is not supported", field="echo")
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+        request = self.generate_request(max_tokens, self.logprobs)
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -128,11 +164,40 @@ class ChatTurn(BaseModel):
 
 
 class ChatBody(SamplingFields):
+    not_implemented: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.not_implemented | {
+        "response_format": (None, {"type": "text"}),
+        "tools": (None, []),
+        "tool_choice": (None, "none", "auto"),
+        "functions": (None, []),
+        "function_call": (None, "none", "auto"),
+        "modalities": (None, ["text"]),
+        "audio": (None,),
+        "prediction": (None,),
+        "web_search_options": (None,),
+        "reasoning_effort": (None,),
+    }
+
     messages: list[ChatTurn]
     max_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS, le=UINT32_MAX)
     max_completion_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS, le=UINT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
+    # An extension: special-token text in message content becomes special
+    # tokens only when the caller asks (ChatInput.parse_special_tokens_in_content).
+    parse_special_tokens_in_content: bool = False
+    # Not implemented (see not_implemented).
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    # Only meaningful with tools, which are refused.
+    parallel_tool_calls: Any = None
 
     def to_request(self) -> gateway_pb2.GenerateRequest:
         top = (self.top_logprobs or 0) if self.logprobs else None
@@ -140,6 +205,7 @@ class ChatBody(SamplingFields):
         request.chat.messages.extend(common_pb2.ChatMessage(role=turn.role, content=turn.text()) for turn in self.messages)
         if not self.messages:
             request.chat.SetInParent()
+        request.chat.parse_special_tokens_in_content = self.parse_special_tokens_in_content
         return request
 
 

@@ -37,7 +37,7 @@ from pagewire.services.common.grpc_utils import to_status
 from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.clients import EngineReplica
 from pagewire.services.gateway.metrics import GatewayMetrics
-from pagewire.services.gateway.validation import check_prompt_length, validate_request
+from pagewire.services.gateway.validation import check_fits, check_prompt_length, validate_request
 from pagewire.v1 import common_pb2, engine_pb2, gateway_pb2, tokenizer_pb2
 
 log = get_logger("gateway")
@@ -139,6 +139,7 @@ class GatewayRequest:
             try:
                 validate_request(self.request)
                 model = self.hub.resolve_model(self.request.model)
+                check_fits(self.request, model)
                 self.hub.admit(self)
                 if self.request.HasField("timeout"):
                     self.deadline = self.arrival + self.request.timeout.ToTimedelta().total_seconds()

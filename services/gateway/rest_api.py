@@ -11,9 +11,12 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (both with
 Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`,
 with `code` the gRPC status name (e.g. "INVALID_ARGUMENT"):
 
-    400 invalid_request_error      bad parameters, malformed JSON, wrong types
+    400 invalid_request_error      bad parameters, malformed JSON, wrong types,
+                                   fields not implemented or unknown
     404 not_found_error            unknown model or path
-    413 invalid_request_error      body over --max-message-bytes
+    413 invalid_request_error      body over what the models' max_model_len
+                                   can use, or over --max-message-bytes
+    415 invalid_request_error      a POST body not sent as application/json
     429 rate_limit_error           gateway at --max-concurrent-requests
     503 service_unavailable_error  tokenizer or engine replica unavailable
     504 timeout_error              deadline exceeded
@@ -47,16 +50,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.rpc import status_pb2
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 from starlette.exceptions import HTTPException
 
-from pagewire.services.common.errors import RequestError
+from pagewire.services.common.errors import RequestError, invalid_argument
 from pagewire.services.common.grpc_utils import error_status, status_code, to_status, violated_field
+from pagewire.services.common.limits import max_rest_body_bytes
+from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.hub import Gateway
 from pagewire.services.gateway.openai_schemas import ChatBody, ChatFormat, CompletionBody, CompletionFormat, merge_chunks, usage_body
 from pagewire.v1 import common_pb2, gateway_pb2
 
 T = TypeVar("T")
+B = TypeVar("B", bound=BaseModel)
+
+log = get_logger("gateway")
 
 HTTP_ERRORS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -107,26 +116,73 @@ def _describe_validation(errors: list[Any]) -> tuple[str, str | None]:
 # --- the app ----------------------------------------------------------------
 
 
-class PayloadTooLarge(Exception):
-    def __init__(self, size: int, limit: int):
-        super().__init__(f"the request body has {size} bytes; at most {limit} are accepted (--max-message-bytes)")
+class BodyRefused(Exception):
+    """A POST body refused before it is parsed: its HTTP status and the gRPC
+    code the error body names."""
+
+    def __init__(self, http_status: int, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.http_status = http_status
+        self.code = code
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+class ClientDisconnected(Exception):
+    """The client of a request went away before its response."""
+
+    def __init__(self, request_id: str):
+        super().__init__(request_id)
+        self.request_id = request_id
+
+
+def _check_json_content_type(request: Request) -> None:
+    """Only application/json (UTF-8) is parsed: a browser sends a cross-site
+    POST of any other type ("simple" ones: text/plain, forms) without asking
+    the server first, and nothing should come of it."""
+    media_type, *parameters = request.headers.get("content-type", "").split(";")
+    charsets = [value.strip().strip('"').lower() for name, _, value in (p.partition("=") for p in parameters) if name.strip().lower() == "charset"]
+    if media_type.strip().lower() != "application/json" or any(charset not in ("utf-8", "utf8") for charset in charsets):
+        shown = request.headers.get("content-type", "none")
+        raise BodyRefused(415, grpc.StatusCode.INVALID_ARGUMENT, f"the request body must be JSON sent as Content-Type: application/json, got {shown[:80]!r}")
+
+
+async def _read_body(request: Request, limit: int, why: str) -> bytes:
+    def too_large(size: int) -> BodyRefused:
+        return BodyRefused(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request body has {size} bytes; at most {limit} are accepted ({why})")
+
+    _check_json_content_type(request)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(int(declared), limit)
+        raise too_large(int(declared))
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > limit:
-            raise PayloadTooLarge(len(body), limit)
+            raise too_large(len(body))
     return bytes(body)
 
 
-def _parse(model: type[T], body: bytes) -> T:
+def _check_list_sizes(value: Any, longest: int, path: str) -> None:
+    """Refuse any array or object of more than `longest` members, walking no
+    further than that into each: a request to a model of max_model_len
+    `longest` has no use for one (a prompt of ids, a chat's messages, stop
+    strings), and validating each member costs far more than its bytes."""
+    if isinstance(value, (list, dict)):
+        if len(value) > longest:
+            field = path.split(".")[0]
+            raise invalid_argument(f"{path} has {len(value)} items; no request to a model of max_model_len {longest} can use more than {longest}", field=field)
+        for key, member in value.items() if isinstance(value, dict) else enumerate(value):
+            _check_list_sizes(member, longest, f"{path}.{key}" if path else str(key))
+
+
+def _parse(model: type[B], body: bytes, max_model_len: int) -> B:
     try:
-        return model.model_validate_json(body)  # type: ignore[attr-defined,no-any-return]
+        data = from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": str(exc), "ctx": {"error": str(exc)}}]) from exc
+    # Sizes first: pydantic's validation of a long list costs far more than its JSON.
+    _check_list_sizes(data, max_model_len, "")
+    try:
+        return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
 
@@ -138,16 +194,22 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client goes away first."""
+async def _unless_disconnected(request: Request, work: Awaitable[T], request_id: str) -> T:
+    """Await `work`; ClientDisconnected, once `work` is cancelled, if the
+    client goes away first."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_until_disconnected(request))
+    gone = False
     try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        gone = task not in done
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
+    if gone:
+        await asyncio.gather(task, return_exceptions=True)  # the request's own clean-up
+        raise ClientDisconnected(request_id)
     return await task
 
 
@@ -168,9 +230,28 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
         error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), error_type, str(exc.status_code)), status_code=exc.status_code)
 
-    @app.exception_handler(PayloadTooLarge)
-    async def too_large(request: Request, exc: PayloadTooLarge) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), "invalid_request_error", "RESOURCE_EXHAUSTED"), status_code=413)
+    @app.exception_handler(BodyRefused)
+    async def body_refused(request: Request, exc: BodyRefused) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "invalid_request_error", exc.code.name), status_code=exc.http_status)
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_disconnected(request: Request, exc: ClientDisconnected) -> Response:
+        # An expected end, not a failure: the request was aborted already.
+        log.info("client disconnected", request_id=exc.request_id, path=request.url.path)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    def body_limit() -> tuple[int, int, str]:
+        """The longest max_model_len served, the body limit it gives, and why."""
+        gateway.resolve_model("")  # UNAVAILABLE, as for any request, while no replica has connected
+        longest = max(card.max_model_len for card in gateway.models())
+        derived = max_rest_body_bytes(longest)
+        if derived < max_body_bytes:
+            return longest, derived, f"a prompt of max_model_len {longest} tokens and the other fields"
+        return longest, max_body_bytes, "--max-message-bytes"
+
+    async def read(request: Request, model: type[B]) -> B:
+        max_model_len, limit, why = body_limit()
+        return _parse(model, await _read_body(request, limit, why), max_model_len)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -179,7 +260,8 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
     async def generate(request: Request, body: CompletionBody | ChatBody, output: CompletionFormat) -> Response:
         model_id = gateway.resolve_model(body.model).model_id
         created = int(time.time())
-        chunks = gateway.request(body.to_request()).chunks()
+        gateway_request = gateway.request(body.to_request())
+        chunks = gateway_request.chunks()
 
         def envelope(choices: list[dict[str, Any]], streaming: bool, usage: common_pb2.Usage | None = None) -> dict[str, Any]:
             body_ = {"id": output.id, "object": output.chunk_object_name if streaming else output.object_name, "created": created, "model": model_id, "choices": choices}
@@ -195,13 +277,13 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
                 async with aclosing(chunks):
                     return [chunk async for chunk in chunks]
 
-            merged = merge_chunks(await _unless_disconnected(request, collect()))
+            merged = merge_chunks(await _unless_disconnected(request, collect(), gateway_request.id))
             if merged.error.code:
                 return status_response(merged.error)
             return JSONResponse(envelope([output.choice(merged, streaming=False)], False, merged.usage))
 
         try:
-            first = await _unless_disconnected(request, anext(chunks))
+            first = await _unless_disconnected(request, anext(chunks), gateway_request.id)
         except BaseException:
             await chunks.aclose()
             raise
@@ -228,13 +310,11 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = _parse(CompletionBody, await _read_body(request, max_body_bytes))
-        return await generate(request, body, CompletionFormat())
+        return await generate(request, await read(request, CompletionBody), CompletionFormat())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = _parse(ChatBody, await _read_body(request, max_body_bytes))
-        return await generate(request, body, ChatFormat())
+        return await generate(request, await read(request, ChatBody), ChatFormat())
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -8,7 +8,7 @@ import math
 
 from pagewire.services.common.errors import invalid_argument
 from pagewire.services.common.limit_checks import at_most, check_stop_strings, timeout_problem
-from pagewire.services.common.limits import MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_OUTPUT_TOKENS
+from pagewire.services.common.limits import MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_OUTPUT_TOKENS, max_prompt_chars
 from pagewire.v1 import engine_pb2, gateway_pb2
 
 
@@ -71,6 +71,28 @@ def validate_request(request: gateway_pb2.GenerateRequest) -> None:
     _check_sampling(request)
     check_stop_strings(request.stop)
     _check_timeout(request)
+
+
+def check_fits(request: gateway_pb2.GenerateRequest, model: engine_pb2.EngineInfo) -> None:
+    """Refuse, before the prompt is tokenized, what cannot fit the model:
+    max_tokens past max_model_len, a prompt of too many token ids, or one of
+    more characters than the longest prompt can have."""
+    max_tokens = request.sampling.max_tokens
+    if request.sampling.HasField("max_tokens") and max_tokens > model.max_model_len:
+        raise invalid_argument(
+            f"max_tokens must be at most {model.max_model_len} (max_model_len of {model.model_id}, prompt included), got {max_tokens}", field="max_tokens"
+        )
+    kind = request.WhichOneof("input")
+    if kind == "token_ids":
+        check_prompt_length(len(request.token_ids.ids), model)
+        return
+    chars = len(request.text) if kind == "text" else sum(len(message.content) for message in request.chat.messages)
+    if chars > max_prompt_chars(model.max_model_len):
+        raise invalid_argument(
+            f"the prompt has {chars} characters, more than {model.max_model_len} tokens of {model.model_id} can hold "
+            f"(max_model_len {model.max_model_len}): shorten the prompt",
+            field="prompt",
+        )
 
 
 def check_prompt_length(prompt_len: int, model: engine_pb2.EngineInfo) -> None:

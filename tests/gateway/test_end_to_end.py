@@ -142,7 +142,7 @@ def test_openai_completion_stream_ends_with_done_and_logprobs_have_text(server: 
         (b'{"model": "SmolLM2-135M-Instruct", "prompt": ""}', 400, "text", "empty"),
         (b'{"model": "gpt-4", "prompt": "Hi"}', 404, None, "'gpt-4' is not served here"),
         (json.dumps({"model": MODEL, "prompt": "hello " * 600}).encode(), 400, "prompt", "shorten the prompt"),
-        (json.dumps({"model": MODEL, "prompt": "x" * (MAX_MESSAGE_BYTES + 10)}).encode(), 413, None, "--max-message-bytes"),
+        (json.dumps({"model": MODEL, "prompt": "x" * (MAX_MESSAGE_BYTES + 10)}).encode(), 413, None, f"max_model_len {MAX_MODEL_LEN}"),
     ],
     ids=["malformed-json", "wrong-type", "negative-max-tokens", "bad-temperature", "top-k-past-int32", "negative-token-id", "n", "empty-prompt", "unknown-model", "prompt-too-long", "oversized"],
 )
