@@ -5,7 +5,7 @@ as UNKNOWN, which reads like a server failure."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -41,6 +41,15 @@ async def _refuse(context: grpc.aio.ServicerContext, malformed: _Malformed, meth
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, malformed.message)
 
 
+# Handler factories by (request streaming, response streaming).
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     """`handler` with parse failures answered INVALID_ARGUMENT."""
     behavior = _behavior(handler)
@@ -70,13 +79,57 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
             return await behavior(await prepare(request, context), context)
 
-    factory = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
+    factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
     return factory(wrapped, request_deserializer=_tolerant(handler.request_deserializer), response_serializer=handler.response_serializer)
+
+
+def _guarded_sync(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler`, synchronous, with parse failures answered INVALID_ARGUMENT.
+    It runs on a thread of the server's pool and may read its input from
+    another thread, so a malformed message of a stream ends the input there:
+    the handler answers what came before it, then the RPC ends."""
+    behavior = _behavior(handler)
+
+    def run(request: Any, context: grpc.ServicerContext) -> tuple[Any, list[_Malformed]]:
+        malformed: list[_Malformed] = []
+
+        def checked(requests: Iterator[Any]) -> Iterator[Any]:
+            for message in requests:
+                if isinstance(message, _Malformed):
+                    malformed.append(message)
+                    return
+                yield message
+
+        if handler.request_streaming:
+            return behavior(checked(request), context), malformed
+        if isinstance(request, _Malformed):
+            _refuse_sync(context, request, method)
+        return behavior(request, context), malformed
+
+    if handler.response_streaming:
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            responses, malformed = run(request, context)
+            yield from responses
+            if malformed:
+                _refuse_sync(context, malformed[0], method)
+
+    else:
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:  # type: ignore[misc]
+            response, malformed = run(request, context)
+            if malformed:
+                _refuse_sync(context, malformed[0], method)
+            return response
+
+    return _FACTORIES[(handler.request_streaming, handler.response_streaming)](
+        wrapped, request_deserializer=_tolerant(handler.request_deserializer), response_serializer=handler.response_serializer
+    )
+
+
+def _refuse_sync(context: grpc.ServicerContext, malformed: _Malformed, method: str) -> None:
+    log.warning("malformed request message refused", method=method, error=malformed.message)
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, malformed.message)
 
 
 def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
@@ -89,8 +142,8 @@ def _is_async(handler: grpc.RpcMethodHandler) -> bool:
 
 
 class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
-    """Applies to asyncio handlers; synchronous ones (run on the server's
-    thread pool) keep their own execution model and are passed through."""
+    """Applies to asyncio handlers and to synchronous ones (run on the
+    server's thread pool), each kept in its own execution model."""
 
     async def intercept_service(
         self,
@@ -98,6 +151,7 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None or not _is_async(handler):
+        if handler is None or handler.request_deserializer is None:
             return handler
-        return _guarded(handler, handler_call_details.method)
+        guard = _guarded if _is_async(handler) else _guarded_sync
+        return guard(handler, handler_call_details.method)
