@@ -39,4 +39,13 @@ class EngineConfig(ServiceConfig):
         True, "Schedule step N+1 on the host while the device runs step N; sampled ids reach the next step on the device."
     )
     seed: int = option(0, "Seed of the random generator shared by requests that give no seed of their own.")
+    speculative_method: str = option(
+        "none",
+        "Speculative decoding: ngram proposes up to --num-speculative-tokens tokens by prompt lookup (the newest earlier occurrence of "
+        "the last --ngram-max..--ngram-min tokens) and one target pass verifies them; none decodes one token per step.",
+        choices=["none", "ngram"],
+    )
+    num_speculative_tokens: int = option(4, "Most tokens proposed per sequence and step (k); the verify pass computes k + 1 positions.")
+    ngram_max: int = option(4, "Longest suffix (in tokens) that prompt lookup tries to match first.")
+    ngram_min: int = option(2, "Shortest suffix that prompt lookup accepts as a match.")
     shutdown_grace_s: float = option(10.0, "Seconds in-flight requests may finish after SIGTERM/SIGINT (readiness reports NOT_SERVING meanwhile).")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pagewire.v1 import common_pb2, engine_pb2
@@ -91,6 +91,33 @@ class ModelServerProtocol(Collector):
         yield lora
 
 
+class SpecDecodeCounters(Collector):
+    """Speculative decoding totals of each replica, as its last Stats report
+    them: counters that the engine keeps, shown as they are."""
+
+    def __init__(self) -> None:
+        self._stats: dict[str, engine_pb2.EngineStats] = {}
+
+    def observe(self, replica: str, stats: engine_pb2.EngineStats) -> None:
+        self._stats[replica] = stats
+
+    def forget_replica(self, replica: str) -> None:
+        self._stats.pop(replica, None)
+
+    def collect(self) -> Iterator[Metric]:
+        drafts = CounterMetricFamily("pagewire_spec_decode_draft_tokens", "Speculative tokens proposed and verified.", labels=["replica"])
+        accepted = CounterMetricFamily("pagewire_spec_decode_accepted_tokens", "Speculative tokens accepted (emitted as output).", labels=["replica"])
+        by_position = CounterMetricFamily(
+            "pagewire_spec_decode_accepted_tokens_by_position", "Accepted speculative tokens by position in the proposal (0 = first).", labels=["replica", "position"]
+        )
+        for replica, stats in self._stats.items():
+            drafts.add_metric([replica], stats.spec_decode_draft_tokens_total)
+            accepted.add_metric([replica], stats.spec_decode_accepted_tokens_total)
+            for position, count in enumerate(stats.spec_decode_accepted_tokens_by_position):
+                by_position.add_metric([replica, str(position)], count)
+        yield from (drafts, accepted, by_position)
+
+
 class GatewayMetrics:
     """One registry per gateway, so that several gateways (tests) can coexist."""
 
@@ -120,6 +147,8 @@ class GatewayMetrics:
         )
         self.model_server = ModelServerProtocol()
         r.register(self.model_server)
+        self.spec_decode = SpecDecodeCounters()
+        r.register(self.spec_decode)
 
     def observe_finished(
         self,
@@ -151,6 +180,7 @@ class GatewayMetrics:
             self.model_server.observe_info(replica, info)
         queried = stats.prefix_cache_queried_tokens
         self.prefix_cache_hit.labels(replica).set(stats.prefix_cache_hit_tokens / queried if queried else 0.0)
+        self.spec_decode.observe(replica, stats)
 
     def forget_replica(self, replica: str) -> None:
         """Drop the figures of a replica out of rotation until it reports again."""
@@ -158,6 +188,7 @@ class GatewayMetrics:
             with contextlib.suppress(KeyError):
                 gauge.remove(replica)
         self.model_server.forget_replica(replica)
+        self.spec_decode.forget_replica(replica)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

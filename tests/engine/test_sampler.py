@@ -17,6 +17,12 @@ def _row(params: SamplingParams, request_id: str = "r", prompt: list[int] | None
     return SamplingRequest(request_id, params, prompt or [], output or [])
 
 
+def _sample(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRequest]) -> tuple[list[int], list]:
+    """One token per row, and its logprob (None when not asked for)."""
+    out = sampler.sample(logits, rows).resolve()
+    return [t for (t,) in out.token_ids], [lp[0] if lp else None for lp in out.logprobs]
+
+
 def _kept(logits: torch.Tensor) -> set[int]:
     return set(torch.nonzero(torch.isfinite(logits)).flatten().tolist())
 
@@ -80,25 +86,25 @@ def test_greedy_takes_the_argmax_and_logprobs_equal_log_softmax() -> None:
         _row(SamplingParams(temperature=0.0)),
         _row(SamplingParams(temperature=0.5, logprobs=0, seed=3), request_id="t"),
     ]
-    out = Sampler(seed=0, device=torch.device("cpu")).sample(logits, rows).resolve()
-    assert out.token_ids[:2] == logits[:2].argmax(-1).tolist()
+    token_ids, logprobs = _sample(Sampler(seed=0, device=torch.device("cpu")), logits, rows)
+    assert token_ids[:2] == logits[:2].argmax(-1).tolist()
     reference = torch.log_softmax(logits[0], -1)
-    first = out.logprobs[0]
-    assert first.token_id == out.token_ids[0]
+    first = logprobs[0]
+    assert first.token_id == token_ids[0]
     assert math.isclose(first.logprob, reference[first.token_id].item(), rel_tol=1e-6)
     assert [t for t, _ in first.top] == reference.topk(4).indices.tolist()
     assert [v for _, v in first.top] == pytest.approx(reference.topk(4).values.tolist(), rel=1e-6)
-    assert out.logprobs[1] is None
+    assert logprobs[1] is None
     # Sampled rows report the temperature-scaled distribution.
     scaled = torch.log_softmax(logits[2] / 0.5, -1)
-    assert math.isclose(out.logprobs[2].logprob, scaled[out.token_ids[2]].item(), rel_tol=1e-6)
-    assert out.logprobs[2].top == ()
+    assert math.isclose(logprobs[2].logprob, scaled[token_ids[2]].item(), rel_tol=1e-6)
+    assert logprobs[2].top == ()
 
 
 def test_sampling_follows_the_distribution() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(4000, 1)
     rows = [_row(SamplingParams(temperature=1.0), request_id=str(i)) for i in range(4000)]
-    tokens = torch.tensor(Sampler(seed=7, device=torch.device("cpu")).sample(logits, rows).resolve().token_ids)
+    tokens = torch.tensor(_sample(Sampler(seed=7, device=torch.device("cpu")), logits, rows)[0])
     frequencies = torch.bincount(tokens, minlength=4).float() / len(tokens)
     torch.testing.assert_close(frequencies, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
 
@@ -107,7 +113,7 @@ def test_filtered_tokens_are_never_sampled() -> None:
     torch.manual_seed(3)
     logits = torch.randn(1, VOCAB).repeat(500, 1)
     rows = [_row(SamplingParams(temperature=2.0, top_k=3), request_id=str(i)) for i in range(500)]
-    tokens = set(Sampler(seed=1, device=torch.device("cpu")).sample(logits, rows).resolve().token_ids)
+    tokens = set(_sample(Sampler(seed=1, device=torch.device("cpu")), logits, rows)[0])
     assert tokens <= set(logits[0].topk(3).indices.tolist()) and len(tokens) == 3
 
 
@@ -124,7 +130,7 @@ def test_seeded_requests_reproduce_whatever_the_batch() -> None:
             batch[[0, position]] = logits[[position, 0]]
             rows = [_row(SamplingParams(temperature=1.0), request_id=f"x{i}") for i in range(3)]
             rows[position] = _row(SamplingParams(temperature=1.0, seed=seed), request_id="seeded")
-            tokens.append(sampler.sample(batch, rows).resolve().token_ids[position])
+            tokens.append(_sample(sampler, batch, rows)[0][position])
         return tokens
 
     assert run(1234, position=0, batch_seed=1) == run(1234, position=2, batch_seed=2)

@@ -57,3 +57,17 @@ def test_no_prefix_lookups_is_a_zero_hit_ratio() -> None:
     metrics = GatewayMetrics()
     metrics.observe_stats("a:1", engine_pb2.EngineStats())
     assert samples(metrics)[("pagewire_prefix_cache_hit_ratio", (("replica", "a:1"),))] == 0
+
+
+def test_spec_decode_counters_follow_the_engines_stats() -> None:
+    metrics = GatewayMetrics()
+    stats = engine_pb2.EngineStats(
+        spec_decode_draft_tokens_total=40, spec_decode_accepted_tokens_total=25, spec_decode_accepted_tokens_by_position=[10, 8, 7]
+    )
+    metrics.observe_stats("a:1", stats)
+    got = samples(metrics)
+    assert got[("pagewire_spec_decode_draft_tokens_total", (("replica", "a:1"),))] == 40
+    assert got[("pagewire_spec_decode_accepted_tokens_total", (("replica", "a:1"),))] == 25
+    assert got[("pagewire_spec_decode_accepted_tokens_by_position_total", (("position", "2"), ("replica", "a:1")))] == 7
+    metrics.forget_replica("a:1")
+    assert not any(name.startswith("pagewire_spec_decode") for name, _ in samples(metrics))

@@ -106,7 +106,7 @@ class EngineStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("load", "num_total_blocks", "num_free_blocks", "num_cached_free_blocks", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "requests_finished_total", "steps_total")
+    __slots__ = ("load", "num_total_blocks", "num_free_blocks", "num_cached_free_blocks", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "requests_finished_total", "steps_total", "spec_decode_draft_tokens_total", "spec_decode_accepted_tokens_total", "spec_decode_accepted_tokens_by_position")
     LOAD_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,9 @@ class EngineStats(_message.Message):
     GENERATION_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DECODE_DRAFT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DECODE_ACCEPTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DECODE_ACCEPTED_TOKENS_BY_POSITION_FIELD_NUMBER: _ClassVar[int]
     load: EngineLoad
     num_total_blocks: int
     num_free_blocks: int
@@ -129,4 +132,7 @@ class EngineStats(_message.Message):
     generation_tokens_total: int
     requests_finished_total: int
     steps_total: int
-    def __init__(self, load: _Optional[_Union[EngineLoad, _Mapping]] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_cached_free_blocks: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_finished_total: _Optional[int] = ..., steps_total: _Optional[int] = ...) -> None: ...
+    spec_decode_draft_tokens_total: int
+    spec_decode_accepted_tokens_total: int
+    spec_decode_accepted_tokens_by_position: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, load: _Optional[_Union[EngineLoad, _Mapping]] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_cached_free_blocks: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_finished_total: _Optional[int] = ..., steps_total: _Optional[int] = ..., spec_decode_draft_tokens_total: _Optional[int] = ..., spec_decode_accepted_tokens_total: _Optional[int] = ..., spec_decode_accepted_tokens_by_position: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -16,6 +16,7 @@ from pagewire.services.common.limits import MIN_OUTPUT_TOKENS
 from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.kv_cache import KVCacheManager, cdiv
+from pagewire.services.engine.core.proposer import NgramProposer
 from pagewire.services.engine.core.scheduler import ScheduledSequence, Scheduler
 from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplerOutput, SamplingParams, Sequence, SequenceStatus
 
@@ -90,6 +91,11 @@ class EngineStats:
     generation_tokens_total: int
     requests_finished_total: int
     steps_total: int
+    # Speculative decoding: tokens proposed and verified, those accepted, and
+    # those accepted at each proposal position (1st, 2nd, ...).
+    spec_decode_draft_tokens_total: int = 0
+    spec_decode_accepted_tokens_total: int = 0
+    spec_decode_accepted_by_position: tuple[int, ...] = ()
 
 
 class EngineCore:
@@ -117,6 +123,11 @@ class EngineCore:
         self.generation_tokens_total = 0
         self.requests_finished_total = 0
         self.steps_total = 0
+        self.proposer = (
+            NgramProposer(config.num_speculative_tokens, config.ngram_min, config.ngram_max) if config.speculative_method == "ngram" else None
+        )
+        self.spec_decode_draft_tokens_total = 0
+        self.spec_decode_accepted_by_position = [0] * (config.num_speculative_tokens if self.proposer else 0)
         log.info("engine ready", num_kv_blocks=spec.num_kv_blocks, block_size=self.block_size, max_model_len=self.max_model_len)
 
     @property
@@ -210,7 +221,7 @@ class EngineCore:
         self._expire_deadlines(outputs)
         if self._in_flight is not None and self._needs_history_on_host():
             outputs += self._read_back()
-        scheduled = self.scheduler.schedule()
+        scheduled = self.scheduler.schedule(self._propose())
         launched = None
         if scheduled.scheduled:
             self.steps_total += 1
@@ -228,34 +239,72 @@ class EngineCore:
 
     def _needs_history_on_host(self) -> bool:
         """Penalties are computed from the host's copy of a request's output
-        tokens, so a step that applies them waits for the step before."""
-        return any(seq.sampling.has_penalties for seq in self.scheduler.running)
+        tokens, so a step that applies them waits for the step before; so does
+        one that proposes speculative tokens (the lookup needs the newest
+        token), and one after a verify step, whose token count only the
+        read-back tells."""
+        return any(seq.sampling.has_penalties or self._speculates(seq) for seq in self.scheduler.running)
+
+    def _speculates(self, seq: Sequence) -> bool:
+        """Penalties would have to count each earlier proposal of the same
+        step as output, so requests with penalties decode one token a step."""
+        return self.proposer is not None and seq.sampling.speculative and not seq.sampling.has_penalties
+
+    def _propose(self) -> dict[str, list[int]]:
+        """Speculative tokens for the decoding sequences whose tokens the host
+        all holds, at most as many as their length limit leaves room for
+        after the token the step samples anyway."""
+        if self.proposer is None:
+            return {}
+        proposals = {}
+        for seq in self.scheduler.running:
+            if not self._speculates(seq) or seq.num_pending_tokens or seq.num_computed_tokens != seq.num_tokens - 1:
+                continue
+            room = (seq.max_total_tokens or self.max_model_len) - seq.num_tokens - 1
+            drafts = self.proposer.propose(seq.prompt_token_ids + seq.output_token_ids, room)
+            if drafts:
+                proposals[seq.request_id] = drafts
+        return proposals
 
     def _read_back(self) -> list[RequestOutput]:
         launched, self._in_flight = self._in_flight, None
         assert launched is not None
         sampled = launched.resolve()
         outputs = []
-        for row, seq in enumerate(launched.sequences):
+        for seq, token_ids, logprobs in zip(launched.sequences, sampled.token_ids, sampled.logprobs):
             seq.num_pending_tokens -= 1
+            drafts, seq.spec_token_ids = seq.spec_token_ids, []
+            if drafts:
+                self._count_acceptance(len(drafts), len(token_ids) - 1)
             if seq.status is SequenceStatus.FINISHED:
-                continue  # finished or aborted while its step ran: the token is dropped
-            token_id = sampled.token_ids[row]
-            logprob = sampled.logprobs[row]
-            seq.output_token_ids.append(token_id)
-            self.generation_tokens_total += 1
-            output = self._new_output(seq, [token_id])
-            if logprob is not None:
-                output.logprobs.append(logprob)
-            reason = self._stop_reason(seq, token_id)
+                continue  # finished or aborted while its step ran: the tokens are dropped
+            output = self._new_output(seq, [])
+            reason = None
+            for token_id, logprob in zip(token_ids, logprobs or [None] * len(token_ids)):
+                seq.output_token_ids.append(token_id)
+                output.new_token_ids.append(token_id)
+                if logprob is not None:
+                    output.logprobs.append(logprob)
+                # A stop among accepted proposals ends the output there.
+                reason = self._stop_reason(seq, token_id)
+                if reason is not None:
+                    break
+            self.generation_tokens_total += len(output.new_token_ids)
             if reason is not None:
                 self._release(seq, reason)
                 output.finish_reason = reason
                 output.matched_stop_token_id = seq.matched_stop_token_id
             else:
+                if drafts:
+                    self.scheduler.roll_back_rejected(seq)
                 self.kv_cache.cache_computed_blocks(seq)
             outputs.append(output)
         return outputs
+
+    def _count_acceptance(self, num_drafts: int, num_accepted: int) -> None:
+        self.spec_decode_draft_tokens_total += num_drafts
+        for position in range(num_accepted):
+            self.spec_decode_accepted_by_position[position] += 1
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.sampling
@@ -316,4 +365,7 @@ class EngineCore:
             generation_tokens_total=self.generation_tokens_total,
             requests_finished_total=self.requests_finished_total,
             steps_total=self.steps_total,
+            spec_decode_draft_tokens_total=self.spec_decode_draft_tokens_total,
+            spec_decode_accepted_tokens_total=sum(self.spec_decode_accepted_by_position),
+            spec_decode_accepted_by_position=tuple(self.spec_decode_accepted_by_position),
         )

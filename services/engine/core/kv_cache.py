@@ -169,6 +169,15 @@ class KVCacheManager:
             self.pool.register(self.pool.blocks[seq.block_table[i]], seq.block_hashes[i])
         seq.num_registered_blocks = num_full
 
+    def trim(self, seq: Sequence) -> None:
+        """Release seq's blocks past those its computed tokens occupy. They
+        were never registered (only computed, known tokens are), so nothing
+        the prefix cache holds is lost."""
+        keep = self.blocks_for_tokens(seq.num_computed_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            self.pool.release(self.pool.blocks[block_id])
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         # Tail first, so a sequence's last blocks are reused before its prefix.
         for block_id in reversed(seq.block_table):

@@ -22,7 +22,7 @@ class ScheduledSequence:
     @property
     def completes_sequence(self) -> bool:
         """After this chunk every known token is computed, so the next token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens + len(self.seq.spec_token_ids)
 
 
 @dataclass
@@ -52,16 +52,24 @@ class Scheduler:
         free_seats = max(0, self.max_num_seqs - len(self.running))
         return max(0, len(self.waiting) - free_seats)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, proposals: dict[str, list[int]] | None = None) -> SchedulerOutput:
+        """`proposals`: speculative tokens by request id, for decoding
+        sequences; each is verified in this step when the budget and the free
+        blocks allow, or dropped (never preempting another sequence for them)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        proposals = proposals or {}
         for seq in list(self.running):
             if budget <= 0 or seq.status is not SequenceStatus.RUNNING:
                 break
             if seq.reached_length_limit:
                 continue  # its last token is still being read back; another step would only be dropped
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._allocate_preempting(seq, num_new, out):
+            drafts = proposals.get(seq.request_id, [])[: budget - num_new]
+            if drafts and self.kv_cache.allocate_slots(seq, num_new + len(drafts)):
+                seq.spec_token_ids = drafts
+                num_new += len(drafts)
+            elif not self._allocate_preempting(seq, num_new, out):
                 break
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
@@ -101,6 +109,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.kv_cache.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -111,6 +120,14 @@ class Scheduler:
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.kv_cache.cache_computed_blocks(item.seq)
+
+    def roll_back_rejected(self, seq: Sequence) -> None:
+        """After a verify step: only the inputs before the newest token hold
+        valid K/V (the last known token and the accepted proposals); the
+        positions of rejected proposals count as not computed, and blocks
+        that held only them go back to the pool."""
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_known_tokens - 1)
+        self.kv_cache.trim(seq)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Take seq out of the queues and free its blocks, whatever its state."""

@@ -42,6 +42,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    # Whether the engine may propose and verify several tokens per step
+    # (when it runs with --speculative-method); the output is the same.
+    speculative: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -89,10 +92,13 @@ class TokenLogprob:
 
 @dataclass
 class SamplerOutput:
-    """One step's sampled tokens, a row per sequence whose next token was due."""
+    """One step's new tokens, a list per sequence whose next token was due:
+    the proposals it accepted (when the step verified some), then the token
+    sampled after them."""
 
-    token_ids: list[int]
-    logprobs: list[TokenLogprob | None]
+    token_ids: list[list[int]]
+    # One per token when the request asked for logprobs; else empty lists.
+    logprobs: list[list[TokenLogprob]]
 
 
 @dataclass
@@ -123,6 +129,9 @@ class Sequence:
     num_pending_tokens: int = 0
     # Prompt plus at most max_tokens, within max_model_len: no step goes past it.
     max_total_tokens: int | None = None
+    # Proposed continuation that the step in flight verifies: fed as inputs
+    # after the last known token, and not part of the sequence until accepted.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,7 +1,9 @@
 """The model runner on a GPU: decode steps replay CUDA graphs, one captured
 per batch size of a ladder, so a step costs a few host-to-device copies and
 one graph launch instead of hundreds of kernel launches from Python. Steps
-with prefill chunks run eagerly (their shapes vary too much to capture).
+with prefill chunks, and verify steps of speculative decoding (several
+query positions per sequence), run eagerly: their shapes vary too much to
+capture.
 
 A graph is captured over static buffers: the batch is padded up to the next
 captured size with rows that write no cache slot (slot -1) and attend to

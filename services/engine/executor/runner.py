@@ -1,7 +1,9 @@
 """Turns a scheduler output into one forward pass over the flattened batch,
 then samples the sequences whose next token is due, without waiting for the
 device: `launch` returns at once, and a token the host has not read back yet
-(sampled by the step before) is taken from that step's device tensor."""
+(sampled by the step before) is taken from that step's device tensor. A
+sequence with speculative proposals feeds them after its last known token
+and gets logits at every one of those positions (a verify step)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class PendingInputs:
     lies in the previous launched step's sampled ids on the device."""
 
     def __init__(self, last: LaunchedStep | None):
-        self._rows = {id(seq): row for row, seq in enumerate(last.sequences)} if last is not None else {}
+        self._rows = {id(seq): row for row, seq in zip(last.sample.last_rows, last.sequences)} if last is not None else {}
         self._last = last
         self.positions: list[int] = []
         self.rows: list[int] = []
@@ -85,15 +87,17 @@ class ModelRunner:
         sampled: list[Sequence] = []
         for item in scheduled:
             seq = item.seq
+            drafts = seq.spec_token_ids
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
-            input_ids.extend(pending.token(seq, p, len(input_ids)) for p in range(start, end))
+            input_ids.extend(pending.token(seq, p, len(input_ids)) for p in range(start, end - len(drafts)))
+            input_ids.extend(drafts)
             positions.extend(range(start, end))
             table = seq.block_table
             slot_mapping.extend(table[p // size] * size + p % size for p in range(start, end))
             seq_lens.append(end)
             query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
             if item.completes_sequence:
-                logits_indices.append(query_start_loc[-1] - 1)
+                logits_indices.extend(range(query_start_loc[-1] - 1 - len(drafts), query_start_loc[-1]))
                 sampled.append(seq)
         width = max(len(item.seq.block_table) for item in scheduled)
         block_tables = torch.zeros(len(scheduled), width, dtype=torch.int32)
@@ -132,8 +136,13 @@ class ModelRunner:
         return self._sample(batch.sampled_sequences, logits)
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> LaunchedStep:
-        rows = [SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids) for s in sequences]
-        return LaunchedStep(sequences, self.sampler.sample(logits, rows))
+        """logits: a row per proposal of each sequence, then its next-token row."""
+        rows = [
+            SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids, draft)
+            for s in sequences
+            for draft in [*s.spec_token_ids, None]
+        ]
+        return LaunchedStep(sequences, self.sampler.sample(logits, rows, [len(s.spec_token_ids) + 1 for s in sequences]))
 
 
 def profile_peak_memory(loaded: LoadedModel, num_tokens: int, block_size: int) -> int:

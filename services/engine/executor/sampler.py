@@ -4,10 +4,20 @@ Order, per row: penalties on the raw logits; greedy rows take the argmax;
 the rest are divided by their temperature, then filtered by top-k, top-p and
 min-p (the order of HF transformers' warpers), then sampled. Logprobs are
 those of the penalised, temperature-scaled distribution before filtering.
+
+A step that verifies speculative proposals has a row per proposal and one
+after them. A row's proposal d is accepted when it is the argmax (greedy) or
+with probability p(d) under the row's distribution p (sampled); a rejected
+row's token comes from p with d removed and renormalised, which, for a
+proposal that is a point mass, makes every emitted token follow p exactly
+(rejection sampling of speculative decoding). A sequence emits its accepted
+proposals up to the first rejected one, then that row's token; with all
+accepted, the last row's token.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +33,8 @@ class SamplingRequest:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    # The proposed token this row verifies; None for a plain row.
+    draft_token_id: int | None = None
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:
@@ -95,21 +107,41 @@ class DeviceSample:
 
     token_ids: torch.Tensor  # [rows] int64, on the device
     params: list[SamplingParams]
+    # Rows per sequence, in order: its proposals plus one.
+    row_counts: list[int]
     logprob_rows: list[int]
-    host: list[torch.Tensor]  # token ids, then (sampled, top values, top ids) when logprobs were asked for
+    # Token ids, then (sampled, top values, top ids) when logprobs were asked
+    # for, then the accepted flags when the step verified proposals.
+    host: list[torch.Tensor]
+    verifies: bool
     ready: torch.cuda.Event | None
+
+    @property
+    def last_rows(self) -> list[int]:
+        """Each sequence's last row: a plain sequence's next token."""
+        return list(itertools.accumulate(self.row_counts, initial=-1))[1:]
 
     def resolve(self) -> SamplerOutput:
         if self.ready is not None:
             self.ready.synchronize()
         token_ids = self.host[0].tolist()
-        logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
+        accepted = self.host[-1].tolist() if self.verifies else []
+        logprobs: dict[int, TokenLogprob] = {}
         if self.logprob_rows:
-            sampled, top_values, top_ids = (t.tolist() for t in self.host[1:])
+            sampled, top_values, top_ids = (t.tolist() for t in self.host[1:4])
             for row, i in enumerate(self.logprob_rows):
                 n = self.params[i].logprobs or 0
                 logprobs[i] = TokenLogprob(token_ids[i], sampled[row], tuple(zip(top_ids[row][:n], top_values[row][:n])))
-        return SamplerOutput(token_ids, logprobs)
+        out = SamplerOutput([], [])
+        start = 0
+        for count in self.row_counts:
+            end = start + 1
+            while end < start + count and accepted[end - 1]:
+                end += 1
+            out.token_ids.append(token_ids[start:end])
+            out.logprobs.append([logprobs[row] for row in range(start, end)] if start in logprobs else [])
+            start += count
+        return out
 
 
 class Sampler:
@@ -128,22 +160,36 @@ class Sampler:
             self.request_generators[request.request_id] = generator
         return generator
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRequest]) -> DeviceSample:
-        """Sample every row on the device without waiting for it."""
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
+        """Sample every row on the device without waiting for it; row_counts
+        groups the rows by sequence (see DeviceSample), one each when None."""
         params = [r.params for r in rows]
+        row_counts = row_counts or [1] * len(rows)
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits, rows)
-        # Greedy rows keep temperature 1 so their logprobs are the plain distribution.
+        verifies = any(r.draft_token_id is not None for r in rows)
+        # Greedy rows keep temperature 1 so their logprobs are the plain
+        # distribution. Proposals (-1: none) ride along; float32 holds ids exactly.
         per_row = _host_floats(
-            [[1.0 if p.greedy else p.temperature, float(p.greedy), p.top_k, p.top_p, p.min_p] for p in params], self.device
+            [
+                [1.0 if r.params.greedy else r.params.temperature, float(r.params.greedy), r.params.top_k, r.params.top_p, r.params.min_p]
+                + ([-1 if r.draft_token_id is None else r.draft_token_id] if verifies else [])
+                for r in rows
+            ],
+            self.device,
         )
+        draft = per_row[:, 5].long() if verifies else None
         # A tiny temperature or penalty overflows logits to inf, and inf - inf
         # is NaN: keep every row finite so argmax, softmax and logprobs stay sane.
         scaled = torch.nan_to_num(logits / per_row[:, 0:1], nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
         chosen = scaled.argmax(dim=-1)
+        accepted = None if draft is None else chosen == draft
         if not all(p.greedy for p in params):
-            sampled = self._sample(scaled, rows, per_row)
-            chosen = torch.where(per_row[:, 1] > 0, chosen, sampled)
+            sampled, sampled_accepted = self._sample(scaled, rows, per_row, draft)
+            greedy = per_row[:, 1] > 0
+            chosen = torch.where(greedy, chosen, sampled)
+            if accepted is not None:
+                accepted = torch.where(greedy, accepted, sampled_accepted)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         on_device = [chosen]
         if wanted:
@@ -152,28 +198,51 @@ class Sampler:
             top_n = max(params[i].logprobs or 0 for i in wanted)
             top_values, top_ids = logprobs.topk(top_n, dim=-1)
             on_device += [logprobs.gather(1, chosen[index].unsqueeze(1)).squeeze(1), top_values, top_ids]
-        return self._to_host(chosen, params, wanted, on_device)
+        if accepted is not None:
+            on_device.append(accepted)
+        return self._to_host(chosen, params, row_counts, wanted, on_device, verifies)
 
-    def _to_host(self, chosen: torch.Tensor, params: list[SamplingParams], wanted: list[int], on_device: list[torch.Tensor]) -> DeviceSample:
+    def _to_host(
+        self, chosen: torch.Tensor, params: list[SamplingParams], row_counts: list[int], wanted: list[int], on_device: list[torch.Tensor], verifies: bool
+    ) -> DeviceSample:
         if self.device.type != "cuda":
-            return DeviceSample(chosen, params, wanted, on_device, None)
+            return DeviceSample(chosen, params, row_counts, wanted, on_device, verifies, None)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in on_device]
         for target, source in zip(host, on_device):
             target.copy_(source, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return DeviceSample(chosen, params, wanted, host, ready)
+        return DeviceSample(chosen, params, row_counts, wanted, host, verifies, ready)
 
-    def _sample(self, scaled: torch.Tensor, rows: list[SamplingRequest], per_row: torch.Tensor) -> torch.Tensor:
+    def _sample(
+        self, scaled: torch.Tensor, rows: list[SamplingRequest], per_row: torch.Tensor, draft: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's sampled token, and with proposals (draft, -1 for none)
+        whether the row accepted its own."""
         params = [r.params for r in rows]
         truncates = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
         uses_min_p = any(p.min_p > 0.0 for p in params)
         filtered = filter_logits(scaled, per_row[:, 2].long(), per_row[:, 3], per_row[:, 4], truncates=truncates, uses_min_p=uses_min_p)
         probs = filtered.softmax(dim=-1)
+        seeded = [(i, self._request_generator(r)) for i, r in enumerate(rows) if r.params.seed is not None and not r.params.greedy]
+        accepted = None
+        if draft is not None:
+            has_draft = draft >= 0
+            index = draft.clamp(min=0).unsqueeze(1)
+            proposed = probs.gather(1, index)
+            uniform = torch.rand(len(rows), device=self.device, generator=self.generator)
+            for i, generator in seeded:
+                uniform[i] = torch.rand((), device=self.device, generator=generator)
+            accepted = has_draft & (uniform < proposed.squeeze(1))
+            # On rejection: p with the proposal removed (the exponential race
+            # below needs no renormalising).
+            probs = probs.scatter(1, index, torch.where(has_draft.unsqueeze(1), 0.0, proposed))
         # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race),
         # which lets each seeded row use its own generator.
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for i, request in enumerate(rows):
-            if request.params.seed is not None and not request.params.greedy:
-                noise[i].exponential_(generator=self._request_generator(request))
-        return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        for i, generator in seeded:
+            noise[i].exponential_(generator=generator)
+        sampled = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        if accepted is not None:
+            sampled = torch.where(accepted, draft, sampled)
+        return sampled, accepted

@@ -55,6 +55,7 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
         ignore_eos=params.ignore_eos,
         logprobs=get("logprobs"),
         n=get("n"),
+        speculative=get("speculative"),
     )
 
 
@@ -208,4 +209,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             generation_tokens_total=stats.generation_tokens_total,
             requests_finished_total=stats.requests_finished_total,
             steps_total=stats.steps_total,
+            spec_decode_draft_tokens_total=stats.spec_decode_draft_tokens_total,
+            spec_decode_accepted_tokens_total=stats.spec_decode_accepted_tokens_total,
+            spec_decode_accepted_tokens_by_position=stats.spec_decode_accepted_by_position,
         )
