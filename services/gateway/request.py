@@ -113,12 +113,16 @@ class GatewayRequest:
         self.error: status_pb2.Status | None = None
         self.prompt_tokens = 0
         self.cached_tokens = 0
-        self.completion_tokens = 0
+        self.completion_tokens = 0  # output ids sent
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self._text: list[str] = []
+        # Output ids (and their logprobs) not sent yet. They go out with the
+        # text of the tokens the detokenizer has taken in, so that none past
+        # the end of a stop string is ever sent or counted.
         self._ids: list[int] = []
         self._logprobs: list[common_pb2.TokenLogprob] = []
+        self._detokenized_tokens = 0
 
     def cancel(self) -> None:
         """Finish the request as CANCELLED (a no-op once it has finished)."""
@@ -252,7 +256,6 @@ class GatewayRequest:
             now = self.loop.time()
             self.first_token_at = self.first_token_at or now
             self.last_token_at = now
-            self.completion_tokens += len(token_ids)
             self._ids.extend(token_ids)
             if self._wants_logprobs:
                 self._logprobs.extend(update.logprobs)
@@ -289,9 +292,14 @@ class GatewayRequest:
             self._fail(delta.error)
             return
         self._text.append(delta.text)
+        # Text too long for one message comes in pieces; only the last one counts tokens.
+        self._detokenized_tokens = max(self._detokenized_tokens, delta.num_tokens)
         if delta.closed:
             self.detokenizing = False
         if delta.stopped:
+            # The engine ran on while the match was on its way: its later tokens are dropped.
+            keep = self._detokenized_tokens - self.completion_tokens
+            del self._ids[keep:], self._logprobs[keep:]
             self.matched_stop = delta.matched_stop
             self._finish(common_pb2.FINISH_REASON_STOP)
         elif delta.closed:
@@ -324,7 +332,7 @@ class GatewayRequest:
         if not (any(self._text) or self.finish_reason != UNFINISHED):
             return None
         finished = self.finish_reason != UNFINISHED
-        chunk = self._build_chunk()
+        chunk = self._build_chunk(final=finished)
         if fill_token_text:
             await self._fill_token_texts(chunk)
         if finished:
@@ -337,9 +345,14 @@ class GatewayRequest:
                 chunk.error.CopyFrom(self.error)
         return chunk
 
-    def _build_chunk(self) -> gateway_pb2.GenerateChunk:
-        chunk = gateway_pb2.GenerateChunk(request_id=self.id, text="".join(self._text), token_ids=self._ids, logprobs=self._logprobs)
-        self._text, self._ids, self._logprobs = [], [], []
+    def _build_chunk(self, final: bool = False) -> gateway_pb2.GenerateChunk:
+        """The text so far, with the ids the detokenizer has taken in (every
+        id left, on the last chunk)."""
+        count = len(self._ids) if final else max(0, min(len(self._ids), self._detokenized_tokens - self.completion_tokens))
+        chunk = gateway_pb2.GenerateChunk(request_id=self.id, text="".join(self._text), token_ids=self._ids[:count], logprobs=self._logprobs[:count])
+        self._text = []
+        del self._ids[:count], self._logprobs[:count]
+        self.completion_tokens += count
         return chunk
 
     async def _fill_token_texts(self, chunk: gateway_pb2.GenerateChunk) -> None:

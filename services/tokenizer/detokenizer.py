@@ -38,6 +38,9 @@ class TextUpdate:
     text: str
     stopped: bool = False
     matched_stop: str = ""
+    # Output tokens taken in so far; after a stop match, up to and including
+    # the one that completed the stop string (later ones are dropped).
+    num_tokens: int = 0
 
 
 @dataclass
@@ -53,6 +56,7 @@ class IncrementalDetokenizer:
     read_offset: int = 0
     held_text: str = ""
     stopped: bool = False
+    num_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         self._decode_ids = text_decoder(self.tokenizer)
@@ -71,7 +75,22 @@ class IncrementalDetokenizer:
         """Add output tokens; return the text that became stable. With `last`,
         everything left is flushed."""
         if self.stopped:
-            return TextUpdate("", stopped=True)
+            return TextUpdate("", stopped=True, num_tokens=self.num_output_tokens)
+        if not self.stop or len(token_ids) <= 1:
+            return self._append(token_ids, last)
+        # One token at a time, so that a stop match counts no token past the
+        # one that completed it, however many came in one append.
+        texts = []
+        for at, token_id in enumerate(token_ids):
+            update = self._append([token_id], last and at == len(token_ids) - 1)
+            texts.append(update.text)
+            if update.stopped:
+                break
+        update.text = "".join(texts)
+        return update
+
+    def _append(self, token_ids: list[int], last: bool) -> TextUpdate:
+        self.num_output_tokens += len(token_ids)
         self.ids.extend(token_ids)
         released_before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         window_text = self._decode(self.ids[self.prefix_offset :])
@@ -79,7 +98,9 @@ class IncrementalDetokenizer:
         if last or (len(window_text) > len(released_before) and not window_text.endswith(REPLACEMENT_CHAR)):
             new_text = window_text[len(released_before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._release(self.held_text + new_text, last)
+        update = self._release(self.held_text + new_text, last)
+        update.num_tokens = self.num_output_tokens
+        return update
 
     def _release(self, pending: str, last: bool) -> TextUpdate:
         match_at, matched = self._find_stop(pending)

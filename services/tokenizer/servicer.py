@@ -124,7 +124,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             live.pop(rid, None)
         elif not update.text:
             return None
-        return tokenizer_pb2.TextDelta(request_id=rid, text=update.text, stopped=update.stopped, matched_stop=update.matched_stop, closed=closed)
+        return tokenizer_pb2.TextDelta(
+            request_id=rid, text=update.text, stopped=update.stopped, matched_stop=update.matched_stop, closed=closed, num_tokens=update.num_tokens
+        )
 
     def Detokenize(self, request_iterator: Iterator[tokenizer_pb2.DetokenizeBatch], context: grpc.ServicerContext) -> Iterator[tokenizer_pb2.TextBatch]:
         live: dict[str, IncrementalDetokenizer] = {}

@@ -50,6 +50,9 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
         self.record = EngineRecord()
         self.finished = 0
         self.open_streams = 0
+        # Tokens each running request gets per step (a speculative engine
+        # sends several in one update).
+        self.tokens_per_step = 1
 
     def load(self) -> engine_pb2.EngineLoad:
         used = sum(seq.blocks for seq in self.running.values())
@@ -87,10 +90,10 @@ class ScriptedEngine(engine_pb2_grpc.EngineServicer):
                 updates, pending[:] = list(pending), []
                 for request_id in list(mine):
                     seq = self.running[request_id]
-                    token = seq.prompt[len(seq.output) % len(seq.prompt)]
-                    seq.output.append(token)
-                    update = engine_pb2.SequenceUpdate(request_id=request_id, token_ids=[token])
-                    if len(seq.output) == 1:
+                    tokens = [seq.prompt[(len(seq.output) + i) % len(seq.prompt)] for i in range(min(self.tokens_per_step, seq.max_tokens - len(seq.output)))]
+                    seq.output.extend(tokens)
+                    update = engine_pb2.SequenceUpdate(request_id=request_id, token_ids=tokens)
+                    if len(seq.output) == len(tokens):
                         update.num_prompt_tokens = len(seq.prompt)
                         update.queue_time_s = 0.0
                     if len(seq.output) >= seq.max_tokens:

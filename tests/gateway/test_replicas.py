@@ -225,6 +225,30 @@ def test_requests_the_engine_refuses_leave_no_load_behind_and_do_not_hold_up_a_d
     wait_until(lambda: refusing.engine.open_streams == 1, "the gateway reconnects once the replica serves again", WAIT_S)
 
 
+def test_a_stop_string_ends_the_output_at_the_token_that_completed_it(cluster: Cluster, stub: gateway_pb2_grpc.GenerationStub) -> None:
+    text = "one two three four five six seven eight nine ten"
+
+    def run(**options: Any) -> tuple[list[gateway_pb2.GenerateChunk], list[int]]:
+        request = gateway_pb2.GenerateRequest(text=text, sampling=common_pb2.SamplingParams(max_tokens=16), **options)
+        chunks = list(stub.Complete(request, timeout=WAIT_S))
+        return chunks, [token_id for chunk in chunks for token_id in chunk.token_ids]
+
+    # Eight tokens per update: the engine is ahead of the detokenizer when the stop string matches.
+    for replica in cluster.replicas:
+        replica.engine.tokens_per_step = 8
+    try:
+        _, free = run()
+        for with_stop_text in (False, True):
+            chunks, ids = run(stop=[" three"], include_stop_str_in_output=with_stop_text)
+            assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP and chunks[-1].matched_stop == " three"
+            # The scripted model repeats the prompt: "one", " two", " three" completes the stop string.
+            assert ids == free[:3] and chunks[-1].usage.completion_tokens == 3, chunks
+            assert "".join(chunk.text for chunk in chunks).endswith("one two" + (" three" if with_stop_text else ""))
+    finally:
+        for replica in cluster.replicas:
+            replica.engine.tokens_per_step = 1
+
+
 def test_prefix_affinity_keeps_a_shared_prefix_on_one_replica(cluster: Cluster) -> None:
     shared = "You are a helpful assistant who answers every question about the weather in great detail. "
     for target in cluster.gateway("--routing", "prefix-affinity"):

@@ -89,20 +89,22 @@ class DetokenizeBatch(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[DetokenizeItem, _Mapping]]] = ...) -> None: ...
 
 class TextDelta(_message.Message):
-    __slots__ = ("request_id", "text", "stopped", "matched_stop", "closed", "error")
+    __slots__ = ("request_id", "text", "stopped", "matched_stop", "closed", "error", "num_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STOPPED_FIELD_NUMBER: _ClassVar[int]
     MATCHED_STOP_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     stopped: bool
     matched_stop: str
     closed: bool
     error: _status_pb2.Status
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., stopped: _Optional[bool] = ..., matched_stop: _Optional[str] = ..., closed: _Optional[bool] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    num_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., stopped: _Optional[bool] = ..., matched_stop: _Optional[str] = ..., closed: _Optional[bool] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class TextBatch(_message.Message):
     __slots__ = ("deltas",)
