@@ -35,12 +35,15 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 class SamplingFields(BaseModel):
-    """Fields both endpoints share. An unknown field is refused naming it: a
-    field that asks for something this server does not do must not be
-    answered as if it had not been sent."""
+    """Fields both endpoints share. Any other field is refused naming it
+    (check_fields), unless it changes nothing: a field that asks for
+    something this server does not do must not be answered as if it had not
+    been sent."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
+    # OpenAI fields that change nothing here: accepted and ignored.
+    ignored: ClassVar[frozenset[str]] = frozenset({"user", "metadata", "store", "service_tier"})
     # OpenAI fields that each endpoint knows but does not implement, with the
     # values that ask for nothing (OpenAI's defaults): any other value is
     # refused naming the field.
@@ -65,19 +68,15 @@ class SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # OpenAI fields that change nothing here: accepted and ignored.
-    user: Any = None
-    metadata: Any = None
-    store: Any = None
-    service_tier: Any = None
-    # Not implemented (see not_implemented).
-    logit_bias: Any = None
 
-    def check_implemented(self) -> None:
-        """Refuse a not_implemented field that asks for something."""
-        for name, neutral in self.not_implemented.items():
-            value = getattr(self, name)
-            if not any(value == ok and type(value) is type(ok) for ok in neutral):
+    def check_fields(self) -> None:
+        """Refuse a field that is not ignored and asks for something."""
+        for name, value in (self.model_extra or {}).items():
+            if name in self.ignored:
+                continue
+            if name not in self.not_implemented:
+                raise invalid_argument(f"{name} is not a field of this endpoint; leave it out", field=name)
+            if not any(value == ok and type(value) is type(ok) for ok in self.not_implemented[name]):
                 raise invalid_argument(f"{name} is not supported by this server; leave it out (or set it to null)", field=name)
 
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> common_pb2.SamplingParams:
@@ -99,7 +98,7 @@ class SamplingFields(BaseModel):
         )
 
     def generate_request(self, max_tokens: int | None, logprobs: int | None) -> gateway_pb2.GenerateRequest:
-        self.check_implemented()
+        self.check_fields()
         request = gateway_pb2.GenerateRequest(
             model=self.model,
             sampling=self.sampling(max_tokens, logprobs),
@@ -125,9 +124,6 @@ class CompletionBody(SamplingFields):
     max_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS, le=UINT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
     echo: bool = False
-    # Not implemented (see not_implemented).
-    suffix: Any = None
-    best_of: Any = None
 
     def to_request(self) -> gateway_pb2.GenerateRequest:
         if self.echo:
@@ -164,6 +160,8 @@ class ChatTurn(BaseModel):
 
 
 class ChatBody(SamplingFields):
+    # parallel_tool_calls only means something with tools, which are refused.
+    ignored: ClassVar[frozenset[str]] = SamplingFields.ignored | {"parallel_tool_calls"}
     not_implemented: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.not_implemented | {
         "response_format": (None, {"type": "text"}),
         "tools": (None, []),
@@ -185,19 +183,6 @@ class ChatBody(SamplingFields):
     # An extension: special-token text in message content becomes special
     # tokens only when the caller asks (ChatInput.parse_special_tokens_in_content).
     parse_special_tokens_in_content: bool = False
-    # Not implemented (see not_implemented).
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    modalities: Any = None
-    audio: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
-    reasoning_effort: Any = None
-    # Only meaningful with tools, which are refused.
-    parallel_tool_calls: Any = None
 
     def to_request(self) -> gateway_pb2.GenerateRequest:
         top = (self.top_logprobs or 0) if self.logprobs else None
