@@ -5,7 +5,6 @@ KV cache through the backend."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagewire.services.engine.executor.backend import AttentionMetadata, KernelBackend
+from pagewire.services.engine.executor.layers.linear import linear
+from pagewire.services.engine.executor.layers.norm import RMSNorm
+from pagewire.services.engine.executor.layers.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -36,72 +38,14 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low_freq_factor, high_freq_factor = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_context_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_context_len / low_freq_factor, inv_freq / factor, inv_freq)
-        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_context_len / high_freq_factor) & (wavelen <= old_context_len / low_freq_factor)
-        return torch.where(medium, smoothed, scaled)
-    raise NotImplementedError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
-
-
-class RotaryEmbedding(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int, backend: KernelBackend):
-        super().__init__()
-        self.config = config
-        self.max_positions = max_positions
-        self.backend = backend
-        self.compute_tables()
-
-    def compute_tables(self, device: torch.device | None = None) -> None:
-        """Build the float32 cos/sin tables; the loader calls it again with the
-        real device after materialising a model built on the meta device."""
-        inv_freq = rope_inverse_frequencies(self.config).to(device)
-        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """query/key: [num_tokens, heads, head_dim], rotated by each token's position."""
-        return self.backend.rotary_embedding(positions, query, key, self.cos, self.sin)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, backend: KernelBackend):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
-        self.eps = eps
-        self.backend = backend
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual); without a residual, x itself starts the stream."""
-        if residual is None:
-            return self.backend.rms_norm(x, self.weight, self.eps), x
-        return self.backend.add_rms_norm(x, residual, self.weight, self.eps)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: KernelBackend):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q, k and v in one GEMM; the loader stacks the checkpoint's three matrices.
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = linear(self.q_size, config.hidden_size)
         self.rotary = rotary
         self.backend = backend
         self.scale = self.head_dim**-0.5
@@ -128,8 +72,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, backend: KernelBackend):
         super().__init__()
         self.backend = backend
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
@@ -162,7 +106,7 @@ class LlamaBackbone(nn.Module):
     def __init__(self, config: ModelConfig, backend: KernelBackend, max_positions: int):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary = RotaryEmbedding(config, max_positions, backend)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, max_positions, backend)
         self.layers = nn.ModuleList(DecoderLayer(config, self.rotary, backend) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
@@ -183,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaBackbone(config, backend, max_positions)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = linear(config.hidden_size, config.vocab_size)
         self.requires_grad_(False)
 
     def forward(
