@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if serving else 1
     module = modules[args.command]
     config = config_from_args(module.CONFIG, args)
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, service=args.command)
     try:
         return asyncio.run(module.serve(config)) or 0
     except ModelNotFoundError as exc:

@@ -9,11 +9,13 @@ import logging
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 import structlog
 
 from pagewire.services.common.logging import configure_logging, get_logger
+from tests.support.harness import ServiceProcess
 
 
 class TtyStream(io.StringIO):
@@ -103,3 +105,20 @@ def test_on_a_tty_the_output_is_for_people(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(json.JSONDecodeError):
         json.loads(line)
     assert "tokenizer ready" in line and "port=50052" in line and "service=tokenizer" in line
+
+
+@pytest.mark.parametrize(
+    ("service", "args"),
+    [("tokenizer", []), ("engine", ["--device", "cpu", "--num-kv-blocks", "64", "--max-model-len", "512"])],
+)
+def test_every_line_of_a_service_names_it_through_its_drain(tmp_path: Path, service: str, args: list[str]) -> None:
+    # The drain is logged by the gRPC helper every service shares, the other
+    # lines by the service's own modules and the standard-library loggers.
+    child = ServiceProcess(service, log_path=tmp_path / f"{service}.log", args=args)
+    with child.running():
+        pass
+    assert child.process is not None and child.process.returncode == 0, child.log_tail()
+    records = [json.loads(line) for line in child.log_path.read_text().splitlines() if line.startswith("{")]
+    (draining,) = [record for record in records if record["event"] == "draining"]
+    assert draining["service"] == service
+    assert {record.get("service") for record in records} == {service}, child.log_tail()

@@ -17,7 +17,8 @@ import grpc
 
 from pagewire.services.common.logging import get_logger
 
-log = get_logger("auth")
+# Shared by the services: each line names the service of the process.
+log = get_logger()
 
 BEARER_PREFIX = "bearer "
 AUTHORIZATION = "authorization"

@@ -19,7 +19,8 @@ from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.message_guard import MalformedMessageInterceptor
 
-log = get_logger("grpc")
+# Shared by the services: each line names the service of the process.
+log = get_logger()
 
 # Clients may ping every 10 s: long generations send no data frames for a
 # while, and the 300 s server default makes gRPC close such connections.

@@ -13,7 +13,8 @@ from google.protobuf.message import DecodeError
 
 from pagewire.services.common.logging import get_logger
 
-log = get_logger("grpc")
+# Shared by the services: each line names the service of the process.
+log = get_logger()
 
 
 class _Malformed:

@@ -42,7 +42,7 @@ class CoreProcessError(RuntimeError):
 def _child_main(config: EngineConfig, conn: Connection) -> None:
     # Ctrl-C reaches the whole process group; the server decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, service="engine")
     from pagewire.services.engine.executor.model_executor import create_engine_core
 
     try:
