@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ SERVICES = {
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser = argparse.ArgumentParser(prog="pagewire", description="pagewire: an LLM inference server of three gRPC services.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('pagewire')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules: dict[str, object] = {}
     for name, (module_name, summary) in SERVICES.items():

@@ -1,10 +1,16 @@
 """`pagewire serve`: tokenizer, engine and gateway as three child processes
 on one model, for a single machine.
 
-Engine options (`--device`, `--max-model-len`, ...) are the engine's own
-flags and pass through to it; `--model` goes to the tokenizer too. The
-children inherit the environment, but every port and address is given to
-them as a flag, which beats PAGEWIRE_* variables.
+serve takes every option of the three services except where they listen,
+which it decides itself (the tokenizer and engine on 127.0.0.1 at
+`--tokenizer-port` and `--engine-port`, the gateway told those addresses),
+and passes each option on to the services that have it: `--max-num-seqs` to
+the engine, `--routing` and `--api-key` to the gateway, `--model` to the
+tokenizer and the engine. An option is passed on only where its value differs
+from what the child would read on its own (the children inherit the
+environment, PAGEWIRE_* variables included), as a flag, except a secret such
+as the API key: it goes in the child's environment, since any local user can
+read a command line.
 
 Readiness is each service's grpc.health.v1 status under its full service
 name. With `--tls-cert`/`--tls-key` (or PAGEWIRE_TLS_CERT / PAGEWIRE_TLS_KEY)
@@ -15,7 +21,9 @@ when `--host` is 0.0.0.0 or ::, else `--host`) and be self-signed or carry its
 root CA; when a handshake shows it is not, serve says why and stops at once.
 
 Ctrl-C or SIGTERM stops the gateway first (it drains its clients), then the
-engine and the tokenizer. If a child dies, the launcher says which, with
+engine and the tokenizer. A launcher killed outright (SIGKILL, the OOM
+killer) takes its children with it: on Linux each gets SIGTERM from the
+kernel and drains on its own, so none is left holding its port. If a child dies, the launcher says which, with
 its exit code and last lines of output. Before all three are serving it then
 stops the others (a child that cannot start would only die again); once they
 are, it starts the dead child again, after a delay that doubles while the
@@ -24,9 +32,12 @@ child keeps dying soon after its start.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
+import ctypes
 import dataclasses
+import os
 import signal
 import socket
 import ssl
@@ -36,20 +47,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from pagewire.services.common.config import ServiceConfig, option
+from pagewire.services.common.config import ServiceConfig, config_from_args, env_name, option
 from pagewire.services.common.grpc_utils import check_health, stop_on_signals
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.tls import TlsFiles
 from pagewire.services.engine.config import EngineConfig
+from pagewire.services.gateway.config import GatewayConfig
 from pagewire.services.gateway.discovery import split_host_port
+from pagewire.services.tokenizer.config import TokenizerConfig
 
 log = get_logger("serve")
 
-READINESS_NAMES = {
-    "tokenizer": "pagewire.v1.Tokenizer",
-    "engine": "pagewire.v1.Engine",
-    "gateway": "pagewire.v1.Generation",
-}
+LOOPBACK = "127.0.0.1"
 # Lines of a child's output kept to explain its death.
 TAIL_LINES = 20
 READINESS_POLL_S = 0.5
@@ -60,40 +69,87 @@ RESTART_RESET_AFTER_S = 60.0
 # Beyond its grace period, what a child gets to exit before it is killed (the
 # gateway needs a second or two to close its REST connections).
 STOP_MARGIN_S = 5.0
+# prctl(2): the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """A service that serve runs: its subcommand, config and readiness name,
+    and the options of its config that serve does not offer: where the
+    services listen, which serve decides (_placement)."""
+
+    name: str
+    config: type[ServiceConfig]
+    readiness: str
+    withheld: frozenset[str]
+
+    def passed_fields(self) -> list[dataclasses.Field[typing.Any]]:
+        return [f for f in dataclasses.fields(self.config) if f.name not in self.withheld]
+
+
+# In start order.
+CHILDREN = (
+    ChildSpec("tokenizer", TokenizerConfig, "pagewire.v1.Tokenizer", frozenset({"host", "port"})),
+    ChildSpec("engine", EngineConfig, "pagewire.v1.Engine", frozenset({"host", "port"})),
+    # The discovery interval is how often dns:/// and file:/// engine targets
+    # are resolved again; serve gives the gateway its engine's address itself.
+    ChildSpec("gateway", GatewayConfig, "pagewire.v1.Generation", frozenset({"tokenizer", "engine", "discovery_interval_s"})),
+)
 
 
 @dataclass
-class LauncherOptions(ServiceConfig):
+class LauncherOptions:
     """Run tokenizer, engine and gateway as three processes on one model."""
 
-    port: int = option(50051, "gRPC port of the gateway's public API.")
-    http_port: int = option(8000, "Port of the gateway's OpenAI-style REST API.")
     tokenizer_port: int = option(50052, "Port of the tokenizer service (on 127.0.0.1).")
     engine_port: int = option(50053, "Port of the engine service (on 127.0.0.1).")
     startup_timeout_s: float = option(600.0, "Seconds the three services get to report SERVING.")
     shutdown_grace_s: float = option(10.0, "Seconds each service gets to drain on shutdown before it is killed.")
-    tls_cert: str = option("", "PEM certificate chain for TLS on the gateway's public ports; with --tls-key.")
-    tls_key: str = option("", "PEM private key for TLS on the gateway's public ports; with --tls-cert.")
 
 
-def _engine_fields() -> list[dataclasses.Field]:  # type: ignore[type-arg]
-    """The engine's own fields (not the ones every service or the launcher has)."""
-    own = {f.name for f in dataclasses.fields(LauncherOptions)}
-    return [f for f in dataclasses.fields(EngineConfig) if f.name not in own]
+def _default(f: dataclasses.Field[typing.Any]) -> typing.Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _copy_field(f: dataclasses.Field) -> typing.Any:  # type: ignore[type-arg]
+def _copy_field(f: dataclasses.Field[typing.Any]) -> typing.Any:
     if f.default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
     return dataclasses.field(default=f.default, metadata=f.metadata)
 
 
-_engine_hints = typing.get_type_hints(EngineConfig)
-ServeConfig = dataclasses.make_dataclass(
-    "ServeConfig", [(f.name, _engine_hints[f.name], _copy_field(f)) for f in _engine_fields()], bases=(LauncherOptions,)
-)
-ServeConfig.__doc__ = LauncherOptions.__doc__
-CONFIG = ServeConfig
+def _serve_config() -> type:
+    """LauncherOptions plus every option that the children take from serve,
+    once: an option that several children have goes to each of them."""
+    own = {f.name for f in dataclasses.fields(LauncherOptions)}
+    fields: dict[str, tuple[str, typing.Any, typing.Any]] = {}
+    defaults: dict[str, typing.Any] = {}
+    for child in CHILDREN:
+        hints = typing.get_type_hints(child.config)
+        for f in child.passed_fields():
+            if f.name in own:
+                continue
+            if f.name not in fields:
+                fields[f.name], defaults[f.name] = (f.name, hints[f.name], _copy_field(f)), _default(f)
+            elif defaults[f.name] != _default(f):
+                raise TypeError(f"--{f.name.replace('_', '-')} has different defaults in the services serve runs, so one value cannot serve both")
+    # The settings every service has first in --help, the gateway's address among them.
+    common = [f.name for f in dataclasses.fields(ServiceConfig)]
+    order = sorted(fields, key=lambda name: common.index(name) if name in common else len(common))
+    config = dataclasses.make_dataclass("ServeConfig", [fields[name] for name in order], bases=(LauncherOptions,))
+    config.__doc__ = LauncherOptions.__doc__
+    return config
+
+
+CONFIG = _serve_config()
+READINESS = {child.name: child.readiness for child in CHILDREN}
+
+
+@dataclass
+class ChildCommand:
+    argv: list[str]
+    # Added to the environment the child inherits.
+    env: dict[str, str]
 
 
 def _flag(name: str, value: typing.Any) -> list[str]:
@@ -105,40 +161,38 @@ def _flag(name: str, value: typing.Any) -> list[str]:
     return [flag, str(value)]
 
 
-def _changed_engine_flags(config: typing.Any) -> list[str]:
-    """Flags for the engine options that differ from the engine's defaults."""
-    defaults = EngineConfig()
-    flags = []
-    for f in _engine_fields():
-        value = getattr(config, f.name)
-        if value != getattr(defaults, f.name) and value is not None:
-            flags += _flag(f.name, value)
-    return flags
+def _placement(config: typing.Any) -> dict[str, dict[str, typing.Any]]:
+    """The options of each child that serve sets itself: where it and its peers listen."""
+    return {
+        "tokenizer": {"host": LOOPBACK, "port": config.tokenizer_port},
+        "engine": {"host": LOOPBACK, "port": config.engine_port},
+        "gateway": {"tokenizer": f"{LOOPBACK}:{config.tokenizer_port}", "engine": [f"{LOOPBACK}:{config.engine_port}"]},
+    }
 
 
-def child_commands(config: typing.Any) -> dict[str, list[str]]:
-    """The command line of each child, in start order."""
+def child_commands(config: typing.Any) -> dict[str, ChildCommand]:
+    """The command line and environment of each child, in start order."""
     # The children write to a pipe, where "auto" would mean JSON even when
     # the launcher's own output is a terminal.
     log_format = ("console" if sys.stderr.isatty() else "json") if config.log_format == "auto" else config.log_format
-    common = ["--log-level", config.log_level, "--log-format", log_format, "--max-message-bytes", str(config.max_message_bytes)]
-    grace = ["--shutdown-grace-s", str(config.shutdown_grace_s)]
-    model = ["--model", config.model] if config.model else []
-    # Given as flags, so that the gateway serves the TLS files the launcher probes with.
-    tls = ["--tls-cert", config.tls_cert, "--tls-key", config.tls_key] if config.tls_cert else []
-    base = [sys.executable, "-m", "pagewire.services.cli"]
-    engine_has_grace = any(f.name == "shutdown_grace_s" for f in dataclasses.fields(EngineConfig))
-    return {
-        "tokenizer": [*base, "tokenizer", "--host", "127.0.0.1", "--port", str(config.tokenizer_port), *model, *common, *grace],
-        "engine": [
-            *base, "engine", "--host", "127.0.0.1", "--port", str(config.engine_port), *_changed_engine_flags(config), *common,
-            *(grace if engine_has_grace else []),
-        ],
-        "gateway": [
-            *base, "gateway", "--host", config.host, "--port", str(config.port), "--http-port", str(config.http_port),
-            "--tokenizer", f"127.0.0.1:{config.tokenizer_port}", "--engine", f"127.0.0.1:{config.engine_port}", *tls, *common, *grace,
-        ],
-    }  # fmt: skip
+    placement = _placement(config)
+    commands = {}
+    for child in CHILDREN:
+        command = ChildCommand([sys.executable, "-m", "pagewire.services.cli", child.name], {})
+        for name, value in placement[child.name].items():
+            command.argv += _flag(name, value)
+        # What the child would run with if given no flag: its defaults and the environment it inherits.
+        on_its_own = config_from_args(child.config, argparse.Namespace())
+        for f in child.passed_fields():
+            value = log_format if f.name == "log_format" else getattr(config, f.name)
+            if value == getattr(on_its_own, f.name):
+                continue
+            if f.metadata.get("secret"):
+                command.env[env_name(f.name)] = str(value)
+            else:
+                command.argv += _flag(f.name, value)
+        commands[child.name] = command
+    return commands
 
 
 @dataclass
@@ -158,11 +212,39 @@ async def _relay_output(stream: asyncio.StreamReader, tail: collections.deque[st
         sys.stderr.flush()
 
 
-async def _start(name: str, command: list[str]) -> Child:
+def _die_with_launcher() -> typing.Callable[[], None] | None:
+    """What a child runs between fork and exec so that it gets SIGTERM (and
+    drains, as when the launcher stops it) once the launcher is gone, however
+    the launcher ended: a SIGKILL leaves it no chance to stop its children,
+    whose own sessions keep them from its terminal's signals too. Linux only
+    (PR_SET_PDEATHSIG); None elsewhere."""
+    if sys.platform != "linux":
+        return None
+    # Looked up before the fork: the child may only make system calls.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    launcher = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        # The launcher died before the request took effect: nothing would come.
+        if os.getppid() != launcher:
+            os._exit(1)
+
+    return in_child
+
+
+async def _start(name: str, command: ChildCommand) -> Child:
     # Own session: a Ctrl-C in the terminal reaches only the launcher, which
-    # stops the children in order.
+    # stops the children in order. The parent-death signal is sent when the
+    # thread that forked exits: this is the event loop's, the launcher's main thread.
     process = await asyncio.create_subprocess_exec(
-        *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+        *command.argv,
+        env=os.environ | command.env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_launcher(),
     )
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     assert process.stdout is not None
@@ -202,7 +284,7 @@ async def _wait_serving(targets: dict[str, str], gateway_cert: Path | None) -> N
     pending = dict(targets)
     while pending:
         for name, target in list(pending.items()):
-            if await asyncio.to_thread(check_health, target, READINESS_NAMES[name], READINESS_POLL_S * 4, roots.get(name)):
+            if await asyncio.to_thread(check_health, target, READINESS[name], READINESS_POLL_S * 4, roots.get(name)):
                 log.info("ready", child=name, address=target)
                 del pending[name]
             elif name == "gateway" and gateway_cert is not None:
@@ -230,7 +312,7 @@ def _report_death(child: Child) -> None:
 
 
 async def _supervise(
-    children: dict[str, Child], commands: dict[str, list[str]], exits: dict[asyncio.Future[int], Child], stopping: asyncio.Future[bool]
+    children: dict[str, Child], commands: dict[str, ChildCommand], exits: dict[asyncio.Future[int], Child], stopping: asyncio.Future[bool]
 ) -> None:
     """Until `stopping` completes, start again every child that dies
     (`children` and `exits` follow the new processes)."""
@@ -261,9 +343,9 @@ async def serve(config: typing.Any) -> int:
     tls = TlsFiles.from_options(config.tls_cert, config.tls_key)
     commands = child_commands(config)
     targets = {
-        "tokenizer": f"127.0.0.1:{config.tokenizer_port}",
-        "engine": f"127.0.0.1:{config.engine_port}",
-        "gateway": f"{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:{config.port}",
+        "tokenizer": f"{LOOPBACK}:{config.tokenizer_port}",
+        "engine": f"{LOOPBACK}:{config.engine_port}",
+        "gateway": f"{LOOPBACK if config.host in ('0.0.0.0', '::') else config.host}:{config.port}",
     }
     stop = stop_on_signals()
     children: dict[str, Child] = {}

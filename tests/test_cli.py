@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 
@@ -13,6 +14,12 @@ def test_every_subcommand_has_help(command: str) -> None:
     done = subprocess.run([sys.executable, "-m", "pagewire.services.cli", command, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage: pagewire" in done.stdout
+
+
+def test_version_is_the_installed_distributions() -> None:
+    done = subprocess.run([sys.executable, "-m", "pagewire.services.cli", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"pagewire {importlib.metadata.version('pagewire')}"
 
 
 def test_unknown_model_exits_with_an_actionable_message(tmp_path) -> None:

@@ -23,7 +23,8 @@ C = TypeVar("C")
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A config field with its help text (and optional `choices`)."""
+    """A config field with its help text (and optional `choices`; `secret=True`
+    for a value that must not appear on a command line)."""
     metadata = {"help": help, **kwargs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -39,6 +40,7 @@ class ServiceConfig:
     max_message_bytes: int = option(DEFAULT_MAX_MESSAGE_BYTES, "Largest gRPC message accepted or sent, in bytes.")
     log_level: str = option("info", "Log level.", choices=["debug", "info", "warning", "error"])
     log_format: str = option("auto", "Log format; auto is JSON unless stderr is a terminal.", choices=["auto", "json", "console"])
+    shutdown_grace_s: float = option(10.0, "Seconds in-flight requests may finish after SIGTERM/SIGINT (readiness reports NOT_SERVING meanwhile).")
 
     @property
     def address(self) -> str:

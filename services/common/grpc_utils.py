@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from pagewire.services.common.config import ServiceConfig
 from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.message_guard import MalformedMessageInterceptor
@@ -147,6 +148,22 @@ async def start_server(
     for name in service_names:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     return RunningServer(server, health, service_names, bound_port)
+
+
+async def start_service_server(
+    config: ServiceConfig,
+    register: Callable[[grpc.aio.Server], None],
+    service_name: str,
+    *,
+    handler_threads: int | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+) -> RunningServer:
+    """start_server for one pagewire service, on the address and message size of its config."""
+    return await start_server(
+        config.host, config.port, config.max_message_bytes, [register], [service_name],
+        handler_threads=handler_threads, interceptors=interceptors, credentials=credentials,
+    )  # fmt: skip
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -48,4 +48,3 @@ class EngineConfig(ServiceConfig):
     num_speculative_tokens: int = option(4, "Most tokens proposed per sequence and step (k); the verify pass computes k + 1 positions.")
     ngram_max: int = option(4, "Longest suffix (in tokens) that prompt lookup tries to match first.")
     ngram_min: int = option(2, "Shortest suffix that prompt lookup accepts as a match.")
-    shutdown_grace_s: float = option(10.0, "Seconds in-flight requests may finish after SIGTERM/SIGINT (readiness reports NOT_SERVING meanwhile).")

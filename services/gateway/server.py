@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import grpc
 
-from pagewire.services.common.config import ServiceConfig, option
-from pagewire.services.common.grpc_utils import RunningServer, channel_options, error_status, start_server, stop_on_signals
+from pagewire.services.common.grpc_utils import RunningServer, channel_options, error_status, start_service_server, stop_on_signals
 from pagewire.services.common.logging import get_logger
 from pagewire.v1 import gateway_pb2
+from pagewire.services.gateway.config import GatewayConfig
 from pagewire.services.gateway.router import RoutingPolicy
 
 if TYPE_CHECKING:
@@ -36,31 +34,6 @@ READINESS_POLL_S = 0.2
 REST_CANCEL_S = 1
 REST_EXIT_S = REST_CANCEL_S + 1.0
 SHUTTING_DOWN = "the gateway is shutting down; send new requests to another replica or retry after it restarts"
-
-
-@dataclass
-class GatewayConfig(ServiceConfig):
-    """The pagewire gateway: public gRPC API and OpenAI-style REST shim."""
-
-    port: int = option(50051, "gRPC port of the public API.")
-    http_port: int = option(8000, "Port of the OpenAI-style REST API (same host as gRPC).")
-    tokenizer: str = option("127.0.0.1:50052", "Address of the tokenizer service.")
-    engine: list[str] = option(
-        ["127.0.0.1:50053"],
-        "Engine replicas: HOST:PORT, dns:///NAME:PORT (every address NAME resolves to) or file:///PATH (HOST:PORT lines); "
-        "repeat the flag for several (environment: comma-separated).",
-    )
-    discovery_interval_s: float = option(5.0, "Seconds between re-resolutions of dns:/// and file:/// engine targets.")
-    routing: str = option(RoutingPolicy.LEAST_LOADED.value, "How requests are spread over engine replicas.", choices=[p.value for p in RoutingPolicy])
-    prefix_affinity_blocks: int = option(1, "Leading prompt blocks whose hash picks the replica under prefix-affinity routing.")
-    max_concurrent_requests: int = option(4096, "Requests in flight beyond which new ones are refused (RESOURCE_EXHAUSTED / HTTP 429).")
-    connect_timeout_s: float = option(5.0, "Seconds one connection attempt to a peer may take.")
-    reconnect_initial_s: float = option(0.25, "First wait before reconnecting to a peer that went away; doubles per failed attempt.")
-    reconnect_max_s: float = option(2.0, "Longest wait between reconnection attempts.")
-    shutdown_grace_s: float = option(10.0, "Seconds in-flight requests may finish after SIGTERM/SIGINT.")
-    api_key: str = option("", "Require 'Authorization: Bearer KEY' on both public ports (health, reflection and /metrics stay open); empty: no key.")
-    tls_cert: str = option("", "PEM certificate chain for TLS on both public ports; with --tls-key.")
-    tls_key: str = option("", "PEM private key for TLS on both public ports; with --tls-cert.")
 
 
 CONFIG = GatewayConfig
@@ -185,12 +158,10 @@ async def serve(config: GatewayConfig) -> int:
     except OSError as exc:
         log.error("cannot bind the REST port", address=f"{config.host}:{config.http_port}", error=str(exc))
         return 1
-    running = await start_server(
-        config.host,
-        config.port,
-        config.max_message_bytes,
-        [lambda server: gateway_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(gateway), server)],
-        [SERVICE_NAME],
+    running = await start_service_server(
+        config,
+        lambda server: gateway_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(gateway), server),
+        SERVICE_NAME,
         interceptors=grpc_interceptors(config.api_key),
         credentials=tls.grpc_server_credentials() if tls else None,
     )

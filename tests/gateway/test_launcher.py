@@ -6,13 +6,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pagewire.services.common.config import parse_config
+from pagewire.services.cli import build_parser
+from pagewire.services.common.config import config_from_args, parse_config
 from pagewire.services.common.grpc_utils import check_health
 from pagewire.services.common.tls import TlsFiles
-from pagewire.services.launcher import CONFIG, child_commands
+from pagewire.services.launcher import CONFIG, ChildCommand, child_commands
 from tests.support.certificates import self_signed_certificate
 from tests.support.harness import ServeProcess
 
@@ -20,11 +22,19 @@ from tests.support.harness import ServeProcess
 TLS_READY_S = 120.0
 
 
-def flags_of(command: list[str]) -> list[str]:
-    assert command[:3] == [sys.executable, "-m", "pagewire.services.cli"]
-    return command[3:]
+@pytest.fixture
+def no_pagewire_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve and the children it is asked about see no developer's PAGEWIRE_* variables."""
+    for name in [name for name in os.environ if name.startswith("PAGEWIRE_")]:
+        monkeypatch.delenv(name)
 
 
+def flags_of(command: ChildCommand) -> list[str]:
+    assert command.argv[:3] == [sys.executable, "-m", "pagewire.services.cli"]
+    return command.argv[3:]
+
+
+@pytest.mark.usefixtures("no_pagewire_environment")
 def test_children_get_their_ports_and_only_the_engine_options_given() -> None:
     config = parse_config(
         CONFIG,
@@ -48,7 +58,45 @@ def test_children_get_their_ports_and_only_the_engine_options_given() -> None:
     gateway = " ".join(commands["gateway"])
     for passed in ("--port 7001", "--http-port 7002", "--tokenizer 127.0.0.1:7003", "--engine 127.0.0.1:7004"):
         assert passed in gateway
-    assert "--model" not in gateway
+    assert "--model" not in gateway and "--device" not in gateway
+
+
+def _as_the_child_parses_it(command: ChildCommand, environ: dict[str, str]) -> Any:
+    """The config `pagewire <child>` builds from this command line and environment."""
+    parser, modules = build_parser()
+    args = parser.parse_args(flags_of(command))
+    return config_from_args(modules[args.command].CONFIG, args, environ | command.env)  # type: ignore[attr-defined]
+
+
+@pytest.mark.usefixtures("no_pagewire_environment")
+def test_gateway_options_given_to_serve_reach_the_gateways_config() -> None:
+    argv = ["--max-concurrent-requests", "3", "--routing", "prefix-affinity", "--prefix-affinity-blocks", "2"]
+    argv += ["--connect-timeout-s", "1.5", "--api-key", "sk-serve", "--shutdown-grace-s", "4"]
+    commands = child_commands(parse_config(CONFIG, argv))
+
+    gateway = _as_the_child_parses_it(commands["gateway"], {})
+    assert (gateway.max_concurrent_requests, gateway.routing, gateway.prefix_affinity_blocks) == (3, "prefix-affinity", 2)
+    assert (gateway.connect_timeout_s, gateway.api_key, gateway.shutdown_grace_s) == (1.5, "sk-serve", 4.0)
+    assert (gateway.tokenizer, gateway.engine) == ("127.0.0.1:50052", ["127.0.0.1:50053"])
+    # Any local user can read a command line; the key travels in the environment.
+    assert not any("sk-serve" in part for command in commands.values() for part in command.argv)
+    for name in ("tokenizer", "engine"):
+        child = _as_the_child_parses_it(commands[name], {})
+        assert child.shutdown_grace_s == 4.0 and "PAGEWIRE_API_KEY" not in commands[name].env
+
+
+@pytest.mark.usefixtures("no_pagewire_environment")
+def test_an_option_given_to_serve_beats_the_variable_its_children_inherit(monkeypatch: pytest.MonkeyPatch) -> None:
+    inherited = {"PAGEWIRE_MAX_NUM_SEQS": "8", "PAGEWIRE_MAX_CONCURRENT_REQUESTS": "5"}
+    for name, value in inherited.items():
+        monkeypatch.setenv(name, value)
+    commands = child_commands(parse_config(CONFIG, ["--max-num-seqs", "256", "--max-concurrent-requests", "4096"]))
+    assert _as_the_child_parses_it(commands["engine"], inherited).max_num_seqs == 256
+    assert _as_the_child_parses_it(commands["gateway"], inherited).max_concurrent_requests == 4096
+    # Without a flag, serve and its children read the same variable.
+    commands = child_commands(parse_config(CONFIG, []))
+    assert "--max-num-seqs" not in commands["engine"].argv
+    assert _as_the_child_parses_it(commands["engine"], inherited).max_num_seqs == 8
 
 
 def test_a_child_that_dies_is_named_with_its_exit_code_and_output_and_the_others_stop(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from pagewire.services.common.grpc_utils import RunningServer, serve_until_signalled, start_server
+from pagewire.services.common.grpc_utils import RunningServer, serve_until_signalled, start_service_server
 from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.config import EngineConfig
 
@@ -24,13 +24,7 @@ async def start_engine_server(config: EngineConfig) -> tuple[RunningServer, Engi
     from pagewire.services.engine.service.servicer import SERVICE_NAME, EngineServicer
 
     servicer = EngineServicer()
-    running = await start_server(
-        config.host,
-        config.port,
-        config.max_message_bytes,
-        [lambda server: engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)],
-        [SERVICE_NAME],
-    )
+    running = await start_service_server(config, lambda server: engine_pb2_grpc.add_EngineServicer_to_server(servicer, server), SERVICE_NAME)
     return running, servicer
 
 

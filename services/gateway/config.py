@@ -1,0 +1,37 @@
+"""Gateway settings: plain data, so that the CLI and `pagewire serve` read
+them without starting a gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagewire.services.common.config import ServiceConfig, option
+from pagewire.services.gateway.router import RoutingPolicy
+
+
+@dataclass
+class GatewayConfig(ServiceConfig):
+    """The pagewire gateway: public gRPC API and OpenAI-style REST shim."""
+
+    port: int = option(50051, "gRPC port of the public API.")
+    http_port: int = option(8000, "Port of the OpenAI-style REST API (same host as gRPC).")
+    tokenizer: str = option("127.0.0.1:50052", "Address of the tokenizer service.")
+    engine: list[str] = option(
+        ["127.0.0.1:50053"],
+        "Engine replicas: HOST:PORT, dns:///NAME:PORT (every address NAME resolves to) or file:///PATH (HOST:PORT lines); "
+        "repeat the flag for several (environment: comma-separated).",
+    )
+    discovery_interval_s: float = option(5.0, "Seconds between re-resolutions of dns:/// and file:/// engine targets.")
+    routing: str = option(RoutingPolicy.LEAST_LOADED.value, "How requests are spread over engine replicas.", choices=[p.value for p in RoutingPolicy])
+    prefix_affinity_blocks: int = option(1, "Leading prompt blocks whose hash picks the replica under prefix-affinity routing.")
+    max_concurrent_requests: int = option(4096, "Requests in flight beyond which new ones are refused (RESOURCE_EXHAUSTED / HTTP 429).")
+    connect_timeout_s: float = option(5.0, "Seconds one connection attempt to a peer may take.")
+    reconnect_initial_s: float = option(0.25, "First wait before reconnecting to a peer that went away; doubles per failed attempt.")
+    reconnect_max_s: float = option(2.0, "Longest wait between reconnection attempts.")
+    api_key: str = option(
+        "",
+        "Require 'Authorization: Bearer KEY' on both public ports (health, reflection and /metrics stay open); empty: no key.",
+        secret=True,
+    )
+    tls_cert: str = option("", "PEM certificate chain for TLS on both public ports; with --tls-key.")
+    tls_key: str = option("", "PEM private key for TLS on both public ports; with --tls-cert.")
