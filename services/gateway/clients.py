@@ -38,8 +38,9 @@ class PeerClient:
     service_name: str
     address: str
 
-    def __init__(self, channel_options: list[tuple[str, int]], backoff: Backoff, connect_timeout_s: float):
+    def __init__(self, channel_options: list[tuple[str, int]], backoff: Backoff, connect_timeout_s: float, max_message_bytes: int):
         self._channel_options = channel_options
+        self._max_message_bytes = max_message_bytes
         self._backoff = backoff
         self._connect_timeout_s = connect_timeout_s
         self._channel: grpc.aio.Channel | None = None
@@ -73,10 +74,11 @@ class EngineReplica(PeerClient):
         channel_options: list[tuple[str, int]],
         backoff: Backoff,
         connect_timeout_s: float,
+        max_message_bytes: int,
         on_step: Callable[[EngineReplica, engine_pb2.EngineStep], None],
         on_down: Callable[[EngineReplica, str], None],
     ):
-        super().__init__(channel_options, backoff, connect_timeout_s)
+        super().__init__(channel_options, backoff, connect_timeout_s, max_message_bytes)
         self.state = ReplicaState(address)
         self._on_step = on_step
         self._on_down = on_down
@@ -90,7 +92,7 @@ class EngineReplica(PeerClient):
     async def _session(self, readiness: grpc.aio.UnaryStreamCall) -> None:
         assert self._channel is not None
         stub = engine_pb2_grpc.EngineStub(self._channel)
-        outgoing: OutgoingStream[engine_pb2.EngineInput] = OutgoingStream()
+        outgoing: OutgoingStream[engine_pb2.EngineInput] = OutgoingStream(self._max_message_bytes)
         tasks: list[asyncio.Future[None]] = []
         reason = "stream closed by the engine"
         try:
@@ -156,6 +158,8 @@ class EngineReplica(PeerClient):
             await self._idle.wait()
 
     def add(self, request: engine_pb2.AddRequest) -> None:
+        """Send the request; RequestError when the engine is not connected or
+        the request does not fit in one message."""
         if self._outgoing is None:
             raise _unavailable(f"engine {self.address}")
         self._outgoing.send(engine_pb2.EngineInput(add=[request]))
@@ -192,10 +196,11 @@ class TokenizerClient(PeerClient):
         channel_options: list[tuple[str, int]],
         backoff: Backoff,
         connect_timeout_s: float,
+        max_message_bytes: int,
         on_text: Callable[[tokenizer_pb2.TextDelta], None],
         on_down: Callable[[str], None],
     ):
-        super().__init__(channel_options, backoff, connect_timeout_s)
+        super().__init__(channel_options, backoff, connect_timeout_s, max_message_bytes)
         self.address = address
         self.info: tokenizer_pb2.TokenizerInfo | None = None
         self._on_text = on_text
@@ -219,8 +224,8 @@ class TokenizerClient(PeerClient):
         readiness.cancel()
         stub = tokenizer_pb2_grpc.TokenizerStub(self._channel)
         self.info = await stub.Info(tokenizer_pb2.TokenizerInfoRequest(), timeout=self._connect_timeout_s)
-        tokenize_out: OutgoingStream[tokenizer_pb2.TokenizeBatch] = OutgoingStream()
-        detokenize_out: OutgoingStream[tokenizer_pb2.DetokenizeBatch] = OutgoingStream()
+        tokenize_out: OutgoingStream[tokenizer_pb2.TokenizeBatch] = OutgoingStream(self._max_message_bytes)
+        detokenize_out: OutgoingStream[tokenizer_pb2.DetokenizeBatch] = OutgoingStream(self._max_message_bytes)
         tokenize_call = stub.Tokenize(tokenize_out.messages())
         detokenize_call = stub.Detokenize(detokenize_out.messages())
         self._tokenize_out, self._detokenize_out = tokenize_out, detokenize_out
@@ -280,9 +285,9 @@ class TokenizerClient(PeerClient):
         """Token ids of one request; RequestError when the tokenizer refuses it."""
         if self._tokenize_out is None:
             raise _unavailable(f"tokenizer {self.address}")
+        self._tokenize_out.send(tokenizer_pb2.TokenizeBatch(requests=[request]))
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._pending_tokenize[request.request_id] = future
-        self._tokenize_out.send(tokenizer_pb2.TokenizeBatch(requests=[request]))
         try:
             return await future
         finally:

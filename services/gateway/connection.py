@@ -2,10 +2,11 @@
 
 Each peer gets one bidirectional stream per RPC that carries every request of
 the gateway. Outgoing messages queued while the previous write was in flight
-are merged into one (protobuf `MergeFrom` concatenates the repeated fields of
-these batch messages), so a burst of requests costs one write. When a stream
-breaks, the owner fails the requests that rode on it and reconnects with
-exponential backoff.
+are merged (protobuf `MergeFrom` concatenates the repeated fields of these
+batch messages) while the result fits in --max-message-bytes, so a burst of
+requests costs few writes and no message is too large for the peer. When a
+stream breaks, the owner fails the requests that rode on it and reconnects
+with exponential backoff.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagewire.services.common.logging import get_logger
+from pagewire.services.common.message_size import split_batch
 
 log = get_logger("gateway")
 
@@ -27,28 +29,45 @@ M = TypeVar("M", bound=Message)
 
 
 class OutgoingStream(Generic[M]):
-    """The request side of one open bidi stream."""
+    """The request side of one open bidi stream. Its messages are batches
+    (repeated fields only), merged while they fit in max_bytes, and a batch
+    larger than that is split: no message outgrows what the peer accepts,
+    which would end the stream for every request on it."""
 
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[M | None] = asyncio.Queue()
+    def __init__(self, max_bytes: int):
+        self._max_bytes = max_bytes
+        self._queue: asyncio.Queue[tuple[M, int] | None] = asyncio.Queue()
 
     def send(self, message: M) -> None:
-        self._queue.put_nowait(message)
+        """Queue `message`; RequestError (INVALID_ARGUMENT), with nothing
+        queued, when one of its entries does not fit in a message alone."""
+        size = message.ByteSize()
+        pieces = [message] if size <= self._max_bytes else split_batch(message, self._max_bytes)
+        for piece in pieces:
+            self._queue.put_nowait((piece, piece.ByteSize()))
 
     def close(self) -> None:
         self._queue.put_nowait(None)
 
     async def messages(self) -> AsyncIterator[M]:
+        # Taken from the queue, but too large to join the message before it.
+        held: tuple[M, int] | None = None
         while True:
-            merged = await self._queue.get()
-            if merged is None:
+            first, held = held or await self._queue.get(), None
+            if first is None:
                 return
+            merged, size = first
             while not self._queue.empty():
                 following = self._queue.get_nowait()
                 if following is None:
                     yield merged
                     return
-                merged.MergeFrom(following)
+                if size + following[1] > self._max_bytes:
+                    held = following
+                    break
+                # The encodings of batches concatenate, so sizes add up.
+                merged.MergeFrom(following[0])
+                size += following[1]
             yield merged
 
 

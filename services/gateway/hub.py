@@ -14,6 +14,7 @@ import grpc
 
 from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.common.grpc_utils import error_status
+from pagewire.services.common.limits import DEFAULT_MAX_MESSAGE_BYTES
 from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.clients import EngineReplica, TokenizerClient
 from pagewire.services.gateway.connection import Backoff
@@ -37,6 +38,8 @@ class GatewaySettings:
     backoff: Backoff
     connect_timeout_s: float
     discovery_interval_s: float
+    # What one message to a peer may hold (--max-message-bytes).
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:
@@ -53,7 +56,13 @@ class Gateway:
         self._metrics = metrics
         self._discovery = EngineDiscovery(settings.engines, settings.discovery_interval_s)
         self._tokenizer = TokenizerClient(
-            settings.tokenizer, settings.channel_options, settings.backoff, settings.connect_timeout_s, self._on_text, self._on_tokenizer_down
+            settings.tokenizer,
+            settings.channel_options,
+            settings.backoff,
+            settings.connect_timeout_s,
+            settings.max_message_bytes,
+            self._on_text,
+            self._on_tokenizer_down,
         )
         self._replicas: dict[str, EngineReplica] = {}
         self._replica_tasks: dict[str, asyncio.Task[None]] = {}
@@ -76,7 +85,13 @@ class Gateway:
                     retiring.add_done_callback(self._retiring.discard)
                 for address in sorted(change.added):
                     self._replicas[address] = EngineReplica(
-                        address, self._settings.channel_options, self._settings.backoff, self._settings.connect_timeout_s, self._on_step, self._on_replica_down
+                        address,
+                        self._settings.channel_options,
+                        self._settings.backoff,
+                        self._settings.connect_timeout_s,
+                        self._settings.max_message_bytes,
+                        self._on_step,
+                        self._on_replica_down,
                     )
                     self._replica_tasks[address] = asyncio.create_task(self._replicas[address].run(), name=f"engine {address}")
                     self._replica_tasks[address].add_done_callback(_report_crash)

@@ -180,6 +180,9 @@ class ChatBody(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS, le=UINT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
+    # An extension: special-token text in message content becomes special
+    # tokens only when the caller asks (ChatInput.parse_special_tokens_in_content).
+    parse_special_tokens_in_content: bool = False
 
     def to_request(self) -> gateway_pb2.GenerateRequest:
         top = (self.top_logprobs or 0) if self.logprobs else None
@@ -187,6 +190,7 @@ class ChatBody(SamplingFields):
         request.chat.messages.extend(common_pb2.ChatMessage(role=turn.role, content=turn.text()) for turn in self.messages)
         if not self.messages:
             request.chat.SetInParent()
+        request.chat.parse_special_tokens_in_content = self.parse_special_tokens_in_content
         return request
 
 

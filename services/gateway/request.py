@@ -195,6 +195,7 @@ class GatewayRequest:
             tokenize.text = self.request.text
         else:
             tokenize.chat.messages.extend(self.request.chat.messages)
+            tokenize.chat.parse_special_tokens_in_content = self.request.chat.parse_special_tokens_in_content
         return await self.hub.tokenize(tokenize)
 
     def _submit(self, model: engine_pb2.EngineInfo, prompt: list[int]) -> None:

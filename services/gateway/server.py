@@ -146,6 +146,7 @@ async def serve(config: GatewayConfig) -> int:
         backoff=Backoff(config.reconnect_initial_s, config.reconnect_max_s),
         connect_timeout_s=config.connect_timeout_s,
         discovery_interval_s=config.discovery_interval_s,
+        max_message_bytes=config.max_message_bytes,
     )
     tls = TlsFiles.from_options(config.tls_cert, config.tls_key)
     try:

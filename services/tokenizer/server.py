@@ -22,7 +22,7 @@ async def start(config: TokenizerConfig) -> RunningServer:
 
     source = resolve_model(config.model)
     tokenizer = await asyncio.to_thread(load_hf_tokenizer, source)
-    servicer = TokenizerServicer(tokenizer, source.model_id)
+    servicer = TokenizerServicer(tokenizer, source.model_id, config.max_message_bytes)
     running = await start_service_server(
         config, lambda server: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, server), SERVICE_NAME, handler_threads=config.max_streams
     )

@@ -316,3 +316,12 @@ class Cluster:
 
     def stop(self) -> None:
         stop_all(self.services)
+
+    @contextmanager
+    def running(self) -> Iterator[Self]:
+        """Started and serving for the with block, stopped after it."""
+        try:
+            self.start()
+            yield self
+        finally:
+            self.stop()

@@ -57,9 +57,15 @@ class TokenizerServicer:
     """
 
     def Tokenize(self, request_iterator, context):
-        """Encode many texts or chats. Each TokenizeBatch is answered by one
-        TokenizedBatch holding exactly one TokenizeResult per request; a bad
-        request gets a result carrying INVALID_ARGUMENT and the stream goes on.
+        """Encode many texts or chats. Every request gets exactly one
+        TokenizeResult, sent as soon as it is ready: requests are encoded side by
+        side, so results come in any order, and a TokenizedBatch holds the
+        results that were ready together, as many as fit in one message. A bad
+        request gets a result carrying its error and the stream goes on:
+        INVALID_ARGUMENT for a request the caller can fix (including a chat the
+        model's template refuses, with the template's message, and a prompt
+        whose token ids do not fit in one message of --max-message-bytes),
+        INTERNAL for a fault of the service.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,7 +75,8 @@ class TokenizerServicer:
         """Incrementally decode the output of many requests. Text is emitted only
         once it can no longer change, so the concatenated deltas of a request
         equal decoding its whole token sequence at once. Request state lives
-        with the stream: closing it drops every open request.
+        with the stream: closing it drops every open request. An item that fails
+        fails alone (a delta carrying its error); the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

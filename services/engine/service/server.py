@@ -23,7 +23,7 @@ async def start_engine_server(config: EngineConfig) -> tuple[RunningServer, Engi
     from pagewire.v1 import engine_pb2_grpc
     from pagewire.services.engine.service.servicer import SERVICE_NAME, EngineServicer
 
-    servicer = EngineServicer()
+    servicer = EngineServicer(config.max_message_bytes)
     running = await start_service_server(config, lambda server: engine_pb2_grpc.add_EngineServicer_to_server(servicer, server), SERVICE_NAME)
     return running, servicer
 

@@ -2,7 +2,8 @@
 
 The servicer only converts messages: each Generate stream's inputs become
 commands for the step loop, and each StreamBatch the loop hands back becomes
-exactly one EngineStep on that stream. Per-request failures travel in band as
+one EngineStep on that stream, or several when its updates do not fit in one
+message of --max-message-bytes. Per-request failures travel in band as
 an update with `error` set; the refusal kinds map to gRPC codes in
 grpc_utils.GRPC_CODES. `pagewire engine` runs the step loop in a process of
 its own (core_process.py); tests may attach one in this process."""
@@ -18,12 +19,18 @@ import grpc
 
 from pagewire.services.common.errors import DuplicateRequestError, RequestError, invalid_argument
 from pagewire.services.common.grpc_utils import to_status
+from pagewire.services.common.limits import DEFAULT_MAX_MESSAGE_BYTES
+from pagewire.services.common.logging import get_logger
+from pagewire.services.common.message_size import entry_bytes, packed, too_large
 from pagewire.services.engine.core.engine import EngineInfo, EngineLoad, EngineStats
 from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplingParams
 from pagewire.services.engine.core.step_loop import AbortCommand, AddCommand, StreamBatch, StreamCommand, StreamState
 from pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
+LOAD_FIELD = engine_pb2.EngineStep.DESCRIPTOR.fields_by_name["load"].number
+
+log = get_logger("engine")
 
 FINISH_REASONS = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -107,8 +114,9 @@ class CoreHandle(Protocol):
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
-    def __init__(self) -> None:
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.core: CoreHandle | None = None
+        self.max_message_bytes = max_message_bytes
         self._stream_ids = itertools.count()
 
     def attach(self, core: CoreHandle) -> None:
@@ -142,6 +150,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         stream = StreamState(next(self._stream_ids), deliver)
         step_loop.submit(StreamCommand("open", stream))
         reader = asyncio.create_task(self._read_inputs(request_iterator, stream, step_loop))
+        # Requests failed for an update too large to send, aborted in the core:
+        # what the core still reports of them is dropped.
+        failed: set[str] = set()
         try:
             while True:
                 batch = await inbox.get()
@@ -149,14 +160,41 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     if step_loop.error is not None:
                         await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {step_loop.error}")
                     return
-                updates = [
-                    update_from_error(rid, item) if isinstance(item, RequestError) else update_from_output(rid, item)
-                    for rid, item in batch.updates
-                ]
-                yield engine_pb2.EngineStep(updates=updates, load=load_to_proto(batch.load))
+                load = load_to_proto(batch.load)
+                # Each message holds the load beside as many updates as fit.
+                room = self.max_message_bytes - entry_bytes(load, LOAD_FIELD)
+                updates = [update for rid, item in batch.updates if (update := self._update(rid, item, room, failed, stream, step_loop)) is not None]
+                for group in packed(updates, room):
+                    yield engine_pb2.EngineStep(updates=group, load=load)
         finally:
             reader.cancel()
             step_loop.submit(StreamCommand("close", stream))
+
+    @staticmethod
+    def _update(
+        rid: str, item: RequestOutput | RequestError, room: int, failed: set[str], stream: StreamState, step_loop: CoreHandle
+    ) -> engine_pb2.SequenceUpdate | None:
+        """The item as an update that fits in `room` bytes, else the request's
+        failure (and its abort in the core); None when there is nothing to send."""
+        if isinstance(item, RequestError):
+            update = update_from_error(rid, item)
+        elif rid in failed:
+            if item.finish_reason is not None:
+                failed.discard(rid)
+            return None
+        else:
+            update = update_from_output(rid, item)
+            size = entry_bytes(update)
+            if size > room:
+                # Only a request id nearly as large as a message, with logprobs, makes one.
+                if item.finish_reason is None:
+                    failed.add(rid)
+                    step_loop.submit(AbortCommand(stream.stream_id, rid))
+                update = update_from_error(rid, too_large("one step's update of this request", size, room))
+        if entry_bytes(update) > room:
+            log.warning("update dropped: its request id leaves no room in a message", request_id_bytes=len(rid.encode()))
+            return None
+        return update
 
     async def _read_inputs(self, request_iterator: AsyncIterator[engine_pb2.EngineInput], stream: StreamState, step_loop: CoreHandle) -> None:
         try:
