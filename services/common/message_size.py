@@ -36,18 +36,17 @@ def too_large(what: str, size: int, max_bytes: int) -> RequestError:
     )
 
 
-def packed(items: Iterable[M], max_bytes: int, reserved: int = 0) -> Iterator[list[M]]:
-    """The items in order, grouped so that each group's entries with
-    `reserved` bytes beside them (the batch's other fields) fit in
+def packed(items: Iterable[M], max_bytes: int) -> Iterator[list[M]]:
+    """The items in order, grouped so that each group's entries fit in
     max_bytes. An item that does not fit alone is a group of its own: the
     caller checks items before they get here."""
     group: list[M] = []
-    size = reserved
+    size = 0
     for item in items:
         item_size = entry_bytes(item)
         if group and size + item_size > max_bytes:
             yield group
-            group, size = [], reserved
+            group, size = [], 0
         group.append(item)
         size += item_size
     if group:
