@@ -73,6 +73,20 @@ def max_rest_body_bytes(max_model_len: int) -> int:
     return max_prompt_chars(max_model_len) * MAX_JSON_BYTES_PER_TEXT_BYTE + REST_BODY_OVERHEAD_BYTES
 
 
+# Default of the gateway's --max-buffered-output-bytes: output of one request
+# that its client has not read yet (chunks waiting for the client's stream to
+# take them). Past it the request is aborted: a client that stops reading
+# must not make the gateway hold its output without bound. 4 MiB is minutes
+# of output with logprobs at the speed of any reader; the gateway uses at
+# most half of --max-message-bytes, so that a chunk always fits a message.
+DEFAULT_MAX_BUFFERED_OUTPUT_BYTES = 4 * 1024 * 1024
+
+# Default of the gateway's --client-read-timeout-s: how long a request's
+# oldest unread output may wait for its client before the request is
+# aborted and its KV blocks freed.
+DEFAULT_CLIENT_READ_TIMEOUT_S = 30.0
+
+
 # Default of --max-message-bytes: the largest gRPC message every service
 # accepts or sends, and the largest REST body the gateway reads (less when
 # max_rest_body_bytes of the models served is less), so that a request too

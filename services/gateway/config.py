@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagewire.services.common.config import ServiceConfig, option
+from pagewire.services.common.limits import DEFAULT_CLIENT_READ_TIMEOUT_S, DEFAULT_MAX_BUFFERED_OUTPUT_BYTES
 from pagewire.services.gateway.router import RoutingPolicy
 
 
@@ -28,6 +29,15 @@ class GatewayConfig(ServiceConfig):
     connect_timeout_s: float = option(5.0, "Seconds one connection attempt to a peer may take.")
     reconnect_initial_s: float = option(0.25, "First wait before reconnecting to a peer that went away; doubles per failed attempt.")
     reconnect_max_s: float = option(2.0, "Longest wait between reconnection attempts.")
+    max_buffered_output_bytes: int = option(
+        DEFAULT_MAX_BUFFERED_OUTPUT_BYTES,
+        "Output of one request that its client has not read yet past which the request is aborted (RESOURCE_EXHAUSTED); "
+        "at most half of --max-message-bytes is used.",
+    )
+    client_read_timeout_s: float = option(
+        DEFAULT_CLIENT_READ_TIMEOUT_S,
+        "Seconds a request's output may wait unread by its client before the request is aborted (DEADLINE_EXCEEDED) and its KV blocks freed.",
+    )
     api_key: str = option(
         "",
         "Require 'Authorization: Bearer KEY' on both public ports (health, reflection and /metrics stay open); empty: no key.",

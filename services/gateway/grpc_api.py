@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 
 import grpc
 from grpc_status import rpc_status
 
 from pagewire.services.common.grpc_utils import error_status
+from pagewire.services.common.message_size import packed
 from pagewire.services.gateway.hub import Gateway
 from pagewire.services.gateway.request import GatewayRequest
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -26,26 +28,36 @@ def _refusal(request_id: str, message: str, ends: bool = True) -> gateway_pb2.Ge
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A chunk waiting for the Generate stream's writer, and the request it
+    tells of taking it (none for a refused Start)."""
+
+    chunk: gateway_pb2.GenerateChunk
+    request: GatewayRequest | None = None
+
+
 class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
-    def __init__(self, gateway: Gateway):
+    def __init__(self, gateway: Gateway, max_message_bytes: int):
         self.gateway = gateway
+        self.max_message_bytes = max_message_bytes
 
     async def Generate(
         self, request_iterator: AsyncIterator[gateway_pb2.ClientMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.ServerMessage]:
-        # Chunks of every request, sent together in the writer's next message.
-        pending: list[gateway_pb2.GenerateChunk] = []
+        # Chunks of every request, sent together in the writer's next messages.
+        pending: list[Outgoing] = []
         ready = asyncio.Event()
         all_done = False
         live: dict[str, tuple[GatewayRequest, asyncio.Task[None]]] = {}
 
-        def send(chunk: gateway_pb2.GenerateChunk) -> None:
-            pending.append(chunk)
+        def send(chunk: gateway_pb2.GenerateChunk, request: GatewayRequest | None = None) -> None:
+            pending.append(Outgoing(chunk, request))
             ready.set()
 
         async def follow(request: GatewayRequest) -> None:
             try:
-                await request.run(send)
+                await request.run(lambda chunk: send(chunk, request))
             finally:
                 live.pop(request.id, None)
 
@@ -76,10 +88,17 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
             while not (all_done and not pending):
                 await ready.wait()
                 ready.clear()
-                if pending:
-                    chunks = pending.copy()
-                    pending.clear()
+                waiting = pending.copy()
+                pending.clear()
+                # As many messages as the limit asks for; each is taken (yield
+                # returns) only as fast as the client reads.
+                sent = 0
+                for chunks in packed((entry.chunk for entry in waiting), self.max_message_bytes):
                     yield gateway_pb2.ServerMessage(chunks=chunks)
+                    for entry in waiting[sent : sent + len(chunks)]:
+                        if entry.request is not None:
+                            entry.request.taken()
+                    sent += len(chunks)
             reader.result()
         finally:
             # The client went away (or the stream failed): end its requests,

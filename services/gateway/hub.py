@@ -20,6 +20,7 @@ from pagewire.services.gateway.clients import EngineReplica, TokenizerClient
 from pagewire.services.gateway.connection import Backoff
 from pagewire.services.gateway.discovery import EngineDiscovery
 from pagewire.services.gateway.metrics import GatewayMetrics
+from pagewire.services.gateway.output_buffer import OutputLimits
 from pagewire.services.gateway.request import GatewayRequest
 from pagewire.services.gateway.router import Router, RoutingPolicy
 from pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
@@ -40,6 +41,8 @@ class GatewaySettings:
     discovery_interval_s: float
     # What one message to a peer may hold (--max-message-bytes).
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # What a request's client may leave unread, and for how long.
+    output: OutputLimits = OutputLimits()
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:
@@ -121,7 +124,7 @@ class Gateway:
 
     def request(self, request: gateway_pb2.GenerateRequest) -> GatewayRequest:
         """A handle on a new request; nothing happens until its chunks are read."""
-        return GatewayRequest(self, self._metrics, request)
+        return GatewayRequest(self, self._metrics, request, self._settings.output)
 
     async def render_metrics(self, stats_timeout_s: float) -> bytes:
         """The metrics in Prometheus' text format, with every connected

@@ -18,6 +18,10 @@ a failure) aborts it in the engine, so its KV blocks are freed, and cancels it
 in the detokenizer. That cleanup runs when the chunk iterator closes, so
 callers cancel `run` or iterate `chunks` under `contextlib.aclosing`.
 
+A chunk handed out counts as unread until the caller says its client's
+transport has taken it (`taken`); a client that reads too slowly fails the
+request (output_buffer.py), which aborts it in the same way.
+
 The request reaches the gateway's connections and registries only through
 `Hub` (implemented by hub.Gateway).
 """
@@ -37,6 +41,7 @@ from pagewire.services.common.grpc_utils import to_status
 from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.clients import EngineReplica
 from pagewire.services.gateway.metrics import GatewayMetrics
+from pagewire.services.gateway.output_buffer import OutputLimits, UnreadOutput
 from pagewire.services.gateway.validation import check_fits, check_prompt_length, validate_request
 from pagewire.v1 import common_pb2, engine_pb2, gateway_pb2, tokenizer_pb2
 
@@ -82,7 +87,7 @@ class Hub(Protocol):
 class GatewayRequest:
     """One request from arrival to its last chunk."""
 
-    def __init__(self, hub: Hub, metrics: GatewayMetrics, request: gateway_pb2.GenerateRequest):
+    def __init__(self, hub: Hub, metrics: GatewayMetrics, request: gateway_pb2.GenerateRequest, output_limits: OutputLimits = OutputLimits()):
         self.hub = hub
         self.metrics = metrics
         self.request = request
@@ -99,6 +104,7 @@ class GatewayRequest:
         # end, or output whose chunk needs token texts.
         self._wake = asyncio.Event()
         self._emit: Emit | None = None
+        self._unread = UnreadOutput(output_limits, self.fail)
         # Chunks with logprobs wait in the task for their token texts; all
         # others are sent from the stream callbacks as their text arrives.
         self._wants_logprobs = request.sampling.HasField("logprobs")
@@ -155,10 +161,10 @@ class GatewayRequest:
                         await self._wake.wait()
                         self._wake.clear()
                         if self.finish_reason == UNFINISHED and (chunk := await self._take_chunk()) is not None:
-                            emit(chunk)
+                            self._send(chunk)
                     final = await self._take_chunk()
                 assert final is not None
-                emit(final)
+                self._send(final)
                 return
             except RequestError as exc:
                 self._fail(to_status(exc))
@@ -166,7 +172,7 @@ class GatewayRequest:
                 self._finish(common_pb2.FINISH_REASON_TIME_LIMIT)
             final = await self._take_chunk(fill_token_text=False)
             assert final is not None
-            emit(final)
+            self._send(final)
         finally:
             self._release()
 
@@ -180,6 +186,7 @@ class GatewayRequest:
         try:
             while (chunk := await ready.get()) is not None:
                 yield chunk
+                self.taken()  # the caller is back for more: its client took this one
             task.result()
         finally:
             if not task.done():
@@ -284,8 +291,7 @@ class GatewayRequest:
         if self._wants_logprobs:
             self._wake.set()
         else:
-            assert self._emit is not None
-            self._emit(self._build_chunk())
+            self._send(self._build_chunk())
 
     def _apply_text(self, delta: tokenizer_pb2.TextDelta) -> None:
         if delta.error.code:
@@ -318,6 +324,27 @@ class GatewayRequest:
             self.fail(status)
 
     # ---- chunks and the end ----------------------------------------------
+
+    def taken(self) -> None:
+        """The client's transport has taken the oldest chunk handed out."""
+        self._unread.taken()
+
+    def _send(self, chunk: gateway_pb2.GenerateChunk) -> None:
+        """Hand a chunk out, unless the client has too much unread: then the
+        request fails instead, and its last chunk goes out without output."""
+        assert self._emit is not None
+        if (overflow := self._unread.overflow(chunk.ByteSize())) is not None:
+            if not chunk.finish_reason:
+                self.fail(overflow)
+                return
+            chunk.ClearField("text")
+            chunk.ClearField("token_ids")
+            chunk.ClearField("logprobs")
+            if not chunk.error.code:
+                chunk.finish_reason = common_pb2.FINISH_REASON_ERROR
+                chunk.error.CopyFrom(overflow)
+        self._unread.handed_out(chunk.ByteSize())
+        self._emit(chunk)
 
     def _finish(self, reason: int) -> None:
         self.finish_reason = reason
@@ -375,6 +402,7 @@ class GatewayRequest:
     def _release(self) -> None:
         """Free what the request holds in the peers and record its outcome."""
         self.hub.leave(self)
+        self._unread.close()
         if self.replica is not None and not self.engine_done:
             self.replica.abort(self.internal_id)  # which releases it too
         if self.detokenizing:

@@ -120,6 +120,7 @@ async def serve(config: GatewayConfig) -> int:
     from pagewire.services.gateway.grpc_api import GenerationServicer
     from pagewire.services.gateway.metrics import GatewayMetrics
     from pagewire.services.gateway.hub import Gateway, GatewaySettings
+    from pagewire.services.gateway.output_buffer import OutputLimits
     from pagewire.services.gateway.rest_api import create_app, status_response
 
     class EmbeddedUvicorn(uvicorn.Server):
@@ -147,6 +148,8 @@ async def serve(config: GatewayConfig) -> int:
         connect_timeout_s=config.connect_timeout_s,
         discovery_interval_s=config.discovery_interval_s,
         max_message_bytes=config.max_message_bytes,
+        # Half a message at most, so that every chunk fits one with room to spare.
+        output=OutputLimits(min(config.max_buffered_output_bytes, config.max_message_bytes // 2), config.client_read_timeout_s),
     )
     tls = TlsFiles.from_options(config.tls_cert, config.tls_key)
     try:
@@ -161,7 +164,7 @@ async def serve(config: GatewayConfig) -> int:
         return 1
     running = await start_service_server(
         config,
-        lambda server: gateway_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(gateway), server),
+        lambda server: gateway_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(gateway, config.max_message_bytes), server),
         SERVICE_NAME,
         interceptors=grpc_interceptors(config.api_key),
         credentials=tls.grpc_server_credentials() if tls else None,

@@ -12,6 +12,8 @@ import multiprocessing
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,7 +25,7 @@ from google.protobuf.duration_pb2 import Duration
 from pagewire.services.common.limits import MAX_STOP_TOKEN_IDS, max_prompt_chars, max_rest_body_bytes
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.gateway.bidi_stream import BidiStream
-from tests.support.harness import Cluster
+from tests.support.harness import Cluster, ServiceProcess, engine_stats, wait_until
 
 MAX_MODEL_LEN = 2048
 ENGINE_ARGS = ["--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "256"]
@@ -278,3 +280,71 @@ def test_an_overflowing_timeout_and_too_many_stop_token_ids_fail_alone(rest: htt
     assert sorted(finals) == ["fine", "huge-timeout", "many-stops"]
     assert finals["huge-timeout"].error.code == finals["many-stops"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert finals["fine"].usage.completion_tokens == 2 and not finals["fine"].error.code
+
+
+# --- backpressure ---------------------------------------------------------------------
+
+READ_TIMEOUT_S = 3
+# Far less than the 1500 tokens of LONG_WITH_LOGPROBS take on a CPU.
+STALL_WAIT_S = 60
+# Less than what waits for a client that stops reading: it must be split.
+SMALL_MESSAGE_BYTES = 32 * 1024
+UNREAD_REQUESTS = 12
+LONG_WITH_LOGPROBS = common_pb2.SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True, logprobs=20)
+
+
+@contextmanager
+def gateway_of(cluster: Cluster, log_dir: Path, *flags: str) -> Iterator[ServiceProcess]:
+    """Another gateway over the module's tokenizer and engine, with `flags`."""
+    gateway = ServiceProcess(
+        "gateway", ["--tokenizer", cluster.tokenizer.address, "--engine", cluster.engine.address, *flags], log_path=log_dir / "gateway.log"
+    )
+    with gateway.running():
+        yield gateway
+
+
+def engine_idle(cluster: Cluster) -> bool:
+    stats = engine_stats(cluster.engine.address)
+    return stats.load.num_running == stats.load.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_a_generate_client_that_stops_reading_has_its_requests_aborted_and_others_go_on(cluster: Cluster, tmp_path: Path) -> None:
+    flags = ["--max-message-bytes", str(SMALL_MESSAGE_BYTES), "--client-read-timeout-s", str(READ_TIMEOUT_S)]
+    # A client that takes no message over the limit, and whose window stays small.
+    options = [("grpc.max_receive_message_length", SMALL_MESSAGE_BYTES), ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=300, ignore_eos=True, logprobs=20)
+    with gateway_of(cluster, tmp_path, *flags) as gateway, grpc.insecure_channel(gateway.address, options=options) as channel:
+        stream = BidiStream(gateway_pb2_grpc.GenerationStub(channel), timeout_s=WAIT_S)
+        for i in range(UNREAD_REQUESTS):
+            stream.start(gateway_pb2.GenerateRequest(request_id=f"unread-{i}", text=f"Count to a thousand, step {i}:", sampling=sampling))
+        next(stream.call)
+        # The client reads no more: once its output waits READ_TIMEOUT_S, the requests are aborted.
+        wait_until(lambda: engine_idle(cluster), "the engine has dropped the unread requests", STALL_WAIT_S, interval_s=0.5)
+        with grpc.insecure_channel(gateway.address) as other:
+            fine = list(gateway_pb2_grpc.GenerationStub(other).Complete(gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(max_tokens=2)), timeout=WAIT_S))
+        assert fine[-1].usage.completion_tokens == 2 and not fine[-1].error.code
+        # Reading again, the client gets what waited in messages within its limit, and each request's end.
+        stream.close()
+        messages = list(stream.call)
+    finals = {chunk.request_id: chunk for message in messages for chunk in message.chunks if chunk.finish_reason}
+    assert sorted(finals) == sorted(f"unread-{i}" for i in range(UNREAD_REQUESTS))
+    for final in finals.values():
+        assert final.finish_reason == common_pb2.FINISH_REASON_ERROR and final.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], final
+        assert "--client-read-timeout-s" in final.error.message and final.usage.completion_tokens < sampling.max_tokens
+    sizes = [message.ByteSize() for message in messages]
+    assert max(sizes) <= SMALL_MESSAGE_BYTES < sum(sizes), sizes
+
+
+def test_a_complete_client_that_stops_reading_is_aborted_once_its_unread_output_passes_the_bound(cluster: Cluster, tmp_path: Path) -> None:
+    flags = ["--max-buffered-output-bytes", str(16 * 1024), "--client-read-timeout-s", "600"]
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    with gateway_of(cluster, tmp_path, *flags) as gateway, grpc.insecure_channel(gateway.address, options=options) as channel:
+        call = gateway_pb2_grpc.GenerationStub(channel).Complete(gateway_pb2.GenerateRequest(text="Count to a thousand:", sampling=LONG_WITH_LOGPROBS), timeout=WAIT_S)
+        next(call)
+        # The client reads no more: past 16 KiB of unread output, the request is aborted.
+        wait_until(lambda: engine_idle(cluster), "the engine has dropped the unread request", STALL_WAIT_S, interval_s=0.5)
+        with grpc.insecure_channel(gateway.address) as other:
+            fine = list(gateway_pb2_grpc.GenerationStub(other).Complete(gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(max_tokens=2)), timeout=WAIT_S))
+        assert fine[-1].usage.completion_tokens == 2 and not fine[-1].error.code
+        refused = grpc_error(call)
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-buffered-output-bytes" in (refused.details() or ""), refused
