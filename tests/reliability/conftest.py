@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.settings import ENGINE_ARGS, GATEWAY_ARGS
+from tests.reliability.settings import ENGINE_ARGS, GATEWAY_ARGS, TOKENIZER_ARGS
 from tests.support.harness import Cluster
 
 _figures: dict[str, dict[str, Any]] = {}
@@ -20,7 +20,7 @@ _figures: dict[str, dict[str, Any]] = {}
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    running = Cluster.create(tmp_path_factory.mktemp("reliability-logs"), engine_args=ENGINE_ARGS, gateway_args=GATEWAY_ARGS)
+    running = Cluster.create(tmp_path_factory.mktemp("reliability-logs"), tokenizer_args=TOKENIZER_ARGS, engine_args=ENGINE_ARGS, gateway_args=GATEWAY_ARGS)
     try:
         running.start()
         yield running

@@ -6,7 +6,11 @@ from __future__ import annotations
 # that a few hundred concurrent requests overflow it and must be refused.
 MAX_NUM_SEQS = 32
 MAX_QUEUE_LEN = 96
+# A 1 MiB message limit on every service (and the gateway's REST body
+# limit), so that the tests of oversized bodies and messages stay cheap.
+MAX_MESSAGE_BYTES = 1 << 20
+MESSAGE_LIMIT = ["--max-message-bytes", str(MAX_MESSAGE_BYTES)]
+TOKENIZER_ARGS = MESSAGE_LIMIT
 ENGINE_ARGS = ["--device", "cpu", "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue-len", str(MAX_QUEUE_LEN)]
-ENGINE_ARGS += ["--num-kv-blocks", "512", "--max-model-len", "2048"]
-# A 1 MiB body limit, so that the test of an oversized body stays cheap.
-GATEWAY_ARGS = ["--shutdown-grace-s", "20", "--reconnect-max-s", "1", "--max-message-bytes", str(1 << 20)]
+ENGINE_ARGS += ["--num-kv-blocks", "512", "--max-model-len", "2048", *MESSAGE_LIMIT]
+GATEWAY_ARGS = ["--shutdown-grace-s", "20", "--reconnect-max-s", "1", *MESSAGE_LIMIT]

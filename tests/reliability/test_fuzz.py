@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from pagewire.services.common.model import resolve_model
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.reliability.fuzz_inputs import FLOATS, chat_turns, texts, timeouts
+from tests.reliability.fuzz_inputs import sampling_params as fuzz_sampling_params
 from tests.support.harness import Cluster
 
 SHORT_EXAMPLES = 60
@@ -44,6 +46,7 @@ scalars = (
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(FLOATS)
     | st.text(max_size=40)
     | st.sampled_from(["", "\u0000", "\ud7ff\ue000", "🦀" * 50, "\u202e", "null", "NaN"])
 )
@@ -136,22 +139,9 @@ def _rest_fuzz(cluster: Cluster, examples: int) -> dict[str, Any]:
     return {"requests": sum(seen.values()), "by_status": {str(code): count for code, count in sorted(seen.items())}, "server_errors": 0}
 
 
-sampling_params = st.builds(
-    common_pb2.SamplingParams,
-    temperature=st.none() | st.floats(width=32),
-    top_p=st.none() | st.floats(width=32),
-    top_k=st.none() | st.integers(min_value=-(2**31), max_value=2**31 - 1),
-    min_p=st.none() | st.floats(width=32),
-    seed=st.none() | st.integers(min_value=0, max_value=2**64 - 1),
-    repetition_penalty=st.none() | st.floats(width=32),
-    presence_penalty=st.none() | st.floats(width=32),
-    frequency_penalty=st.none() | st.floats(width=32),
-    max_tokens=st.integers(min_value=0, max_value=2),
-    stop_token_ids=st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=4),
-    ignore_eos=st.booleans(),
-    logprobs=st.none() | st.integers(min_value=0, max_value=2**32 - 1),
-    n=st.none() | st.integers(min_value=0, max_value=2**32 - 1),
-)
+# Every field unset, at an extreme of its type (subnormals, NaN, the largest
+# integers, 65 stop ids...) or arbitrary; at most 2 tokens.
+sampling_params = fuzz_sampling_params(st.integers(min_value=0, max_value=2))
 
 
 @st.composite
@@ -178,17 +168,15 @@ def generate_requests(draw: st.DrawFn) -> gateway_pb2.GenerateRequest:
     )
     kind = draw(st.sampled_from(["none", "text", "token_ids", "chat"]))
     if kind == "text":
-        request.text = draw(st.text(max_size=200))
+        request.text = draw(st.sampled_from(texts()) | st.text(max_size=200))
     elif kind == "token_ids":
         request.token_ids.ids.extend(draw(st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=8)))
         request.token_ids.SetInParent()
     elif kind == "chat":
-        turns = draw(st.lists(st.tuples(st.sampled_from(["user", "system", "assistant", "tool", "", "x"]), st.text(max_size=50)), max_size=3))
-        request.chat.messages.extend(common_pb2.ChatMessage(role=role, content=content) for role, content in turns)
+        request.chat.messages.extend(common_pb2.ChatMessage(role=role, content=content) for role, content in draw(chat_turns()))
         request.chat.SetInParent()
     if draw(st.booleans()):
-        request.timeout.seconds = draw(st.integers(min_value=-(2**40), max_value=2**40))
-        request.timeout.nanos = draw(st.integers(min_value=-999_999_999, max_value=999_999_999))
+        request.timeout.CopyFrom(draw(timeouts()))
     return request
 
 
