@@ -52,6 +52,7 @@ class Facts:
     model_id: str
     vocab_size: int
     max_model_len: int
+    eos_token_id: int
     good_prompts: tuple[tuple[int, ...], ...]
     # The greedy output of each, from the engine.
     good_outputs: tuple[tuple[int, ...], ...] = ()
@@ -317,6 +318,9 @@ def detokenize_sweep(facts: Facts) -> list[Item]:
 
 @st.composite
 def detokenize_draws(draw: st.DrawFn, facts: Facts) -> Item:
+    """Appends at most max_model_len ids, the most a request can produce;
+    longer ones are a case of their own (test_stream_fuzz's
+    detokenize-long-append-with-stop-strings)."""
     ids = token_ids(facts.vocab_size)
     start = None
     if draw(st.integers(0, 9)):
@@ -326,7 +330,8 @@ def detokenize_draws(draw: st.DrawFn, facts: Facts) -> Item:
             skip_special_tokens=draw(st.none() | st.booleans()),
             prompt_tail_ids=draw(ids),
         )
-    return detokenize_item(facts, "hypothesis draw", start, draw(ids), request_id=draw(request_ids("draw-")))
+    appended = draw(ids)[: facts.max_model_len]
+    return detokenize_item(facts, "hypothesis draw", start, appended, request_id=draw(request_ids("draw-")))
 
 
 # --- the tokenizer's Tokenize ---------------------------------------------------------

@@ -111,10 +111,13 @@ def batched(items: Sequence[T], size: int = BATCH) -> list[list[T]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)] or [[]]
 
 
-async def run_session(hop: Hop, address: str, goods: Sequence[Item], schedule: Sequence[Sequence[Item]]) -> tuple[list[tuple[Item, Outcome]], list[tuple[Item, Outcome]], StreamEnd]:
+async def run_session(
+    hop: Hop, address: str, goods: Sequence[Item], schedule: Sequence[Sequence[Item]], settle_s: float = SETTLE_S
+) -> tuple[list[tuple[Item, Outcome]], list[tuple[Item, Outcome]], StreamEnd]:
     """Send `schedule` batch by batch on one stream, a well-formed request
     (from `goods`, in turn) first in each batch; the outcomes of the items
-    and of the well-formed requests, and how the stream ended."""
+    and of the well-formed requests, and how the stream ended. AssertionError
+    when replies take longer than `settle_s`."""
     sent_goods: list[Item] = []
     sent: list[Item] = []
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
@@ -128,8 +131,8 @@ async def run_session(hop: Hop, address: str, goods: Sequence[Item], schedule: S
                 await stream.send(message)
             sent_goods.append(good)
             sent += batch
-            await stream.settle(finals([item for item in batch if not item.duplicate]), SETTLE_S)
-        await stream.settle(finals([*sent_goods, *sent]), SETTLE_S)
+            await stream.settle(finals([item for item in batch if not item.duplicate]), settle_s)
+        await stream.settle(finals([*sent_goods, *sent]), settle_s)
         end = await stream.close()
 
         def outcome(item: Item) -> Outcome:
@@ -156,7 +159,7 @@ def essence(outcome: Outcome) -> tuple[Any, ...]:
 _baselines: dict[str, dict[str, Any]] = {}
 
 
-async def fuzz_hop(hop: Hop, address: str, goods: Sequence[Item], schedule: Sequence[Sequence[Item]], report: Report) -> None:
+async def fuzz_hop(hop: Hop, address: str, goods: Sequence[Item], schedule: Sequence[Sequence[Item]], report: Report, settle_s: float = SETTLE_S) -> None:
     """One session with noise against the well-formed requests alone; the
     contract's breaches go into report.failures."""
     started = time.monotonic()
@@ -164,7 +167,7 @@ async def fuzz_hop(hop: Hop, address: str, goods: Sequence[Item], schedule: Sequ
         _, alone, _ = await run_session(hop, address, goods, [[]] * len(goods))
         _baselines[hop.name] = {good.name: essence(outcome) for good, outcome in alone}
     baseline = _baselines[hop.name]
-    results, goods_seen, end = await run_session(hop, address, goods, schedule)
+    results, goods_seen, end = await run_session(hop, address, goods, schedule, settle_s)
     report.sessions += 1
     report.goods += len(goods_seen)
     if end.code is not grpc.StatusCode.OK:
