@@ -4,17 +4,11 @@ tokens back, and nothing a request sees changes for it."""
 from __future__ import annotations
 
 from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
-from tests.engine.util import assert_no_leaks, make_engine, run_all, tokens_of
+from tests.engine.util import assert_no_leaks, make_engine, mixed_sampling, run_all, tokens_of
 
 MAX_TOKENS = 10
 
-VARIANTS = [
-    SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=MAX_TOKENS),
-    SamplingParams(temperature=1.2, top_k=20, min_p=0.05, seed=12, max_tokens=MAX_TOKENS),
-    SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, max_tokens=MAX_TOKENS),
-    SamplingParams(temperature=0.0, logprobs=3, max_tokens=MAX_TOKENS),
-    SamplingParams(temperature=0.7, seed=13, presence_penalty=0.5, logprobs=2, max_tokens=MAX_TOKENS),
-]
+VARIANTS = mixed_sampling(MAX_TOKENS)
 
 
 def _run(engine_model, prompts, async_scheduling: bool) -> dict:  # type: ignore[no-untyped-def]

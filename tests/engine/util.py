@@ -50,3 +50,15 @@ def assert_no_leaks(core: EngineCore) -> None:
     assert pool.num_free == core.kv_cache.num_blocks
     assert core.kv_cache.usage == 0.0
     assert not core.executor.sampler.request_generators
+
+
+def mixed_sampling(max_tokens: int) -> list[SamplingParams]:
+    """Seeded sampling with every filter, penalties and logprobs: requests
+    whose outputs must not depend on how the engine steps."""
+    return [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=max_tokens),
+        SamplingParams(temperature=1.2, top_k=20, min_p=0.05, seed=12, max_tokens=max_tokens),
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, max_tokens=max_tokens),
+        SamplingParams(temperature=0.0, logprobs=3, max_tokens=max_tokens),
+        SamplingParams(temperature=0.7, seed=13, presence_penalty=0.5, logprobs=2, max_tokens=max_tokens),
+    ]

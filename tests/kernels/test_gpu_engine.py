@@ -22,6 +22,7 @@ from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
 from pagewire.services.engine.core.engine import EngineCore
 from pagewire.services.engine.executor.model_executor import create_engine_core
 from pagewire.services.engine.core.sequence import SamplingParams
+from tests.engine.util import mixed_sampling
 
 pytestmark = pytest.mark.gpu
 
@@ -136,13 +137,7 @@ def test_gpu_engine_reused_ids_and_preemption_keep_greedy_output(checkpoint: Pat
 
 def _sampled_outputs(core: EngineCore, prompts: list[list[int]]) -> dict[str, tuple[list[int], list]]:
     """Seeded sampling, penalties, logprobs and a stop token in one batch."""
-    variants = [
-        SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=MAX_NEW_TOKENS),
-        SamplingParams(temperature=1.2, top_k=20, min_p=0.05, seed=12, max_tokens=MAX_NEW_TOKENS),
-        SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, max_tokens=MAX_NEW_TOKENS),
-        SamplingParams(temperature=0.0, logprobs=3, max_tokens=MAX_NEW_TOKENS),
-        SamplingParams(temperature=0.7, seed=13, presence_penalty=0.5, logprobs=2, max_tokens=MAX_NEW_TOKENS),
-    ]
+    variants = mixed_sampling(MAX_NEW_TOKENS)
     for index, ids in enumerate(prompts):
         core.add_request(f"r{index}", ids, variants[index % len(variants)])
     outputs: dict[str, tuple[list[int], list]] = {}
