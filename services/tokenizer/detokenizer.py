@@ -18,6 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"
+# A character spans at most 4 byte-level tokens, so a window holding more
+# unreleased tokens than this is not waiting for a character to complete:
+# its tokens decode to nothing (skipped special tokens) or to invalid bytes.
+# Releasing it then keeps each decode a few tokens long; otherwise a stream
+# of such tokens, taken one at a time for stop strings, decodes an ever
+# longer window and costs quadratic time.
+MAX_UNRELEASED_TOKENS = 8
 
 Decode = Callable[[list[int], bool], str]
 
@@ -95,7 +102,8 @@ class IncrementalDetokenizer:
         released_before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         window_text = self._decode(self.ids[self.prefix_offset :])
         new_text = ""
-        if last or (len(window_text) > len(released_before) and not window_text.endswith(REPLACEMENT_CHAR)):
+        completed = len(window_text) > len(released_before) and not window_text.endswith(REPLACEMENT_CHAR)
+        if last or completed or len(self.ids) - self.read_offset > MAX_UNRELEASED_TOKENS:
             new_text = window_text[len(released_before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         update = self._release(self.held_text + new_text, last)

@@ -326,13 +326,10 @@ ADVERSARIAL_CASES: dict[str, Callable[[Facts], Report]] = {
     "gateway-dense-text": case_gateway_dense_text,
     "gateway-duplicate-start": case_gateway_duplicate_start,
     "rest-dense-prompt": case_rest_dense_prompt,
-    # Last: while it fails, the tokenizer's thread stays busy a while after it.
     "detokenize-long-append-with-stop-strings": case_detokenize_long_append_with_stop_strings,
 }
-# Cases that still fail, with the item of issue 14 whose fix they wait for.
-OPEN_ITEMS = {"detokenize-long-append-with-stop-strings": "issue 14 item 6: stop strings take an append a token at a time, decoding a window that never advances"}
 
 
-@pytest.mark.parametrize("case", [pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason=OPEN_ITEMS[name])] if name in OPEN_ITEMS else []) for name in ADVERSARIAL_CASES])
+@pytest.mark.parametrize("case", list(ADVERSARIAL_CASES))
 def test_adversarial_case_fails_alone(case: str, watched: Watched, record_figures) -> None:  # type: ignore[no-untyped-def]
     assert_kept(watched, {case: ADVERSARIAL_CASES[case](watched.facts)}, record_figures)

@@ -95,3 +95,27 @@ def test_text_held_for_a_possible_stop_is_flushed_at_the_end(hf_tokenizer) -> No
     detok = IncrementalDetokenizer(hf_tokenizer, stop=["STOP"])
     pieces = _stream(detok, ids)
     assert "".join(pieces) == "the end is ST"
+
+
+@pytest.mark.parametrize("kind", ["skipped-special", "invalid-bytes"])
+def test_tokens_without_text_keep_the_decoding_window_short(hf_tokenizer, kind: str) -> None:
+    # Taken a token at a time (as stop strings need), a long run of tokens that
+    # never completes a character must not decode an ever longer window: the
+    # ids decoded per appended token stay bounded, and the text is still that
+    # of decoding the whole run.
+    # "\u00a2" is the byte-level token of byte 0xA2, a lone UTF-8 continuation byte.
+    token = hf_tokenizer.eos_token_id if kind == "skipped-special" else hf_tokenizer.convert_tokens_to_ids("\u00a2")
+    detok = IncrementalDetokenizer(hf_tokenizer, stop=["\n\n"])
+    decoded_ids = 0
+    decode = detok._decode_ids
+
+    def counting(ids: list[int], skip: bool) -> str:
+        nonlocal decoded_ids
+        decoded_ids += len(ids)
+        return decode(ids, skip)
+
+    detok._decode_ids = counting
+    run = [token] * 2000
+    text = detok.append(run, last=True).text
+    assert decoded_ids < 40 * len(run)
+    assert text == hf_tokenizer.decode(run, skip_special_tokens=True)
