@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.executor.model_executor import create_engine_core
@@ -28,13 +28,21 @@ def _qwen2_tied() -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=True))
 
 
-@pytest.mark.parametrize("build", [_llama3_scaled, _qwen2_tied], ids=["llama-untied-llama3-rope", "qwen2-bias-tied"])
+def _qwen3() -> Qwen3ForCausalLM:
+    # head_dim apart from hidden / heads, as in the released Qwen3 models.
+    return Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize(
+    "build", [_llama3_scaled, _qwen2_tied, _qwen3], ids=["llama-untied-llama3-rope", "qwen2-bias-tied", "qwen3-qk-norm"]
+)
 def test_safetensors_model_matches_transformers(tmp_path, build) -> None:
     torch.manual_seed(0)
     reference = build().eval()
     reference.save_pretrained(tmp_path)
     config = read_hf_config(tmp_path)
     assert config.qkv_bias == (config.architecture == "qwen2")
+    assert config.qk_norm == (config.architecture == "qwen3")
     assert (config.rope_scaling or {}).get("rope_type") == ("llama3" if config.architecture == "llama" else None)
     core = create_engine_core(EngineConfig(model=str(tmp_path), device="cpu", num_kv_blocks=32, block_size=4, max_num_batched_tokens=8))
     # Long enough to pass the llama3 rope's original context, in several chunks.

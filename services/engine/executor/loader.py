@@ -19,7 +19,9 @@ from pagewire.services.engine.executor.models.llama import LlamaForCausalLM, Mod
 
 log = get_logger("engine")
 
-SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
+SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+# Architectures whose attention normalises each head of q and k before rotary.
+QK_NORM_ARCHITECTURES = {"qwen3"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -85,6 +87,7 @@ def read_hf_config(directory: Path) -> ModelConfig:
         qkv_bias=architecture == "qwen2" or raw.get("attention_bias", False),
         eos_token_ids=eos,
         rope_scaling=scaling,
+        qk_norm=architecture in QK_NORM_ARCHITECTURES,
     )
 
 

@@ -1,7 +1,8 @@
-"""Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral; Qwen2's qkv bias) over a
-flattened batch: the tokens of every scheduled sequence, prefill chunks and
-decodes alike, go through each GEMM together, and attention reads the paged
-KV cache through the backend."""
+"""The decoder of the Llama family and its relatives (Llama 2/3.x and SmolLM2
+as they are, Qwen2 with its qkv bias, Qwen3 with a per-head RMSNorm of q and
+k before rotary) over a flattened batch: the tokens of every scheduled
+sequence, prefill chunks and decodes alike, go through each GEMM together,
+and attention reads the paged KV cache through the backend."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class ModelConfig:
     qkv_bias: bool
     eos_token_ids: tuple[int, ...]
     rope_scaling: dict[str, Any] | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before rotary
 
 
 class Attention(nn.Module):
@@ -49,6 +51,10 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.backend = backend
         self.scale = self.head_dim**-0.5
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata
@@ -58,6 +64,9 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(-1, self.head_dim))[0].view_as(q)
+            k = self.k_norm(k.reshape(-1, self.head_dim))[0].view_as(k)
         q, k = self.rotary(positions, q, k)
         key_cache, value_cache = kv_cache
         self.backend.reshape_and_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
