@@ -42,7 +42,7 @@ from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.clients import EngineReplica
 from pagewire.services.gateway.metrics import GatewayMetrics
 from pagewire.services.gateway.output_buffer import OutputLimits, UnreadOutput
-from pagewire.services.gateway.validation import check_fits, check_prompt_length, validate_request
+from pagewire.services.gateway.validation import check_fits, check_prompt, validate_request
 from pagewire.v1 import common_pb2, engine_pb2, gateway_pb2, tokenizer_pb2
 
 log = get_logger("gateway")
@@ -206,7 +206,7 @@ class GatewayRequest:
         return await self.hub.tokenize(tokenize)
 
     def _submit(self, model: engine_pb2.EngineInfo, prompt: list[int]) -> None:
-        check_prompt_length(len(prompt), model)
+        check_prompt(prompt, model)
         self.replica = self.hub.pick_replica(model.model_id, prompt)
         self.hub.register(self)
         self.hub.detokenize(

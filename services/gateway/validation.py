@@ -84,7 +84,7 @@ def check_fits(request: gateway_pb2.GenerateRequest, model: engine_pb2.EngineInf
         )
     kind = request.WhichOneof("input")
     if kind == "token_ids":
-        check_prompt_length(len(request.token_ids.ids), model)
+        check_prompt(list(request.token_ids.ids), model)
         return
     chars = len(request.text) if kind == "text" else sum(len(message.content) for message in request.chat.messages)
     if chars > max_prompt_chars(model.max_model_len):
@@ -95,12 +95,21 @@ def check_fits(request: gateway_pb2.GenerateRequest, model: engine_pb2.EngineInf
         )
 
 
-def check_prompt_length(prompt_len: int, model: engine_pb2.EngineInfo) -> None:
-    """Refuse a prompt that leaves the model no room for MIN_OUTPUT_TOKENS."""
-    longest = model.max_model_len - MIN_OUTPUT_TOKENS
+def check_prompt(prompt_ids: list[int], model: engine_pb2.EngineInfo) -> None:
+    """Refuse a prompt that leaves the model no room for MIN_OUTPUT_TOKENS or
+    holds ids outside its vocabulary."""
+    longest, prompt_len = model.max_model_len - MIN_OUTPUT_TOKENS, len(prompt_ids)
     if prompt_len > longest:
         raise invalid_argument(
             f"the prompt has {prompt_len} tokens; {model.model_id} accepts at most {longest} "
             f"(max_model_len {model.max_model_len} includes at least {MIN_OUTPUT_TOKENS} output token): shorten the prompt",
+            field="prompt",
+        )
+    # Checked here, before the ids reach the tokenizer (the prompt's tail
+    # opens the detokenizer) and the engine, so the refusal names the field
+    # the caller sent.
+    if prompt_ids and (largest := max(prompt_ids)) >= model.vocab_size:
+        raise invalid_argument(
+            f"the prompt holds token id {largest}; {model.model_id} has a vocabulary of {model.vocab_size} (ids 0 to {model.vocab_size - 1})",
             field="prompt",
         )

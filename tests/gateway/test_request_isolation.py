@@ -161,6 +161,20 @@ def test_prompts_longer_than_any_that_fits_are_refused_before_parsing_or_tokeniz
     small_completion(rest)
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused_naming_the_prompt(rest: httpx.Client, stub: gateway_pb2_grpc.GenerationStub) -> None:
+    # The largest id a client can send (uint32 on gRPC), and the first past the
+    # vocabulary the refusal names: both are the caller's `prompt`, never a
+    # field of the gateway's internal messages.
+    error = error_of(rest.post("/v1/completions", json={"prompt": [1, 4294967295], "max_tokens": 1}), 400)
+    assert error["param"] == "prompt" and "vocabulary of" in error["message"], error
+    vocab_size = int(error["message"].rsplit("vocabulary of ", 1)[1].split()[0])
+    error = error_of(rest.post("/v1/completions", json={"prompt": [vocab_size], "max_tokens": 1}), 400)
+    assert error["param"] == "prompt", error
+    refused = grpc_error(stub.Complete(gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=[vocab_size])), timeout=WAIT_S))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in (refused.details() or "")
+    assert rest.post("/v1/completions", json={"prompt": [vocab_size - 1], "max_tokens": 1}).status_code == 200
+
+
 # --- OpenAI fields -------------------------------------------------------------
 
 
