@@ -20,6 +20,8 @@ from google.protobuf.duration_pb2 import Duration
 from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.common.grpc_utils import violated_field
 from pagewire.services.common.limits import (
+    MAX_CHOICES,
+    MAX_CONSTRAINT_BYTES,
     MAX_LOGPROBS,
     MAX_PENALTY,
     MAX_STOP_STRING_CHARS,
@@ -41,7 +43,7 @@ from pagewire.services.gateway.rest_api import create_app
 from pagewire.services.gateway.router import RoutingPolicy
 from pagewire.services.gateway.validation import validate_request
 from pagewire.services.tokenizer.servicer import TokenizerServicer
-from pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
+from pagewire.v1 import common_pb2, engine_pb2, gateway_pb2, tokenizer_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "limits-test"
@@ -69,7 +71,7 @@ class PeersDownHub:
     def admit(self, request: GatewayRequest) -> None:
         pass
 
-    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> list[int]:
+    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResult:
         raise RequestError(Refusal.UNAVAILABLE, "the tokenizer is down")
 
     def pick_replica(self, model_id: str, prompt: list[int]) -> EngineReplica:
@@ -200,6 +202,26 @@ def test_gateway_timeout_limit(timeout: Duration, accepted: bool) -> None:
         assert refusal is not None and refusal.field == "timeout", refusal
 
 
+@pytest.mark.parametrize(
+    ("field", "at_limit", "past_limit"),
+    [
+        ("json_schema", common_pb2.Constraint(json_schema="x" * MAX_CONSTRAINT_BYTES), common_pb2.Constraint(json_schema="x" * (MAX_CONSTRAINT_BYTES + 1))),
+        ("regex", common_pb2.Constraint(regex="x" * MAX_CONSTRAINT_BYTES), common_pb2.Constraint(regex="x" * (MAX_CONSTRAINT_BYTES + 1))),
+        ("ebnf", common_pb2.Constraint(ebnf="x" * MAX_CONSTRAINT_BYTES), common_pb2.Constraint(ebnf="x" * (MAX_CONSTRAINT_BYTES + 1))),
+        ("choice", common_pb2.Constraint(choice=common_pb2.Choice(choices=["x"] * MAX_CHOICES)), common_pb2.Constraint(choice=common_pb2.Choice(choices=["x"] * (MAX_CHOICES + 1)))),
+        (
+            "choice",
+            common_pb2.Constraint(choice=common_pb2.Choice(choices=["x" * (MAX_CONSTRAINT_BYTES // 2)] * 2)),
+            common_pb2.Constraint(choice=common_pb2.Choice(choices=["x" * (MAX_CONSTRAINT_BYTES // 2)] * 2 + ["x"])),
+        ),
+    ],
+)
+def test_gateway_constraint_limits_name_the_field(field: str, at_limit: common_pb2.Constraint, past_limit: common_pb2.Constraint) -> None:
+    assert _refusal(gateway_pb2.GenerateRequest(text="Hi", constraint=at_limit)) is None
+    refusal = _refusal(gateway_pb2.GenerateRequest(text="Hi", constraint=past_limit))
+    assert refusal is not None and refusal.field == f"constraint.{field}", refusal
+
+
 def test_gateway_stop_refusals_say_the_limit_and_what_was_sent() -> None:
     refusal = _refusal(gateway_pb2.GenerateRequest(text="Hi", stop=["x"] * 40))
     assert refusal is not None and refusal.message == f"at most {MAX_STOP_STRINGS} stop strings are accepted, got 40"
@@ -300,6 +322,8 @@ def test_engine_accepts_each_limit_and_refuses_one_past_it_naming_the_field(fiel
         ("common.proto", f"Must be >= {MIN_OUTPUT_TOKENS}."),
         ("gateway.proto", f"nor over a day ({MAX_TIMEOUT_S} s)"),
         ("engine.proto", f"Must not be negative nor over a day ({MAX_TIMEOUT_S} s)"),
+        ("common.proto", f"most {MAX_CONSTRAINT_BYTES} bytes, and there are at most {MAX_CHOICES} choices"),
+        ("common.proto", f"none empty, at most {MAX_CHOICES}."),
     ],
 )
 def test_the_protos_document_the_limits(proto: str, wording: str) -> None:

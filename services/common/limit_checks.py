@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pagewire.services.common.errors import invalid_argument
-from pagewire.services.common.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TIMEOUT_S
+from pagewire.services.common.limits import MAX_CHOICES, MAX_CONSTRAINT_BYTES, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TIMEOUT_S
+from pagewire.v1 import common_pb2
 
 
 def at_most(what: str, count: int, limit: int) -> str:
@@ -32,3 +33,27 @@ def check_stop_strings(stop: Sequence[str]) -> None:
     longest = max(map(len, stop), default=0)
     if longest > MAX_STOP_STRING_CHARS:
         raise invalid_argument(f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}", field="stop")
+
+
+def check_constraint(constraint: common_pb2.Constraint) -> None:
+    """Refuse a constraint whose text is empty or too long to compile while
+    the request waits, or a choice list that is empty or too long."""
+    kind = constraint.WhichOneof("kind")
+    field = f"constraint.{kind}"
+    if kind in ("json_schema", "regex", "ebnf"):
+        texts = [getattr(constraint, kind)]
+        if not texts[0]:
+            raise invalid_argument(f"{field} is empty", field=field)
+    elif kind == "choice":
+        texts = list(constraint.choice.choices)
+        if not texts:
+            raise invalid_argument(f"{field} has no choices: give at least one", field=field)
+        if len(texts) > MAX_CHOICES:
+            raise invalid_argument(at_most("choices", len(texts), MAX_CHOICES), field=field)
+        if not all(texts):
+            raise invalid_argument(f"{field} holds an empty string: every choice needs at least one character", field=field)
+    else:
+        return
+    size = sum(len(text.encode()) for text in texts)
+    if size > MAX_CONSTRAINT_BYTES:
+        raise invalid_argument(f"{field} has {size} bytes; at most {MAX_CONSTRAINT_BYTES} are accepted", field=field)

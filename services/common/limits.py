@@ -22,6 +22,22 @@ MAX_STOP_STRING_CHARS = 256
 # on every step; 64 is far past the few end-of-turn ids a chat template uses.
 MAX_STOP_TOKEN_IDS = 64
 
+# Bytes of a structured-output constraint's text: a JSON schema, a regex, an
+# EBNF grammar, or the choices together. The tokenizer service compiles it
+# while the request waits, and compile time and the compiled grammar (sent
+# with the request to the engine) grow with it; 64 KiB holds schemas of
+# hundreds of properties.
+MAX_CONSTRAINT_BYTES = 64 * 1024
+
+# Strings of a `choice` constraint: each is one alternative of the grammar
+# the engine walks at every step.
+MAX_CHOICES = 256
+
+# Compiled grammars the tokenizer service keeps, by bytes of their
+# serialized form: a client that repeats its schema (the common case) pays
+# for compiling it once.
+GRAMMAR_CACHE_BYTES = 256 * 1024 * 1024
+
 # Most likely alternatives returned per output token with logprobs: OpenAI's
 # maximum, and each of them is one more token text for the gateway to fetch.
 MAX_LOGPROBS = 20
@@ -56,8 +72,9 @@ MAX_TOKEN_BYTES = 128
 MAX_JSON_BYTES_PER_TEXT_BYTE = 6
 
 # What a REST body holds besides its prompt: stop strings (16 of 256
-# characters, escaped), stop_token_ids, sampling fields and JSON punctuation.
-REST_BODY_OVERHEAD_BYTES = 64 * 1024
+# characters, escaped), stop_token_ids, sampling fields and JSON punctuation,
+# and a response_format or tools of up to MAX_CONSTRAINT_BYTES, escaped.
+REST_BODY_OVERHEAD_BYTES = 64 * 1024 + MAX_CONSTRAINT_BYTES * MAX_JSON_BYTES_PER_TEXT_BYTE
 
 
 def max_prompt_chars(max_model_len: int) -> int:

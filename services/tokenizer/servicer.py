@@ -35,6 +35,7 @@ from pagewire.services.common.message_size import entry_bytes, packed, too_large
 from pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from pagewire.services.tokenizer.detokenizer import IncrementalDetokenizer
 from pagewire.services.tokenizer.encoder import ChatTurn, PromptEncoder
+from pagewire.services.tokenizer.grammar import GrammarCompiler
 
 log = get_logger("tokenizer")
 
@@ -54,6 +55,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         self.model_id = model_id
         self.vocab_size = len(tokenizer)
         self.encoder = PromptEncoder(tokenizer, model_id)
+        self.grammars = GrammarCompiler(tokenizer)
         self.max_message_bytes = max_message_bytes
         self._pool = ThreadPoolExecutor(max_workers=encoding_threads(), thread_name_prefix="tokenize")
 
@@ -69,6 +71,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             return self.encoder.encode_text(request.text, add_special)
         if kind == "chat":
             return self.encode_chat(request.chat)
+        if request.HasField("constraint"):
+            return []  # a prompt the caller tokenized itself: only the constraint to compile
         raise invalid_argument("the request has no input: set text or chat")
 
     def encode_chat(self, chat: tokenizer_pb2.Chat) -> list[int]:
@@ -88,8 +92,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         result = tokenizer_pb2.TokenizeResult(request_id=request.request_id)
         try:
             result.token_ids.extend(self.encode(request))
+            if request.HasField("constraint"):
+                result.compiled_grammar = self.grammars.compile(request.constraint)
             if entry_bytes(result) > self.max_message_bytes:
-                raise too_large(f"the prompt's {len(result.token_ids)} token ids", entry_bytes(result), self.max_message_bytes)
+                what = "the prompt's token ids and the compiled grammar" if result.compiled_grammar else "the prompt's token ids"
+                raise too_large(f"{what} ({len(result.token_ids)} ids)", entry_bytes(result), self.max_message_bytes)
         except RequestError as exc:
             log.info("tokenize_refused", request_id=request.request_id, reason=exc.message)
             return tokenizer_pb2.TokenizeResult(request_id=request.request_id, error=to_status(exc))
