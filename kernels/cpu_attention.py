@@ -34,6 +34,7 @@ def _padded_attention(
     query_starts: torch.Tensor,
     query_lens: torch.Tensor,
     scale: float,
+    sliding_window: int,
 ) -> None:
     """Attention of one group of sequences (all with query rows), written into out."""
     block_size = key_cache.shape[1]
@@ -51,7 +52,7 @@ def _padded_attention(
     # Row i of a chunk sits at position context - chunk + i and sees positions up to it;
     # padding rows see everything, which keeps them finite, and are dropped.
     positions = (context_lens - query_lens)[:, None] + offsets[None, :]
-    visible = torch.arange(keys.shape[2])[None, None, :] <= positions[:, :, None]
+    visible = reference.visible_keys(positions, torch.arange(keys.shape[2]), sliding_window)
     attended = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=visible[:, None], scale=scale, enable_gqa=True)
     out[rows] = attended.transpose(1, 2)[valid].to(out.dtype)
 
@@ -67,6 +68,7 @@ def paged_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """kernels/reference.py: paged_attention, with the step's sequences batched."""
     out = torch.empty_like(query)
@@ -82,6 +84,6 @@ def paged_attention(
     for group in (g for g in groups if len(g)):
         _padded_attention(
             out, query, key_cache, value_cache, block_tables[group], seq_lens[group].long(),
-            query_start_loc[group].long(), query_lens[group], scale,
+            query_start_loc[group].long(), query_lens[group], scale, sliding_window,
         )  # fmt: skip
     return out

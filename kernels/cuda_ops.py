@@ -178,6 +178,7 @@ def paged_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """kernels/reference.py: paged_attention, on the GPU, for bf16/fp16 and
     head_dim 64 or 128. Query rows past query_start_loc[-1] (padding) come
@@ -214,7 +215,9 @@ def paged_attention(
     grid_tiles = num_tokens // tile_tokens + num_seqs
     busy_tiles = num_seqs if max_query_len <= tile_tokens else grid_tiles
     attention = attention_kernel(query.dtype, head_dim, warps_m, query.device)
-    num_splits = choose_num_splits(busy_tiles * num_kv_heads, max_seq_len, attention.resident_blocks, attention.multiprocessors)
+    # A block streams at most the window (plus its own query rows) of K/V.
+    streamed = min(max_seq_len, sliding_window + tile_tokens) if sliding_window > 0 else max_seq_len
+    num_splits = choose_num_splits(busy_tiles * num_kv_heads, streamed, attention.resident_blocks, attention.multiprocessors)
     if num_splits > 1:
         partial_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
         partial_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
@@ -244,6 +247,7 @@ def paged_attention(
             np.int32(num_kv_heads),
             np.int32(group),
             np.int32(block_size),
+            np.int32(sliding_window),
             np.float32(scale * math.log2(math.e)),
         ),
         attention.shared_bytes,

@@ -12,10 +12,15 @@
 // accumulation) with an online softmax in registers (FlashAttention-2); K/V
 // tiles stream into shared memory through cp.async, two stages deep.
 //
+// With a sliding window (sliding_window > 0) a query at position p sees only
+// the keys at p - sliding_window + 1 .. p, and a block starts its K/V stream at
+// the first key its first query row sees.
+//
 // Long contexts split across gridDim.z thread blocks (flash-decoding): each
-// sequence divides its own context into gridDim.z pieces, and every block
-// writes a normalised partial output plus its log-sum-exp, which
-// combine_splits_kernel merges. With one split the kernel writes the output.
+// sequence divides its own context (from where the window starts) into
+// gridDim.z pieces, and every block writes a normalised partial output plus
+// its log-sum-exp, which combine_splits_kernel merges. With one split the
+// kernel writes the output.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
 // tests, so it includes no headers.
@@ -102,7 +107,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     const u16* __restrict__ key_cache, const u16* __restrict__ value_cache,
     const int* __restrict__ block_tables, int block_table_stride,
     const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
-    int num_seqs, int num_tokens, int num_kv_heads, int group, int block_size, float scale_log2) {
+    int num_seqs, int num_tokens, int num_kv_heads, int group, int block_size, int sliding_window, float scale_log2) {
     using Shape = AttentionShape<HEAD_DIM, WARPS_M>;
     constexpr int WARPS_N = Shape::WARPS_N;
     constexpr int ROWS = Shape::ROWS;
@@ -140,8 +145,9 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     const int tokens_here = min(tile_tokens, query_len - first_token);
     const int first_position = context_len - query_len + first_token;
     const int kv_end = first_position + tokens_here;  // the last query row attends up to here
-    const int piece = ((kv_end + num_splits - 1) / num_splits + KV_TILE - 1) / KV_TILE * KV_TILE;
-    const int kv_begin = split * piece;
+    const int kv_first = sliding_window > 0 ? max(0, first_position - sliding_window + 1) : 0;  // the first row's window
+    const int piece = ((kv_end - kv_first + num_splits - 1) / num_splits + KV_TILE - 1) / KV_TILE * KV_TILE;
+    const int kv_begin = kv_first + split * piece;
     const int kv_stop = min(kv_begin + piece, kv_end);
     const int num_tiles = kv_stop > kv_begin ? (kv_stop - kv_begin + KV_TILE - 1) / KV_TILE : 0;
 
@@ -149,8 +155,8 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     const int warp_m = warp % WARPS_M, warp_n = warp / WARPS_M;
     const int g = lane >> 2, t = lane & 3;
 
-    // This thread's two query rows (fragment rows g and g + 8).
-    int position[2];
+    // This thread's two query rows (fragment rows g and g + 8) and the first key each sees.
+    int position[2], window_start[2];
     u32 q_fragment[QK_STEPS][4];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -158,6 +164,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         const int token = row / group;
         const bool valid = token < tokens_here;
         position[half] = valid ? first_position + token : -1;  // -1 masks every key
+        window_start[half] = sliding_window > 0 ? position[half] - sliding_window + 1 : 0;
         const u16* q_row = query + (long long)(query_start + first_token + (valid ? token : 0)) * query_token_stride +
                            (long long)(kv_head * group + row % group) * query_head_stride;
 #pragma unroll
@@ -223,7 +230,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
             }
         }
 
-        // Causal mask and the end of this split, then the online softmax.
+        // Causal and window mask and the end of this split, then the online softmax.
         float tile_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
         for (int n = 0; n < S_TILES; ++n) {
@@ -231,7 +238,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
             for (int e = 0; e < 4; ++e) {
                 const int key_token = warp_start + n * 8 + 2 * t + (e & 1);
                 const int half = e >> 1;
-                const bool allowed = key_token < kv_stop && key_token <= position[half];
+                const bool allowed = key_token < kv_stop && key_token <= position[half] && key_token >= window_start[half];
                 score[n][e] = allowed ? score[n][e] * scale_log2 : PW_NEG_INF;
                 tile_max[half] = fmaxf(tile_max[half], score[n][e]);
             }

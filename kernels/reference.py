@@ -12,7 +12,10 @@ query[query_start_loc[s]:query_start_loc[s + 1]], and they are the last
 q_len_s tokens of its context of seq_lens[s] tokens (a prefill chunk when
 q_len_s > 1, a decode when q_len_s == 1). Query row i of that chunk sits at
 position seq_lens[s] - q_len_s + i and attends causally to positions 0..that
-position, all read from the cache through block_tables[s].
+position, all read from the cache through block_tables[s]. With a sliding
+window w (sliding_window > 0) it sees only positions position - w + 1 .. position,
+as Mistral's attention does; blocks wholly before every query's window are
+never read, so they may have been handed to other sequences.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ def reshape_and_cache(
     value_cache[blocks, offsets] = value[valid].to(value_cache.dtype)
 
 
+def visible_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_window: int) -> torch.Tensor:
+    """[..., queries, keys] mask of the keys each query attends to: causal, and
+    within the last sliding_window positions when that is set (0: no window)."""
+    distance = query_positions[..., :, None] - key_positions[..., None, :]
+    visible = distance >= 0
+    return visible & (distance < sliding_window) if sliding_window > 0 else visible
+
+
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
     """The first context_len cached rows of one sequence: [context_len, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
@@ -57,6 +68,7 @@ def paged_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Causal attention of a flattened mixed batch (prefill chunks and decodes)
     over the paged cache. query: [num_tokens, num_heads, head_dim]; returns the
@@ -75,7 +87,7 @@ def paged_attention(
         k = gather_context(key_cache, block_tables[s], context_len).repeat_interleave(group, dim=1)
         v = gather_context(value_cache, block_tables[s], context_len).repeat_interleave(group, dim=1)
         query_pos = torch.arange(context_len - q_len, context_len, device=q.device)
-        allowed = query_pos[:, None] >= torch.arange(context_len, device=q.device)[None, :]
+        allowed = visible_keys(query_pos, torch.arange(context_len, device=q.device), sliding_window)
         attended = F.scaled_dot_product_attention(
             q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(), attn_mask=allowed, scale=scale
         )

@@ -1,25 +1,30 @@
 """The torch reference paged attention equals dense causal attention on the
-same K/V laid out contiguously, for ragged prefill chunks and decodes."""
+same K/V laid out contiguously, for ragged prefill chunks and decodes, with
+and without a sliding window."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pagewire.kernels.reference import paged_attention, reshape_and_cache
 
 
-def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [q_len, H, D] ending at the last of k's positions; k/v: [ctx, Hkv, D]."""
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """q: [q_len, H, D] ending at the last of k's positions; k/v: [ctx, Hkv, D];
+    each query sees the keys at most window - 1 positions back (0: all)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     ctx, q_len = k.shape[0], q.shape[0]
-    mask = torch.arange(ctx)[None, :] > torch.arange(ctx - q_len, ctx)[:, None]
+    distance = torch.arange(ctx - q_len, ctx)[:, None] - torch.arange(ctx)[None, :]
+    mask = (distance < 0) | ((distance >= window) if window else False)
     scores.masked_fill_(mask, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def test_paged_attention_matches_dense_causal_attention() -> None:
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention_matches_dense_causal_attention(window: int) -> None:
     torch.manual_seed(0)
     num_heads, num_kv_heads, head_dim, block_size, num_blocks = 6, 2, 16, 4, 64
     context_lens, query_lens = [7, 13, 1, 9], [7, 5, 1, 1]  # full prefill, chunk, decode, decode
@@ -41,9 +46,10 @@ def test_paged_attention_matches_dense_causal_attention() -> None:
     query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
     scale = head_dim**-0.5
     out = paged_attention(
-        torch.cat(queries), key_cache, value_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32), query_start_loc, scale
+        torch.cat(queries), key_cache, value_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32), query_start_loc, scale,
+        sliding_window=window,
     )
-    expected = torch.cat([_dense_attention(q, k, v, scale) for q, k, v in zip(queries, keys, values)])
+    expected = torch.cat([_dense_attention(q, k, v, scale, window) for q, k, v in zip(queries, keys, values)])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -1,7 +1,8 @@
 """The CPU attention (kernels/cpu_attention.py) equals the reference over
 random block tables: decode-only steps at ragged lengths, mixed steps with
 prefill chunks and padding sequences, GQA and plain multi-head layouts, as
-one padded batch and split into groups past the padding budget."""
+one padded batch and split into groups past the padding budget, with and
+without a sliding window."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ BATCHES = {
 }
 
 
+@pytest.mark.parametrize("sliding_window", [0, 10], ids=["full", "window10"])
 @pytest.mark.parametrize("padding_budget", [cpu_attention.MAX_PADDED_SCORES, 0], ids=["one-batch", "grouped"])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (4, 4)])
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize("kind", sorted(BATCHES))
 def test_cpu_attention_matches_reference(
-    kind: str, block_size: int, num_heads: int, num_kv_heads: int, padding_budget: int, monkeypatch: pytest.MonkeyPatch
+    kind: str, block_size: int, num_heads: int, num_kv_heads: int, padding_budget: int, sliding_window: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cpu_attention, "MAX_PADDED_SCORES", padding_budget)
     query_lens, context_lens = BATCHES[kind]
@@ -44,4 +46,9 @@ def test_cpu_attention_matches_reference(
         query, key_cache, value_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32),
         torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32), head_dim**-0.5,
     )  # fmt: skip
-    torch.testing.assert_close(cpu_attention.paged_attention(*args), reference.paged_attention(*args), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        cpu_attention.paged_attention(*args, sliding_window=sliding_window),
+        reference.paged_attention(*args, sliding_window=sliding_window),
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -1,6 +1,7 @@
 """The CUDA kernels equal their torch references (kernels/reference.py) over
 random block tables, ragged prefill chunks and decodes, GQA ratios, head_dim
-64 and 128, one and many context splits, and inside a captured CUDA graph."""
+64 and 128, one and many context splits, sliding windows, and inside a
+captured CUDA graph."""
 
 from __future__ import annotations
 
@@ -64,11 +65,11 @@ def make_batch(
     )
 
 
-def reference_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
+def reference_attention(batch: PagedBatch, scale: float, sliding_window: int = 0) -> torch.Tensor:
     """The reference on float32 copies of the same inputs."""
     return reference.paged_attention(
         batch.query.float(), batch.key_cache.float(), batch.value_cache.float(),
-        batch.block_tables, batch.seq_lens, batch.query_start_loc, scale,
+        batch.block_tables, batch.seq_lens, batch.query_start_loc, scale, sliding_window=sliding_window,
     )  # fmt: skip
 
 
@@ -109,6 +110,31 @@ def test_paged_attention_any_split_count(
     batch = make_batch([1, 1, 20, 1], [3, 900, 260, 4099], 32, 8, 128, dtype, block_size=block_size, seed=num_splits)
     scale = 0.1
     assert_attention_close(cuda_ops.paged_attention(*batch.attention_args(), scale), reference_attention(batch, scale))
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("sliding_window", [1, 40, 300])
+def test_paged_attention_sliding_window(sliding_window: int, num_splits: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each query sees only the last sliding_window keys, in decodes and in
+    prefill chunks (whose rows' windows start at different keys), with the
+    kernel's own split count and forced ones. Blocks wholly before every
+    window go back to the engine's pool and may hold anything; here they
+    point at a block of NaNs, which would show if read."""
+    if num_splits is not None:
+        monkeypatch.setattr(cuda_ops, "choose_num_splits", lambda *args: num_splits)
+    query_lens, context_lens = BATCHES["mixed"]
+    block_size = 16
+    batch = make_batch(query_lens, context_lens, 32, 8, 128, torch.bfloat16, block_size=block_size)
+    scale = 0.1
+    expected = reference_attention(batch, scale, sliding_window)
+    live = {int(b) for seq, n in enumerate(context_lens) for b in batch.block_tables[seq, : math.ceil(n / block_size)]}
+    poisoned = next(b for b in range(batch.key_cache.shape[0]) if b not in live)
+    batch.key_cache[poisoned] = float("nan")
+    batch.value_cache[poisoned] = float("nan")
+    for seq, (query_len, context_len) in enumerate(zip(query_lens, context_lens)):
+        slid = max(0, context_len - query_len - sliding_window + 1) // block_size
+        batch.block_tables[seq, :slid] = poisoned
+    assert_attention_close(cuda_ops.paged_attention(*batch.attention_args(), scale, sliding_window=sliding_window), expected)
 
 
 def test_decode_kernels_fit_the_device_as_measured() -> None:

@@ -58,6 +58,18 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (int(value),)
 
 
+def _sliding_window(raw: dict[str, Any]) -> int:
+    """The attention window of every layer, 0 for none. Qwen configs carry a
+    window that applies only with use_sliding_window; Mistral's applies
+    whenever it is set. A window as long as the context is none at all."""
+    window = raw.get("sliding_window") or 0
+    if not window or raw.get("use_sliding_window") is False or window >= raw.get("max_position_embeddings", window + 1):
+        return 0
+    if "full_attention" in (raw.get("layer_types") or ()):
+        raise ValueError("models with both sliding-window and full attention layers (layer_types) are not supported")
+    return int(window)
+
+
 def read_hf_config(directory: Path) -> ModelConfig:
     raw = json.loads((directory / "config.json").read_text())
     architecture = raw.get("model_type", "")
@@ -88,6 +100,7 @@ def read_hf_config(directory: Path) -> ModelConfig:
         eos_token_ids=eos,
         rope_scaling=scaling,
         qk_norm=architecture in QK_NORM_ARCHITECTURES,
+        sliding_window=_sliding_window(raw),
     )
 
 

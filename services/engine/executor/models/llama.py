@@ -1,8 +1,9 @@
 """The decoder of the Llama family and its relatives (Llama 2/3.x and SmolLM2
 as they are, Qwen2 with its qkv bias, Qwen3 with a per-head RMSNorm of q and
-k before rotary) over a flattened batch: the tokens of every scheduled
-sequence, prefill chunks and decodes alike, go through each GEMM together,
-and attention reads the paged KV cache through the backend."""
+k before rotary, Mistral with a sliding attention window) over a flattened
+batch: the tokens of every scheduled sequence, prefill chunks and decodes
+alike, go through each GEMM together, and attention reads the paged KV cache
+through the backend."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     rope_scaling: dict[str, Any] | None = None
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before rotary
+    sliding_window: int = 0  # Mistral: each query sees only the last sliding_window keys (0: all)
 
 
 class Attention(nn.Module):
@@ -51,6 +53,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.backend = backend
         self.scale = self.head_dim**-0.5
+        self.sliding_window = config.sliding_window
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend)
@@ -73,6 +76,7 @@ class Attention(nn.Module):
         out = self.backend.paged_attention(
             q, key_cache, value_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, self.scale,
             max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
+            sliding_window=self.sliding_window,
         )  # fmt: skip
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
