@@ -35,6 +35,8 @@ def _padded_attention(
     query_lens: torch.Tensor,
     scale: float,
     sliding_window: int,
+    k_scale: float,
+    v_scale: float,
 ) -> None:
     """Attention of one group of sequences (all with query rows), written into out."""
     block_size = key_cache.shape[1]
@@ -42,8 +44,8 @@ def _padded_attention(
     num_blocks = (int(context_lens.max()) + block_size - 1) // block_size
     tables = block_tables[:, :num_blocks].long()
     # [seqs, context, kv_heads, head_dim] -> heads first for SDPA; fp32 inside, as the reference.
-    keys = key_cache[tables].flatten(1, 2).transpose(1, 2).float()
-    values = value_cache[tables].flatten(1, 2).transpose(1, 2).float()
+    keys = reference.from_cache(key_cache[tables], k_scale).flatten(1, 2).transpose(1, 2)
+    values = reference.from_cache(value_cache[tables], v_scale).flatten(1, 2).transpose(1, 2)
     offsets = torch.arange(max_query_len)
     valid = offsets[None, :] < query_lens[:, None]
     rows = (query_starts[:, None] + offsets[None, :])[valid]
@@ -69,6 +71,8 @@ def paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """kernels/reference.py: paged_attention, with the step's sequences batched."""
     out = torch.empty_like(query)
@@ -84,6 +88,6 @@ def paged_attention(
     for group in (g for g in groups if len(g)):
         _padded_attention(
             out, query, key_cache, value_cache, block_tables[group], seq_lens[group].long(),
-            query_start_loc[group].long(), query_lens[group], scale, sliding_window,
+            query_start_loc[group].long(), query_lens[group], scale, sliding_window, k_scale, v_scale,
         )  # fmt: skip
     return out

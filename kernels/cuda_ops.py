@@ -91,6 +91,9 @@ def reshape_and_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """kernels/reference.py: reshape_and_cache, on the GPU."""
     num_tokens = key.shape[0]
@@ -179,6 +182,8 @@ def paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """kernels/reference.py: paged_attention, on the GPU, for bf16/fp16 and
     head_dim 64 or 128. Query rows past query_start_loc[-1] (padding) come

@@ -16,12 +16,32 @@ position, all read from the cache through block_tables[s]. With a sliding
 window w (sliding_window > 0) it sees only positions position - w + 1 .. position,
 as Mistral's attention does; blocks wholly before every query's window are
 never read, so they may have been handed to other sequences.
+
+An FP8 cache (float8_e4m3fn, --kv-cache-dtype fp8) holds key / k_scale and
+value / v_scale, clamped to the e4m3 range (+-448); attention reads them back
+as stored * scale. The scales are per tensor (one pair per layer); a 16/32-bit
+cache ignores them.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+FP8_CACHE_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_CACHE_DTYPE).max
+
+
+def to_cache_dtype(rows: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Rows as the cache stores them: divided by the scale and saturated for FP8, else cast."""
+    if cache_dtype != FP8_CACHE_DTYPE:
+        return rows.to(cache_dtype)
+    return (rows.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+
+
+def from_cache(rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cached rows in float32, FP8 ones multiplied back by their scale."""
+    return rows.float() * scale if rows.dtype == FP8_CACHE_DTYPE else rows.float()
 
 
 def reshape_and_cache(
@@ -30,6 +50,9 @@ def reshape_and_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write key/value rows [num_tokens, num_kv_heads, head_dim] into the cache
     at slot_mapping [num_tokens] (int64); slot -1 marks a padding row to skip."""
@@ -37,8 +60,8 @@ def reshape_and_cache(
     slots = slot_mapping[valid]
     block_size = key_cache.shape[1]
     blocks, offsets = slots // block_size, slots % block_size
-    key_cache[blocks, offsets] = key[valid].to(key_cache.dtype)
-    value_cache[blocks, offsets] = value[valid].to(value_cache.dtype)
+    key_cache[blocks, offsets] = to_cache_dtype(key[valid], key_cache.dtype, k_scale)
+    value_cache[blocks, offsets] = to_cache_dtype(value[valid], value_cache.dtype, v_scale)
 
 
 def visible_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_window: int) -> torch.Tensor:
@@ -69,6 +92,8 @@ def paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of a flattened mixed batch (prefill chunks and decodes)
     over the paged cache. query: [num_tokens, num_heads, head_dim]; returns the
@@ -84,12 +109,12 @@ def paged_attention(
         q_len = q.shape[0]
         if q_len == 0:
             continue
-        k = gather_context(key_cache, block_tables[s], context_len).repeat_interleave(group, dim=1)
-        v = gather_context(value_cache, block_tables[s], context_len).repeat_interleave(group, dim=1)
+        k = from_cache(gather_context(key_cache, block_tables[s], context_len), k_scale).repeat_interleave(group, dim=1)
+        v = from_cache(gather_context(value_cache, block_tables[s], context_len), v_scale).repeat_interleave(group, dim=1)
         query_pos = torch.arange(context_len - q_len, context_len, device=q.device)
         allowed = visible_keys(query_pos, torch.arange(context_len, device=q.device), sliding_window)
         attended = F.scaled_dot_product_attention(
-            q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(), attn_mask=allowed, scale=scale
+            q.transpose(0, 1).float(), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed, scale=scale
         )
         out[starts[s] : starts[s + 1]] = attended.transpose(0, 1).to(out.dtype)
     return out

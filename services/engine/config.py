@@ -35,6 +35,19 @@ class EngineConfig(ServiceConfig):
     kv_cache_memory: int = option(DEFAULT_CPU_KV_CACHE_BYTES, "Bytes of KV cache on the CPU.")
     gpu_memory_utilization: float = option(0.9, "Fraction of GPU memory for weights, activations and KV cache.")
     num_kv_blocks: int | None = option(None, "Fixed number of KV blocks, overriding the memory-based sizing.")
+    quantization: str = option(
+        "auto",
+        "Weight format of the decoder layers' projections: fp8 quantizes a 16/32-bit checkpoint at load to FP8 E4M3 with one scale per "
+        "output channel and scales activations per token (FP8 tensor cores on sm_89+, dequantized elsewhere); auto keeps the checkpoint's "
+        "own format (published FP8 checkpoints run in FP8); none dequantizes an FP8 checkpoint. Embeddings, norms and lm_head stay unquantized.",
+        choices=["auto", "fp8", "none"],
+    )
+    kv_cache_dtype: str = option(
+        "auto",
+        "KV cache element type: auto is the compute dtype; fp8 stores K and V as FP8 E4M3 with one scale per layer (the checkpoint's "
+        "k_scale/v_scale, else 1.0 with values clamped to +-448), so twice the blocks fit in the same memory.",
+        choices=["auto", "fp8"],
+    )
     async_scheduling: bool = option(
         True, "Schedule step N+1 on the host while the device runs step N; sampled ids reach the next step on the device."
     )

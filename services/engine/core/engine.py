@@ -35,6 +35,9 @@ class ExecutorSpec:
     num_kv_blocks: int
     device: str
     dtype: str
+    # Element type of the KV cache ("fp8" or the compute dtype) and of the projections' weights.
+    kv_cache_dtype: str = ""
+    quantization: str = "none"
 
 
 class LaunchedStep(Protocol):
@@ -69,6 +72,8 @@ class EngineInfo:
     device: str
     dtype: str
     prefix_caching: bool
+    kv_cache_dtype: str = ""
+    quantization: str = "none"
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,10 @@ class EngineCore:
         )
         self.spec_decode_draft_tokens_total = 0
         self.spec_decode_accepted_by_position = [0] * (config.num_speculative_tokens if self.proposer else 0)
-        log.info("engine ready", num_kv_blocks=spec.num_kv_blocks, block_size=self.block_size, max_model_len=self.max_model_len)
+        log.info(
+            "engine ready", num_kv_blocks=spec.num_kv_blocks, block_size=self.block_size, max_model_len=self.max_model_len,
+            kv_cache_dtype=spec.kv_cache_dtype, quantization=spec.quantization,
+        )  # fmt: skip
 
     @property
     def info(self) -> EngineInfo:
@@ -144,6 +152,8 @@ class EngineCore:
             device=self.spec.device,
             dtype=self.spec.dtype,
             prefix_caching=self.kv_cache.enable_prefix_caching,
+            kv_cache_dtype=self.spec.kv_cache_dtype,
+            quantization=self.spec.quantization,
         )
 
     def validate(self, prompt_token_ids: list[int], sampling: SamplingParams, timeout_s: float | None = None) -> None:

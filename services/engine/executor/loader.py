@@ -3,6 +3,7 @@ or a GGUF file (dequantized to the compute dtype)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import torch
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.model import ModelSource
 from pagewire.services.engine.executor.backend import KernelBackend, select_backend
+from pagewire.services.engine.executor.fp8_checkpoint import WeightStream, layer_format, read_checkpoint_quantization
 from pagewire.services.engine.executor.models.llama import LlamaForCausalLM, ModelConfig
 
 log = get_logger("engine")
@@ -191,15 +193,27 @@ def _gguf_weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch
         yield name, weight
 
 
+def _cast_to_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter and buffer in `dtype`, except those a
+    quantized layer keeps in its own (its KEEPS_DTYPE names)."""
+    for module in model.modules():
+        kept = getattr(module, "KEEPS_DTYPE", ())
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if name not in kept and tensor.is_floating_point():
+                tensor.data = tensor.data.to(dtype)
+
+
 def load_model(
     source: ModelSource,
     device: torch.device,
     dtype: torch.dtype,
     max_positions: int | None = None,
     backend: KernelBackend | None = None,
+    quantization: str = "auto",
 ) -> LoadedModel:
     """Build the model on `device` in `dtype` with RoPE tables for max_positions
-    (default: the model's context length) and fill it from the checkpoint."""
+    (default: the model's context length) and fill it from the checkpoint;
+    `quantization` is --quantization (fp8_checkpoint.py)."""
     if source.is_gguf:
         from gguf import GGUFReader
 
@@ -209,11 +223,20 @@ def load_model(
     else:
         config = read_hf_config(source.directory)
         weights = _safetensors_weights(source.directory)
+    checkpoint_quantization = None if source.is_gguf else read_checkpoint_quantization(source.directory)
+    stream = WeightStream(layer_format(quantization, checkpoint_quantization), checkpoint_quantization, device)
+    config = dataclasses.replace(config, quantization=stream.layer_format)
     # Built on the meta device so no time goes into random initialisation.
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend or select_backend(device), max_positions or config.max_position_embeddings)
-    model = model.to_empty(device=device).to(dtype)
-    model.load_weights(weights)
+    model = model.to_empty(device=device)
+    _cast_to_compute_dtype(model, dtype)
+    model.load_weights(stream(weights))
+    for (layer, which), scale in stream.kv_scales.items():
+        setattr(model.model.layers[layer].self_attn, f"{which}_scale", scale)
     model.model.rotary.compute_tables(device)
-    log.info("model loaded", model_id=source.model_id, architecture=config.architecture, device=str(device), dtype=dtype_name(dtype))
+    log.info(
+        "model loaded", model_id=source.model_id, architecture=config.architecture, device=str(device), dtype=dtype_name(dtype),
+        quantization=config.quantization, checkpoint_kv_scales=bool(stream.kv_scales),
+    )  # fmt: skip
     return LoadedModel(model.eval(), config, source.model_id, device, dtype)

@@ -13,6 +13,7 @@ from pagewire.services.engine.core.engine import EngineCore, ExecutorSpec
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors, kv_bytes_per_block
+from pagewire.services.engine.executor.layers.fp8 import FP8_DTYPE
 from pagewire.services.engine.executor.loader import LoadedModel, dtype_name, load_model, resolve_device, resolve_dtype
 from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, profile_peak_memory
 from pagewire.services.engine.executor.sampler import Sampler
@@ -22,7 +23,16 @@ SIZED_SETTINGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_m
 
 def load_engine_model(config: EngineConfig) -> LoadedModel:
     device = resolve_device(config.device)
-    return load_model(resolve_model(config.model), device, resolve_dtype(config.dtype, device), config.max_model_len)
+    return load_model(
+        resolve_model(config.model), device, resolve_dtype(config.dtype, device), config.max_model_len, quantization=config.quantization
+    )
+
+
+def kv_cache_dtype(config: EngineConfig, loaded: LoadedModel) -> torch.dtype:
+    """--kv-cache-dtype: fp8 (E4M3, one byte an element) or the compute dtype."""
+    if config.kv_cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"--kv-cache-dtype must be auto or fp8, got {config.kv_cache_dtype!r}")
+    return FP8_DTYPE if config.kv_cache_dtype == "fp8" else loaded.dtype
 
 
 class ModelExecutor:
@@ -34,6 +44,7 @@ class ModelExecutor:
         loaded = loaded or load_engine_model(config)
         model_config = loaded.config
         self.loaded = loaded
+        self.kv_dtype = kv_cache_dtype(config, loaded)
         max_model_len = config.max_model_len or model_config.max_position_embeddings
         rope_positions = loaded.model.model.rotary.max_positions
         if max_model_len > rope_positions:
@@ -52,9 +63,11 @@ class ModelExecutor:
             num_kv_blocks=num_blocks,
             device=str(loaded.device),
             dtype=dtype_name(loaded.dtype),
+            kv_cache_dtype="fp8" if self.kv_dtype == FP8_DTYPE else dtype_name(self.kv_dtype),
+            quantization=model_config.quantization,
         )
         kv_caches = allocate_kv_tensors(
-            model_config.num_layers, num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim, loaded.dtype, loaded.device
+            model_config.num_layers, num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim, self.kv_dtype, loaded.device
         )
         self.sampler = Sampler(config.seed, loaded.device)
         runner_args = (loaded, kv_caches, config.block_size, self.sampler)
@@ -62,7 +75,7 @@ class ModelExecutor:
 
     def _blocks_for_memory(self, config: EngineConfig, profiled_tokens: int) -> int:
         c, loaded = self.loaded.config, self.loaded
-        per_block = kv_bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim, loaded.dtype)
+        per_block = kv_bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim, self.kv_dtype)
         if loaded.device.type != "cuda":
             return config.kv_cache_memory // per_block
         total = torch.cuda.get_device_properties(loaded.device).total_memory

@@ -38,6 +38,8 @@ class ModelConfig:
     qkv_bias: bool
     eos_token_ids: tuple[int, ...]
     rope_scaling: dict[str, Any] | None = None
+    # Weight format of the decoder layers' projections (layers/linear.py); lm_head stays unquantized.
+    quantization: str = "none"
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before rotary
     sliding_window: int = 0  # Mistral: each query sees only the last sliding_window keys (0: all)
 
@@ -48,12 +50,15 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q, k and v in one GEMM; the loader stacks the checkpoint's three matrices.
-        self.qkv_proj = linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = linear(self.q_size, config.hidden_size)
+        self.qkv_proj = linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias, quantization=config.quantization)
+        self.o_proj = linear(self.q_size, config.hidden_size, quantization=config.quantization)
         self.rotary = rotary
         self.backend = backend
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.sliding_window
+        # Dequantization scales of an FP8 KV cache (ignored by a 16/32-bit one); the loader
+        # sets them from the checkpoint's k_scale/v_scale when it has them.
+        self.k_scale = self.v_scale = 1.0
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, backend)
@@ -72,10 +77,10 @@ class Attention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.head_dim))[0].view_as(k)
         q, k = self.rotary(positions, q, k)
         key_cache, value_cache = kv_cache
-        self.backend.reshape_and_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        self.backend.reshape_and_cache(k, v, key_cache, value_cache, metadata.slot_mapping, k_scale=self.k_scale, v_scale=self.v_scale)
         out = self.backend.paged_attention(
             q, key_cache, value_cache, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc, self.scale,
-            max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
+            max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len, k_scale=self.k_scale, v_scale=self.v_scale,
             sliding_window=self.sliding_window,
         )  # fmt: skip
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -85,8 +90,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, backend: KernelBackend):
         super().__init__()
         self.backend = backend
-        self.gate_up_proj = linear(config.hidden_size, 2 * config.intermediate_size)
-        self.down_proj = linear(config.intermediate_size, config.hidden_size)
+        self.gate_up_proj = linear(config.hidden_size, 2 * config.intermediate_size, quantization=config.quantization)
+        self.down_proj = linear(config.intermediate_size, config.hidden_size, quantization=config.quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
