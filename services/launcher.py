@@ -34,11 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import ctypes
 import dataclasses
-import os
-import signal
 import socket
 import ssl
 import sys
@@ -47,8 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from pagewire.services.common.config import ServiceConfig, config_from_args, env_name, option
-from pagewire.services.common.grpc_utils import check_health, stop_on_signals
+from pagewire.services.common.children import ChildCommand, Supervision, flag, run_children
+from pagewire.services.common.config import ServiceConfig, config_from_args, default_workers, env_name, option
+from pagewire.services.common.grpc_utils import check_health
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.tls import TlsFiles
 from pagewire.services.engine.config import EngineConfig
@@ -59,18 +56,7 @@ from pagewire.services.tokenizer.config import TokenizerConfig
 log = get_logger("serve")
 
 LOOPBACK = "127.0.0.1"
-# Lines of a child's output kept to explain its death.
-TAIL_LINES = 20
 READINESS_POLL_S = 0.5
-RESTART_INITIAL_S = 1.0
-RESTART_MAX_S = 30.0
-# A child that ran this long before dying is restarted after the initial delay.
-RESTART_RESET_AFTER_S = 60.0
-# Beyond its grace period, what a child gets to exit before it is killed (the
-# gateway needs a second or two to close its REST connections).
-STOP_MARGIN_S = 5.0
-# prctl(2): the signal a process gets when its parent dies.
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -102,7 +88,10 @@ CHILDREN = (
 class LauncherOptions:
     """Run tokenizer, engine and gateway as three processes on one model."""
 
-    tokenizer_port: int = option(50052, "Port of the tokenizer service (on 127.0.0.1).")
+    tokenizer_port: int = option(50052, "Port of the tokenizer service (on 127.0.0.1); its N workers listen on this port and the N-1 after it.")
+    tokenizer_workers: int = option(
+        default_workers(), "Tokenizer processes, each of which every gateway worker uses; default: one per four cores, 1 to 8."
+    )
     engine_port: int = option(50053, "Port of the engine service (on 127.0.0.1).")
     startup_timeout_s: float = option(600.0, "Seconds the three services get to report SERVING.")
     shutdown_grace_s: float = option(10.0, "Seconds each service gets to drain on shutdown before it is killed.")
@@ -145,111 +134,54 @@ CONFIG = _serve_config()
 READINESS = {child.name: child.readiness for child in CHILDREN}
 
 
-@dataclass
-class ChildCommand:
-    argv: list[str]
-    # Added to the environment the child inherits.
-    env: dict[str, str]
-
-
-def _flag(name: str, value: typing.Any) -> list[str]:
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool):
-        return [flag if value else "--no-" + flag[2:]]
-    if isinstance(value, list):
-        return [part for item in value for part in (flag, str(item))]
-    return [flag, str(value)]
+def _tokenizer_ports(config: typing.Any) -> dict[str, int]:
+    """The tokenizer workers by child name ("tokenizer" when there is one), on consecutive ports."""
+    workers = max(1, config.tokenizer_workers)
+    if workers == 1:
+        return {"tokenizer": config.tokenizer_port}
+    return {f"tokenizer-{index}": config.tokenizer_port + index for index in range(workers)}
 
 
 def _placement(config: typing.Any) -> dict[str, dict[str, typing.Any]]:
-    """The options of each child that serve sets itself: where it and its peers listen."""
+    """The options of each child process that serve sets itself: where it
+    and its peers listen. The gateway's own workers are its to start."""
+    tokenizers = _tokenizer_ports(config)
     return {
-        "tokenizer": {"host": LOOPBACK, "port": config.tokenizer_port},
+        **{name: {"host": LOOPBACK, "port": port} for name, port in tokenizers.items()},
         "engine": {"host": LOOPBACK, "port": config.engine_port},
-        "gateway": {"tokenizer": f"{LOOPBACK}:{config.tokenizer_port}", "engine": [f"{LOOPBACK}:{config.engine_port}"]},
+        "gateway": {"tokenizer": [f"{LOOPBACK}:{port}" for port in tokenizers.values()], "engine": [f"{LOOPBACK}:{config.engine_port}"]},
     }
 
 
+def service_of(name: str) -> str:
+    """The service a child process runs ("tokenizer" for "tokenizer-1")."""
+    return name.partition("-")[0]
+
+
 def child_commands(config: typing.Any) -> dict[str, ChildCommand]:
-    """The command line and environment of each child, in start order."""
+    """The command line and environment of each child process, in start order."""
     # The children write to a pipe, where "auto" would mean JSON even when
     # the launcher's own output is a terminal.
     log_format = ("console" if sys.stderr.isatty() else "json") if config.log_format == "auto" else config.log_format
     placement = _placement(config)
     commands = {}
     for child in CHILDREN:
-        command = ChildCommand([sys.executable, "-m", "pagewire.services.cli", child.name], {})
-        for name, value in placement[child.name].items():
-            command.argv += _flag(name, value)
         # What the child would run with if given no flag: its defaults and the environment it inherits.
         on_its_own = config_from_args(child.config, argparse.Namespace())
-        for f in child.passed_fields():
-            value = log_format if f.name == "log_format" else getattr(config, f.name)
-            if value == getattr(on_its_own, f.name):
-                continue
-            if f.metadata.get("secret"):
-                command.env[env_name(f.name)] = str(value)
-            else:
-                command.argv += _flag(f.name, value)
-        commands[child.name] = command
+        for process_name in [name for name in placement if service_of(name) == child.name]:
+            command = ChildCommand([sys.executable, "-m", "pagewire.services.cli", child.name], {})
+            for name, value in placement[process_name].items():
+                command.argv += flag(name, value)
+            for f in child.passed_fields():
+                value = log_format if f.name == "log_format" else getattr(config, f.name)
+                if value == getattr(on_its_own, f.name):
+                    continue
+                if f.metadata.get("secret"):
+                    command.env[env_name(f.name)] = str(value)
+                else:
+                    command.argv += flag(f.name, value)
+            commands[process_name] = command
     return commands
-
-
-@dataclass
-class Child:
-    name: str
-    process: asyncio.subprocess.Process
-    tail: collections.deque[str]
-    relay: asyncio.Task[None]
-
-
-async def _relay_output(stream: asyncio.StreamReader, tail: collections.deque[str]) -> None:
-    """Copy a child's output to ours, keeping its last lines."""
-    while line := await stream.readline():
-        text = line.decode(errors="replace")
-        tail.append(text.rstrip("\n"))
-        sys.stderr.write(text)
-        sys.stderr.flush()
-
-
-def _die_with_launcher() -> typing.Callable[[], None] | None:
-    """What a child runs between fork and exec so that it gets SIGTERM (and
-    drains, as when the launcher stops it) once the launcher is gone, however
-    the launcher ended: a SIGKILL leaves it no chance to stop its children,
-    whose own sessions keep them from its terminal's signals too. Linux only
-    (PR_SET_PDEATHSIG); None elsewhere."""
-    if sys.platform != "linux":
-        return None
-    # Looked up before the fork: the child may only make system calls.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    launcher = os.getpid()
-
-    def in_child() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        # The launcher died before the request took effect: nothing would come.
-        if os.getppid() != launcher:
-            os._exit(1)
-
-    return in_child
-
-
-async def _start(name: str, command: ChildCommand) -> Child:
-    # Own session: a Ctrl-C in the terminal reaches only the launcher, which
-    # stops the children in order. The parent-death signal is sent when the
-    # thread that forked exits: this is the event loop's, the launcher's main thread.
-    process = await asyncio.create_subprocess_exec(
-        *command.argv,
-        env=os.environ | command.env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=_die_with_launcher(),
-    )
-    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    assert process.stdout is not None
-    log.info("started", child=name, pid=process.pid)
-    return Child(name, process, tail, asyncio.create_task(_relay_output(process.stdout, tail)))
 
 
 class UnverifiableCertificate(RuntimeError):
@@ -284,7 +216,7 @@ async def _wait_serving(targets: dict[str, str], gateway_cert: Path | None) -> N
     pending = dict(targets)
     while pending:
         for name, target in list(pending.items()):
-            if await asyncio.to_thread(check_health, target, READINESS[name], READINESS_POLL_S * 4, roots.get(name)):
+            if await asyncio.to_thread(check_health, target, READINESS[service_of(name)], READINESS_POLL_S * 4, roots.get(name)):
                 log.info("ready", child=name, address=target)
                 del pending[name]
             elif name == "gateway" and gateway_cert is not None:
@@ -293,102 +225,35 @@ async def _wait_serving(targets: dict[str, str], gateway_cert: Path | None) -> N
             await asyncio.sleep(READINESS_POLL_S)
 
 
-async def _stop(children: dict[str, Child], grace_s: float) -> None:
-    """SIGTERM in reverse start order (gateway first), SIGKILL after the grace."""
-    for child in reversed(list(children.values())):
-        if child.process.returncode is None:
-            child.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(child.process.wait(), grace_s + STOP_MARGIN_S)
-            except TimeoutError:
-                log.warning("did not stop in time, killing", child=child.name, grace_s=grace_s, margin_s=STOP_MARGIN_S)
-                child.process.kill()
-                await child.process.wait()
-        await asyncio.wait_for(child.relay, grace_s)
-
-
-def _report_death(child: Child) -> None:
-    log.error("child exited", child=child.name, exit_code=child.process.returncode, last_output="\n".join(child.tail))
-
-
-async def _supervise(
-    children: dict[str, Child], commands: dict[str, ChildCommand], exits: dict[asyncio.Future[int], Child], stopping: asyncio.Future[bool]
-) -> None:
-    """Until `stopping` completes, start again every child that dies
-    (`children` and `exits` follow the new processes)."""
-    loop = asyncio.get_running_loop()
-    delays = dict.fromkeys(children, RESTART_INITIAL_S)
-    started_at = dict.fromkeys(children, loop.time())
-    while True:
-        done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
-        if stopping in done:
-            return
-        for waiter in done:
-            child = exits.pop(waiter)
-            _report_death(child)
-            if loop.time() - started_at[child.name] > RESTART_RESET_AFTER_S:
-                delays[child.name] = RESTART_INITIAL_S
-            delay = delays[child.name]
-            delays[child.name] = min(delay * 2, RESTART_MAX_S)
-            log.warning("restarting child", child=child.name, exit_code=child.process.returncode, in_s=delay)
-            await asyncio.wait([stopping], timeout=delay)
-            if stopping.done():
-                return
-            children[child.name] = await _start(child.name, commands[child.name])
-            started_at[child.name] = loop.time()
-            exits[asyncio.ensure_future(children[child.name].process.wait())] = children[child.name]
-
-
 async def serve(config: typing.Any) -> int:
     tls = TlsFiles.from_options(config.tls_cert, config.tls_key)
     commands = child_commands(config)
     targets = {
-        "tokenizer": f"{LOOPBACK}:{config.tokenizer_port}",
+        **{name: f"{LOOPBACK}:{port}" for name, port in _tokenizer_ports(config).items()},
         "engine": f"{LOOPBACK}:{config.engine_port}",
         "gateway": f"{LOOPBACK if config.host in ('0.0.0.0', '::') else config.host}:{config.port}",
     }
-    stop = stop_on_signals()
-    children: dict[str, Child] = {}
-    exit_code = 0
-    try:
-        for name, command in commands.items():
-            children[name] = await _start(name, command)
-        exits = {asyncio.ensure_future(child.process.wait()): child for child in children.values()}
-        stopping = asyncio.ensure_future(stop.wait())
-        waiting = _wait_serving(targets, tls.cert_path if tls else None)
-        ready = asyncio.ensure_future(asyncio.wait_for(waiting, config.startup_timeout_s))
-        done, _ = await asyncio.wait([ready, stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
-        if ready in done and ready.exception() is None:
-            log.info(
-                "pagewire is serving",
-                grpc=f"{config.host}:{config.port}",
-                grpc_tls=tls is not None,
-                rest=f"{'https' if tls else 'http'}://{config.host}:{config.http_port}/v1",
-                model=config.model or "embedded default",
-            )
-            await _supervise(children, commands, exits, stopping)
-            done = {stopping}
-        elif ready in done and isinstance(ready.exception(), UnverifiableCertificate):
-            log.error("gateway readiness cannot be probed", reason=str(ready.exception()))
-            exit_code = 1
-        elif ready in done:
-            log.error(
-                "services did not report SERVING in time",
-                startup_timeout_s=config.startup_timeout_s,
-                gateway_probe=f"{targets['gateway']} over " + (f"TLS, trusting {tls.cert_path}" if tls else "plaintext"),
-            )
-            exit_code = 1
-        ready.cancel()
-        stopping.cancel()
-        for waiter in exits:
-            if waiter in done:
-                _report_death(exits[waiter])
-                exit_code = 1
-            else:
-                waiter.cancel()
-        if stop.is_set():
-            log.info("shutting down")
-    finally:
-        await _stop(children, config.shutdown_grace_s)
-    log.info("stopped", exit_code=exit_code)
-    return exit_code
+
+    def serving() -> None:
+        log.info(
+            "pagewire is serving",
+            grpc=f"{config.host}:{config.port}",
+            grpc_tls=tls is not None,
+            rest=f"{'https' if tls else 'http'}://{config.host}:{config.http_port}/v1",
+            model=config.model or "embedded default",
+        )
+
+    def not_serving(error: BaseException) -> None:
+        if isinstance(error, UnverifiableCertificate):
+            log.error("gateway readiness cannot be probed", reason=str(error))
+            return
+        log.error(
+            "services did not report SERVING in time",
+            startup_timeout_s=config.startup_timeout_s,
+            gateway_probe=f"{targets['gateway']} over " + (f"TLS, trusting {tls.cert_path}" if tls else "plaintext"),
+        )
+
+    waiting = asyncio.wait_for(_wait_serving(targets, tls.cert_path if tls else None), config.startup_timeout_s)
+    # A service's workers stop together; the gateway stops its own.
+    groups = [[name for name in commands if service_of(name) == child.name] for child in CHILDREN]
+    return await run_children(commands, waiting, Supervision(config.shutdown_grace_s, groups, serving, not_serving))

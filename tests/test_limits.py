@@ -149,7 +149,7 @@ def test_rest_body_of_max_bytes_is_read_and_one_byte_more_is_refused(rest: TestC
 def test_gateway_admits_max_concurrent_requests_and_refuses_one_more() -> None:
     limit = 2
     settings = GatewaySettings(
-        tokenizer="127.0.0.1:1",
+        tokenizers=["127.0.0.1:1"],
         engines=["127.0.0.1:2"],
         routing=RoutingPolicy.LEAST_LOADED,
         affinity_blocks=1,

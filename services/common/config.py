@@ -31,6 +31,22 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, as under a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Processes of a front-door service (gateway, tokenizer): one per four
+    cores, at least one and at most eight. A 2-core host keeps one, so small
+    hosts and CI run as with a single process; the engine process and the
+    other front-door service need cores of their own."""
+    return max(1, min(8, available_cores() // 4))
+
+
 @dataclass
 class ServiceConfig:
     """Settings every gRPC service has."""

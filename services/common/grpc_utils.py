@@ -121,18 +121,20 @@ async def start_server(
     handler_threads: int | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    options: Sequence[tuple[str, int]] = (),
 ) -> RunningServer:
     """Start a grpc.aio server with health (liveness "" and readiness per
     service name) and reflection. Health starts NOT_SERVING for the named
     services; call `set_serving(True)` once the service is ready.
     `handler_threads` sizes the pool that runs synchronous handlers (each open
     stream of a synchronous handler holds one thread). `interceptors` (e.g.
-    API keys) and `credentials` (TLS) are for the public port."""
+    API keys) and `credentials` (TLS) are for the public port; `options`
+    are more server options (SO_REUSEPORT for processes sharing a port)."""
     pool = ThreadPoolExecutor(max_workers=handler_threads) if handler_threads else None
     server = grpc.aio.server(
         migration_thread_pool=pool,
         interceptors=[*interceptors, MalformedMessageInterceptor()],
-        options=message_size_options(max_message_bytes) + KEEPALIVE_SERVER_OPTIONS,
+        options=message_size_options(max_message_bytes) + KEEPALIVE_SERVER_OPTIONS + list(options),
     )
     for add in register:
         add(server)
@@ -158,11 +160,12 @@ async def start_service_server(
     handler_threads: int | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    options: Sequence[tuple[str, int]] = (),
 ) -> RunningServer:
     """start_server for one pagewire service, on the address and message size of its config."""
     return await start_server(
         config.host, config.port, config.max_message_bytes, [register], [service_name],
-        handler_threads=handler_threads, interceptors=interceptors, credentials=credentials,
+        handler_threads=handler_threads, interceptors=interceptors, credentials=credentials, options=options,
     )  # fmt: skip
 
 

@@ -219,6 +219,10 @@ class TokenizerClient(PeerClient):
     def available(self) -> bool:
         return self._detokenize_out is not None
 
+    @property
+    def pending_tokenize(self) -> int:
+        return len(self._pending_tokenize)
+
     async def _session(self, readiness: grpc.aio.UnaryStreamCall) -> None:
         assert self._channel is not None
         readiness.cancel()

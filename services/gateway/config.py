@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagewire.services.common.config import ServiceConfig, option
+from pagewire.services.common.config import ServiceConfig, default_workers, option
 from pagewire.services.common.limits import DEFAULT_CLIENT_READ_TIMEOUT_S, DEFAULT_MAX_BUFFERED_OUTPUT_BYTES
 from pagewire.services.gateway.router import RoutingPolicy
 
@@ -16,7 +16,16 @@ class GatewayConfig(ServiceConfig):
 
     port: int = option(50051, "gRPC port of the public API.")
     http_port: int = option(8000, "Port of the OpenAI-style REST API (same host as gRPC).")
-    tokenizer: str = option("127.0.0.1:50052", "Address of the tokenizer service.")
+    tokenizer: list[str] = option(
+        ["127.0.0.1:50052"],
+        "Addresses of the tokenizer workers (repeat the flag; environment: comma-separated): each gateway worker "
+        "spreads its Tokenize requests over them, least loaded first, and keeps each request's detokenization on one.",
+    )
+    gateway_workers: int = option(
+        default_workers(),
+        "Gateway processes sharing the public gRPC and REST ports (SO_REUSEPORT), each with its own streams to the "
+        "tokenizer and engines; default: one per four cores, 1 to 8.",
+    )
     engine: list[str] = option(
         ["127.0.0.1:50053"],
         "Engine replicas: HOST:PORT, dns:///NAME:PORT (every address NAME resolves to) or file:///PATH (HOST:PORT lines); "

@@ -16,6 +16,7 @@ from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.common.grpc_utils import error_status
 from pagewire.services.common.limits import DEFAULT_MAX_MESSAGE_BYTES
 from pagewire.services.common.logging import get_logger
+from pagewire.services.gateway.admission import InFlightCount, LocalCount
 from pagewire.services.gateway.clients import EngineReplica, TokenizerClient
 from pagewire.services.gateway.connection import Backoff
 from pagewire.services.gateway.discovery import EngineDiscovery
@@ -23,6 +24,7 @@ from pagewire.services.gateway.metrics import GatewayMetrics
 from pagewire.services.gateway.output_buffer import OutputLimits
 from pagewire.services.gateway.request import GatewayRequest
 from pagewire.services.gateway.router import Router, RoutingPolicy
+from pagewire.services.gateway.tokenizers import TokenizerPool
 from pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
 
 log = get_logger("gateway")
@@ -30,7 +32,8 @@ log = get_logger("gateway")
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    tokenizer: str
+    # One address per tokenizer worker.
+    tokenizers: list[str]
     engines: list[str]
     routing: RoutingPolicy
     affinity_blocks: int
@@ -54,12 +57,14 @@ class Gateway:
     """Connections to the tokenizer and the engine replicas, and the requests
     riding on them."""
 
-    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics):
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics, in_flight: InFlightCount | None = None):
+        """`in_flight`: the count --max-concurrent-requests bounds, shared
+        by every gateway worker of the server; this gateway's own by default."""
         self._settings = settings
         self._metrics = metrics
         self._discovery = EngineDiscovery(settings.engines, settings.discovery_interval_s)
-        self._tokenizer = TokenizerClient(
-            settings.tokenizer,
+        self._tokenizer = TokenizerPool(
+            settings.tokenizers,
             settings.channel_options,
             settings.backoff,
             settings.connect_timeout_s,
@@ -73,6 +78,7 @@ class Gateway:
         self._router = Router([], settings.routing, settings.affinity_blocks)
         # Requests counted against --max-concurrent-requests, by internal id.
         self._in_flight: set[str] = set()
+        self._in_flight_count = in_flight or LocalCount()
         # Requests the peers' streams are delivered to, by internal id.
         self._live: dict[str, GatewayRequest] = {}
 
@@ -146,7 +152,7 @@ class Gateway:
 
     def admit(self, request: GatewayRequest) -> None:
         limit = self._settings.max_concurrent_requests
-        if len(self._in_flight) >= limit:
+        if not self._in_flight_count.acquire(limit):
             raise RequestError(Refusal.RESOURCE_EXHAUSTED, f"the gateway has {limit} requests in flight (--max-concurrent-requests); retry later")
         self._in_flight.add(request.internal_id)
 
@@ -166,8 +172,13 @@ class Gateway:
         return await self._tokenizer.token_texts(token_ids)
 
     def leave(self, request: GatewayRequest) -> None:
-        self._in_flight.discard(request.internal_id)
+        if request.internal_id in self._in_flight:
+            self._in_flight.remove(request.internal_id)
+            self._in_flight_count.release()
         self._live.pop(request.internal_id, None)
+        # A request still detokenizing releases its tokenizer worker with its cancel.
+        if not request.detokenizing:
+            self._tokenizer.release(request.internal_id)
 
     # ---- the peers' streams ------------------------------------------------
 
@@ -196,7 +207,8 @@ class Gateway:
         for request in self._live.values():
             request.on_replica_down(replica, status)
 
-    def _on_tokenizer_down(self, reason: str) -> None:
+    def _on_tokenizer_down(self, tokenizer: TokenizerClient, reason: str) -> None:
         status = error_status(grpc.StatusCode.UNAVAILABLE, f"the tokenizer service went away ({reason}); retry the request")
         for request in self._live.values():
-            request.on_tokenizer_down(status)
+            if self._tokenizer.assigned(request.internal_id) is tokenizer:
+                request.on_tokenizer_down(status)

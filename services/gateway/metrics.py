@@ -5,6 +5,15 @@ engine-level figures (running/waiting sequences, KV cache use, prefix cache
 hits) are what each engine replica reports over gRPC (`EngineStep.load` on
 every step and the `Stats` RPC), labelled by replica.
 
+With several gateway workers (PROMETHEUS_MULTIPROC_DIR set, see
+workers.py), the request-level figures are prometheus_client's multiprocess
+metrics: each worker writes its own to that directory and a scrape of any
+worker sums every worker's, those of workers that exited included, so that
+totals never go down. The engine-level figures are not summed: every worker
+has its own stream to each replica and sees the same load, so the worker
+that answers the scrape shows its own view (they are computed at each
+scrape from the last figures received, not kept as prometheus Gauges).
+
 The same engine figures are also shown under the model-server metrics
 protocol of the Kubernetes Gateway API Inference Extension (vLLM's names,
 which endpoint pickers read by default), for the pod as a whole: one series
@@ -13,11 +22,11 @@ each, summed over the gateway's replicas (one under `pagewire serve`).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -91,6 +100,39 @@ class ModelServerProtocol(Collector):
         yield lora
 
 
+class ReplicaGauges(Collector):
+    """Each replica's last load and prefix cache hit ratio, labelled by replica."""
+
+    def __init__(self) -> None:
+        self._loads: dict[str, engine_pb2.EngineLoad] = {}
+        self._prefix_hits: dict[str, float] = {}
+
+    def observe_load(self, replica: str, load: engine_pb2.EngineLoad) -> None:
+        self._loads[replica] = load
+
+    def observe_prefix_hit(self, replica: str, ratio: float) -> None:
+        self._prefix_hits[replica] = ratio
+
+    def forget_replica(self, replica: str) -> None:
+        self._loads.pop(replica, None)
+        self._prefix_hits.pop(replica, None)
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily("pagewire_requests_running", "Sequences running in the engine.", labels=["replica"])
+        waiting = GaugeMetricFamily("pagewire_requests_waiting", "Sequences waiting in the engine.", labels=["replica"])
+        usage = GaugeMetricFamily("pagewire_kv_cache_usage_ratio", "Fraction of KV blocks held by live requests.", labels=["replica"])
+        for replica, load in self._loads.items():
+            running.add_metric([replica], load.num_running)
+            waiting.add_metric([replica], load.num_waiting)
+            usage.add_metric([replica], load.kv_cache_usage)
+        prefix_hit = GaugeMetricFamily(
+            "pagewire_prefix_cache_hit_ratio", "Prompt tokens found in the prefix cache over those looked up, since engine start.", labels=["replica"]
+        )
+        for replica, ratio in self._prefix_hits.items():
+            prefix_hit.add_metric([replica], ratio)
+        yield from (running, waiting, usage, prefix_hit)
+
+
 class SpecDecodeCounters(Collector):
     """Speculative decoding totals of each replica, as its last Stats report
     them: counters that the engine keeps, shown as they are."""
@@ -119,9 +161,11 @@ class SpecDecodeCounters(Collector):
 
 
 class GatewayMetrics:
-    """One registry per gateway, so that several gateways (tests) can coexist."""
+    """One registry per gateway, so that several gateways (tests) can coexist.
+    `whole_server`: this gateway is one of several workers whose request
+    figures are summed at each scrape (PROMETHEUS_MULTIPROC_DIR)."""
 
-    def __init__(self) -> None:
+    def __init__(self, whole_server: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("pagewire_requests", "Finished requests by outcome.", ["outcome"], registry=r)
@@ -139,16 +183,16 @@ class GatewayMetrics:
         )
         self.prompt_tokens = Counter("pagewire_prompt_tokens", "Prompt tokens of requests sent to an engine.", registry=r)
         self.generation_tokens = Counter("pagewire_generation_tokens", "Output tokens delivered to clients.", registry=r)
-        self.requests_running = Gauge("pagewire_requests_running", "Sequences running in the engine.", ["replica"], registry=r)
-        self.requests_waiting = Gauge("pagewire_requests_waiting", "Sequences waiting in the engine.", ["replica"], registry=r)
-        self.kv_cache_usage = Gauge("pagewire_kv_cache_usage_ratio", "Fraction of KV blocks held by live requests.", ["replica"], registry=r)
-        self.prefix_cache_hit = Gauge(
-            "pagewire_prefix_cache_hit_ratio", "Prompt tokens found in the prefix cache over those looked up, since engine start.", ["replica"], registry=r
-        )
+        self.replicas = ReplicaGauges()
         self.model_server = ModelServerProtocol()
-        r.register(self.model_server)
         self.spec_decode = SpecDecodeCounters()
-        r.register(self.spec_decode)
+        # What a scrape shows: this registry, or every worker's request figures.
+        self._scraped = r
+        if whole_server:
+            self._scraped = CollectorRegistry()
+            MultiProcessCollector(self._scraped)
+        for collector in (self.replicas, self.model_server, self.spec_decode):
+            self._scraped.register(collector)
 
     def observe_finished(
         self,
@@ -168,9 +212,7 @@ class GatewayMetrics:
             self.time_per_output_token.observe((last_token_s - first_token_s) / (completion_tokens - 1))
 
     def observe_load(self, replica: str, load: engine_pb2.EngineLoad) -> None:
-        self.requests_running.labels(replica).set(load.num_running)
-        self.requests_waiting.labels(replica).set(load.num_waiting)
-        self.kv_cache_usage.labels(replica).set(load.kv_cache_usage)
+        self.replicas.observe_load(replica, load)
         self.model_server.observe_load(replica, load)
 
     def observe_stats(self, replica: str, stats: engine_pb2.EngineStats, info: engine_pb2.EngineInfo | None = None) -> None:
@@ -179,16 +221,14 @@ class GatewayMetrics:
         if info is not None:
             self.model_server.observe_info(replica, info)
         queried = stats.prefix_cache_queried_tokens
-        self.prefix_cache_hit.labels(replica).set(stats.prefix_cache_hit_tokens / queried if queried else 0.0)
+        self.replicas.observe_prefix_hit(replica, stats.prefix_cache_hit_tokens / queried if queried else 0.0)
         self.spec_decode.observe(replica, stats)
 
     def forget_replica(self, replica: str) -> None:
         """Drop the figures of a replica out of rotation until it reports again."""
-        for gauge in (self.requests_running, self.requests_waiting, self.kv_cache_usage, self.prefix_cache_hit):
-            with contextlib.suppress(KeyError):
-                gauge.remove(replica)
+        self.replicas.forget_replica(replica)
         self.model_server.forget_replica(replica)
         self.spec_decode.forget_replica(replica)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._scraped)

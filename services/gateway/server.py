@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     import uvicorn
     from starlette.types import ASGIApp, Receive, Scope, Send
 
+    from pagewire.services.gateway.admission import SharedCount
     from pagewire.services.gateway.hub import Gateway
+    from pagewire.services.gateway.workers import WorkerPlace
 
 log = get_logger("gateway")
 
@@ -39,9 +41,12 @@ SHUTTING_DOWN = "the gateway is shutting down; send new requests to another repl
 CONFIG = GatewayConfig
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, shared: bool) -> socket.socket:
+    """The REST listener; `shared` by every gateway worker of the server."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
@@ -84,12 +89,19 @@ class RestAdmission:
             log.warning("REST requests still running after the grace period", requests=self._in_flight)
 
 
-async def _follow_readiness(gateway: Gateway, running: RunningServer) -> None:
-    """Report SERVING while the tokenizer and at least one replica are up."""
+async def _follow_readiness(gateway: Gateway, running: RunningServer, workers: SharedCount | None) -> None:
+    """Report SERVING while the tokenizer and at least one replica are up,
+    and, among several workers, once every worker has been ready: a probe
+    of the shared port reaches any one of them, and says that the server
+    as a whole has started."""
     serving: bool | None = None
     while True:
-        if gateway.ready != serving:
-            serving = gateway.ready
+        ready = gateway.ready
+        if ready and workers is not None:
+            workers.mark_ready()
+            ready = workers.all_ready_once()
+        if ready != serving:
+            serving = ready
             await running.set_serving(serving)
             log.info("readiness", serving=serving)
         await asyncio.sleep(READINESS_POLL_S)
@@ -109,8 +121,23 @@ async def _drain(running: RunningServer, rest: uvicorn.Server, admission: RestAd
 
 
 async def serve(config: GatewayConfig) -> int:
+    from pagewire.services.gateway.workers import WorkerPlace, run_workers
+
+    place = WorkerPlace.from_environment()
+    if place is None and config.gateway_workers > 1:
+        return await run_workers(config)
+    return await _serve_one(config, place)
+
+
+async def _serve_one(config: GatewayConfig, place: WorkerPlace | None) -> int:
+    """One gateway: the only one, or worker `place` of several."""
     # Imported here so that the CLI (and `pagewire health` probes) stay quick.
+    import structlog
     import uvicorn
+
+    if place is not None:
+        # Every line of this worker names it, those of its requests included.
+        structlog.contextvars.bind_contextvars(worker=place.index)
 
     from pagewire.services.common.auth import ApiKeyMiddleware, grpc_interceptors
     from pagewire.v1 import gateway_pb2_grpc
@@ -118,6 +145,7 @@ async def serve(config: GatewayConfig) -> int:
     from pagewire.services.gateway.connection import Backoff
     from pagewire.services.gateway.discovery import TargetError
     from pagewire.services.gateway.grpc_api import GenerationServicer
+    from pagewire.services.gateway.admission import SharedCount
     from pagewire.services.gateway.metrics import GatewayMetrics
     from pagewire.services.gateway.hub import Gateway, GatewaySettings
     from pagewire.services.gateway.output_buffer import OutputLimits
@@ -131,7 +159,7 @@ async def serve(config: GatewayConfig) -> int:
             yield
 
     settings = GatewaySettings(
-        tokenizer=config.tokenizer,
+        tokenizers=config.tokenizer,
         engines=config.engine,
         routing=RoutingPolicy(config.routing),
         affinity_blocks=config.prefix_affinity_blocks,
@@ -152,13 +180,14 @@ async def serve(config: GatewayConfig) -> int:
         output=OutputLimits(min(config.max_buffered_output_bytes, config.max_message_bytes // 2), config.client_read_timeout_s),
     )
     tls = TlsFiles.from_options(config.tls_cert, config.tls_key)
+    workers = SharedCount(place.slots, place.index) if place is not None else None
     try:
-        gateway = Gateway(settings, GatewayMetrics())
+        gateway = Gateway(settings, GatewayMetrics(whole_server=workers is not None), workers)
     except TargetError as exc:
         log.error("bad --engine value", error=str(exc))
         return 2
     try:
-        http_socket = _bind(config.host, config.http_port)
+        http_socket = _bind(config.host, config.http_port, shared=workers is not None)
     except OSError as exc:
         log.error("cannot bind the REST port", address=f"{config.host}:{config.http_port}", error=str(exc))
         return 1
@@ -168,6 +197,7 @@ async def serve(config: GatewayConfig) -> int:
         SERVICE_NAME,
         interceptors=grpc_interceptors(config.api_key),
         credentials=tls.grpc_server_credentials() if tls else None,
+        options=[("grpc.so_reuseport", 1)] if workers is not None else [],
     )
     app = create_app(gateway, config.max_message_bytes)
     refusal = status_response(error_status(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN))
@@ -188,7 +218,7 @@ async def serve(config: GatewayConfig) -> int:
     http_port = http_socket.getsockname()[1]
     background = [
         asyncio.create_task(gateway.run(), name="peers"),
-        asyncio.create_task(_follow_readiness(gateway, running), name="readiness"),
+        asyncio.create_task(_follow_readiness(gateway, running, workers), name="readiness"),
         asyncio.create_task(rest.serve(sockets=[http_socket]), name="rest"),
     ]
     log.info(
@@ -198,6 +228,7 @@ async def serve(config: GatewayConfig) -> int:
         tokenizer=config.tokenizer,
         engines=config.engine,
         routing=config.routing,
+        worker=place.index if place is not None else None,
     )
     stop = stop_on_signals()
     signalled = asyncio.create_task(stop.wait(), name="signal")

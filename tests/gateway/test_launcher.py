@@ -77,7 +77,7 @@ def test_gateway_options_given_to_serve_reach_the_gateways_config() -> None:
     gateway = _as_the_child_parses_it(commands["gateway"], {})
     assert (gateway.max_concurrent_requests, gateway.routing, gateway.prefix_affinity_blocks) == (3, "prefix-affinity", 2)
     assert (gateway.connect_timeout_s, gateway.api_key, gateway.shutdown_grace_s) == (1.5, "sk-serve", 4.0)
-    assert (gateway.tokenizer, gateway.engine) == ("127.0.0.1:50052", ["127.0.0.1:50053"])
+    assert (gateway.tokenizer, gateway.engine) == (["127.0.0.1:50052"], ["127.0.0.1:50053"])
     # Any local user can read a command line; the key travels in the environment.
     assert not any("sk-serve" in part for command in commands.values() for part in command.argv)
     for name in ("tokenizer", "engine"):

@@ -1,0 +1,163 @@
+"""`pagewire serve --gateway-workers 2 --tokenizer-workers 2`: two gateway
+processes on one pair of public ports and two tokenizer processes, behaving
+as one server. One serve for the module (the drain test ends it):
+
+- health: gRPC readiness and REST /health of the shared ports;
+- the API key is required by every worker;
+- requests on fresh connections land on both workers, and /metrics on any
+  worker counts them all;
+- --max-concurrent-requests bounds the whole server: with the bound in
+  flight, new requests are refused on every worker, and admitted again once
+  those end;
+- SIGTERM drains both workers: a running stream completes, and serve exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from pagewire.services.common.grpc_utils import check_health
+from pagewire.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.reliability.clients import Outcome, completion_body, metric_values, rest_client, stream_completion
+from tests.support.harness import LOOPBACK, READINESS_SERVICE, SERVE_PORTS, ServeProcess, free_port
+
+API_KEY = "sk-workers"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_CONCURRENT = 3
+WAVES = 4
+TIMEOUT_S = 120.0
+
+
+def _consecutive_free_ports(count: int) -> int:
+    """A port whose next count-1 ports are free too (the tokenizer workers')."""
+    while True:
+        first = free_port()
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind((LOOPBACK, port))
+            return first
+        except OSError:
+            continue
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    ports = {name: free_port() for name in SERVE_PORTS} | {"tokenizer_port": _consecutive_free_ports(2)}
+    args = ["--gateway-workers", "2", "--tokenizer-workers", "2", "--device", "cpu", "--num-kv-blocks", "256", "--max-model-len", "512"]
+    args += ["--max-concurrent-requests", str(MAX_CONCURRENT), "--shutdown-grace-s", "20", "--api-key", API_KEY]
+    process = ServeProcess(args, ports=ports, log_path=tmp_path_factory.mktemp("workers") / "serve.log")
+    with process.running():
+        yield process
+
+
+def _gateway_records(log_path: Path, event: str) -> list[dict[str, Any]]:
+    records = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("service") == "gateway" and record.get("event") == event:
+            records.append(record)
+    return records
+
+
+def test_health_on_the_shared_ports(serve: ServeProcess) -> None:
+    assert check_health(serve.grpc_target, READINESS_SERVICE["gateway"])
+    assert httpx.get(f"{serve.rest_url}/health").status_code == 200
+    # Both tokenizer workers were probed before serve said it was serving.
+    assert {record["child"] for record in serve.events("ready")} >= {"tokenizer-0", "tokenizer-1", "engine", "gateway"}
+    assert sorted(record["worker"] for record in _gateway_records(serve.log_path, "gateway listening")) == [0, 1]
+
+
+def test_every_worker_requires_the_api_key(serve: ServeProcess) -> None:
+    # Fresh connections, so that both workers are asked.
+    statuses = {httpx.get(f"{serve.rest_url}/v1/models").status_code for _ in range(8)}
+    assert statuses == {401}
+    with grpc.insecure_channel(serve.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            gateway_pb2_grpc.GenerationStub(channel).ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def _wave(serve: ServeProcess) -> list[Outcome]:
+    """MAX_CONCURRENT requests at once, each on a connection of its own."""
+
+    async def one(index: int) -> Outcome:
+        async with rest_client(serve.rest_url, AUTH) as client:
+            result = await stream_completion(client, completion_body(4, prompt=f"Request {index} of a wave:"), TIMEOUT_S)
+            return result.outcome
+
+    return await asyncio.gather(*(one(index) for index in range(MAX_CONCURRENT)))
+
+
+def test_requests_land_on_both_workers_and_metrics_count_the_whole_server(serve: ServeProcess) -> None:
+    async def scrape() -> float:
+        async with rest_client(serve.rest_url) as client:
+            return sum(await metric_values(client, 'pagewire_requests_total{outcome="length"}'))
+
+    async def run() -> tuple[float, list[Outcome], list[float]]:
+        before = await scrape()
+        outcomes = [outcome for _ in range(WAVES) for outcome in await _wave(serve)]
+        return before, outcomes, [await scrape() for _ in range(6)]
+
+    before, outcomes, after = asyncio.run(run())
+    assert outcomes == [Outcome.COMPLETED] * WAVES * MAX_CONCURRENT
+    workers = Counter(record["worker"] for record in _gateway_records(serve.log_path, "request finished"))
+    assert set(workers) == {0, 1}, workers
+    # Every scrape, whichever worker answers it, counts every request.
+    assert after == [before + WAVES * MAX_CONCURRENT] * len(after)
+
+
+def test_the_concurrency_bound_counts_the_whole_server(serve: ServeProcess) -> None:
+    async def run() -> tuple[list[int], list[Outcome]]:
+        async with rest_client(serve.rest_url, AUTH) as holder:
+            started = [asyncio.Event() for _ in range(MAX_CONCURRENT)]
+            running = [asyncio.create_task(stream_completion(holder, completion_body(400), TIMEOUT_S, first_event=event)) for event in started]
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), TIMEOUT_S)
+            statuses = []
+            for _ in range(8):
+                # A fresh connection each, so that both workers are asked.
+                async with httpx.AsyncClient(base_url=serve.rest_url, headers=AUTH, timeout=30) as newcomer:
+                    statuses.append((await newcomer.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})).status_code)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+        # The dropped streams leave once their workers see the disconnects.
+        for _ in range(20):
+            after = await _wave(serve)
+            if Outcome.REFUSED not in after:
+                break
+            await asyncio.sleep(0.5)
+        return statuses, after
+
+    statuses, after = asyncio.run(run())
+    assert statuses == [429] * len(statuses)
+    assert after == [Outcome.COMPLETED] * MAX_CONCURRENT
+
+
+def test_sigterm_drains_both_workers(serve: ServeProcess) -> None:
+    async def run() -> Outcome:
+        async with rest_client(serve.rest_url, AUTH) as client:
+            first = asyncio.Event()
+            running = asyncio.create_task(stream_completion(client, completion_body(48), TIMEOUT_S, first_event=first))
+            await asyncio.wait_for(first.wait(), TIMEOUT_S)
+            serve.signal(signal.SIGTERM)
+            return (await running).outcome
+
+    assert asyncio.run(run()) is Outcome.COMPLETED
+    assert serve.wait_exit(60) == 0, serve.log_tail()
+    stopped = _gateway_records(serve.log_path, "gateway stopped")
+    assert sorted((record["worker"], record["exit_code"]) for record in stopped) == [(0, 0), (1, 0)]
