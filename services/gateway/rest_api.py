@@ -59,8 +59,9 @@ from pagewire.services.common.grpc_utils import error_status, status_code, to_st
 from pagewire.services.common.limits import max_rest_body_bytes
 from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.hub import Gateway
-from pagewire.services.gateway.openai_schemas import ChatBody, ChatFormat, CompletionBody, CompletionFormat, merge_chunks, usage_body
-from pagewire.v1 import common_pb2, gateway_pb2
+from pagewire.services.gateway.openai_schemas import ChatBody, ChatFormat, CompletionBody, CompletionFormat, merge_chunks
+from pagewire.services.gateway.sse import DONE, Envelope, StreamEvents, event
+from pagewire.v1 import gateway_pb2
 
 T = TypeVar("T")
 B = TypeVar("B", bound=BaseModel)
@@ -213,10 +214,6 @@ async def _unless_disconnected(request: Request, work: Awaitable[T], request_id:
     return await task
 
 
-def _sse(data: dict[str, Any] | str) -> bytes:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
-
-
 def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
     app = FastAPI(title="pagewire", description="OpenAI-compatible REST API of the pagewire gateway.")
 
@@ -258,18 +255,9 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
         return status_response(to_status(exc))
 
     async def generate(request: Request, body: CompletionBody | ChatBody, output: CompletionFormat) -> Response:
-        model_id = gateway.resolve_model(body.model).model_id
-        created = int(time.time())
+        envelope = Envelope(output, int(time.time()), gateway.resolve_model(body.model).model_id, body.include_usage)
         gateway_request = gateway.request(body.to_request())
         chunks = gateway_request.chunks()
-
-        def envelope(choices: list[dict[str, Any]], streaming: bool, usage: common_pb2.Usage | None = None) -> dict[str, Any]:
-            body_ = {"id": output.id, "object": output.chunk_object_name if streaming else output.object_name, "created": created, "model": model_id, "choices": choices}
-            if usage is not None:
-                body_["usage"] = usage_body(usage)
-            elif streaming and body.include_usage:
-                body_["usage"] = None
-            return body_
 
         if not body.stream:
 
@@ -280,7 +268,7 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
             merged = merge_chunks(await _unless_disconnected(request, collect(), gateway_request.id))
             if merged.error.code:
                 return status_response(merged.error)
-            return JSONResponse(envelope([output.choice(merged, streaming=False)], False, merged.usage))
+            return JSONResponse(envelope.body([output.choice(merged, streaming=False)], False, merged.usage))
 
         try:
             first = await _unless_disconnected(request, anext(chunks), gateway_request.id)
@@ -291,20 +279,24 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
             await chunks.aclose()
             return status_response(first.error)
 
+        stream = StreamEvents(envelope)
+
         async def events() -> AsyncIterator[bytes]:
+            """One write per chunk (a step's text); the opening events go
+            with the first chunk, and the last chunk's with the end marker."""
             async with aclosing(chunks):
-                if opening := output.opening():
-                    yield _sse(envelope(opening, True))
+                pending = stream.opening()
                 chunk: gateway_pb2.GenerateChunk | None = first
                 while chunk is not None:
                     if chunk.error.code:
-                        yield _sse(status_body(chunk.error)[1])
+                        pending += event(status_body(chunk.error)[1])
                         break
-                    yield _sse(envelope([output.choice(chunk, streaming=True)], True))
-                    if chunk.finish_reason and body.include_usage:
-                        yield _sse(envelope([], True, chunk.usage))
+                    pending += stream.chunk(chunk)
+                    if not chunk.finish_reason:
+                        yield pending
+                        pending = b""
                     chunk = await anext(chunks, None)
-                yield _sse("[DONE]")
+                yield pending + DONE
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
