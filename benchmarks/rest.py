@@ -1,0 +1,185 @@
+"""The standard workload through every door of pagewire in one call: the
+engine in-process, then the same model behind `pagewire serve` through the
+public gRPC `Generate` stream, through REST streaming /v1/completions (SSE)
+and through REST non-streaming /v1/completions.
+
+Workload: --requests requests (256) of --prompt-len random prompt ids (512),
+--output-len output tokens each (128), greedy, EOS ignored, all submitted at
+once; REST requests go as prompt token ids with ignore_eos, spread over
+--client-processes asynchronous client processes (benchmarks/rest_client.py)
+so that the client is never the bottleneck. One warm-up on prompts of its own
+precedes the measured runs, and each run has prompts of its own, so none
+finds another's blocks in the prefix cache (each record says its hits).
+
+Besides throughput and latency, each served run records the CPU time of the
+front door, the gateway and tokenizer processes (every worker), per output
+token: cpu_us_per_token_front_door.
+
+    python -m benchmarks.rest [--shapes smollm2-135m,llama-1b] [--gateway-workers N] [--tokenizer-workers N]
+
+A cheap check on a CPU:
+
+    python -m benchmarks.rest --device cpu --shapes tiny --requests 16 --prompt-len 64 --output-len 16 --max-num-seqs 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from benchmarks import hf_peer, through_gateway, throughput
+from pagewire.services.common.logging import configure_logging
+from pagewire.services.engine.executor.loader import resolve_dtype
+from pagewire.services.engine.executor.model_executor import create_engine_core
+from tests.support.harness import REPO, ServeProcess, child_environment, engine_stats
+
+# Prompt seeds of the measured runs: the in-process and gRPC runs share
+# throughput.py's, the REST runs have their own.
+GRPC_SEED = 1
+REST_STREAM_SEED = 5
+REST_WHOLE_SEED = 6
+# Seconds the client processes get to start before they all send at once.
+CLIENT_START_S = 3.0
+
+
+def front_door_pids(served: ServeProcess) -> dict[str, int]:
+    """The gateway and tokenizer processes of a serve, each gateway worker included."""
+    pids = {}
+    for name, pid in through_gateway.serve_children(served).items():
+        if name == "engine" or not psutil.pid_exists(pid):
+            continue
+        pids[name] = pid
+        for worker in psutil.Process(pid).children(recursive=True):
+            pids[f"{name}/{worker.pid}"] = worker.pid
+    return pids
+
+
+def _rest_run(url: str, prompts: list[list[int]], output_len: int, stream: bool, client_processes: int) -> tuple[float, dict[str, dict]]:
+    """Every prompt at once over REST: the common start instant and each request's record."""
+    start_at = time.monotonic() + CLIENT_START_S
+    shares = [{f"r{i}": prompts[i] for i in range(offset, len(prompts), client_processes)} for offset in range(client_processes)]
+    clients = []
+    for share in shares:
+        client = subprocess.Popen([sys.executable, "-m", "benchmarks.rest_client"], cwd=REPO, env=child_environment(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdin is not None
+        client.stdin.write(json.dumps({"url": url, "prompts": share, "output_len": output_len, "stream": stream, "start_at": start_at}))
+        client.stdin.close()
+        clients.append(client)
+    records: dict[str, dict] = {}
+    for client in clients:
+        assert client.stdout is not None
+        records |= json.loads(client.stdout.read())
+        if client.wait() != 0:
+            raise RuntimeError(f"a REST client process exited with {client.returncode}")
+    return start_at, records
+
+
+def measure(served: ServeProcess, door: str, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+    """One run of the workload through `door` ("grpc", "rest_sse" or
+    "rest"), with the engine's counters and the front door's CPU time."""
+    pids = front_door_pids(served)
+    stats_before, cpu_before = engine_stats(served.engine_target), through_gateway.cpu_seconds(pids)
+    if door == "grpc":
+        timings = through_gateway.stream_requests(served.grpc_target, prompts, args.output_len)
+        start, first_token, finished, tokens, seconds, errors = (
+            timings.start, timings.first_token, timings.finished, timings.output_tokens, timings.seconds, timings.errors
+        )  # fmt: skip
+    else:
+        start, records = _rest_run(served.rest_url, prompts, args.output_len, door == "rest_sse", args.client_processes)
+        errors = [f"{rid}: {r['error']}" for rid, r in records.items() if "error" in r]
+        finished = {rid: r["finished"] for rid, r in records.items() if "finished" in r}
+        # Without a stream, a request's first token arrives with its last.
+        first_token = {rid: r.get("first_token", r["finished"]) for rid, r in records.items() if "finished" in r}
+        tokens = sum(r.get("tokens", 0) for r in records.values())
+        seconds = max(finished.values(), default=start) - start
+    stats_after, cpu_after = engine_stats(served.engine_target), through_gateway.cpu_seconds(pids)
+    front_cpu = sum(cpu_after[name] - cpu_before[name] for name in cpu_after)
+    record = dict(
+        **throughput.summarize(start, first_token, finished, tokens, seconds, args.output_len),
+        engine_steps=stats_after.steps_total - stats_before.steps_total,
+        prefix_cache_hit_tokens=stats_after.prefix_cache_hit_tokens - stats_before.prefix_cache_hit_tokens,
+        front_door_processes=len(pids), cpu_s_front_door=round(front_cpu, 2),
+        cpu_us_per_token_front_door=round(front_cpu / tokens * 1e6, 1) if tokens else None,
+    )  # fmt: skip
+    if errors:
+        record.update(errors=len(errors), first_error=errors[0])
+    return record
+
+
+def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    vocab_size = throughput.SHAPES[shape]["vocab_size"]
+    workload = dict(shape=shape, requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len,
+                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")  # fmt: skip
+    prompts = {seed: hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=seed) for seed in (GRPC_SEED, REST_STREAM_SEED, REST_WHOLE_SEED)}
+    warm = throughput.warm_up_prompts([p for measured in prompts.values() for p in measured], args, vocab_size)
+    config = throughput.engine_config(args)
+    loaded = throughput.random_model(shape, resolve_dtype(config.dtype, device), config.max_model_len, device)
+    core = create_engine_core(config, loaded)
+    throughput.run_engine(core, warm, 8)
+    in_process = throughput.run_engine(core, prompts[GRPC_SEED], args.output_len)
+    throughput.emit(dict(bench="rest", system="pagewire", **workload, **in_process))
+    work_dir = Path(tempfile.mkdtemp(prefix=f"pagewire-rest-{shape}-", dir=args.work_dir or None))
+    through_gateway.write_model_dir(loaded, work_dir / "model")
+    through_gateway.write_tokenizer(loaded.config.vocab_size, work_dir / "model")
+    del core, loaded
+    throughput.free_gpu()
+
+    engine_flags = ["--device", config.device, "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
+                    "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens),
+                    "--gpu-memory-utilization", str(config.gpu_memory_utilization),
+                    "--async-scheduling" if config.async_scheduling else "--no-async-scheduling",
+                    "--max-concurrent-requests", str(max(4096, args.requests))]  # fmt: skip
+    for flag, value in (("--gateway-workers", args.gateway_workers), ("--tokenizer-workers", args.tokenizer_workers)):
+        if value:
+            engine_flags += [flag, str(value)]
+    served = through_gateway.serve(work_dir / "model", engine_flags, Path(args.log_dir or work_dir) / f"serve-rest-{shape}.log")
+    try:
+        served.wait_serving(through_gateway.START_TIMEOUT_S)
+        through_gateway.stream_requests(served.grpc_target, warm, 8, prefix="warm")
+        doors = {"grpc": GRPC_SEED, "rest_sse": REST_STREAM_SEED, "rest": REST_WHOLE_SEED}
+        served_runs = {door: measure(served, door, prompts[seed], args) for door, seed in doors.items()}
+    finally:
+        served.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+    workers = dict(gateway_workers=args.gateway_workers or "default", tokenizer_workers=args.tokenizer_workers or "default", client_processes=args.client_processes)
+    for door, record in served_runs.items():
+        throughput.emit(dict(bench="rest", system=f"pagewire-{door.replace('_', '-')}", **workload, **workers, **record))
+    ratios = {f"{door}_over_in_process": round(record["out_tok_s"] / in_process["out_tok_s"], 3) for door, record in served_runs.items()}
+    ttft = {f"{door}_ttft_p50_over_in_process": round(record["ttft_p50_ms"] / in_process["ttft_p50_ms"], 3) for door, record in served_runs.items()}
+    throughput.emit(dict(bench="rest_ratio", shape=shape, **ratios, **ttft))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="smollm2-135m,llama-1b")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--gateway-workers", type=int, default=0, help="gateway processes of the served system (0: serve's default)")
+    parser.add_argument("--tokenizer-workers", type=int, default=0, help="tokenizer processes of the served system (0: serve's default)")
+    parser.add_argument("--client-processes", type=int, default=4, help="REST client processes the requests are spread over")
+    parser.add_argument("--work-dir", default="", help="where the model directory is written (default: the system's temp dir)")
+    parser.add_argument("--log-dir", default="", help="where `pagewire serve`'s log goes (default: beside the model, deleted)")
+    args = parser.parse_args()
+    configure_logging("warning")  # stdout carries only the JSON lines
+    for shape in args.shapes.split(","):
+        benchmark_shape(shape, args)
+
+
+if __name__ == "__main__":
+    main()
