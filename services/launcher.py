@@ -12,6 +12,11 @@ environment, PAGEWIRE_* variables included), as a flag, except a secret such
 as the API key: it goes in the child's environment, since any local user can
 read a command line.
 
+With `--tokenizer-workers N` serve starts N tokenizers, on `--tokenizer-port`
+and the N-1 ports after it, and gives the gateway every address; the
+gateway's `--gateway-workers` are the gateway's to start (workers.py), so
+serve runs one gateway process either way.
+
 Readiness is each service's grpc.health.v1 status under its full service
 name. With `--tls-cert`/`--tls-key` (or PAGEWIRE_TLS_CERT / PAGEWIRE_TLS_KEY)
 the gateway serves TLS on both public ports, and the launcher probes it over
@@ -21,7 +26,7 @@ when `--host` is 0.0.0.0 or ::, else `--host`) and be self-signed or carry its
 root CA; when a handshake shows it is not, serve says why and stops at once.
 
 Ctrl-C or SIGTERM stops the gateway first (it drains its clients), then the
-engine and the tokenizer. A launcher killed outright (SIGKILL, the OOM
+engine and the tokenizers (all at once). A launcher killed outright (SIGKILL, the OOM
 killer) takes its children with it: on Linux each gets SIGTERM from the
 kernel and drains on its own, so none is left holding its port. If a child dies, the launcher says which, with
 its exit code and last lines of output. Before all three are serving it then
