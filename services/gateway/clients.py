@@ -207,7 +207,7 @@ class TokenizerClient(PeerClient):
         self._on_down = on_down
         self._tokenize_out: OutgoingStream[tokenizer_pb2.TokenizeBatch] | None = None
         self._detokenize_out: OutgoingStream[tokenizer_pb2.DetokenizeBatch] | None = None
-        self._pending_tokenize: dict[str, asyncio.Future[list[int]]] = {}
+        self._pending_tokenize: dict[str, asyncio.Future[tokenizer_pb2.TokenizeResult]] = {}
         # Single-token texts for logprobs and matched stop tokens, decoded on
         # the Detokenize stream under ids of their own; a token's text never
         # changes, so it is kept.
@@ -268,7 +268,7 @@ class TokenizerClient(PeerClient):
                 if result.error.code:
                     future.set_exception(error_from_status(result.error))
                 else:
-                    future.set_result(list(result.token_ids))
+                    future.set_result(result)
 
     async def _read_text(self, call: grpc.aio.StreamStreamCall) -> None:
         async for batch in call:
@@ -285,12 +285,12 @@ class TokenizerClient(PeerClient):
                     if not future.done():
                         future.set_result(self._token_texts[token_id])
 
-    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> list[int]:
-        """Token ids of one request; RequestError when the tokenizer refuses it."""
+    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResult:
+        """The result of one request; RequestError when the tokenizer refuses it."""
         if self._tokenize_out is None:
             raise _unavailable(f"tokenizer {self.address}")
         self._tokenize_out.send(tokenizer_pb2.TokenizeBatch(requests=[request]))
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tokenizer_pb2.TokenizeResult] = asyncio.get_running_loop().create_future()
         self._pending_tokenize[request.request_id] = future
         try:
             return await future

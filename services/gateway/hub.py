@@ -156,7 +156,7 @@ class Gateway:
             raise RequestError(Refusal.RESOURCE_EXHAUSTED, f"the gateway has {limit} requests in flight (--max-concurrent-requests); retry later")
         self._in_flight.add(request.internal_id)
 
-    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> list[int]:
+    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResult:
         return await self._tokenizer.tokenize(request)
 
     def pick_replica(self, model_id: str, prompt: list[int]) -> EngineReplica:

@@ -67,7 +67,7 @@ class Hub(Protocol):
     def admit(self, request: GatewayRequest) -> None:
         """Count the request in flight; RESOURCE_EXHAUSTED when the gateway is full."""
 
-    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> list[int]: ...
+    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResult: ...
 
     def pick_replica(self, model_id: str, prompt: list[int]) -> EngineReplica:
         """The replica to serve a prompt; UNAVAILABLE when none serving the model is up."""
@@ -154,9 +154,9 @@ class GatewayRequest:
                 if self.request.HasField("timeout"):
                     self.deadline = self.arrival + self.request.timeout.ToTimedelta().total_seconds()
                 async with asyncio.timeout_at(self.deadline):
-                    prompt = await self._prompt_ids()
+                    prompt, grammar = await self._prompt_ids()
                     if self.finish_reason == UNFINISHED:
-                        self._submit(model, prompt)
+                        self._submit(model, prompt, grammar)
                     while self.finish_reason == UNFINISHED:
                         await self._wake.wait()
                         self._wake.clear()
@@ -193,19 +193,27 @@ class GatewayRequest:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _prompt_ids(self) -> list[int]:
+    async def _prompt_ids(self) -> tuple[list[int], str]:
+        """The prompt's token ids and the constraint's compiled grammar (empty
+        without one); token ids given by the caller skip the tokenizer unless
+        a constraint needs compiling."""
         kind = self.request.WhichOneof("input")
+        constrained = self.request.HasField("constraint")
+        if kind == "token_ids" and not constrained:
+            return list(self.request.token_ids.ids), ""
+        tokenize = tokenizer_pb2.TokenizeRequest(request_id=self.internal_id, constraint=self.request.constraint if constrained else None)
         if kind == "token_ids":
-            return list(self.request.token_ids.ids)
-        tokenize = tokenizer_pb2.TokenizeRequest(request_id=self.internal_id)
+            result = await self.hub.tokenize(tokenize)
+            return list(self.request.token_ids.ids), result.compiled_grammar
         if kind == "text":
             tokenize.text = self.request.text
         else:
             tokenize.chat.messages.extend(self.request.chat.messages)
             tokenize.chat.parse_special_tokens_in_content = self.request.chat.parse_special_tokens_in_content
-        return await self.hub.tokenize(tokenize)
+        result = await self.hub.tokenize(tokenize)
+        return list(result.token_ids), result.compiled_grammar
 
-    def _submit(self, model: engine_pb2.EngineInfo, prompt: list[int]) -> None:
+    def _submit(self, model: engine_pb2.EngineInfo, prompt: list[int], grammar: str) -> None:
         check_prompt(prompt, model)
         self.replica = self.hub.pick_replica(model.model_id, prompt)
         self.hub.register(self)
@@ -223,7 +231,7 @@ class GatewayRequest:
             ]
         )
         self.detokenizing = True
-        add = engine_pb2.AddRequest(request_id=self.internal_id, prompt_token_ids=prompt, sampling=self.request.sampling)
+        add = engine_pb2.AddRequest(request_id=self.internal_id, prompt_token_ids=prompt, sampling=self.request.sampling, compiled_grammar=grammar)
         if self.deadline is not None:
             remaining = duration_pb2.Duration()
             remaining.FromNanoseconds(max(1, int((self.deadline - self.loop.time()) * 1e9)))

@@ -58,6 +58,13 @@ class Executor(Protocol):
 
     def forget(self, request_id: str) -> None: ...
 
+    def constrain(self, request_id: str, compiled_grammar: str, stop_token_ids: tuple[int, ...]) -> None:
+        """Give the request a grammar (executor/grammar.py) that masks its
+        tokens from now on; RequestError when it does not load."""
+
+    def grammar_terminated(self, request_id: str, output_token_ids: list[int]) -> bool:
+        """Whether the grammar has ended after these output tokens."""
+
 
 @dataclass(frozen=True)
 class EngineInfo:
@@ -186,7 +193,9 @@ class EngineCore:
         if problems:
             raise invalid_argument("; ".join(problems))
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, timeout_s: float | None = None) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, timeout_s: float | None = None, compiled_grammar: str = ""
+    ) -> None:
         if request_id in self.sequences:
             raise invalid_argument(f"request id {request_id!r} is already live in this engine")
         self.validate(prompt_token_ids, sampling, timeout_s)
@@ -207,7 +216,11 @@ class EngineCore:
             arrival_time=now,
             deadline=None if timeout_s is None else now + timeout_s,
             max_total_tokens=min(len(prompt_token_ids) + (sampling.max_tokens or self.max_model_len), self.max_model_len),
+            constrained=bool(compiled_grammar),
         )
+        if compiled_grammar:
+            # A complete output may end with any token that would end it unconstrained.
+            self.executor.constrain(request_id, compiled_grammar, tuple(sorted(self.eos_token_ids | set(sampling.stop_token_ids))))
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         log.debug("request added", request_id=request_id, prompt_tokens=len(prompt_token_ids))
@@ -251,14 +264,17 @@ class EngineCore:
         """Penalties are computed from the host's copy of a request's output
         tokens, so a step that applies them waits for the step before; so does
         one that proposes speculative tokens (the lookup needs the newest
-        token), and one after a verify step, whose token count only the
-        read-back tells."""
-        return any(seq.sampling.has_penalties or self._speculates(seq) for seq in self.scheduler.running)
+        token), one after a verify step, whose token count only the
+        read-back tells, and one that masks by a grammar, whose matcher must
+        have taken in the newest token."""
+        return any(seq.sampling.has_penalties or seq.constrained or self._speculates(seq) for seq in self.scheduler.running)
 
     def _speculates(self, seq: Sequence) -> bool:
         """Penalties would have to count each earlier proposal of the same
-        step as output, so requests with penalties decode one token a step."""
-        return self.proposer is not None and seq.sampling.speculative and not seq.sampling.has_penalties
+        step as output, so requests with penalties decode one token a step;
+        so do constrained ones, whose grammar would have to mask every
+        proposal's row from the state after the proposals before it."""
+        return self.proposer is not None and seq.sampling.speculative and not seq.sampling.has_penalties and not seq.constrained
 
     def _propose(self) -> dict[str, list[int]]:
         """Speculative tokens for the decoding sequences whose tokens the host
@@ -320,6 +336,8 @@ class EngineCore:
         params = seq.sampling
         if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
             seq.matched_stop_token_id = token_id
+            return FinishReason.STOP
+        if seq.constrained and self.executor.grammar_terminated(seq.request_id, seq.output_token_ids):
             return FinishReason.STOP
         if params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens:
             return FinishReason.LENGTH

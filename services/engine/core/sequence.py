@@ -132,6 +132,10 @@ class Sequence:
     # Proposed continuation that the step in flight verifies: fed as inputs
     # after the last known token, and not part of the sequence until accepted.
     spec_token_ids: list[int] = field(default_factory=list)
+    # Its output follows a grammar (structured output), whose matcher the
+    # executor holds: it needs its tokens on the host before each step and
+    # never speculates.
+    constrained: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

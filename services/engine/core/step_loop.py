@@ -50,6 +50,8 @@ class AddCommand:
     prompt_token_ids: list[int]
     sampling: SamplingParams | RequestError
     timeout_s: float | None
+    # Serialized xgrammar CompiledGrammar (structured output); empty: none.
+    compiled_grammar: str = ""
 
 
 @dataclass
@@ -171,7 +173,7 @@ class StepLoop:
             return DuplicateRequestError(f"request id {command.request_id!r} is already live on this stream; the earlier request continues")
         core_id = f"{stream.stream_id}/{next(self._core_ids)}"
         try:
-            self.core.add_request(core_id, command.prompt_token_ids, command.sampling, command.timeout_s)
+            self.core.add_request(core_id, command.prompt_token_ids, command.sampling, command.timeout_s, command.compiled_grammar)
         except RequestError as error:
             return error
         stream.live[command.request_id] = core_id

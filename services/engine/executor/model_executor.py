@@ -12,6 +12,7 @@ from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_
 from pagewire.services.engine.core.engine import EngineCore, ExecutorSpec
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
+from pagewire.services.engine.executor.grammar import GrammarMatchers
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors, kv_bytes_per_block
 from pagewire.services.engine.executor.layers.fp8 import FP8_DTYPE
 from pagewire.services.engine.executor.loader import LoadedModel, dtype_name, load_model, resolve_device, resolve_dtype
@@ -69,7 +70,8 @@ class ModelExecutor:
         kv_caches = allocate_kv_tensors(
             model_config.num_layers, num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim, self.kv_dtype, loaded.device
         )
-        self.sampler = Sampler(config.seed, loaded.device)
+        self.grammars = GrammarMatchers(config.model)
+        self.sampler = Sampler(config.seed, loaded.device, self.grammars)
         runner_args = (loaded, kv_caches, config.block_size, self.sampler)
         self.runner = CudaGraphRunner(*runner_args, config.max_num_seqs, max_model_len) if on_gpu else ModelRunner(*runner_args)
 
@@ -87,6 +89,13 @@ class ModelExecutor:
 
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)
+        self.grammars.forget(request_id)
+
+    def constrain(self, request_id: str, compiled_grammar: str, stop_token_ids: tuple[int, ...]) -> None:
+        self.grammars.add(request_id, compiled_grammar, stop_token_ids)
+
+    def grammar_terminated(self, request_id: str, output_token_ids: list[int]) -> bool:
+        return self.grammars.terminated(request_id, output_token_ids)
 
 
 def create_engine_core(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore:

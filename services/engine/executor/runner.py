@@ -138,7 +138,7 @@ class ModelRunner:
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> LaunchedStep:
         """logits: a row per proposal of each sequence, then its next-token row."""
         rows = [
-            SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids, draft)
+            SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids, draft, s.constrained)
             for s in sequences
             for draft in [*s.spec_token_ids, None]
         ]

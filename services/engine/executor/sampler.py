@@ -1,6 +1,8 @@
 """Batched sampling over one step's logits [num_seqs, vocab].
 
-Order, per row: penalties on the raw logits; greedy rows take the argmax;
+Order, per row: a constrained row's grammar masks the tokens it does not
+allow next (to -inf; the bitmask is filled on the host while the device
+still runs the forward pass); penalties on the raw logits; greedy rows take the argmax;
 the rest are divided by their temperature, then filtered by top-k, top-p and
 min-p (the order of HF transformers' warpers), then sampled. Logprobs are
 those of the penalised, temperature-scaled distribution before filtering.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from pagewire.services.engine.core.sequence import SamplerOutput, SamplingParams, TokenLogprob
+from pagewire.services.engine.executor.grammar import GrammarMatchers, apply_token_bitmask
 
 
 @dataclass
@@ -35,6 +38,9 @@ class SamplingRequest:
     output_token_ids: list[int]
     # The proposed token this row verifies; None for a plain row.
     draft_token_id: int | None = None
+    # The row's sequence has a grammar (never with a draft: constrained
+    # sequences do not speculate).
+    constrained: bool = False
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:
@@ -145,8 +151,9 @@ class DeviceSample:
 
 
 class Sampler:
-    def __init__(self, seed: int, device: torch.device):
+    def __init__(self, seed: int, device: torch.device, grammars: GrammarMatchers | None = None):
         self.device = device
+        self.grammars = grammars
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.request_generators: dict[str, torch.Generator] = {}
 
@@ -165,6 +172,11 @@ class Sampler:
         groups the rows by sequence (see DeviceSample), one each when None."""
         params = [r.params for r in rows]
         row_counts = row_counts or [1] * len(rows)
+        constrained = [i for i, r in enumerate(rows) if r.constrained]
+        if constrained:
+            assert self.grammars is not None, "a constrained row reached a sampler without grammars"
+            bitmask = self.grammars.fill([(rows[i].request_id, rows[i].output_token_ids) for i in constrained])
+            logits = apply_token_bitmask(logits, bitmask, constrained)
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits, rows)
         verifies = any(r.draft_token_id is not None for r in rows)

@@ -203,7 +203,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     # Not through timedelta, which overflows on a Duration past the limit the core refuses.
                     timeout_s = add.timeout.ToNanoseconds() / 1e9 if add.HasField("timeout") else None
                     step_loop.submit(
-                        AddCommand(stream.stream_id, add.request_id, list(add.prompt_token_ids), self._sampling(add), timeout_s)
+                        AddCommand(stream.stream_id, add.request_id, list(add.prompt_token_ids), self._sampling(add), timeout_s, add.compiled_grammar)
                     )
                 for request_id in message.abort:
                     step_loop.submit(AbortCommand(stream.stream_id, request_id))
@@ -231,6 +231,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             device=info.device,
             dtype=info.dtype,
             prefix_caching=info.prefix_caching,
+            tensor_parallel_size=info.tensor_parallel_size,
+            weight_bytes_per_rank=info.weight_bytes_per_rank,
         )
 
     async def Stats(self, request: engine_pb2.EngineStatsRequest, context: grpc.aio.ServicerContext) -> engine_pb2.EngineStats:

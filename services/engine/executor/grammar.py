@@ -1,0 +1,154 @@
+"""Structured output on the engine: one xgrammar matcher per constrained
+sequence, and the mask of the tokens its grammar allows next.
+
+The tokenizer service compiles a request's constraint and the engine loads
+the serialized grammar against a TokenizerInfo of the same tokenizer, built
+here from the engine's own model on the first constrained request (the
+serialized form leaves the vocabulary out, so it needs one; a grammar
+compiled for another tokenizer fails to load and refuses its request).
+
+A matcher follows its sequence's output tokens rather than being told of
+each step: before a mask is filled or termination is read, it takes in the
+tokens the sequence gained since it last looked, and it rolls back (or
+starts over and replays) when the sequence holds fewer. So preemption
+(recompute keeps the output tokens), tokens dropped after a stop and
+anything else that moves the output leave it in step. Constrained
+sequences never speculate, so a step never holds unverified tokens of
+theirs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass, field
+
+import torch
+import xgrammar
+
+from pagewire.services.common.errors import invalid_argument
+from pagewire.services.common.logging import get_logger
+from pagewire.services.common.model import load_hf_tokenizer, resolve_model
+
+log = get_logger("engine")
+
+
+@dataclass
+class SequenceGrammar:
+    matcher: xgrammar.GrammarMatcher
+    # The output tokens the matcher has taken in, in order.
+    accepted: list[int] = field(default_factory=list)
+    # A token the grammar did not allow reached the matcher; the sequence is
+    # ended rather than sampled from a mask that allows nothing.
+    broken: bool = False
+
+    def follow(self, output_token_ids: SequenceOf[int]) -> None:
+        """Take in the tokens past those accepted, after rewinding to the
+        longest prefix the accepted tokens share with the output."""
+        keep = 0
+        for accepted, token in zip(self.accepted, output_token_ids):
+            if accepted != token:
+                break
+            keep += 1
+        if keep < len(self.accepted):
+            self._rewind(keep)
+        for token in output_token_ids[len(self.accepted) :]:
+            if self.broken:
+                return
+            if self.matcher.is_terminated() or not self.matcher.accept_token(token):
+                self.broken = True
+                return
+            self.accepted.append(token)
+
+    def _rewind(self, keep: int) -> None:
+        """Back to the first `keep` accepted tokens: a rollback when the
+        matcher still holds the states, else a reset (follow replays)."""
+        drop = len(self.accepted) - keep
+        limit = self.matcher.max_rollback_tokens
+        if not self.broken and (limit < 0 or drop <= limit):
+            self.matcher.rollback(drop)
+            del self.accepted[keep:]
+        else:
+            self.matcher.reset()
+            self.accepted = []
+        self.broken = False
+
+    @property
+    def done(self) -> bool:
+        return self.broken or self.matcher.is_terminated()
+
+
+@functools.cache
+def tokenizer_info(model: str) -> xgrammar.TokenizerInfo:
+    """The TokenizerInfo of a --model value, loaded once per process."""
+    log.info("loading the tokenizer for structured output", model=model or "embedded default")
+    return xgrammar.TokenizerInfo.from_huggingface(load_hf_tokenizer(resolve_model(model)))
+
+
+class GrammarMatchers:
+    """The matchers of the live constrained sequences, by request id; used
+    by the step thread only."""
+
+    def __init__(self, model: str):
+        self._model = model
+        self._sequences: dict[str, SequenceGrammar] = {}
+
+    def tokenizer_info(self) -> xgrammar.TokenizerInfo:
+        return tokenizer_info(self._model)
+
+    def add(self, request_id: str, compiled_grammar: str, stop_token_ids: SequenceOf[int]) -> None:
+        """Load the request's grammar; INVALID_ARGUMENT when it does not load."""
+        try:
+            grammar = xgrammar.CompiledGrammar.deserialize_json(compiled_grammar, self.tokenizer_info())
+        except Exception as exc:  # xgrammar raises its own types and RuntimeError for a malformed text
+            raise invalid_argument(
+                f"compiled_grammar does not load: {exc}; send the one the tokenizer service compiled for this model", field="compiled_grammar"
+            ) from None
+        matcher = xgrammar.GrammarMatcher(grammar, override_stop_tokens=sorted(set(stop_token_ids)))
+        self._sequences[request_id] = SequenceGrammar(matcher)
+
+    def forget(self, request_id: str) -> None:
+        self._sequences.pop(request_id, None)
+
+    def terminated(self, request_id: str, output_token_ids: SequenceOf[int]) -> bool:
+        """Whether the sequence's grammar has ended (a stop token after a
+        complete output, or a token it did not allow)."""
+        state = self._sequences[request_id]
+        state.follow(output_token_ids)
+        if state.broken:
+            log.warning("a token outside the grammar reached its matcher; the request ends", request_id=request_id)
+        return state.done
+
+    def fill(self, rows: list[tuple[str, SequenceOf[int]]]) -> torch.Tensor:
+        """[len(rows), words] int32 bitmask on the host, a row per (request
+        id, output tokens): bit t of a row set when token t may come next."""
+        bitmask = xgrammar.allocate_token_bitmask(len(rows), self.tokenizer_info().vocab_size)
+        for index, (request_id, output_token_ids) in enumerate(rows):
+            state = self._sequences[request_id]
+            state.follow(output_token_ids)
+            if not state.done:
+                state.matcher.fill_next_token_bitmask(bitmask, index)
+        return bitmask
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, row_indices: list[int]) -> torch.Tensor:
+    """`logits` with every token a row's bitmask leaves out set to -inf, on
+    the logits' device; ids past the bitmask (a model vocabulary padded
+    beyond the tokenizer's) are left out too. Rows not in row_indices are
+    unchanged. A row whose bitmask allows nothing (its grammar has ended) is
+    left as it is: the core ends that sequence."""
+    vocab = logits.shape[-1]
+    device = logits.device
+    bits = bitmask.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else bitmask
+    shifts = torch.arange(32, device=device, dtype=torch.int32)
+    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+    if allowed.shape[1] >= vocab:
+        allowed = allowed[:, :vocab]
+    else:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    allowed |= ~allowed.any(dim=1, keepdim=True)
+    index = torch.tensor(row_indices, device=device)
+    masked = logits.clone()
+    masked[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return masked
+

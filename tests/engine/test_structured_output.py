@@ -1,0 +1,146 @@
+"""Structured output on the engine with the embedded model: constrained
+outputs are in their grammar's language and end with it, the unconstrained
+requests of the same batch are unchanged, and the matcher follows its
+sequence through preemption, aborts and an engine that speculates."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from pagewire.services.common.errors import RequestError
+from pagewire.services.engine.core.kv_cache import cdiv
+from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
+from pagewire.services.tokenizer.grammar import GrammarCompiler
+from pagewire.v1 import common_pb2
+from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "colour": {"enum": ["red", "green", "blue"]},
+    },
+    "required": ["name", "age", "colour"],
+}
+ITEMS = {
+    "type": "object",
+    "properties": {"items": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,8}$"}, "minItems": 1, "maxItems": 3}},
+    "required": ["items"],
+}
+REGEX = r"[0-9]{3}-[a-z]{2,4}"
+CHOICES = ["yes", "no", "maybe"]
+MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def compiler(hf_tokenizer) -> GrammarCompiler:
+    return GrammarCompiler(hf_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(hf_tokenizer) -> list[list[int]]:
+    questions = ["Describe a person as JSON.", "List some fruits as JSON.", "Give me a code.", "Is the sky blue?"]
+    texts = [hf_tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False) for q in questions]
+    return [hf_tokenizer(text)["input_ids"] for text in texts]
+
+
+@pytest.fixture(scope="module")
+def grammars(compiler: GrammarCompiler) -> list[str]:
+    return [
+        compiler.compile(common_pb2.Constraint(json_schema=json.dumps(PERSON))),
+        compiler.compile(common_pb2.Constraint(json_schema=json.dumps(ITEMS))),
+        compiler.compile(common_pb2.Constraint(regex=REGEX)),
+        compiler.compile(common_pb2.Constraint(choice=common_pb2.Choice(choices=CHOICES))),
+    ]
+
+
+def _check(texts: list[str]) -> None:
+    jsonschema.validate(json.loads(texts[0]), PERSON)
+    jsonschema.validate(json.loads(texts[1]), ITEMS)
+    assert re.fullmatch(REGEX, texts[2]), texts[2]
+    assert texts[3] in CHOICES, texts[3]
+
+
+def _run_constrained(core, prompts: list[list[int]], grammars: list[str], hf_tokenizer, sampling: SamplingParams = greedy(MAX_TOKENS)) -> list[str]:  # type: ignore[no-untyped-def]
+    for i, (prompt, grammar) in enumerate(zip(prompts, grammars)):
+        core.add_request(f"c{i}", prompt, sampling, compiled_grammar=grammar)
+    outputs = run_all(core)
+    assert all(outputs[f"c{i}"][-1].finish_reason is FinishReason.STOP for i in range(len(grammars)))
+    assert not core.executor.grammars._sequences
+    return [hf_tokenizer.decode(tokens_of(outputs[f"c{i}"]), skip_special_tokens=True) for i in range(len(grammars))]
+
+
+@pytest.fixture(scope="module")
+def alone(engine_model, chat_prompts, grammars, hf_tokenizer) -> list[str]:  # type: ignore[no-untyped-def]
+    """Each kind's greedy constrained output, from an engine that runs nothing else."""
+    return _run_constrained(make_engine(engine_model), chat_prompts, grammars, hf_tokenizer)
+
+
+def test_constrained_outputs_are_in_their_language(alone: list[str]) -> None:
+    _check(alone)
+
+
+def test_a_mixed_batch_leaves_unconstrained_requests_unchanged(
+    both_schedulings, engine_model, chat_prompts, grammars, prompts, hf_tokenizer, alone  # type: ignore[no-untyped-def]
+) -> None:
+    plain = make_engine(engine_model)
+    for i, prompt in enumerate(prompts[:4]):
+        plain.add_request(f"u{i}", prompt, greedy(16))
+    expected = {rid: tokens_of(outs) for rid, outs in run_all(plain).items()}
+    core = make_engine(engine_model)
+    for i, prompt in enumerate(prompts[:4]):
+        core.add_request(f"u{i}", prompt, greedy(16))
+    for i, (prompt, grammar) in enumerate(zip(chat_prompts, grammars)):
+        core.add_request(f"c{i}", prompt, greedy(MAX_TOKENS), compiled_grammar=grammar)
+    outputs = run_all(core)
+    assert {rid: tokens_of(outputs[rid]) for rid in expected} == expected
+    assert [hf_tokenizer.decode(tokens_of(outputs[f"c{i}"]), skip_special_tokens=True) for i in range(4)] == alone
+    assert_no_leaks(core)
+
+
+def test_sampled_constrained_outputs_are_in_their_language(engine_model, chat_prompts, grammars, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    for seed in range(2):
+        core = make_engine(engine_model)
+        texts = _run_constrained(core, chat_prompts, grammars, hf_tokenizer, SamplingParams(temperature=1.0, seed=seed, max_tokens=MAX_TOKENS))
+        _check(texts)
+
+
+def test_preemption_keeps_the_matcher_in_step(engine_model, chat_prompts, grammars, hf_tokenizer, alone) -> None:  # type: ignore[no-untyped-def]
+    # The two JSON requests twice each: every prompt fits, but not every answer,
+    # so some sequences are preempted and recomputed.
+    prompts, kinds = [chat_prompts[0], chat_prompts[0], chat_prompts[1], chat_prompts[1]], [grammars[0], grammars[0], grammars[1], grammars[1]]
+    core = make_engine(engine_model, block_size=4, num_kv_blocks=sum(cdiv(len(p), 4) for p in prompts) + 8, enable_prefix_caching=False)
+    texts = _run_constrained(core, prompts, kinds, hf_tokenizer)
+    assert core.stats().num_preemptions > 0
+    assert texts == [alone[0], alone[0], alone[1], alone[1]]
+
+
+def test_constrained_requests_do_not_speculate_and_keep_their_output(engine_model, chat_prompts, grammars, hf_tokenizer, alone) -> None:  # type: ignore[no-untyped-def]
+    core = make_engine(engine_model, speculative_method="ngram", num_speculative_tokens=4)
+    assert _run_constrained(core, chat_prompts, grammars, hf_tokenizer) == alone
+    assert core.stats().spec_decode_draft_tokens_total == 0
+
+
+def test_abort_frees_the_matcher(engine_model, chat_prompts, grammars) -> None:  # type: ignore[no-untyped-def]
+    core = make_engine(engine_model)
+    core.add_request("c", chat_prompts[0], greedy(MAX_TOKENS), compiled_grammar=grammars[0])
+    for _ in range(3):
+        core.step()
+    core.abort("c")
+    outputs = run_all(core)
+    assert outputs["c"][-1].finish_reason is FinishReason.CANCELLED
+    assert not core.executor.grammars._sequences
+    assert_no_leaks(core)
+
+
+def test_a_grammar_that_does_not_load_refuses_its_request_alone(engine_model, chat_prompts, grammars, hf_tokenizer, alone) -> None:  # type: ignore[no-untyped-def]
+    core = make_engine(engine_model)
+    with pytest.raises(RequestError) as caught:
+        core.add_request("bad", chat_prompts[0], greedy(MAX_TOKENS), compiled_grammar='{"not": "a grammar"}')
+    assert caught.value.field == "compiled_grammar" and "does not load" in caught.value.message
+    assert _run_constrained(core, chat_prompts[:1], grammars[:1], hf_tokenizer) == alone[:1]
