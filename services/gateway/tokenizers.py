@@ -55,7 +55,7 @@ class TokenizerPool:
             raise RequestError(Refusal.UNAVAILABLE, f"tokenizer {names} is not connected; retry shortly")
         return min(connected, key=lambda client: self._load[client] + client.pending_tokenize)
 
-    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> list[int]:
+    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResult:
         return await self._least_loaded().tokenize(request)
 
     def assigned(self, request_id: str) -> TokenizerClient | None:
