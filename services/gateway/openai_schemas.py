@@ -5,6 +5,7 @@ GenerateRequest, and how a request's chunks become /v1/completions and
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -32,6 +33,34 @@ TokenId = Annotated[StrictInt, Field(ge=0, le=UINT32_MAX)]
 # OpenAI's default max_tokens on /v1/completions (chat has none: the model's
 # context bounds it).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema. `strict` is accepted either way: the
+    schema is always enforced (the output is generated under its grammar)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> common_pb2.Constraint | None:
+        """The GenerateRequest constraint; None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return common_pb2.Constraint(json_object=common_pb2.JsonObject())
+        if self.json_schema is None:
+            raise invalid_argument('response_format of type "json_schema" needs a json_schema object', field="response_format")
+        # No schema: any JSON value, as OpenAI reads it.
+        return common_pb2.Constraint(json_schema=json.dumps(self.json_schema.schema_ or {}))
 
 
 class SamplingFields(BaseModel):
@@ -68,6 +97,8 @@ class SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Structured output: json_object or json_schema (see README).
+    response_format: ResponseFormat | None = None
 
     def check_fields(self) -> None:
         """Refuse a field that is not ignored and asks for something."""
@@ -107,6 +138,8 @@ class SamplingFields(BaseModel):
         )
         if self.skip_special_tokens is not None:
             request.skip_special_tokens = self.skip_special_tokens
+        if self.response_format is not None and (constraint := self.response_format.constraint()) is not None:
+            request.constraint.CopyFrom(constraint)
         return request
 
     @property
@@ -163,7 +196,6 @@ class ChatBody(SamplingFields):
     # parallel_tool_calls only means something with tools, which are refused.
     ignored: ClassVar[frozenset[str]] = SamplingFields.ignored | {"parallel_tool_calls"}
     not_implemented: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.not_implemented | {
-        "response_format": (None, {"type": "text"}),
         "tools": (None, []),
         "tool_choice": (None, "none", "auto"),
         "functions": (None, []),
@@ -192,6 +224,14 @@ class ChatBody(SamplingFields):
             request.chat.SetInParent()
         request.chat.parse_special_tokens_in_content = self.parse_special_tokens_in_content
         return request
+
+
+def public_param(field: str | None) -> str | None:
+    """The REST field behind a GenerateRequest field that a refusal names:
+    the constraint comes from response_format."""
+    if field is not None and field.split(".")[0] == "constraint":
+        return "response_format"
+    return field
 
 
 # --- responses --------------------------------------------------------------

@@ -59,7 +59,7 @@ from pagewire.services.common.grpc_utils import error_status, status_code, to_st
 from pagewire.services.common.limits import max_rest_body_bytes
 from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.hub import Gateway
-from pagewire.services.gateway.openai_schemas import ChatBody, ChatFormat, CompletionBody, CompletionFormat, merge_chunks
+from pagewire.services.gateway.openai_schemas import ChatBody, ChatFormat, CompletionBody, CompletionFormat, merge_chunks, public_param
 from pagewire.services.gateway.sse import DONE, Envelope, StreamEvents, event
 from pagewire.v1 import gateway_pb2
 
@@ -91,7 +91,7 @@ def error_body(message: str, error_type: str, code: str, param: str | None = Non
 def status_body(status: status_pb2.Status) -> tuple[int, dict[str, Any]]:
     code = status_code(status)
     http_status, error_type = HTTP_ERRORS.get(code, (500, "internal_error"))
-    return http_status, error_body(status.message, error_type, code.name, violated_field(status))
+    return http_status, error_body(status.message, error_type, code.name, public_param(violated_field(status)))
 
 
 def status_response(status: status_pb2.Status) -> JSONResponse:
