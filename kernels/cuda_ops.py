@@ -8,6 +8,7 @@ launch shape (warp layout, number of context splits) is fixed from them."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from pagewire.kernels import loader
 ATTENTION_SOURCE = "paged_attention.cu"
 CACHE_SOURCE = "reshape_and_cache.cu"
 CACHE_KERNEL = "reshape_and_cache_kernel"
+FP8_CACHE_DTYPE = torch.float8_e4m3fn
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16"}
@@ -37,8 +39,12 @@ MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
 
 
-def attention_kernel_name(dtype: torch.dtype, head_dim: int, warps_m: int) -> str:
-    return f"paged_attention_kernel<{KERNEL_TYPES[dtype]}, {head_dim}, {warps_m}>"
+def attention_kernel_name(dtype: torch.dtype, head_dim: int, warps_m: int, fp8_cache: bool = False) -> str:
+    return f"paged_attention_kernel<{KERNEL_TYPES[dtype]}, {head_dim}, {warps_m}, {'true' if fp8_cache else 'false'}>"
+
+
+def fp8_cache_kernel_name(dtype: torch.dtype) -> str:
+    return f"reshape_and_cache_fp8_kernel<{KERNEL_TYPES[dtype]}>"
 
 
 def combine_kernel_name(dtype: torch.dtype, head_dim: int) -> str:
@@ -52,11 +58,27 @@ def all_kernel_names() -> dict[str, list[str]]:
         for dtype in KERNEL_TYPES
         for head_dim in SUPPORTED_HEAD_DIMS
         for name in (
-            *(attention_kernel_name(dtype, head_dim, warps_m) for warps_m in WARPS_M_CHOICES),
+            *(attention_kernel_name(dtype, head_dim, warps_m, fp8) for warps_m in WARPS_M_CHOICES for fp8 in (False, True)),
             combine_kernel_name(dtype, head_dim),
         )
     ]
-    return {ATTENTION_SOURCE: attention, CACHE_SOURCE: [CACHE_KERNEL]}
+    return {ATTENTION_SOURCE: attention, CACHE_SOURCE: [CACHE_KERNEL, *(fp8_cache_kernel_name(dtype) for dtype in KERNEL_TYPES)]}
+
+
+@functools.cache
+def _has_fp8_conversions(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def _check_fp8_cache(cache: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `cache` is FP8; raises where the kernels cannot read it."""
+    if cache.dtype != FP8_CACHE_DTYPE:
+        return False
+    if dtype not in KERNEL_TYPES:
+        raise ValueError(f"an FP8 KV cache takes bf16 or fp16 keys and values, got {dtype}")
+    if not _has_fp8_conversions(cache.get_device()):
+        raise ValueError("an FP8 KV cache needs a GPU of compute capability 8.9 or newer (E4M3 conversions)")
+    return True
 
 
 def attention_shared_bytes(head_dim: int, warps_m: int) -> int:
@@ -95,36 +117,37 @@ def reshape_and_cache(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> None:
-    """kernels/reference.py: reshape_and_cache, on the GPU."""
+    """kernels/reference.py: reshape_and_cache, on the GPU. A 16-bit cache
+    takes the rows as they are (k_scale/v_scale unused); an FP8 one bf16/fp16
+    rows divided by the scales."""
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
-    row_bytes = key_cache.shape[2] * key_cache.shape[3] * key_cache.element_size()
+    fp8 = _check_fp8_cache(key_cache, key.dtype)
+    # The FP8 kernel converts 8 elements at a time (16 bytes in, 8 out).
+    row_bytes = key_cache.shape[2] * key_cache.shape[3] * (2 if fp8 else key_cache.element_size())
     if row_bytes % 16:
         raise ValueError(f"a cache slot of {row_bytes} bytes is not a multiple of 16")
-    key = _rows_in_16_byte_pieces(key.to(key_cache.dtype))
-    value = _rows_in_16_byte_pieces(value.to(value_cache.dtype))
+    key = _rows_in_16_byte_pieces(key if fp8 else key.to(key_cache.dtype))
+    value = _rows_in_16_byte_pieces(value.to(key.dtype))
     slot_mapping = slot_mapping.to(torch.int64).contiguous()
     row_pieces = row_bytes // 16
     piece_elements = 16 // key.element_size()
-    loader.launch(
-        loader.get_kernel(CACHE_SOURCE, CACHE_KERNEL),
-        key.device,
-        (num_tokens,),
-        (min(THREADS, row_pieces),),
-        (
-            _pointer(key),
-            _pointer(value),
-            _pointer(key_cache),
-            _pointer(value_cache),
-            _pointer(slot_mapping),
-            np.int64(key.stride(0) // piece_elements),
-            np.int64(value.stride(0) // piece_elements),
-            np.int32(row_pieces),
-        ),
+    args = (
+        _pointer(key),
+        _pointer(value),
+        _pointer(key_cache),
+        _pointer(value_cache),
+        _pointer(slot_mapping),
+        np.int64(key.stride(0) // piece_elements),
+        np.int64(value.stride(0) // piece_elements),
+        np.int32(row_pieces),
     )
+    kernel = loader.get_kernel(CACHE_SOURCE, fp8_cache_kernel_name(key.dtype) if fp8 else CACHE_KERNEL)
+    scales = (np.float32(k_scale), np.float32(v_scale)) if fp8 else ()
+    loader.launch(kernel, key.device, (num_tokens,), (min(THREADS, row_pieces),), (*args, *scales))
 
 
 def choose_warps_m(max_query_len: int, group: int) -> int:
@@ -163,9 +186,9 @@ class AttentionKernel:
     multiprocessors: int
 
 
-def attention_kernel(dtype: torch.dtype, head_dim: int, warps_m: int, device: torch.device) -> AttentionKernel:
+def attention_kernel(dtype: torch.dtype, head_dim: int, warps_m: int, device: torch.device, fp8_cache: bool = False) -> AttentionKernel:
     shared_bytes = attention_shared_bytes(head_dim, warps_m)
-    kernel = loader.get_kernel(ATTENTION_SOURCE, attention_kernel_name(dtype, head_dim, warps_m), shared_bytes)
+    kernel = loader.get_kernel(ATTENTION_SOURCE, attention_kernel_name(dtype, head_dim, warps_m, fp8_cache), shared_bytes)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return AttentionKernel(kernel, shared_bytes, loader.resident_blocks(kernel, THREADS, shared_bytes, index), loader.multiprocessor_count(index))
 
@@ -186,12 +209,15 @@ def paged_attention(
     v_scale: float = 1.0,
 ) -> torch.Tensor:
     """kernels/reference.py: paged_attention, on the GPU, for bf16/fp16 and
-    head_dim 64 or 128. Query rows past query_start_loc[-1] (padding) come
-    back unspecified."""
+    head_dim 64 or 128, over a cache of the query's dtype or FP8 (E4M3, read
+    back times k_scale/v_scale). Query rows past query_start_loc[-1]
+    (padding) come back unspecified."""
     num_tokens, num_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = key_cache.shape
-    if query.dtype not in KERNEL_TYPES or key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
-        raise ValueError(f"paged_attention needs bf16 or fp16 query and cache of one dtype, got {query.dtype}/{key_cache.dtype}")
+    fp8 = _check_fp8_cache(key_cache, query.dtype)
+    cache_dtype = FP8_CACHE_DTYPE if fp8 else query.dtype
+    if query.dtype not in KERNEL_TYPES or key_cache.dtype != cache_dtype or value_cache.dtype != cache_dtype:
+        raise ValueError(f"paged_attention needs a bf16 or fp16 query and a cache of its dtype or FP8, got {query.dtype}/{key_cache.dtype}")
     if head_dim not in SUPPORTED_HEAD_DIMS or cache_head_dim != head_dim:
         raise ValueError(f"head_dim {head_dim} (cache {cache_head_dim}) is not one of {SUPPORTED_HEAD_DIMS}")
     if num_heads % num_kv_heads or num_heads // num_kv_heads > 16 * WARPS_M_CHOICES[-1]:
@@ -219,7 +245,7 @@ def paged_attention(
     tile_tokens = 16 * warps_m // group
     grid_tiles = num_tokens // tile_tokens + num_seqs
     busy_tiles = num_seqs if max_query_len <= tile_tokens else grid_tiles
-    attention = attention_kernel(query.dtype, head_dim, warps_m, query.device)
+    attention = attention_kernel(query.dtype, head_dim, warps_m, query.device, fp8)
     # A block streams at most the window (plus its own query rows) of K/V.
     streamed = min(max_seq_len, sliding_window + tile_tokens) if sliding_window > 0 else max_seq_len
     num_splits = choose_num_splits(busy_tiles * num_kv_heads, streamed, attention.resident_blocks, attention.multiprocessors)
@@ -253,7 +279,9 @@ def paged_attention(
             np.int32(group),
             np.int32(block_size),
             np.int32(sliding_window),
-            np.float32(scale * math.log2(math.e)),
+            # An FP8 cache holds K / k_scale and V / v_scale: the scales go into the scores and the output.
+            np.float32(scale * math.log2(math.e) * (k_scale if fp8 else 1.0)),
+            np.float32(v_scale if fp8 else 1.0),
         ),
         attention.shared_bytes,
     )

@@ -22,6 +22,12 @@
 // its log-sum-exp, which combine_splits_kernel merges. With one split the
 // kernel writes the output.
 //
+// An FP8 cache (FP8_CACHE: E4M3 elements, kernels/reference.py) is read a
+// tile ahead into registers (half the bytes of a 16-bit tile), widened to
+// 16 bits and stored into the same shared-memory tiles after the current
+// tile's math, so the tensor-core loop is unchanged: the keys' scale is folded
+// into scale_log2 and the values' into the output (v_scale). Needs sm_89+.
+//
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
 // tests, so it includes no headers.
 
@@ -35,6 +41,12 @@ struct Bf16 {
         u32 packed;
         asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
         return packed;
+    }
+    // Exact: every fp16 value that an E4M3 one widens to is a bf16 value.
+    static __device__ __forceinline__ u32 from_f16x2(u32 pair) {
+        float lo, hi;
+        asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }" : "=f"(lo), "=f"(hi) : "r"(pair));
+        return pack(lo, hi);
     }
     static __device__ __forceinline__ void mma(float (&acc)[4], const u32 (&a)[4], const u32 b0, const u32 b1) {
         asm volatile(
@@ -50,6 +62,7 @@ struct Fp16 {
         asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
         return packed;
     }
+    static __device__ __forceinline__ u32 from_f16x2(u32 pair) { return pair; }
     static __device__ __forceinline__ void mma(float (&acc)[4], const u32 (&a)[4], const u32 b0, const u32 b1) {
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -57,6 +70,20 @@ struct Fp16 {
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
 };
+
+// Four E4M3 elements (one 32-bit word, element 0 in the low byte) as four
+// 16-bit elements of T (two words, the same order); exact.
+template <typename T>
+__device__ __forceinline__ uint2 widen_e4m3x4(u32 word) {
+#if __CUDA_ARCH__ >= 890
+    u32 lo, hi;
+    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }" : "=r"(lo), "=r"(hi) : "r"(word));
+    return make_uint2(T::from_f16x2(lo), T::from_f16x2(hi));
+#else
+    __trap();  // cuda_ops launches FP8 caches only on sm_89 and newer
+    return make_uint2(0u, 0u);
+#endif
+}
 
 __device__ __forceinline__ u32 shared_address(const void* pointer) {
     u32 address;
@@ -98,16 +125,18 @@ struct AttentionShape {
     static constexpr int SHARED_BYTES = PIPELINE_BYTES > EPILOGUE_BYTES ? PIPELINE_BYTES : EPILOGUE_BYTES;
 };
 
-template <typename T, int HEAD_DIM, int WARPS_M>
+template <typename T, int HEAD_DIM, int WARPS_M, bool FP8_CACHE>
 __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     u16* __restrict__ out,              // [num_tokens, num_heads, HEAD_DIM], written when gridDim.z == 1
     float* __restrict__ partial_out,    // [gridDim.z, num_tokens, num_heads, HEAD_DIM]
     float* __restrict__ partial_lse,    // [gridDim.z, num_tokens, num_heads], log2 domain
     const u16* __restrict__ query, long long query_token_stride, long long query_head_stride,
-    const u16* __restrict__ key_cache, const u16* __restrict__ value_cache,
+    const void* __restrict__ key_cache, const void* __restrict__ value_cache,  // u16, or E4M3 bytes with FP8_CACHE
     const int* __restrict__ block_tables, int block_table_stride,
     const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
-    int num_seqs, int num_tokens, int num_kv_heads, int group, int block_size, int sliding_window, float scale_log2) {
+    int num_seqs, int num_tokens, int num_kv_heads, int group, int block_size, int sliding_window,
+    float scale_log2,  // times k_scale for an FP8 cache
+    float v_scale) {   // 1 for a 16-bit cache
     using Shape = AttentionShape<HEAD_DIM, WARPS_M>;
     constexpr int WARPS_N = Shape::WARPS_N;
     constexpr int ROWS = Shape::ROWS;
@@ -117,7 +146,8 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     constexpr int PV_STEPS = WARP_TOKENS / 16;
     constexpr int QK_STEPS = HEAD_DIM / 16;
     constexpr int D_TILES = HEAD_DIM / 8;
-    constexpr int CHUNKS_PER_ROW = HEAD_DIM / 8;  // 16-byte chunks of one token's head
+    constexpr int CHUNKS_PER_ROW = HEAD_DIM / 8;  // 8-element chunks of one token's head (16 bytes in shared memory)
+    constexpr int FP8_CHUNKS = FP8_CACHE ? KV_TILE * CHUNKS_PER_ROW / THREADS : 1;  // per thread and tile
 
     extern __shared__ uint4 shared_raw[];
     u16* shared = reinterpret_cast<u16*>(shared_raw);
@@ -196,16 +226,56 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
                 const int block = block_table[token / block_size];
                 offset = ((long long)block * block_size + token % block_size) * slot_stride + kv_head * HEAD_DIM + part * 8;
             }
-            copy_async_16(key_stage + row * ROW_STRIDE + part * 8, key_cache + offset, inside);
-            copy_async_16(value_stage + row * ROW_STRIDE + part * 8, value_cache + offset, inside);
+            copy_async_16(key_stage + row * ROW_STRIDE + part * 8, static_cast<const u16*>(key_cache) + offset, inside);
+            copy_async_16(value_stage + row * ROW_STRIDE + part * 8, static_cast<const u16*>(value_cache) + offset, inside);
         }
         copy_async_commit();
     };
 
-    if (num_tiles > 0) load_tile(0, kv_begin);
+    // FP8: this thread's chunks of the next tile, 8 E4M3 bytes each (zeros past the split).
+    uint2 key_fp8[FP8_CHUNKS], value_fp8[FP8_CHUNKS];
+    auto fetch_fp8_tile = [&](int tile_start) {
+#pragma unroll
+        for (int i = 0; i < FP8_CHUNKS; ++i) {
+            const int chunk = threadIdx.x + i * THREADS;
+            const int row = chunk / CHUNKS_PER_ROW, part = chunk % CHUNKS_PER_ROW;
+            const int token = tile_start + row;
+            key_fp8[i] = value_fp8[i] = make_uint2(0u, 0u);
+            if (token < kv_stop) {
+                const int block = block_table[token / block_size];
+                const long long offset = ((long long)block * block_size + token % block_size) * slot_stride + kv_head * HEAD_DIM + part * 8;
+                key_fp8[i] = *reinterpret_cast<const uint2*>(static_cast<const unsigned char*>(key_cache) + offset);
+                value_fp8[i] = *reinterpret_cast<const uint2*>(static_cast<const unsigned char*>(value_cache) + offset);
+            }
+        }
+    };
+    auto store_fp8_tile = [&](int stage) {
+        u16* key_stage = shared + stage * Shape::STAGE_ELEMS;
+        u16* value_stage = key_stage + KV_TILE * ROW_STRIDE;
+#pragma unroll
+        for (int i = 0; i < FP8_CHUNKS; ++i) {
+            const int chunk = threadIdx.x + i * THREADS;
+            const int row = chunk / CHUNKS_PER_ROW, part = chunk % CHUNKS_PER_ROW;
+            const uint2 key_lo = widen_e4m3x4<T>(key_fp8[i].x), key_hi = widen_e4m3x4<T>(key_fp8[i].y);
+            const uint2 value_lo = widen_e4m3x4<T>(value_fp8[i].x), value_hi = widen_e4m3x4<T>(value_fp8[i].y);
+            *reinterpret_cast<uint4*>(key_stage + row * ROW_STRIDE + part * 8) = make_uint4(key_lo.x, key_lo.y, key_hi.x, key_hi.y);
+            *reinterpret_cast<uint4*>(value_stage + row * ROW_STRIDE + part * 8) = make_uint4(value_lo.x, value_lo.y, value_hi.x, value_hi.y);
+        }
+    };
+
+    if (num_tiles > 0) {
+        if constexpr (FP8_CACHE) {
+            fetch_fp8_tile(kv_begin);
+            store_fp8_tile(0);
+        } else {
+            load_tile(0, kv_begin);
+        }
+    }
     for (int tile = 0; tile < num_tiles; ++tile) {
         const int tile_start = kv_begin + tile * KV_TILE;
-        if (tile + 1 < num_tiles) {
+        if constexpr (FP8_CACHE) {
+            if (tile + 1 < num_tiles) fetch_fp8_tile(tile_start + KV_TILE);  // in flight during this tile's math
+        } else if (tile + 1 < num_tiles) {
             load_tile((tile + 1) & 1, tile_start + KV_TILE);
             copy_async_wait<1>();
         } else {
@@ -284,6 +354,9 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
                 T::mma(acc[d + 1], p_fragment, v_fragment[2], v_fragment[3]);
             }
         }
+        if constexpr (FP8_CACHE) {
+            if (tile + 1 < num_tiles) store_fp8_tile((tile + 1) & 1);  // the stage read in the previous iteration
+        }
         __syncthreads();  // the next iteration's prefetch overwrites this stage
     }
 
@@ -330,7 +403,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
             out0 += partial.x * weight;
             out1 += partial.y * weight;
         }
-        const float inverse = total > 0.f ? 1.f / total : 0.f;
+        const float inverse = total > 0.f ? v_scale / total : 0.f;
         const long long out_row = (long long)(query_start + first_token + token) * num_heads + kv_head * group + row % group;
         if (num_splits == 1) {
             *reinterpret_cast<u32*>(out + out_row * HEAD_DIM + dim) = T::pack(out0 * inverse, out1 * inverse);
