@@ -134,11 +134,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     del core, loaded
     throughput.free_gpu()
 
-    engine_flags = ["--device", config.device, "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
-                    "--max-num-seqs", str(config.max_num_seqs), "--max-num-batched-tokens", str(config.max_num_batched_tokens),
-                    "--gpu-memory-utilization", str(config.gpu_memory_utilization),
-                    "--async-scheduling" if config.async_scheduling else "--no-async-scheduling",
-                    "--max-concurrent-requests", str(max(4096, args.requests))]  # fmt: skip
+    engine_flags = [*throughput.served_engine_flags(args), "--max-concurrent-requests", str(max(4096, args.requests))]
     for flag, value in (("--gateway-workers", args.gateway_workers), ("--tokenizer-workers", args.tokenizer_workers)):
         if value:
             engine_flags += [flag, str(value)]
@@ -161,14 +157,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="smollm2-135m,llama-1b")
-    parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    throughput.add_workload_arguments(parser, "smollm2-135m,llama-1b")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--gateway-workers", type=int, default=0, help="gateway processes of the served system (0: serve's default)")
     parser.add_argument("--tokenizer-workers", type=int, default=0, help="tokenizer processes of the served system (0: serve's default)")

@@ -15,13 +15,9 @@ as one server. One serve for the module (the drain test ends it):
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import socket
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -30,7 +26,7 @@ import pytest
 from pagewire.services.common.grpc_utils import check_health
 from pagewire.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.reliability.clients import Outcome, completion_body, metric_values, rest_client, stream_completion
-from tests.support.harness import LOOPBACK, READINESS_SERVICE, SERVE_PORTS, ServeProcess, free_port
+from tests.support.harness import READINESS_SERVICE, ServeProcess
 
 API_KEY = "sk-workers"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -39,39 +35,13 @@ WAVES = 4
 TIMEOUT_S = 120.0
 
 
-def _consecutive_free_ports(count: int) -> int:
-    """A port whose next count-1 ports are free too (the tokenizer workers')."""
-    while True:
-        first = free_port()
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as sock:
-                    sock.bind((LOOPBACK, port))
-            return first
-        except OSError:
-            continue
-
-
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    ports = {name: free_port() for name in SERVE_PORTS} | {"tokenizer_port": _consecutive_free_ports(2)}
     args = ["--gateway-workers", "2", "--tokenizer-workers", "2", "--device", "cpu", "--num-kv-blocks", "256", "--max-model-len", "512"]
     args += ["--max-concurrent-requests", str(MAX_CONCURRENT), "--shutdown-grace-s", "20", "--api-key", API_KEY]
-    process = ServeProcess(args, ports=ports, log_path=tmp_path_factory.mktemp("workers") / "serve.log")
+    process = ServeProcess(args, log_path=tmp_path_factory.mktemp("workers") / "serve.log")
     with process.running():
         yield process
-
-
-def _gateway_records(log_path: Path, event: str) -> list[dict[str, Any]]:
-    records = []
-    for line in log_path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("service") == "gateway" and record.get("event") == event:
-            records.append(record)
-    return records
 
 
 def test_health_on_the_shared_ports(serve: ServeProcess) -> None:
@@ -79,7 +49,7 @@ def test_health_on_the_shared_ports(serve: ServeProcess) -> None:
     assert httpx.get(f"{serve.rest_url}/health").status_code == 200
     # Both tokenizer workers were probed before serve said it was serving.
     assert {record["child"] for record in serve.events("ready")} >= {"tokenizer-0", "tokenizer-1", "engine", "gateway"}
-    assert sorted(record["worker"] for record in _gateway_records(serve.log_path, "gateway listening")) == [0, 1]
+    assert sorted(record["worker"] for record in serve.events("gateway listening", "gateway")) == [0, 1]
 
 
 def test_every_worker_requires_the_api_key(serve: ServeProcess) -> None:
@@ -115,7 +85,7 @@ def test_requests_land_on_both_workers_and_metrics_count_the_whole_server(serve:
 
     before, outcomes, after = asyncio.run(run())
     assert outcomes == [Outcome.COMPLETED] * WAVES * MAX_CONCURRENT
-    workers = Counter(record["worker"] for record in _gateway_records(serve.log_path, "request finished"))
+    workers = Counter(record["worker"] for record in serve.events("request finished", "gateway"))
     assert set(workers) == {0, 1}, workers
     # Every scrape, whichever worker answers it, counts every request.
     assert after == [before + WAVES * MAX_CONCURRENT] * len(after)
@@ -159,5 +129,5 @@ def test_sigterm_drains_both_workers(serve: ServeProcess) -> None:
 
     assert asyncio.run(run()) is Outcome.COMPLETED
     assert serve.wait_exit(60) == 0, serve.log_tail()
-    stopped = _gateway_records(serve.log_path, "gateway stopped")
+    stopped = serve.events("gateway stopped", "gateway")
     assert sorted((record["worker"], record["exit_code"]) for record in stopped) == [(0, 0), (1, 0)]

@@ -48,6 +48,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """A free port whose next count-1 ports are free too (for a service's
+    workers on consecutive ports)."""
+    while True:
+        first = free_port()
+        try:
+            for port in range(first + 1, first + count):
+                with socket.socket() as sock:
+                    sock.bind((LOOPBACK, port))
+            return first
+        except OSError:
+            continue
+
+
+def serve_ports() -> dict[str, int]:
+    """Free ports for `pagewire serve`, with room after the tokenizer's for
+    as many tokenizer workers as serve starts by default at most (8)."""
+    return {name: free_port() for name in SERVE_PORTS} | {"tokenizer_port": free_port_run(8)}
+
+
 def child_environment() -> dict[str, str]:
     """The caller's environment less its PAGEWIRE_* variables: a child gets
     only the settings its test or benchmark gives it."""
@@ -229,7 +249,7 @@ class ServeProcess(ChildProcess):
     as a start-up failure."""
 
     args: list[str] = field(default_factory=list)
-    ports: dict[str, int] = field(default_factory=lambda: {name: free_port() for name in SERVE_PORTS})
+    ports: dict[str, int] = field(default_factory=serve_ports)
 
     @property
     def grpc_target(self) -> str:
@@ -250,15 +270,15 @@ class ServeProcess(ChildProcess):
     def serving(self) -> bool:
         return bool(self.events("pagewire is serving"))
 
-    def events(self, event: str) -> list[dict[str, Any]]:
-        """The launcher's own log records named `event`."""
+    def events(self, event: str, service: str = "serve") -> list[dict[str, Any]]:
+        """The log records named `event` of `service`: the launcher's own by default."""
         records = []
         for line in self.log_path.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("service") == "serve" and record.get("event") == event:
+            if record.get("service") == service and record.get("event") == event:
                 records.append(record)
         return records
 
