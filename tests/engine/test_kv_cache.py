@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 
-from pagewire.services.engine.core.kv_cache import KVCacheManager, hash_block
+from pagewire.services.engine.core.kv_cache import SLID_OUT, KVCacheManager, hash_block
 from pagewire.services.engine.core.sequence import SamplingParams, Sequence
 
 
@@ -118,3 +118,24 @@ def test_block_hash_is_a_sha256_chained_over_the_prefix() -> None:
     # The same tokens after another prefix are another block.
     assert hash_block(first, [5, 6, 7, 8]) != hash_block(None, [5, 6, 7, 8])
     assert hash_block(first, [5, 6, 7, 8]) == hashlib.sha256(first + array("I", [5, 6, 7, 8]).tobytes()).digest()
+
+
+def test_blocks_before_the_window_go_back_to_the_pool_keeping_their_hashes() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True, sliding_window=6)
+    seq = _seq("a", list(range(21)))
+    _prefill(kv, seq)
+    seq.num_computed_tokens = 20  # the next query sits at position 20 and sees 15..20
+    kv.release_slid_blocks(seq)
+    assert seq.block_table[:3] == [SLID_OUT] * 3 and SLID_OUT not in seq.block_table[3:]
+    assert kv.pool.num_free == 8 - 3 and kv.pool.num_cached_free == 3
+    kv.release_slid_blocks(seq)  # nothing more has slid
+    assert kv.pool.num_free == 5
+    # The same prompt hits all five full blocks but adopts only the two inside its window.
+    other = _seq("b", list(range(21)))
+    hits = kv.cached_prefix(other)
+    assert len(hits) == 5 and kv.allocate_slots(other, 1, hits)
+    assert other.block_table[:3] == [SLID_OUT] * 3 and other.block_table[3:5] == seq.block_table[3:5]
+    kv.free(seq)
+    kv.free(other)
+    assert kv.pool.num_free == 8 and all(b.ref_count == 0 for b in kv.pool.blocks)
+    assert kv.most_blocks_held(1000, max_chunk=4) == 6 and KVCacheManager(8, 4, True).most_blocks_held(1000, 4) == 250

@@ -15,7 +15,7 @@ from pagewire.services.common.limit_checks import timeout_problem
 from pagewire.services.common.limits import MIN_OUTPUT_TOKENS
 from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.config import EngineConfig
-from pagewire.services.engine.core.kv_cache import KVCacheManager, cdiv
+from pagewire.services.engine.core.kv_cache import KVCacheManager
 from pagewire.services.engine.core.proposer import NgramProposer
 from pagewire.services.engine.core.scheduler import ScheduledSequence, Scheduler
 from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplerOutput, SamplingParams, Sequence, SequenceStatus
@@ -35,6 +35,8 @@ class ExecutorSpec:
     num_kv_blocks: int
     device: str
     dtype: str
+    # The model's attention window (0: none): blocks that slide out of it are freed.
+    sliding_window: int = 0
     # Element type of the KV cache ("fp8" or the compute dtype) and of the projections' weights.
     kv_cache_dtype: str = ""
     quantization: str = "none"
@@ -127,7 +129,7 @@ class EngineCore:
         self.async_scheduling = config.async_scheduling
         # The launched step whose tokens the host has not read back yet.
         self._in_flight: LaunchedStep | None = None
-        self.kv_cache = KVCacheManager(spec.num_kv_blocks, self.block_size, config.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(spec.num_kv_blocks, self.block_size, config.enable_prefix_caching, spec.sliding_window)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, self.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
         self._finished_outside_step: list[RequestOutput] = []
@@ -184,7 +186,7 @@ class EngineCore:
         if not problems:
             final_len = min(len(prompt_token_ids) + (sampling.max_tokens or self.max_model_len), self.max_model_len)
             # The last token is never fed back, so it needs no KV slot.
-            needed = cdiv(final_len - 1, self.block_size)
+            needed = self.kv_cache.most_blocks_held(final_len - 1, self.max_num_batched_tokens)
             if needed > self.kv_cache.num_blocks:
                 problems.append(
                     f"the request can grow to {final_len} tokens, needing {needed} KV blocks, but the cache holds only "

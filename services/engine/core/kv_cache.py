@@ -7,6 +7,10 @@ a collision would hand one request another's K/V, so the hash must be one
 that a crafted prompt cannot collide with. Blocks no live sequence holds wait in an
 LRU free queue; cached ones keep their hash (and their K/V) until allocation
 has to reuse them, so a later request with the same prefix can revive them.
+
+With a sliding attention window, the blocks a sequence's queries can no
+longer see go back to the pool while it runs; their block table entries
+become SLID_OUT, which attention never reads (it starts at the window).
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
 from pagewire.services.engine.core.sequence import Sequence
+
+
+# A block table entry whose block slid out of the attention window and went back to the pool.
+SLID_OUT = -1
 
 
 def cdiv(a: int, b: int) -> int:
@@ -91,9 +99,10 @@ class BlockPool:
 class KVCacheManager:
     """Block tables of sequences over one BlockPool."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, sliding_window: int = 0):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks)
         self.queried_tokens = 0
         self.hit_tokens = 0
@@ -137,14 +146,17 @@ class KVCacheManager:
         changed, when the free blocks do not suffice."""
         num_computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
         num_needed = self.blocks_for_tokens(num_computed + num_new_tokens) - len(seq.block_table) - len(cached_blocks)
-        num_revived = sum(1 for b in cached_blocks if b.ref_count == 0)
+        # Hits wholly before the window of the first query are not adopted at all.
+        num_slid = self._num_slid_blocks(num_computed)
+        num_revived = sum(1 for b in cached_blocks[num_slid:] if b.ref_count == 0)
         if num_needed + num_revived > self.pool.num_free:
             return False
         # A preempted sequence's recompute is not a new query of the cache.
         if seq.num_computed_tokens == 0 and seq.num_preemptions == 0 and self.enable_prefix_caching:
             self.queried_tokens += seq.num_tokens
             self.hit_tokens += len(cached_blocks) * self.block_size
-        for block in cached_blocks:
+        seq.block_table.extend([SLID_OUT] * min(num_slid, len(cached_blocks)))
+        for block in cached_blocks[num_slid:]:
             self.pool.touch(block)
             seq.block_table.append(block.block_id)
         if cached_blocks:
@@ -166,8 +178,36 @@ class KVCacheManager:
             return
         self._update_hashes(seq, num_full)
         for i in range(seq.num_registered_blocks, num_full):
-            self.pool.register(self.pool.blocks[seq.block_table[i]], seq.block_hashes[i])
+            if seq.block_table[i] != SLID_OUT:
+                self.pool.register(self.pool.blocks[seq.block_table[i]], seq.block_hashes[i])
         seq.num_registered_blocks = num_full
+
+    def _num_slid_blocks(self, first_query: int) -> int:
+        """Leading blocks wholly before the window of a query at first_query
+        (and so of every later one)."""
+        return max(0, first_query - self.sliding_window + 1) // self.block_size if self.sliding_window else 0
+
+    def most_blocks_held(self, num_tokens: int, max_chunk: int) -> int:
+        """Most blocks a sequence growing to num_tokens holds at once when each
+        step runs at most max_chunk of its tokens: with a window, that window
+        and two chunks (a verify step's rejected proposals, rolled back, keep
+        the window's start where it was), with a block of slack at each end."""
+        whole = self.blocks_for_tokens(num_tokens)
+        return min(whole, self.blocks_for_tokens(self.sliding_window + 2 * max_chunk) + 2) if self.sliding_window else whole
+
+    def release_slid_blocks(self, seq: Sequence) -> None:
+        """With a sliding window: give back seq's leading blocks that lie
+        wholly before the window of every query it can still run. The next
+        query sits at num_computed_tokens, or earlier by the proposals a verify
+        step rejects, but never before the last known token. A registered
+        block keeps its hash in the free queue, so the prefix cache stays."""
+        num_slid = self._num_slid_blocks(min(seq.num_computed_tokens, seq.num_known_tokens - 1))
+        # Entries before the first slid one found walking back are slid already.
+        for i in range(min(num_slid, len(seq.block_table)) - 1, -1, -1):
+            if seq.block_table[i] == SLID_OUT:
+                break
+            self.pool.release(self.pool.blocks[seq.block_table[i]])
+            seq.block_table[i] = SLID_OUT
 
     def trim(self, seq: Sequence) -> None:
         """Release seq's blocks past those its computed tokens occupy. They
@@ -181,6 +221,7 @@ class KVCacheManager:
     def free(self, seq: Sequence) -> None:
         # Tail first, so a sequence's last blocks are reused before its prefix.
         for block_id in reversed(seq.block_table):
-            self.pool.release(self.pool.blocks[block_id])
+            if block_id != SLID_OUT:
+                self.pool.release(self.pool.blocks[block_id])
         seq.block_table.clear()
         seq.num_registered_blocks = 0

@@ -62,6 +62,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget <= 0 or seq.status is not SequenceStatus.RUNNING:
                 break
+            self.kv_cache.release_slid_blocks(seq)
             if seq.reached_length_limit:
                 continue  # its last token is still being read back; another step would only be dropped
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)

@@ -64,6 +64,7 @@ class ModelExecutor:
             num_kv_blocks=num_blocks,
             device=str(loaded.device),
             dtype=dtype_name(loaded.dtype),
+            sliding_window=model_config.sliding_window,
             kv_cache_dtype="fp8" if self.kv_dtype == FP8_DTYPE else dtype_name(self.kv_dtype),
             quantization=model_config.quantization,
         )
