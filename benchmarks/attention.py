@@ -6,7 +6,8 @@ Achieved bandwidth counts the K/V bytes a decode step must read
 (batch x context x kv_heads x head_dim x 2 tensors x element size) over the
 kernel's time. Each kernel runs inside a CUDA graph, rotating over enough
 copies of the K/V that the working set exceeds the L2 cache. Prints one JSON
-line per measurement.
+line per measurement. --kv-cache-dtype fp8 reads an E4M3 cache (half the
+bytes; SDPA then runs on its bf16/fp16 widening, the same values).
 
     python -m benchmarks.attention [--batches 1,4,16,64,256] [--contexts 512,1024,2048,4096,8192]
 """
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from pagewire.kernels import cuda_ops
+from pagewire.kernels import cuda_ops, reference
 
 WORKING_SET_BYTES = 512 << 20  # well past the H100's 50 MB of L2
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,15 +67,17 @@ def copy_bandwidth() -> float:
 
 def measure(batch: int, context: int, args: argparse.Namespace, copy_bytes_per_second: float) -> dict:
     dtype = DTYPES[args.dtype]
+    fp8 = args.kv_cache_dtype == "fp8"
+    cache_dtype = reference.FP8_CACHE_DTYPE if fp8 else dtype
     num_heads, num_kv_heads, head_dim, block_size = args.num_heads, args.num_kv_heads, args.head_dim, args.block_size
-    element = torch.finfo(dtype).bits // 8
+    element = torch.finfo(cache_dtype).bits // 8
     kv_bytes = batch * context * num_kv_heads * head_dim * 2 * element
     copies = max(1, math.ceil(WORKING_SET_BYTES / kv_bytes))
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = copies * batch * blocks_per_seq
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    key_cache = torch.randn(cache_shape, device="cuda", dtype=dtype)
-    value_cache = torch.randn(cache_shape, device="cuda", dtype=dtype)
+    key_cache = reference.to_cache_dtype(torch.randn(cache_shape, device="cuda", dtype=dtype), cache_dtype, 1.0)
+    value_cache = reference.to_cache_dtype(torch.randn(cache_shape, device="cuda", dtype=dtype), cache_dtype, 1.0)
     # Every copy's sequences own scattered blocks, as a long-running server's do.
     block_ids = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(copies, batch, blocks_per_seq)
     query = torch.randn(copies, batch, num_heads, head_dim, device="cuda", dtype=dtype)
@@ -91,13 +94,13 @@ def measure(batch: int, context: int, args: argparse.Namespace, copy_bytes_per_s
     def gathered(cache: torch.Tensor, copy: int) -> torch.Tensor:
         """[batch, kv_heads, context, head_dim], contiguous."""
         rows = cache[block_ids[copy].long()].view(batch, blocks_per_seq * block_size, num_kv_heads, head_dim)
-        return rows[:, :context].transpose(1, 2).contiguous()
+        return rows[:, :context].transpose(1, 2).to(dtype).contiguous()
 
     record: dict = dict(
         bench="decode_attention", batch=batch, context=context, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, dtype=args.dtype, block_size=block_size, kv_bytes=kv_bytes, rotated_copies=copies,
+        head_dim=head_dim, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, block_size=block_size, kv_bytes=kv_bytes, rotated_copies=copies,
     )  # fmt: skip
-    kernel = cuda_ops.attention_kernel(dtype, head_dim, cuda_ops.choose_warps_m(1, num_heads // num_kv_heads), query.device)
+    kernel = cuda_ops.attention_kernel(dtype, head_dim, cuda_ops.choose_warps_m(1, num_heads // num_kv_heads), query.device, fp8)
     record.update(
         resident_blocks=kernel.resident_blocks,
         num_splits=cuda_ops.choose_num_splits(batch * num_kv_heads, context, kernel.resident_blocks, kernel.multiprocessors),
@@ -121,7 +124,7 @@ def measure(batch: int, context: int, args: argparse.Namespace, copy_bytes_per_s
         relative_error = ((paged(0).float() - expected).norm() / expected.norm()).item()
         record.update(
             sdpa_us=round(sdpa_seconds * 1e6, 2),
-            sdpa_GB_s=round(kv_bytes / sdpa_seconds / 1e9, 1),
+            sdpa_GB_s=round(kv_bytes // element * (torch.finfo(dtype).bits // 8) / sdpa_seconds / 1e9, 1),  # it reads 16-bit K/V
             pagewire_over_sdpa_speed=round(sdpa_seconds / seconds, 3),
             relative_error_vs_sdpa=float(f"{relative_error:.2e}"),
         )
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--num-kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="fp8: an E4M3 cache read with the scales at 1")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--replays", type=int, default=30)
     args = parser.parse_args()

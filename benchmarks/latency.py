@@ -2,10 +2,12 @@
 small batches (512 prompt tokens, 256 output tokens, greedy, EOS ignored),
 beside the time one read of the weights takes at the read bandwidth measured
 in the same run: at batch 1 a decode step cannot be faster than that.
+--quantization fp8 and --kv-cache-dtype fp8 run the same shapes with FP8
+weights and KV cache, to set beside a run without them.
 Warm-ups use prompts of their own, so the measured runs hit no prefix cache
 (each record says so). Prints one JSON line per shape and batch.
 
-    python -m benchmarks.latency [--shapes smollm2-135m,llama-1b,llama-8b] [--batches 1,2,8,32]
+    python -m benchmarks.latency [--shapes smollm2-135m,llama-1b,llama-8b] [--batches 1,2,8,32] [--quantization fp8] [--kv-cache-dtype fp8]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from benchmarks import hf_peer
 from benchmarks.attention import time_graph
-from benchmarks.throughput import SHAPES, emit, engine_config, free_gpu, random_model, run_engine
+from benchmarks.throughput import SHAPES, add_fp8_arguments, emit, engine_config, free_gpu, random_model, run_engine
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.engine.executor.model_executor import create_engine_core
 
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    add_fp8_arguments(parser)
     args = parser.parse_args()
     configure_logging("warning")
     batches = [int(b) for b in args.batches.split(",")]
@@ -57,7 +60,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         vocab = SHAPES[shape]["vocab_size"]
         config = engine_config(args)
-        loaded = random_model(shape, torch.bfloat16, config.max_model_len, torch.device("cuda"))
+        loaded = random_model(shape, torch.bfloat16, config.max_model_len, torch.device("cuda"), args.quantization)
         weights = weight_bytes(loaded.model)
         core = create_engine_core(config, loaded)
         for batch in batches:
@@ -65,6 +68,7 @@ def main() -> None:
             measured = run_engine(core, hf_peer.prompts(batch, args.prompt_len, vocab, seed=200 + batch), args.output_len)
             weight_read_ms = weights / bandwidth * 1e3
             emit(dict(bench="latency", shape=shape, batch=batch, prompt_len=args.prompt_len, output_len=args.output_len, device=device_name,
+                      quantization=args.quantization, kv_cache_dtype=core.info.kv_cache_dtype, num_kv_blocks=core.info.num_kv_blocks,
                       async_scheduling=args.async_scheduling, weight_bytes=weights, read_bandwidth_gb_s=round(bandwidth / 1e9, 1),
                       weight_read_ms=round(weight_read_ms, 3), tpot_over_weight_read=round(measured["tpot_p50_ms"] / weight_read_ms, 2),
                       **measured))  # fmt: skip

@@ -37,7 +37,8 @@ from pagewire.services.engine.executor.backend import select_backend
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.engine import EngineCore
 from pagewire.services.engine.executor.model_executor import create_engine_core
-from pagewire.services.engine.executor.loader import LoadedModel, resolve_dtype
+from pagewire.services.engine.executor.layers.fp8 import FP8_DTYPE, quantize_rows
+from pagewire.services.engine.executor.loader import LoadedModel, cast_to_compute_dtype, resolve_dtype
 from pagewire.services.engine.executor.models.llama import LlamaForCausalLM, ModelConfig
 from pagewire.services.engine.core.sequence import SamplingParams
 from tests.support.harness import ServeProcess, engine_stats
@@ -56,9 +57,11 @@ def emit(record: dict) -> None:
     sys.stdout.flush()
 
 
-def random_model(shape: str, dtype: torch.dtype, max_model_len: int, device: torch.device) -> LoadedModel:
+def random_model(shape: str, dtype: torch.dtype, max_model_len: int, device: torch.device, quantization: str = "none") -> LoadedModel:
     """The engine's model at hf_peer's shape with random weights, built on the
-    device directly (writing and reading an 8B checkpoint would cost minutes)."""
+    device directly (writing and reading an 8B checkpoint would cost minutes).
+    With quantization fp8 each projection's random weight is quantized per
+    output channel, as the loader does with a 16-bit checkpoint."""
     spec = SHAPES[shape]
     config = ModelConfig(
         architecture="llama",
@@ -75,15 +78,21 @@ def random_model(shape: str, dtype: torch.dtype, max_model_len: int, device: tor
         tie_word_embeddings=spec["tie_word_embeddings"],
         qkv_bias=False,
         eos_token_ids=(),
+        quantization=quantization,
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(config, select_backend(device), max_model_len)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to_empty(device=device)
+    cast_to_compute_dtype(model, dtype)
     generator = torch.Generator(device=device).manual_seed(0)
     for name, parameter in model.named_parameters():
         if name.endswith("norm.weight"):
             parameter.fill_(1.0)
-        else:
+        elif parameter.dtype == FP8_DTYPE:
+            weight, scale = quantize_rows(torch.empty(parameter.shape, dtype=dtype, device=device).normal_(0.0, INIT_STD, generator=generator))
+            parameter.copy_(weight)
+            model.get_parameter(f"{name}_scale").copy_(scale)
+        elif not name.endswith("weight_scale"):  # scales come with their FP8 weight
             parameter.normal_(0.0, INIT_STD, generator=generator)
     model.model.rotary.compute_tables(device)
     return LoadedModel(model.eval(), config, f"random-{shape}", device, dtype)
@@ -151,8 +160,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32", max_model_len=args.prompt_len + args.output_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
     )  # fmt: skip
+
+
+def add_fp8_arguments(parser: argparse.ArgumentParser) -> None:
+    """FP8 weights and KV cache, to compare against the same run without them."""
+    parser.add_argument("--quantization", default="none", choices=["none", "fp8"], help="fp8: the random projections quantized per output channel")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: an E4M3 KV cache (twice the blocks)")
 
 
 def warm_up_prompts(measured: list[list[int]], args: argparse.Namespace, vocab_size: int) -> list[list[int]]:
@@ -228,7 +243,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
                     device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")  # fmt: skip
     prompts = hf_peer.prompts(args.requests, args.prompt_len, SHAPES[shape]["vocab_size"])
     config = engine_config(args)
-    loaded = random_model(shape, resolve_dtype(config.dtype, device), config.max_model_len, device)
+    loaded = random_model(shape, resolve_dtype(config.dtype, device), config.max_model_len, device, args.quantization)
     setup_start = time.perf_counter()
     core = create_engine_core(config, loaded)
     setup_seconds = time.perf_counter() - setup_start
@@ -236,7 +251,8 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     if args.profile:
         profile_engine(core, hf_peer.prompts(args.requests, args.prompt_len, SHAPES[shape]["vocab_size"], seed=3), args, f"{args.profile}.{shape}")
     engine = run_engine(core, prompts, args.output_len)
-    emit(dict(bench="throughput", system="pagewire", **workload, num_kv_blocks=core.kv_cache.num_blocks,
+    emit(dict(bench="throughput", system="pagewire", **workload, quantization=args.quantization, kv_cache_dtype=core.info.kv_cache_dtype,
+              num_kv_blocks=core.kv_cache.num_blocks,
               setup_seconds=round(setup_seconds, 1), **engine))  # fmt: skip
     if args.gateway:
         work_dir = Path(tempfile.mkdtemp(prefix=f"pagewire-{shape}-", dir=args.work_dir or None))
@@ -306,6 +322,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(parser, "smollm2-135m,llama-1b,llama-8b")
     parser.add_argument("--peer-batch-size", type=int, default=64, help="HF generate's static batch size")
+    add_fp8_arguments(parser)
     parser.add_argument("--profile", default="", help="profile a full-size run on other prompts: PATH.<shape>.torch.txt and PATH.<shape>.python.txt")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a cheap check of the benchmark itself")
     parser.add_argument("--no-peer", action="store_true", help="skip the HF generate peer")
@@ -313,6 +330,8 @@ def main() -> None:
     parser.add_argument("--work-dir", default="", help="where the model directory for --gateway is written (default: the system's temp dir)")
     parser.add_argument("--log-dir", default="", help="where `pagewire serve`'s log for --gateway goes (default: beside the model, deleted)")
     args = parser.parse_args()
+    if args.gateway and (args.quantization, args.kv_cache_dtype) != ("none", "auto"):
+        parser.error("--gateway writes a 16-bit checkpoint: run FP8 in-process only")
     configure_logging("warning")  # stdout carries only the JSON lines
     for shape in args.shapes.split(","):
         benchmark_shape(shape, args)

@@ -193,7 +193,7 @@ def _gguf_weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch
         yield name, weight
 
 
-def _cast_to_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def cast_to_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Every floating parameter and buffer in `dtype`, except those a
     quantized layer keeps in its own (its KEEPS_DTYPE names)."""
     for module in model.modules():
@@ -230,7 +230,7 @@ def load_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend or select_backend(device), max_positions or config.max_position_embeddings)
     model = model.to_empty(device=device)
-    _cast_to_compute_dtype(model, dtype)
+    cast_to_compute_dtype(model, dtype)
     model.load_weights(stream(weights))
     for (layer, which), scale in stream.kv_scales.items():
         setattr(model.model.layers[layer].self_attn, f"{which}_scale", scale)
