@@ -264,6 +264,7 @@ def test_info_stats_health_and_reflection(server, stub) -> None:
     assert info.model_id == "SmolLM2-135M-Instruct" and info.vocab_size == 49152 and list(info.eos_token_ids) == [2]
     assert (info.num_kv_blocks, info.max_model_len, info.block_size, info.max_num_batched_tokens) == (128, 512, 16, 64)
     assert info.device == "cpu" and info.dtype == "float32" and info.prefix_caching
+    assert (info.kv_cache_dtype, info.quantization) == ("float32", "none")
     stats = stub.Stats(engine_pb2.EngineStatsRequest())
     assert stats.num_total_blocks == 128 and stats.num_free_blocks <= 128
     assert check_health(server.target, SERVICE_NAME)

@@ -231,6 +231,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             device=info.device,
             dtype=info.dtype,
             prefix_caching=info.prefix_caching,
+            kv_cache_dtype=info.kv_cache_dtype,
+            quantization=info.quantization,
             tensor_parallel_size=info.tensor_parallel_size,
             weight_bytes_per_rank=info.weight_bytes_per_rank,
         )
