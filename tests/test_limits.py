@@ -29,6 +29,7 @@ from pagewire.services.common.limits import (
     MAX_STOP_TOKEN_IDS,
     MAX_TEMPERATURE,
     MAX_TIMEOUT_S,
+    MAX_TOOLS,
     MIN_OUTPUT_TOKENS,
 )
 from pagewire.services.engine.config import EngineConfig
@@ -222,6 +223,17 @@ def test_gateway_constraint_limits_name_the_field(field: str, at_limit: common_p
     assert refusal is not None and refusal.field == f"constraint.{field}", refusal
 
 
+def test_gateway_tool_limits_name_the_field() -> None:
+    def chat(tools: list[common_pb2.Tool]) -> gateway_pb2.GenerateRequest:
+        return gateway_pb2.GenerateRequest(chat=gateway_pb2.ChatInput(messages=[common_pb2.ChatMessage(role="user", content="Hi")], tools=tools))
+
+    assert _refusal(chat([common_pb2.Tool(name="f")] * MAX_TOOLS)) is None
+    assert _refusal(chat([common_pb2.Tool(name="f", parameters="x" * (MAX_CONSTRAINT_BYTES - 1))])) is None
+    for past in ([common_pb2.Tool(name="f")] * (MAX_TOOLS + 1), [common_pb2.Tool(name="f", parameters="x" * MAX_CONSTRAINT_BYTES)], [common_pb2.Tool()]):
+        refusal = _refusal(chat(past))
+        assert refusal is not None and refusal.field == "tools", refusal
+
+
 def test_gateway_stop_refusals_say_the_limit_and_what_was_sent() -> None:
     refusal = _refusal(gateway_pb2.GenerateRequest(text="Hi", stop=["x"] * 40))
     assert refusal is not None and refusal.message == f"at most {MAX_STOP_STRINGS} stop strings are accepted, got 40"
@@ -324,6 +336,7 @@ def test_engine_accepts_each_limit_and_refuses_one_past_it_naming_the_field(fiel
         ("engine.proto", f"Must not be negative nor over a day ({MAX_TIMEOUT_S} s)"),
         ("common.proto", f"most {MAX_CONSTRAINT_BYTES} bytes, and there are at most {MAX_CHOICES} choices"),
         ("common.proto", f"none empty, at most {MAX_CHOICES}."),
+        ("common.proto", f"At most {MAX_TOOLS} tools, whose descriptions and parameters together have at most {MAX_CONSTRAINT_BYTES} bytes"),
     ],
 )
 def test_the_protos_document_the_limits(proto: str, wording: str) -> None:

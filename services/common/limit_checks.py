@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pagewire.services.common.errors import invalid_argument
-from pagewire.services.common.limits import MAX_CHOICES, MAX_CONSTRAINT_BYTES, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TIMEOUT_S
+from pagewire.services.common.limits import MAX_CHOICES, MAX_CONSTRAINT_BYTES, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TIMEOUT_S, MAX_TOOLS
 from pagewire.v1 import common_pb2
 
 
@@ -57,3 +57,15 @@ def check_constraint(constraint: common_pb2.Constraint) -> None:
     size = sum(len(text.encode()) for text in texts)
     if size > MAX_CONSTRAINT_BYTES:
         raise invalid_argument(f"{field} has {size} bytes; at most {MAX_CONSTRAINT_BYTES} are accepted", field=field)
+
+
+def check_tools(tools: Sequence[common_pb2.Tool]) -> None:
+    """Refuse too many tools, one without a name, or definitions too large to
+    render and compile while the request waits."""
+    if len(tools) > MAX_TOOLS:
+        raise invalid_argument(at_most("tools", len(tools), MAX_TOOLS), field="tools")
+    if any(not tool.name for tool in tools):
+        raise invalid_argument("every tool needs a name", field="tools")
+    size = sum(len(tool.name.encode()) + len(tool.description.encode()) + len(tool.parameters.encode()) for tool in tools)
+    if size > MAX_CONSTRAINT_BYTES:
+        raise invalid_argument(f"the tools' names, descriptions and parameters have {size} bytes; at most {MAX_CONSTRAINT_BYTES} are accepted", field="tools")

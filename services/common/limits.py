@@ -33,6 +33,11 @@ MAX_CONSTRAINT_BYTES = 64 * 1024
 # the engine walks at every step.
 MAX_CHOICES = 256
 
+# Tools a chat may offer. Their descriptions and parameter schemas together
+# have at most MAX_CONSTRAINT_BYTES: a call's arguments are compiled from
+# them, and the chat template renders all of them into the prompt.
+MAX_TOOLS = 128
+
 # Compiled grammars the tokenizer service keeps, by bytes of their
 # serialized form: a client that repeats its schema (the common case) pays
 # for compiling it once.

@@ -13,6 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from pagewire.services.common.errors import Refusal, RequestError, invalid_argument
 from pagewire.services.common.limits import MIN_OUTPUT_TOKENS
+from pagewire.services.gateway.tool_calls import (
+    HERMES_OPEN,
+    ToolCallBody,
+    ToolCalling,
+    ToolChoice,
+    ToolDefinition,
+    call_body,
+    call_delta,
+    finish_reason,
+    held_back,
+    new_call,
+)
 from pagewire.v1 import common_pb2, gateway_pb2
 
 # --- request bodies ---------------------------------------------------------
@@ -185,19 +197,25 @@ class TextPart(BaseModel):
 class ChatTurn(BaseModel):
     role: str
     content: str | list[TextPart] | None = None
+    # An assistant turn's calls, and a tool turn's answered call.
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def message(self) -> common_pb2.ChatMessage:
+        calls = [common_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in self.tool_calls or []]
+        return common_pb2.ChatMessage(role=self.role, content=self.text(), tool_calls=calls, tool_call_id=self.tool_call_id or "")
+
 
 class ChatBody(SamplingFields):
-    # parallel_tool_calls only means something with tools, which are refused.
+    # A constrained call is one call; "auto" returns every call the model writes.
     ignored: ClassVar[frozenset[str]] = SamplingFields.ignored | {"parallel_tool_calls"}
     not_implemented: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.not_implemented | {
-        "tools": (None, []),
-        "tool_choice": (None, "none", "auto"),
         "functions": (None, []),
         "function_call": (None, "none", "auto"),
         "modalities": (None, ["text"]),
@@ -215,11 +233,26 @@ class ChatBody(SamplingFields):
     # An extension: special-token text in message content becomes special
     # tokens only when the caller asks (ChatInput.parse_special_tokens_in_content).
     parse_special_tokens_in_content: bool = False
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+
+    def tool_calling(self) -> ToolCalling | None:
+        return ToolCalling.of(self.tools, self.tool_choice)
+
+    def output_format(self) -> ChatFormat:
+        calling = self.tool_calling()
+        return ChatFormat() if calling is None else ToolCallFormat(calling)
 
     def to_request(self) -> gateway_pb2.GenerateRequest:
         top = (self.top_logprobs or 0) if self.logprobs else None
         request = self.generate_request(self.max_completion_tokens or self.max_tokens, top)
-        request.chat.messages.extend(common_pb2.ChatMessage(role=turn.role, content=turn.text()) for turn in self.messages)
+        request.chat.messages.extend(turn.message() for turn in self.messages)
+        if (calling := self.tool_calling()) is not None:
+            request.chat.tools.extend(calling.proto_tools())
+            if (constraint := calling.constraint()) is not None:
+                if request.HasField("constraint"):
+                    raise invalid_argument("response_format cannot be combined with a tool_choice that asks for a call", field="response_format")
+                request.constraint.CopyFrom(constraint)
         if not self.messages:
             request.chat.SetInParent()
         request.chat.parse_special_tokens_in_content = self.parse_special_tokens_in_content
@@ -262,6 +295,9 @@ class CompletionFormat:
 
     object_name = "text_completion"
     chunk_object_name = "text_completion"
+    # Each text chunk's event is the same around its text (sse.py builds it
+    # once); false for formats that hold text back.
+    streams_text_as_is = True
 
     def __init__(self) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex}"
@@ -319,6 +355,54 @@ class ChatFormat(CompletionFormat):
 
     def opening(self) -> list[dict[str, Any]]:
         return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+
+
+class ToolCallFormat(ChatFormat):
+    """Chat bodies of a request that may call tools (tool_calls.py). A named
+    call streams as argument deltas after an opening that carries its id and
+    name; the other modes hold the output back until it is complete
+    ("auto" streams the content before a call as it comes)."""
+
+    def __init__(self, calling: ToolCalling):
+        super().__init__()
+        self.calling = calling
+        self.streams_text_as_is = calling.mode == "named"
+        self._call = new_call(calling.name, "") if calling.mode == "named" else None
+        self._text = ""
+        self._sent = 0
+
+    def opening(self) -> list[dict[str, Any]]:
+        if self._call is None:
+            return super().opening()
+        delta = {"role": "assistant", "content": None, "tool_calls": [call_delta(0, self._call)]}
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+
+    def choice(self, chunk: gateway_pb2.GenerateChunk, streaming: bool) -> dict[str, Any]:
+        if not streaming:
+            content, calls = self.calling.calls(chunk.text)
+            message: dict[str, Any] = {"role": "assistant", "content": (content or None) if calls else chunk.text}
+            if calls:
+                message["tool_calls"] = [call_body(call) for call in calls]
+            return {"index": 0, "message": message, "logprobs": self.logprobs(chunk), "finish_reason": finish_reason(chunk, _finish_reason(chunk), bool(calls))}
+        delta: dict[str, Any] = {}
+        called = self._call is not None
+        if self._call is not None:
+            if chunk.text:
+                delta["tool_calls"] = [{"index": 0, "function": {"arguments": chunk.text}}]
+        else:
+            self._text += chunk.text
+            end = held_back(self._text) if self.calling.mode == "auto" else 0
+            calls = []
+            if chunk.finish_reason:
+                content, calls = self.calling.calls(self._text)
+                end = self._text.find(HERMES_OPEN) if calls and self.calling.mode == "auto" else (0 if calls else len(self._text))
+            if end > self._sent:
+                delta["content"] = self._text[self._sent : end]
+                self._sent = end
+            if calls:
+                delta["tool_calls"] = [call_delta(i, call) for i, call in enumerate(calls)]
+            called = bool(calls)
+        return {"index": 0, "delta": delta, "logprobs": self.logprobs(chunk), "finish_reason": finish_reason(chunk, _finish_reason(chunk), called)}
 
 
 def merge_chunks(chunks: list[gateway_pb2.GenerateChunk]) -> gateway_pb2.GenerateChunk:

@@ -210,6 +210,7 @@ class GatewayRequest:
         else:
             tokenize.chat.messages.extend(self.request.chat.messages)
             tokenize.chat.parse_special_tokens_in_content = self.request.chat.parse_special_tokens_in_content
+            tokenize.chat.tools.extend(self.request.chat.tools)
         result = await self.hub.tokenize(tokenize)
         return list(result.token_ids), result.compiled_grammar
 

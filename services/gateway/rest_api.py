@@ -59,7 +59,7 @@ from pagewire.services.common.grpc_utils import error_status, status_code, to_st
 from pagewire.services.common.limits import max_rest_body_bytes
 from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.hub import Gateway
-from pagewire.services.gateway.openai_schemas import ChatBody, ChatFormat, CompletionBody, CompletionFormat, merge_chunks, public_param
+from pagewire.services.gateway.openai_schemas import ChatBody, CompletionBody, CompletionFormat, merge_chunks, public_param
 from pagewire.services.gateway.sse import DONE, Envelope, StreamEvents, event
 from pagewire.v1 import gateway_pb2
 
@@ -306,7 +306,8 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await generate(request, await read(request, ChatBody), ChatFormat())
+        body = await read(request, ChatBody)
+        return await generate(request, body, body.output_format())
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -52,8 +52,10 @@ class StreamEvents:
 
     def __init__(self, envelope: Envelope):
         self._envelope = envelope
-        text_only = envelope.body([envelope.output.choice(gateway_pb2.GenerateChunk(text=PLACEHOLDER), streaming=True)], True)
-        self._before, self._after = event(text_only).split(json.dumps(PLACEHOLDER).encode())
+        self._text_event: list[bytes] | None = None
+        if envelope.output.streams_text_as_is:
+            text_only = envelope.body([envelope.output.choice(gateway_pb2.GenerateChunk(text=PLACEHOLDER), streaming=True)], True)
+            self._text_event = event(text_only).split(json.dumps(PLACEHOLDER).encode())
 
     def opening(self) -> bytes:
         """The events before the first chunk (chat's assistant role)."""
@@ -62,8 +64,9 @@ class StreamEvents:
 
     def chunk(self, chunk: gateway_pb2.GenerateChunk) -> bytes:
         """The chunk's event, and the usage event after the last chunk."""
-        if chunk.text and not chunk.logprobs and not chunk.finish_reason:
-            return self._before + json.dumps(chunk.text).encode() + self._after
+        if self._text_event is not None and chunk.text and not chunk.logprobs and not chunk.finish_reason:
+            before, after = self._text_event
+            return before + json.dumps(chunk.text).encode() + after
         events = event(self._envelope.body([self._envelope.output.choice(chunk, streaming=True)], True))
         if chunk.finish_reason and self._envelope.include_usage:
             events += event(self._envelope.body([], True, chunk.usage))

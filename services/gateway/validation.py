@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from pagewire.services.common.errors import invalid_argument
-from pagewire.services.common.limit_checks import at_most, check_constraint, check_stop_strings, timeout_problem
+from pagewire.services.common.limit_checks import at_most, check_constraint, check_stop_strings, check_tools, timeout_problem
 from pagewire.services.common.limits import MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_OUTPUT_TOKENS, max_prompt_chars
 from pagewire.v1 import engine_pb2, gateway_pb2
 
@@ -72,6 +72,7 @@ def validate_request(request: gateway_pb2.GenerateRequest) -> None:
     check_stop_strings(request.stop)
     _check_timeout(request)
     check_constraint(request.constraint)
+    check_tools(request.chat.tools)
 
 
 def check_fits(request: gateway_pb2.GenerateRequest, model: engine_pb2.EngineInfo) -> None:

@@ -21,6 +21,7 @@ so one long prompt would stall every other thread of the process).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import secrets
@@ -40,9 +41,39 @@ STAND_IN_OPEN, STAND_IN_CLOSE = "\ue001", "\ue002"
 
 
 @dataclass(frozen=True)
+class ToolCallTurn:
+    """One call an assistant turn made: arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function offered to the model: parameters as JSON Schema text."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: str
     content: str
+    # Role "assistant": the calls it made; role "tool": the call it answers.
+    tool_calls: tuple[ToolCallTurn, ...] = ()
+    tool_call_id: str = ""
+
+
+def _json_or_text(text: str) -> Any:
+    """Templates render arguments and schemas as objects (tojson); text that
+    is not JSON goes as it is."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _plain_copy(backend: Tokenizer) -> Tokenizer:
@@ -93,14 +124,19 @@ class PromptEncoder:
     def encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
         return _encode(self._plain, text, add_special_tokens)
 
-    def encode_chat(self, turns: Sequence[ChatTurn], add_generation_prompt: bool, parse_special_tokens_in_content: bool) -> list[int]:
+    def encode_chat(
+        self, turns: Sequence[ChatTurn], add_generation_prompt: bool, parse_special_tokens_in_content: bool, tools: Sequence[ToolSpec] = ()
+    ) -> list[int]:
         """The chat rendered with the template and encoded; RequestError when
         the template refuses it. The template's text already holds the
         model's special tokens, so none are added."""
-        rendered = self._render([(t.role, t.content) for t in turns], add_generation_prompt)
+        if not parse_special_tokens_in_content:
+            self._refuse_special_text_in_tools(turns, tools)
+        rendered = self._render(turns, add_generation_prompt, tools)
         if parse_special_tokens_in_content or self._specials is None or not any(self._specials.search(t.content) for t in turns):
             return _encode(self._plain, rendered, add_special_tokens=False)
-        blanked = self._render([(t.role, self._specials.sub(lambda m: BLANK * len(m.group()), t.content)) for t in turns], add_generation_prompt)
+        blanked_turns = [dataclasses.replace(t, content=self._specials.sub(lambda m: BLANK * len(m.group()), t.content)) for t in turns]
+        blanked = self._render(blanked_turns, add_generation_prompt, tools)
         if len(blanked) != len(rendered):
             raise invalid_argument(
                 f"the chat template of {self._model_id} reshapes message content that holds special-token text, so that text "
@@ -114,10 +150,36 @@ class PromptEncoder:
         ids = _encode(self._marked, "".join(pieces), add_special_tokens=False)
         return [self._marked_ids.get(token_id, token_id) for token_id in ids]
 
-    def _render(self, turns: list[tuple[str, str]], add_generation_prompt: bool) -> str:
-        conversation = [{"role": role, "content": content} for role, content in turns]
+    def _refuse_special_text_in_tools(self, turns: Sequence[ChatTurn], tools: Sequence[ToolSpec]) -> None:
+        """Tool calls and definitions are rendered as they are, so special-token
+        text in them would become control tokens: refused, unless the caller
+        asked for special tokens in content."""
+        if self._specials is None:
+            return
+        texts = [text for t in turns for call in t.tool_calls for text in (call.id, call.name, call.arguments)]
+        texts += [t.tool_call_id for t in turns] + [text for tool in tools for text in (tool.name, tool.description, tool.parameters)]
+        if any(self._specials.search(text) for text in texts):
+            raise invalid_argument("tool calls and tools must not hold special-token text (such as <|im_end|>)", field="tools")
+
+    def _render(self, turns: Sequence[ChatTurn], add_generation_prompt: bool, tools: Sequence[ToolSpec] = ()) -> str:
+        conversation: list[dict[str, Any]] = []
+        for turn in turns:
+            message: dict[str, Any] = {"role": turn.role, "content": turn.content}
+            if turn.tool_calls:
+                message["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _json_or_text(c.arguments)}} for c in turn.tool_calls
+                ]
+            if turn.tool_call_id:
+                message["tool_call_id"] = turn.tool_call_id
+            conversation.append(message)
+        functions = [
+            {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": _json_or_text(t.parameters) if t.parameters else {}}}
+            for t in tools
+        ]
         try:
-            return self._tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+            return self._tokenizer.apply_chat_template(
+                conversation, tools=functions or None, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         except jinja2.TemplateError as exc:
             # Templates refuse chats they cannot render (roles that do not
             # alternate, a system turn) with raise_exception: the caller's to fix.

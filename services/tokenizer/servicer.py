@@ -28,13 +28,13 @@ import grpc
 
 from pagewire.services.common.errors import DuplicateRequestError, RequestError, invalid_argument
 from pagewire.services.common.grpc_utils import error_status, to_status
-from pagewire.services.common.limit_checks import check_stop_strings
+from pagewire.services.common.limit_checks import check_stop_strings, check_tools
 from pagewire.services.common.limits import DEFAULT_MAX_MESSAGE_BYTES
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.message_size import entry_bytes, packed, too_large
 from pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from pagewire.services.tokenizer.detokenizer import IncrementalDetokenizer
-from pagewire.services.tokenizer.encoder import ChatTurn, PromptEncoder
+from pagewire.services.tokenizer.encoder import ChatTurn, PromptEncoder, ToolCallTurn, ToolSpec
 from pagewire.services.tokenizer.grammar import GrammarCompiler
 
 log = get_logger("tokenizer")
@@ -84,8 +84,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         if not self.encoder.has_chat_template:
             raise invalid_argument(f"model {self.model_id} has no chat template: send text instead")
         add_generation_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-        turns = [ChatTurn(m.role, m.content) for m in chat.messages]
-        return self.encoder.encode_chat(turns, add_generation_prompt, chat.parse_special_tokens_in_content)
+        check_tools(chat.tools)
+        turns = [
+            ChatTurn(m.role, m.content, tuple(ToolCallTurn(c.id, c.name, c.arguments) for c in m.tool_calls), m.tool_call_id) for m in chat.messages
+        ]
+        tools = [ToolSpec(t.name, t.description, t.parameters) for t in chat.tools]
+        return self.encoder.encode_chat(turns, add_generation_prompt, chat.parse_special_tokens_in_content, tools)
 
     def tokenize_result(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResult:
         """The request's result, or its refusal; never raises."""

@@ -186,7 +186,7 @@ def test_prompt_ids_outside_the_vocabulary_are_refused_naming_the_prompt(rest: h
         ("/v1/completions", "logit_bias", {"50256": -100}),
         ("/v1/chat/completions", "logit_bias", {"50256": -100}),
         ("/v1/chat/completions", "response_format", {"type": "xml"}),
-        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("/v1/chat/completions", "tools", [{"type": "retrieval"}]),
         ("/v1/chat/completions", "tool_choice", "required"),
         ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}]),
         ("/v1/chat/completions", "min_tokens", 5),

@@ -118,3 +118,52 @@ def test_grpc_constraints_and_a_bad_one_alone_on_the_stream(server: ServeProcess
     assert texts["choice"] in ("yes", "no")
     assert re.fullmatch(r"The answer is (yes|no)\.", texts["ebnf"]), texts
     assert all(last[r].finish_reason == common_pb2.FINISH_REASON_STOP for r in ("regex", "choice", "ebnf"))
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", "days"]}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast of a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}},
+]
+WEATHER_ASK = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
+
+
+def test_named_and_required_tool_calls_follow_the_parameters(client: openai.OpenAI) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in (named, "required"):
+        reply = client.chat.completions.create(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice=choice, max_tokens=MAX_TOKENS, temperature=0)
+        (call,) = reply.choices[0].message.tool_calls or []
+        assert reply.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
+        schema = WEATHER if call.function.name == "get_weather" else TOOLS[1]["function"]["parameters"]
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+def test_streamed_tool_call_deltas_add_up_to_the_call(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=MAX_TOKENS, temperature=0, stream=True,
+    )  # fmt: skip
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in stream:
+        choice = chunk.choices[0]
+        for delta in choice.delta.tool_calls or []:
+            call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] += delta.id or ""
+            call["name"] += (delta.function.name or "") if delta.function else ""
+            call["arguments"] += (delta.function.arguments or "") if delta.function else ""
+        finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and list(calls) == [0]
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER)
+
+
+def test_tool_turns_and_auto_without_a_tool_template(client: openai.OpenAI) -> None:
+    messages = WEATHER_ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"forecast": "sunny, 21 C"}'},
+    ]
+    # SmolLM2's template defines no tools: "auto" leaves the answer as text.
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason in ("stop", "length")

@@ -26,7 +26,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from pagewire.v1 import common_pb2 as pagewire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpagewire/v1/tokenizer.proto\x12\x0bpagewire.v1\x1a\x17google/rpc/status.proto\x1a\x18pagewire/v1/common.proto\"\x99\x01\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagewire.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\'\n\x1fparse_special_tokens_in_content\x18\x03 \x01(\x08\x42\x18\n\x16_add_generation_prompt\"\xc6\x01\n\x0fTokenizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.pagewire.v1.ChatH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12+\n\nconstraint\x18\x05 \x01(\x0b\x32\x17.pagewire.v1.ConstraintB\x07\n\x05inputB\x15\n\x13_add_special_tokens\"?\n\rTokenizeBatch\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.pagewire.v1.TokenizeRequest\"t\n\x0eTokenizeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\x12\x18\n\x10\x63ompiled_grammar\x18\x04 \x01(\t\">\n\x0eTokenizedBatch\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.pagewire.v1.TokenizeResult\"\x96\x01\n\x0f\x44\x65tokenizeStart\x12\x0c\n\x04stop\x18\x01 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x02 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0fprompt_tail_ids\x18\x04 \x03(\rB\x16\n\x14_skip_special_tokens\"3\n\x10\x44\x65tokenizeAppend\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04last\x18\x02 \x01(\x08\"\x90\x01\n\x0e\x44\x65tokenizeItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05start\x18\x02 \x01(\x0b\x32\x1c.pagewire.v1.DetokenizeStart\x12-\n\x06\x61ppend\x18\x03 \x01(\x0b\x32\x1d.pagewire.v1.DetokenizeAppend\x12\x0e\n\x06\x63\x61ncel\x18\x04 \x01(\x08\"=\n\x0f\x44\x65tokenizeBatch\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.pagewire.v1.DetokenizeItem\"\x9b\x01\n\tTextDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07stopped\x18\x03 \x01(\x08\x12\x14\n\x0cmatched_stop\x18\x04 \x01(\t\x12\x0e\n\x06\x63losed\x18\x05 \x01(\x08\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.Status\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\"3\n\tTextBatch\x12&\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x16.pagewire.v1.TextDelta\"\x16\n\x14TokenizerInfoRequest\"\x93\x01\n\rTokenizerInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x42\x0f\n\r_bos_token_id2\xe3\x01\n\tTokenizer\x12G\n\x08Tokenize\x12\x1a.pagewire.v1.TokenizeBatch\x1a\x1b.pagewire.v1.TokenizedBatch(\x01\x30\x01\x12\x46\n\nDetokenize\x12\x1c.pagewire.v1.DetokenizeBatch\x1a\x16.pagewire.v1.TextBatch(\x01\x30\x01\x12\x45\n\x04Info\x12!.pagewire.v1.TokenizerInfoRequest\x1a\x1a.pagewire.v1.TokenizerInfoBO\n\x0f\x64\x65v.pagewire.v1P\x01Z:github.com/pagewire/pagewire/gen/go/pagewire/v1;pagewirev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpagewire/v1/tokenizer.proto\x12\x0bpagewire.v1\x1a\x17google/rpc/status.proto\x1a\x18pagewire/v1/common.proto\"\xbb\x01\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagewire.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\'\n\x1fparse_special_tokens_in_content\x18\x03 \x01(\x08\x12 \n\x05tools\x18\x04 \x03(\x0b\x32\x11.pagewire.v1.ToolB\x18\n\x16_add_generation_prompt\"\xc6\x01\n\x0fTokenizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.pagewire.v1.ChatH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12+\n\nconstraint\x18\x05 \x01(\x0b\x32\x17.pagewire.v1.ConstraintB\x07\n\x05inputB\x15\n\x13_add_special_tokens\"?\n\rTokenizeBatch\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.pagewire.v1.TokenizeRequest\"t\n\x0eTokenizeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\x12\x18\n\x10\x63ompiled_grammar\x18\x04 \x01(\t\">\n\x0eTokenizedBatch\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.pagewire.v1.TokenizeResult\"\x96\x01\n\x0f\x44\x65tokenizeStart\x12\x0c\n\x04stop\x18\x01 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x02 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0fprompt_tail_ids\x18\x04 \x03(\rB\x16\n\x14_skip_special_tokens\"3\n\x10\x44\x65tokenizeAppend\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04last\x18\x02 \x01(\x08\"\x90\x01\n\x0e\x44\x65tokenizeItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05start\x18\x02 \x01(\x0b\x32\x1c.pagewire.v1.DetokenizeStart\x12-\n\x06\x61ppend\x18\x03 \x01(\x0b\x32\x1d.pagewire.v1.DetokenizeAppend\x12\x0e\n\x06\x63\x61ncel\x18\x04 \x01(\x08\"=\n\x0f\x44\x65tokenizeBatch\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.pagewire.v1.DetokenizeItem\"\x9b\x01\n\tTextDelta\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07stopped\x18\x03 \x01(\x08\x12\x14\n\x0cmatched_stop\x18\x04 \x01(\t\x12\x0e\n\x06\x63losed\x18\x05 \x01(\x08\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.Status\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\"3\n\tTextBatch\x12&\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x16.pagewire.v1.TextDelta\"\x16\n\x14TokenizerInfoRequest\"\x93\x01\n\rTokenizerInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11has_chat_template\x18\x05 \x01(\x08\x42\x0f\n\r_bos_token_id2\xe3\x01\n\tTokenizer\x12G\n\x08Tokenize\x12\x1a.pagewire.v1.TokenizeBatch\x1a\x1b.pagewire.v1.TokenizedBatch(\x01\x30\x01\x12\x46\n\nDetokenize\x12\x1c.pagewire.v1.DetokenizeBatch\x1a\x16.pagewire.v1.TextBatch(\x01\x30\x01\x12\x45\n\x04Info\x12!.pagewire.v1.TokenizerInfoRequest\x1a\x1a.pagewire.v1.TokenizerInfoBO\n\x0f\x64\x65v.pagewire.v1P\x01Z:github.com/pagewire/pagewire/gen/go/pagewire/v1;pagewirev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,31 +35,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.pagewire.v1P\001Z:github.com/pagewire/pagewire/gen/go/pagewire/v1;pagewirev1'
   _globals['_CHAT']._serialized_start=96
-  _globals['_CHAT']._serialized_end=249
-  _globals['_TOKENIZEREQUEST']._serialized_start=252
-  _globals['_TOKENIZEREQUEST']._serialized_end=450
-  _globals['_TOKENIZEBATCH']._serialized_start=452
-  _globals['_TOKENIZEBATCH']._serialized_end=515
-  _globals['_TOKENIZERESULT']._serialized_start=517
-  _globals['_TOKENIZERESULT']._serialized_end=633
-  _globals['_TOKENIZEDBATCH']._serialized_start=635
-  _globals['_TOKENIZEDBATCH']._serialized_end=697
-  _globals['_DETOKENIZESTART']._serialized_start=700
-  _globals['_DETOKENIZESTART']._serialized_end=850
-  _globals['_DETOKENIZEAPPEND']._serialized_start=852
-  _globals['_DETOKENIZEAPPEND']._serialized_end=903
-  _globals['_DETOKENIZEITEM']._serialized_start=906
-  _globals['_DETOKENIZEITEM']._serialized_end=1050
-  _globals['_DETOKENIZEBATCH']._serialized_start=1052
-  _globals['_DETOKENIZEBATCH']._serialized_end=1113
-  _globals['_TEXTDELTA']._serialized_start=1116
-  _globals['_TEXTDELTA']._serialized_end=1271
-  _globals['_TEXTBATCH']._serialized_start=1273
-  _globals['_TEXTBATCH']._serialized_end=1324
-  _globals['_TOKENIZERINFOREQUEST']._serialized_start=1326
-  _globals['_TOKENIZERINFOREQUEST']._serialized_end=1348
-  _globals['_TOKENIZERINFO']._serialized_start=1351
-  _globals['_TOKENIZERINFO']._serialized_end=1498
-  _globals['_TOKENIZER']._serialized_start=1501
-  _globals['_TOKENIZER']._serialized_end=1728
+  _globals['_CHAT']._serialized_end=283
+  _globals['_TOKENIZEREQUEST']._serialized_start=286
+  _globals['_TOKENIZEREQUEST']._serialized_end=484
+  _globals['_TOKENIZEBATCH']._serialized_start=486
+  _globals['_TOKENIZEBATCH']._serialized_end=549
+  _globals['_TOKENIZERESULT']._serialized_start=551
+  _globals['_TOKENIZERESULT']._serialized_end=667
+  _globals['_TOKENIZEDBATCH']._serialized_start=669
+  _globals['_TOKENIZEDBATCH']._serialized_end=731
+  _globals['_DETOKENIZESTART']._serialized_start=734
+  _globals['_DETOKENIZESTART']._serialized_end=884
+  _globals['_DETOKENIZEAPPEND']._serialized_start=886
+  _globals['_DETOKENIZEAPPEND']._serialized_end=937
+  _globals['_DETOKENIZEITEM']._serialized_start=940
+  _globals['_DETOKENIZEITEM']._serialized_end=1084
+  _globals['_DETOKENIZEBATCH']._serialized_start=1086
+  _globals['_DETOKENIZEBATCH']._serialized_end=1147
+  _globals['_TEXTDELTA']._serialized_start=1150
+  _globals['_TEXTDELTA']._serialized_end=1305
+  _globals['_TEXTBATCH']._serialized_start=1307
+  _globals['_TEXTBATCH']._serialized_end=1358
+  _globals['_TOKENIZERINFOREQUEST']._serialized_start=1360
+  _globals['_TOKENIZERINFOREQUEST']._serialized_end=1382
+  _globals['_TOKENIZERINFO']._serialized_start=1385
+  _globals['_TOKENIZERINFO']._serialized_end=1532
+  _globals['_TOKENIZER']._serialized_start=1535
+  _globals['_TOKENIZER']._serialized_end=1762
 # @@protoc_insertion_point(module_scope)
