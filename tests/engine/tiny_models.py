@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-    Qwen3ForCausalLM,
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedModel, Qwen2Config,
+    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )  # fmt: skip
 
 VOCAB = 256
@@ -36,6 +36,20 @@ def qwen3() -> Qwen3ForCausalLM:
 
 def mistral_window() -> MistralForCausalLM:
     return MistralForCausalLM(MistralConfig(**TINY, sliding_window=WINDOW, tie_word_embeddings=False))
+
+
+def mixtral() -> MixtralForCausalLM:
+    # Top-2 of 4 experts, renormalised.
+    return MixtralForCausalLM(MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False))
+
+
+def qwen3_moe() -> Qwen3MoeForCausalLM:
+    # Top-3 of 6 experts, not renormalised; layer 1 keeps a dense MLP.
+    config = Qwen3MoeConfig(
+        **TINY, head_dim=32, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[1],
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return Qwen3MoeForCausalLM(config)
 
 
 def prompt(length: int = PROMPT_LEN, seed: int = 1) -> list[int]:

@@ -21,9 +21,9 @@ from pagewire.services.engine.executor.models.llama import LlamaForCausalLM, Mod
 
 log = get_logger("engine")
 
-SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+SUPPORTED_ARCHITECTURES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe"}
 # Architectures whose attention normalises each head of q and k before rotary.
-QK_NORM_ARCHITECTURES = {"qwen3"}
+QK_NORM_ARCHITECTURES = {"qwen3", "qwen3_moe"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,6 +72,24 @@ def _sliding_window(raw: dict[str, Any]) -> int:
     return int(window)
 
 
+def _experts(raw: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields: Mixtral names its expert count
+    num_local_experts and always renormalises the top-k weights; Qwen3-MoE
+    says num_experts and norm_topk_prob, and keeps a dense MLP in the layers
+    of mlp_only_layers and those off every decoder_sparse_step-th."""
+    num_experts = raw.get("num_local_experts") or raw.get("num_experts") or 0
+    if not num_experts:
+        return {}
+    step, dense = raw.get("decoder_sparse_step") or 1, set(raw.get("mlp_only_layers") or ())
+    return {
+        "num_experts": num_experts,
+        "num_experts_per_tok": raw["num_experts_per_tok"],
+        "moe_intermediate_size": raw.get("moe_intermediate_size") or raw["intermediate_size"],
+        "norm_topk_prob": raw.get("norm_topk_prob", True),
+        "dense_layers": tuple(i for i in range(raw["num_hidden_layers"]) if i in dense or (i + 1) % step),
+    }
+
+
 def read_hf_config(directory: Path) -> ModelConfig:
     raw = json.loads((directory / "config.json").read_text())
     architecture = raw.get("model_type", "")
@@ -103,6 +121,7 @@ def read_hf_config(directory: Path) -> ModelConfig:
         rope_scaling=scaling,
         qk_norm=architecture in QK_NORM_ARCHITECTURES,
         sliding_window=_sliding_window(raw),
+        **_experts(raw),
     )
 
 

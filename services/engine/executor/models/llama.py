@@ -1,9 +1,10 @@
 """The decoder of the Llama family and its relatives (Llama 2/3.x and SmolLM2
 as they are, Qwen2 with its qkv bias, Qwen3 with a per-head RMSNorm of q and
-k before rotary, Mistral with a sliding attention window) over a flattened
-batch: the tokens of every scheduled sequence, prefill chunks and decodes
-alike, go through each GEMM together, and attention reads the paged KV cache
-through the backend."""
+k before rotary, Mistral with a sliding attention window, Mixtral and
+Qwen3-MoE with mixture-of-experts layers in place of the MLP) over a
+flattened batch: the tokens of every scheduled sequence, prefill chunks and
+decodes alike, go through each GEMM together, and attention reads the paged
+KV cache through the backend."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagewire.services.engine.executor.backend import AttentionMetadata, KernelBackend
 from pagewire.services.engine.executor.layers.linear import linear
+from pagewire.services.engine.executor.layers.moe import MoE
 from pagewire.services.engine.executor.layers.norm import RMSNorm
 from pagewire.services.engine.executor.layers.rotary import RotaryEmbedding
 
@@ -42,6 +46,14 @@ class ModelConfig:
     quantization: str = "none"
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before rotary
     sliding_window: int = 0  # Mistral: each query sees only the last sliding_window keys (0: all)
+    # Mixture of experts (0 experts: a dense MLP everywhere): how many experts take each token,
+    # their intermediate size, whether their router weights are renormalised over those taken,
+    # and the layers that keep a dense MLP (Qwen3-MoE's mlp_only_layers and decoder_sparse_step).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    dense_layers: tuple[int, ...] = ()
 
 
 class Attention(nn.Module):
@@ -97,13 +109,21 @@ class MLP(nn.Module):
         return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
 
 
+def feed_forward(config: ModelConfig, layer: int, backend: KernelBackend) -> nn.Module:
+    """The layer's MLP, or its mixture of experts."""
+    if not config.num_experts or layer in config.dense_layers:
+        return MLP(config, backend)
+    c = config
+    return MoE(c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, backend)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: KernelBackend):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: KernelBackend, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.self_attn = Attention(config, rotary, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.mlp = MLP(config, backend)
+        self.mlp = feed_forward(config, layer, backend)
 
     def forward(
         self,
@@ -125,7 +145,7 @@ class LlamaBackbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, max_positions, backend)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary, backend) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, self.rotary, backend, layer) for layer in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
 
@@ -137,6 +157,37 @@ STACKED_PARAMS = [
     ("gate_proj", "gate_up_proj", 0),
     ("up_proj", "gate_up_proj", 1),
 ]
+# One expert's tensor in a checkpoint (Mixtral's w1/w3/w2 under block_sparse_moe,
+# Qwen3-MoE's gate/up/down_proj): the experts' 3D parameter it fills, and its part
+# there (None: all of the expert's rows). Fused 3D tensors load as they are.
+EXPERT_TENSOR = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(\w+)\.weight")
+EXPERT_PARTS = {
+    "w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0),
+    "w3": ("gate_up_proj", 1), "up_proj": ("gate_up_proj", 1),
+    "w2": ("down_proj", None), "down_proj": ("down_proj", None),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where one checkpoint tensor goes: a parameter, one expert of it (None:
+    not per expert), and one stacked part of that (None: all its rows)."""
+
+    param: str
+    expert: int | None = None
+    part: int | None = None
+
+    @classmethod
+    def of(cls, name: str) -> Piece:
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        expert = EXPERT_TENSOR.fullmatch(name)
+        if expert is not None and expert.group(3) in EXPERT_PARTS:
+            fused, part = EXPERT_PARTS[expert.group(3)]
+            return cls(f"{expert.group(1)}.{fused}", int(expert.group(2)), part)
+        for part_name, fused, index in STACKED_PARAMS:
+            if f".{part_name}." in name:
+                return cls(name.replace(part_name, fused), part=index)
+        return cls(name)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -168,36 +219,42 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(normed, head).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (HF names) in, stacking q/k/v and gate/up;
-        every parameter must be filled completely."""
+        """Copy checkpoint tensors (HF names) in, stacking q/k/v and gate/up and
+        gathering each expert's tensors into the experts' 3D parameters; every
+        parameter must be filled completely."""
         params = dict(self.named_parameters())
-        filled: dict[str, set[int]] = {name: set() for name in params}
+        filled: dict[str, set[tuple[int | None, int | None]]] = {name: set() for name in params}
         for name, tensor in weights:
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            target, part = name, 0
-            for part_name, fused, index in STACKED_PARAMS:
-                if f".{part_name}." in name:
-                    target, part = name.replace(part_name, fused), index
-                    break
-            if target not in params:
+            piece = Piece.of(name)
+            if piece.param not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the {self.config.architecture} model")
-            sizes = self._part_sizes(target, params[target])
-            start = sum(sizes[:part])
-            destination = params[target].data[start : start + sizes[part]]
+            destination = params[piece.param].data
+            if piece.expert is not None:
+                destination = destination[piece.expert]
+            if piece.part is not None:
+                sizes = self._part_sizes(piece.param, destination.shape[0])
+                destination = destination[sum(sizes[: piece.part]) : sum(sizes[: piece.part + 1])]
             if destination.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(destination.shape)}")
             destination.copy_(tensor)
-            filled[target].add(part)
-        missing = [name for name, parts in filled.items() if len(parts) != len(self._part_sizes(name, params[name]))]
+            filled[piece.param].add((piece.expert, piece.part))
+        # A parameter is filled by one whole tensor, or by every expert's every part.
+        missing = [name for name, got in filled.items() if (None, None) not in got and len(got) < self._num_pieces(name, params[name])]
         if missing:
             raise ValueError(f"checkpoint lacks tensors for: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
-    def _part_sizes(self, name: str, param: torch.Tensor) -> list[int]:
-        """Row counts of the checkpoint tensors that make up a parameter."""
+    def _part_sizes(self, name: str, rows: int) -> list[int]:
+        """Row counts of the checkpoint tensors stacked into a parameter (of one expert) of `rows` rows."""
         c = self.config
         if ".qkv_proj." in name:
             return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        if ".gate_up_proj." in name:
-            return [c.intermediate_size, c.intermediate_size]
-        return [param.shape[0]]
+        if "gate_up_proj" in name:
+            return [rows // 2, rows // 2]
+        return [rows]
+
+    def _num_pieces(self, name: str, param: torch.Tensor) -> int:
+        if ".experts." in name:
+            return param.shape[0] * len(self._part_sizes(name, param.shape[1]))
+        return len(self._part_sizes(name, param.shape[0]))
