@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import subprocess
 import sys
 
@@ -31,3 +32,18 @@ def test_unknown_model_exits_with_an_actionable_message(tmp_path) -> None:
     )
     assert done.returncode == 2
     assert "neither a .gguf file nor a HF directory" in done.stderr
+
+
+def test_unsupported_architecture_is_refused_at_start(tmp_path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "falcon", "architectures": ["FalconForCausalLM"]}')
+    done = subprocess.run(
+        [sys.executable, "-m", "pagewire.services.cli", "engine", "--model", str(tmp_path), "--port", "0", "--device", "cpu", "--log-format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    # The last word is one log record naming the architecture and what is supported, not a traceback.
+    last = json.loads((done.stdout + done.stderr).strip().splitlines()[-1])
+    assert last["event"] == "engine stopped: the model did not load"
+    assert "model type 'falcon' is not supported (supported: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe)" in last["reason"]

@@ -36,7 +36,7 @@ async def attach_core(running: RunningServer, servicer: EngineServicer, core: Co
 
 async def serve(config: EngineConfig) -> int:
     from pagewire.services.common.model import resolve_model
-    from pagewire.services.engine.service.core_process import CoreProcess
+    from pagewire.services.engine.service.core_process import CoreProcess, CoreProcessError
 
     resolve_model(config.model)  # a missing model fails before the port opens
     running, servicer = await start_engine_server(config)
@@ -49,7 +49,12 @@ async def serve(config: EngineConfig) -> int:
 
     core = CoreProcess(config, on_lost=stop_serving)
     try:
-        await asyncio.to_thread(core.start)
+        try:
+            await asyncio.to_thread(core.start)
+        except CoreProcessError as exc:
+            # A model that cannot be served (an unsupported architecture, a broken checkpoint): the reason, without a traceback.
+            log.error("engine stopped: the model did not load", reason=str(exc))
+            return 1
         await attach_core(running, servicer, core)
         await serve_until_signalled(running, config.shutdown_grace_s)
     finally:
