@@ -3,17 +3,20 @@ transformers saves: logits and greedy output equal transformers' own."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGUFWriter
 from safetensors.torch import save_file
+from transformers import PreTrainedModel
 
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.engine import EngineCore
 from pagewire.services.engine.executor.layers.moe import MoE
 from pagewire.services.engine.executor.model_executor import create_engine_core
-from pagewire.services.engine.executor.loader import read_hf_config
+from pagewire.services.engine.executor.loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, read_hf_config
 from tests.engine import tiny_models
 from tests.engine.util import assert_no_leaks, greedy, run_all, tokens_of
 
@@ -73,6 +76,45 @@ def test_fused_expert_tensors_load_like_per_expert_ones(tmp_path: Path) -> None:
     core = _tiny_engine(tmp_path)
     layers = core.executor.loaded.model.model.layers
     assert isinstance(layers[0].mlp, MoE) and not isinstance(layers[1].mlp, MoE)
+    prompt = tiny_models.prompt()
+    core.add_request("r", prompt, greedy(10, ignore_eos=True))
+    assert tokens_of(run_all(core)["r"]) == tiny_models.hf_greedy(reference, prompt, 10)
+
+
+def _write_gguf(model: PreTrainedModel, path: Path) -> None:
+    """The model as llama.cpp's converter writes a Qwen-family GGUF (F32, no
+    rotary permutation), without the tokenizer, which the engine does not read."""
+    c = model.config
+    writer = GGUFWriter(str(path), c.model_type)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    gguf_names = {hf: gguf for gguf, hf in GGUF_GLOBAL_NAMES.items()}
+    layer_names = {hf: gguf for gguf, hf in GGUF_LAYER_NAMES.items()}
+    for name, tensor in model.state_dict().items():
+        layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        gguf_name = f"blk.{layer[1]}.{layer_names[layer[2]]}.{layer[3]}" if layer else gguf_names[name]
+        writer.add_tensor(gguf_name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_qwen3_from_gguf_matches_transformers(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = tiny_models.qwen3().eval()
+    _write_gguf(reference, tmp_path / "qwen3.gguf")
+    core = _tiny_engine(tmp_path / "qwen3.gguf")
+    config = core.executor.loaded.config
+    assert config.qk_norm and config.head_dim == reference.config.head_dim != config.hidden_size // config.num_heads
     prompt = tiny_models.prompt()
     core.add_request("r", prompt, greedy(10, ignore_eos=True))
     assert tokens_of(run_all(core)["r"]) == tiny_models.hf_greedy(reference, prompt, 10)

@@ -149,10 +149,14 @@ def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
     return value.item() if value.size == 1 else value.tolist()
 
 
+# GGUF architectures read (llama.cpp writes Mistral and Mixtral as llama; mixture-of-experts GGUF tensors are not read).
+GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
 def read_gguf_config(reader: Any) -> ModelConfig:
     arch = _gguf_value(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(GGUF_ARCHITECTURES))})")
     num_heads = _gguf_value(reader, f"{arch}.attention.head_count")
     hidden = _gguf_value(reader, f"{arch}.embedding_length")
     vocab = _gguf_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
@@ -165,13 +169,16 @@ def read_gguf_config(reader: Any) -> ModelConfig:
         num_layers=_gguf_value(reader, f"{arch}.block_count"),
         num_heads=num_heads,
         num_kv_heads=_gguf_value(reader, f"{arch}.attention.head_count_kv", num_heads),
-        head_dim=_gguf_value(reader, f"{arch}.rope.dimension_count", hidden // num_heads),
+        # Qwen3 gives its head size as key_length, apart from hidden / heads.
+        head_dim=_gguf_value(reader, f"{arch}.attention.key_length")
+        or _gguf_value(reader, f"{arch}.rope.dimension_count", hidden // num_heads),
         rms_norm_eps=_gguf_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         rope_theta=_gguf_value(reader, f"{arch}.rope.freq_base", 10000.0),
         max_position_embeddings=_gguf_value(reader, f"{arch}.context_length", 4096),
         tie_word_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
         eos_token_ids=_as_id_tuple(_gguf_value(reader, "tokenizer.ggml.eos_token_id")),
+        qk_norm=arch in QK_NORM_ARCHITECTURES,
     )
 
 
@@ -182,6 +189,8 @@ GGUF_LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",

@@ -56,8 +56,8 @@ class MoE(nn.Module):
         flat = experts.flatten()
         order = flat.argsort(stable=True)
         # Where each expert's run of sorted rows ends.
-        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        ends = counts.cumsum(0, dtype=torch.int32)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        ends = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
         rows = x[order // self.top_k]
         hidden = self.backend.silu_and_mul(F.grouped_mm(rows, self.experts.gate_up_proj.transpose(1, 2), offs=ends))
         sorted_out = F.grouped_mm(hidden, self.experts.down_proj.transpose(1, 2), offs=ends)
@@ -68,10 +68,8 @@ class MoE(nn.Module):
     def dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Every expert over every token; the routing weights pick the top_k."""
         routing = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32, device=x.device).scatter_(1, experts, weights)
-        out = torch.stack(
-            [F.linear(self.backend.silu_and_mul(F.linear(x, gate_up)), down) for gate_up, down in zip(self.experts.gate_up_proj, self.experts.down_proj)],
-            dim=1,
-        )
+        experts_weights = zip(self.experts.gate_up_proj, self.experts.down_proj)
+        out = torch.stack([F.linear(self.backend.silu_and_mul(F.linear(x, gate_up)), down) for gate_up, down in experts_weights], dim=1)
         return self._combine(out, routing, x.dtype)
 
     @staticmethod
