@@ -10,10 +10,14 @@ import re
 
 import jsonschema
 import pytest
+import torch
+import xgrammar
+from xgrammar.contrib.hf import LogitsProcessor
 
 from pagewire.services.common.errors import RequestError
 from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
+from pagewire.services.engine.executor.grammar import apply_token_bitmask
 from pagewire.services.tokenizer.grammar import GrammarCompiler
 from pagewire.v1 import common_pb2
 from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
@@ -144,3 +148,56 @@ def test_a_grammar_that_does_not_load_refuses_its_request_alone(engine_model, ch
         core.add_request("bad", chat_prompts[0], greedy(MAX_TOKENS), compiled_grammar='{"not": "a grammar"}')
     assert caught.value.field == "compiled_grammar" and "does not load" in caught.value.message
     assert _run_constrained(core, chat_prompts[:1], grammars[:1], hf_tokenizer) == alone[:1]
+
+
+# Five schemas for the reference check: nesting, arrays, enums, required
+# fields, string patterns, numbers with bounds.
+HF_SCHEMAS = [
+    PERSON,
+    ITEMS,
+    {"type": "object", "properties": {"point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]}}, "required": ["point"]},
+    {"type": "object", "properties": {"scores": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 10}, "maxItems": 4}}, "required": ["scores"]},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": ["low", "high"]}, "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}}, "required": ["ok", "level", "code"]},
+]
+
+
+def test_greedy_constrained_output_equals_hf_with_the_same_grammar(engine_model, hf_model, chat_prompts, compiler: GrammarCompiler) -> None:  # type: ignore[no-untyped-def]
+    grammars = [compiler.compile(common_pb2.Constraint(json_schema=json.dumps(schema))) for schema in HF_SCHEMAS]
+    prompt = chat_prompts[0]
+    core = make_engine(engine_model)
+    for i, grammar in enumerate(grammars):
+        core.add_request(f"s{i}", prompt, greedy(MAX_TOKENS), compiled_grammar=grammar)
+    outputs = run_all(core)
+    with torch.inference_mode():
+        for i, grammar in enumerate(grammars):
+            processor = LogitsProcessor(xgrammar.CompiledGrammar.deserialize_json(grammar, compiler.tokenizer_info))
+            generated = hf_model.generate(
+                torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False, logits_processor=[processor], eos_token_id=2, pad_token_id=2
+            )
+            expected = generated[0, len(prompt) :].tolist()
+            assert tokens_of(outputs[f"s{i}"]) == expected, i
+
+
+def test_the_bitmask_masks_as_xgrammar_does() -> None:
+    generator = torch.Generator().manual_seed(0)
+    vocab = 100
+    logits = torch.randn(4, vocab, generator=generator)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (2, xgrammar.get_bitmask_shape(1, vocab)[1]), dtype=torch.int32, generator=generator)
+    # xgrammar's bitmask has a row per logits row; ours one per masked row.
+    full = torch.full((4, bitmask.shape[1]), -1, dtype=torch.int32)
+    full[[1, 3]] = bitmask
+    expected = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(expected, full, indices=[1, 3])
+    assert torch.equal(apply_token_bitmask(logits, bitmask, [1, 3]), expected)
+    # A model vocabulary wider than the tokenizer's: the ids past it are masked.
+    wide = apply_token_bitmask(torch.zeros(1, vocab + 40), torch.full((1, 4), -1, dtype=torch.int32), [0])
+    assert torch.isinf(wide[0, 128:]).all() and not torch.isinf(wide[0, :128]).any()
+
+
+@pytest.mark.gpu
+def test_the_bitmask_masks_on_the_gpu_as_on_the_host() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 49152, generator=generator)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 1536), dtype=torch.int32, generator=generator)
+    rows = [0, 4, 7]
+    assert torch.equal(apply_token_bitmask(logits.cuda(), bitmask, rows).cpu(), apply_token_bitmask(logits, bitmask, rows))
