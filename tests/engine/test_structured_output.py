@@ -21,16 +21,8 @@ from pagewire.services.engine.executor.grammar import apply_token_bitmask
 from pagewire.services.tokenizer.grammar import GrammarCompiler
 from pagewire.v1 import common_pb2
 from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
+from tests.support.schemas import PERSON
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "colour": {"enum": ["red", "green", "blue"]},
-    },
-    "required": ["name", "age", "colour"],
-}
 ITEMS = {
     "type": "object",
     "properties": {"items": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,8}$"}, "minItems": 1, "maxItems": 3}},

@@ -19,17 +19,9 @@ from pagewire.services.common.limits import MAX_CONSTRAINT_BYTES
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.gateway.bidi_stream import BidiStream
 from tests.support.harness import ServeProcess
+from tests.support.schemas import PERSON
 
 MODEL = "SmolLM2-135M-Instruct"
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "colour": {"enum": ["red", "green", "blue"]},
-    },
-    "required": ["name", "age", "colour"],
-}
 ASK = [{"role": "user", "content": "Describe a person as JSON."}]
 MAX_TOKENS = 64
 
