@@ -1,6 +1,7 @@
 """The GPU engine (CUDA kernels, decode steps in CUDA graphs, chunked prefill
 run eagerly) generates HF transformers' greedy continuations of the same
-random SmolLM2-135M-shaped checkpoint, loaded from safetensors.
+random SmolLM2-135M-shaped checkpoint, loaded from safetensors, and of small
+random Mistral (sliding window), Qwen3, Mixtral and Qwen3-MoE checkpoints.
 
 Both run in bf16 with different kernels, so on random weights, whose logits
 sit close together, a near-tie can flip one token and the continuations part.
@@ -133,6 +134,36 @@ def test_gpu_engine_reused_ids_and_preemption_keep_greedy_output(checkpoint: Pat
     continuations = generate(core, first) + generate(core, second)
     assert core.stats().num_preemptions > 0
     assert_matches_hf(hf_models, first + second, continuations)
+
+
+# The other families, SmolLM2-sized but shallower: a sliding window shorter
+# than most prompts, q/k norm, and mixture-of-experts layers through grouped
+# GEMMs inside the decode graphs.
+FAMILY_SHAPE = dict(
+    hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    vocab_size=SMOLLM2_SHAPE["vocab_size"], max_position_embeddings=2048, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+    tie_word_embeddings=False,
+)  # fmt: skip
+FAMILIES = {
+    "mistral-window": ("MistralConfig", dict(sliding_window=96)),
+    "qwen3": ("Qwen3Config", {}),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gpu_engine_families_match_hf(family: str, prompts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import transformers
+
+    config_name, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_name)(**FAMILY_SHAPE, **extra)).save_pretrained(tmp_path)
+    models = {
+        dtype: transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).cuda().eval() for dtype in (torch.bfloat16, torch.float32)
+    }
+    core = gpu_engine(tmp_path, max_num_batched_tokens=64)
+    assert_matches_hf(models, prompts, generate(core, prompts))
 
 
 def _sampled_outputs(core: EngineCore, prompts: list[list[int]]) -> dict[str, tuple[list[int], list]]:
