@@ -51,8 +51,8 @@ def _padded_attention(
     rows = (query_starts[:, None] + offsets[None, :])[valid]
     queries = query.new_zeros(len(query_lens), max_query_len, *query.shape[1:], dtype=torch.float32)
     queries[valid] = query[rows].float()
-    # Row i of a chunk sits at position context - chunk + i and sees positions up to it;
-    # padding rows see everything, which keeps them finite, and are dropped.
+    # Row i of a chunk sits at position context - chunk + i and sees positions up to it
+    # (within the window, if any); padding rows are dropped, whatever they see.
     positions = (context_lens - query_lens)[:, None] + offsets[None, :]
     visible = reference.visible_keys(positions, torch.arange(keys.shape[2]), sliding_window)
     attended = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=visible[:, None], scale=scale, enable_gqa=True)
