@@ -12,11 +12,13 @@ from gguf import GGUFWriter
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from pagewire.services.common.model import resolve_model
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.engine import EngineCore
+from pagewire.services.engine.executor.layers.fp8 import Fp8Linear
 from pagewire.services.engine.executor.layers.moe import MoE
 from pagewire.services.engine.executor.model_executor import create_engine_core
-from pagewire.services.engine.executor.loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, read_hf_config
+from pagewire.services.engine.executor.loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, load_model, read_hf_config
 from tests.engine import tiny_models
 from tests.engine.util import assert_no_leaks, greedy, run_all, tokens_of
 
@@ -118,3 +120,12 @@ def test_qwen3_from_gguf_matches_transformers(tmp_path: Path) -> None:
     prompt = tiny_models.prompt()
     core.add_request("r", prompt, greedy(10, ignore_eos=True))
     assert tokens_of(run_all(core)["r"]) == tiny_models.hf_greedy(reference, prompt, 10)
+
+
+def test_fp8_weights_leave_the_experts_in_the_compute_dtype(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tiny_models.mixtral().save_pretrained(tmp_path)
+    loaded = load_model(resolve_model(str(tmp_path)), torch.device("cpu"), torch.float32, quantization="fp8")
+    layer = loaded.model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Fp8Linear)
+    assert layer.mlp.experts.gate_up_proj.dtype == layer.mlp.gate.weight.dtype == torch.float32

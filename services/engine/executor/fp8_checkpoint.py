@@ -83,7 +83,11 @@ def layer_format(quantization: str, checkpoint: CheckpointQuantization | None) -
 
 
 def is_projection_weight(name: str) -> bool:
-    return name.startswith("model.layers.") and name.endswith(".weight") and any(f".{p}." in name for p in PROJECTIONS)
+    """A decoder projection's weight; a mixture of experts' expert weights are not
+    (their layer keeps them in the compute dtype, so FP8 ones are dequantized)."""
+    return (
+        name.startswith("model.layers.") and name.endswith(".weight") and ".experts." not in name and any(f".{p}." in name for p in PROJECTIONS)
+    )
 
 
 def dequantize_checkpoint_weight(weight: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] | None) -> torch.Tensor:
