@@ -51,6 +51,11 @@ class EngineConfig(ServiceConfig):
     async_scheduling: bool = option(
         True, "Schedule step N+1 on the host while the device runs step N; sampled ids reach the next step on the device."
     )
+    tensor_parallel_size: int = option(
+        1,
+        "Ranks the model is split over (one per GPU, or processes on the CPU): heads by KV group, the MLP and the vocabulary; "
+        "this process is rank 0 and starts a worker process for each other rank.",
+    )
     seed: int = option(0, "Seed of the random generator shared by requests that give no seed of their own.")
     speculative_method: str = option(
         "none",

@@ -40,6 +40,8 @@ class ExecutorSpec:
     # Element type of the KV cache ("fp8" or the compute dtype) and of the projections' weights.
     kv_cache_dtype: str = ""
     quantization: str = "none"
+    # Bytes of the weights each tensor-parallel rank holds (one entry on one device).
+    weight_bytes_per_rank: tuple[int, ...] = ()
 
 
 class LaunchedStep(Protocol):
@@ -83,6 +85,11 @@ class EngineInfo:
     prefix_caching: bool
     kv_cache_dtype: str = ""
     quantization: str = "none"
+    weight_bytes_per_rank: tuple[int, ...] = ()
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return max(1, len(self.weight_bytes_per_rank))
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,7 @@ class EngineCore:
             prefix_caching=self.kv_cache.enable_prefix_caching,
             kv_cache_dtype=self.spec.kv_cache_dtype,
             quantization=self.spec.quantization,
+            weight_bytes_per_rank=self.spec.weight_bytes_per_rank,
         )
 
     def validate(self, prompt_token_ids: list[int], sampling: SamplingParams, timeout_s: float | None = None) -> None:

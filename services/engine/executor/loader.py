@@ -15,6 +15,7 @@ import torch
 
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.model import ModelSource
+from pagewire.services.engine.executor import parallel
 from pagewire.services.engine.executor.backend import KernelBackend, select_backend
 from pagewire.services.engine.executor.fp8_checkpoint import WeightStream, layer_format, read_checkpoint_quantization
 from pagewire.services.engine.executor.models.llama import LlamaForCausalLM, ModelConfig
@@ -231,6 +232,17 @@ def cast_to_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 tensor.data = tensor.data.to(dtype)
 
 
+def _gguf_reader(source: ModelSource) -> Any:
+    from gguf import GGUFReader
+
+    return GGUFReader(str(source.directory / source.gguf_file))
+
+
+def read_model_config(source: ModelSource) -> ModelConfig:
+    """The model's shapes, without loading its weights."""
+    return read_gguf_config(_gguf_reader(source)) if source.is_gguf else read_hf_config(source.directory)
+
+
 def load_model(
     source: ModelSource,
     device: torch.device,
@@ -243,14 +255,15 @@ def load_model(
     (default: the model's context length) and fill it from the checkpoint;
     `quantization` is --quantization (fp8_checkpoint.py)."""
     if source.is_gguf:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(source.directory / source.gguf_file))
+        reader = _gguf_reader(source)
         config = read_gguf_config(reader)
         weights = _gguf_weights(reader, config)
     else:
         config = read_hf_config(source.directory)
         weights = _safetensors_weights(source.directory)
+    # With tensor parallelism, this rank's shapes and its slices of the weights.
+    weights = parallel.shard_weights(config, weights)
+    config = parallel.rank_config(config)
     checkpoint_quantization = None if source.is_gguf else read_checkpoint_quantization(source.directory)
     stream = WeightStream(layer_format(quantization, checkpoint_quantization), checkpoint_quantization, device)
     config = dataclasses.replace(config, quantization=stream.layer_format)

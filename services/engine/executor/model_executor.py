@@ -5,6 +5,8 @@ does with torch and the device goes through here."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from pagewire.services.common.model import resolve_model
@@ -15,9 +17,11 @@ from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
 from pagewire.services.engine.executor.grammar import GrammarMatchers
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors, kv_bytes_per_block
 from pagewire.services.engine.executor.layers.fp8 import FP8_DTYPE
-from pagewire.services.engine.executor.loader import LoadedModel, dtype_name, load_model, resolve_device, resolve_dtype
+from pagewire.services.engine.executor.loader import LoadedModel, dtype_name, load_model, read_model_config, resolve_device, resolve_dtype
+from pagewire.services.engine.executor.parallel import check_splittable, gather_objects, weight_bytes
 from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, profile_peak_memory
 from pagewire.services.engine.executor.sampler import Sampler
+from pagewire.services.engine.executor.tensor_parallel import BroadcastingSampler, ReceivingSampler, TensorParallelWorkers
 
 SIZED_SETTINGS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks")
 
@@ -27,6 +31,29 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     return load_model(
         resolve_model(config.model), device, resolve_dtype(config.dtype, device), config.max_model_len, quantization=config.quantization
     )
+
+
+def make_runner(
+    config: EngineConfig, loaded: LoadedModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], sampler: Sampler | BroadcastingSampler | ReceivingSampler, max_model_len: int
+) -> ModelRunner:
+    """CUDA graphs for decode steps on a GPU, eager steps on the CPU; the same on every tensor-parallel rank."""
+    if loaded.device.type == "cuda":
+        return CudaGraphRunner(loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len)
+    return ModelRunner(loaded, kv_caches, config.block_size, sampler)
+
+
+def start_tensor_parallel(config: EngineConfig, loaded: LoadedModel | None) -> TensorParallelWorkers | None:
+    """With --tensor-parallel-size above 1, the worker processes of the other
+    ranks, joined with this process as rank 0; None on one device."""
+    size = config.tensor_parallel_size
+    if size < 1:
+        raise ValueError(f"--tensor-parallel-size must be at least 1, got {size}")
+    if size == 1:
+        return None
+    if loaded is not None:
+        raise ValueError("a model loaded beforehand cannot be split over tensor-parallel ranks; let the executor load it")
+    check_splittable(read_model_config(resolve_model(config.model)), size)
+    return TensorParallelWorkers(config, resolve_device(config.device))
 
 
 def kv_cache_dtype(config: EngineConfig, loaded: LoadedModel) -> torch.dtype:
@@ -42,7 +69,14 @@ class ModelExecutor:
             value = getattr(config, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        loaded = loaded or load_engine_model(config)
+        self.workers = start_tensor_parallel(config, loaded)
+        try:
+            self._build(config, loaded or load_engine_model(config))
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: EngineConfig, loaded: LoadedModel) -> None:
         model_config = loaded.config
         self.loaded = loaded
         self.kv_dtype = kv_cache_dtype(config, loaded)
@@ -55,6 +89,8 @@ class ModelExecutor:
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config, min(max_num_batched_tokens, max_model_len))
         if num_blocks < 1:
             raise ValueError("no memory is left for the KV cache: raise --kv-cache-memory / --gpu-memory-utilization or set --num-kv-blocks")
+        if self.workers is not None:
+            self.workers.share((num_blocks, max_model_len))
         self.spec = ExecutorSpec(
             model_id=loaded.model_id,
             vocab_size=model_config.vocab_size,
@@ -73,8 +109,9 @@ class ModelExecutor:
         )
         self.grammars = GrammarMatchers(config.model)
         self.sampler = Sampler(config.seed, loaded.device, self.grammars)
-        runner_args = (loaded, kv_caches, config.block_size, self.sampler)
-        self.runner = CudaGraphRunner(*runner_args, config.max_num_seqs, max_model_len) if on_gpu else ModelRunner(*runner_args)
+        self.runner = make_runner(config, loaded, kv_caches, self.sampler if self.workers is None else BroadcastingSampler(self.sampler), max_model_len)
+        shards = gather_objects(weight_bytes(loaded.model)) if self.workers is not None else [weight_bytes(loaded.model)]
+        self.spec = dataclasses.replace(self.spec, weight_bytes_per_rank=tuple(shards))
 
     def _blocks_for_memory(self, config: EngineConfig, profiled_tokens: int) -> int:
         c, loaded = self.loaded.config, self.loaded
@@ -86,7 +123,14 @@ class ModelExecutor:
         return int(total * config.gpu_memory_utilization - peak) // per_block
 
     def launch(self, scheduled: list[ScheduledSequence]) -> LaunchedStep | None:
+        if self.workers is not None:
+            self.workers.send(scheduled)
         return self.runner.launch(scheduled)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (one device: nothing to do)."""
+        if self.workers is not None:
+            self.workers.stop()
 
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagewire.services.engine.executor.backend import AttentionMetadata, KernelBackend
+from pagewire.services.engine.executor.parallel import all_reduce, embedding, gather_vocab, vocab_shard
 from pagewire.services.engine.executor.layers.linear import linear
 from pagewire.services.engine.executor.layers.moe import MoE
 from pagewire.services.engine.executor.layers.norm import RMSNorm
@@ -95,7 +96,7 @@ class Attention(nn.Module):
             max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len, k_scale=self.k_scale, v_scale=self.v_scale,
             sliding_window=self.sliding_window,
         )  # fmt: skip
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
 class MLP(nn.Module):
@@ -106,7 +107,7 @@ class MLP(nn.Module):
         self.down_proj = linear(config.intermediate_size, config.hidden_size, quantization=config.quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
+        return all_reduce(self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x))))
 
 
 def feed_forward(config: ModelConfig, layer: int, backend: KernelBackend) -> nn.Module:
@@ -143,7 +144,7 @@ class DecoderLayer(nn.Module):
 class LlamaBackbone(nn.Module):
     def __init__(self, config: ModelConfig, backend: KernelBackend, max_positions: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, max_positions, backend)
         self.layers = nn.ModuleList(DecoderLayer(config, self.rotary, backend, layer) for layer in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
@@ -196,7 +197,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaBackbone(config, backend, max_positions)
         if not config.tie_word_embeddings:
-            self.lm_head = linear(config.hidden_size, config.vocab_size)
+            self.lm_head = linear(config.hidden_size, vocab_shard(config.vocab_size).size)
         self.requires_grad_(False)
 
     def forward(
@@ -216,7 +217,7 @@ class LlamaForCausalLM(nn.Module):
         """float32 logits of the given rows (only those whose next token is sampled)."""
         head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         normed, _ = self.model.norm(hidden)
-        return F.linear(normed, head).float()
+        return gather_vocab(F.linear(normed, head), self.config.vocab_size).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) in, stacking q/k/v and gate/up and
