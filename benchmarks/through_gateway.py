@@ -66,7 +66,7 @@ def write_model_dir(loaded: LoadedModel, directory: Path) -> None:
         if fused is None:
             tensors[name] = param.detach().cpu()
             continue
-        pieces = param.detach().split(model._part_sizes(name, param))
+        pieces = param.detach().split(model._part_sizes(name, param.shape[0]))
         for part, index in fused_parts[fused]:
             tensors[name.replace(fused, part)] = pieces[index].cpu().contiguous()
     directory.mkdir(parents=True, exist_ok=True)
