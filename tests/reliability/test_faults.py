@@ -17,6 +17,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,6 +26,7 @@ import psutil
 
 from pagewire.v1 import common_pb2, gateway_pb2
 from tests.reliability.clients import GrpcResult, Outcome, StreamResult, completion_body, grpc_complete, rest_client, stream_completion
+from tests.reliability.settings import ENGINE_ARGS, GATEWAY_ARGS, TOKENIZER_ARGS
 from tests.support.harness import Cluster, ServiceProcess
 
 IN_FLIGHT_REST = 8
@@ -77,6 +79,14 @@ def _kill_engine_core(engine: ServiceProcess) -> None:
     assert engine.process.wait(30) == 1, engine.log_tail()
 
 
+def _kill_tensor_parallel_rank(engine: ServiceProcess) -> None:
+    """kill -9 the worker holding rank 1; the engine server must then exit 1."""
+    assert engine.process is not None
+    (worker,) = [p for p in psutil.Process(engine.process.pid).children(recursive=True) if "tp_worker" in " ".join(p.cmdline())]
+    worker.kill()
+    assert engine.process.wait(30) == 1, engine.log_tail()
+
+
 async def _peer_crash(cluster: Cluster, peer: ServiceProcess, kill: Callable[[ServiceProcess], None] = ServiceProcess.kill) -> dict[str, Any]:
     async with rest_client(cluster.rest_url) as client:
         rest_tasks, grpc_tasks = await _start_in_flight(cluster, client, max_tokens=1000)
@@ -125,6 +135,13 @@ def test_engine_killed_mid_stream_fails_fast_and_gateway_reconnects(serving_clus
 
 def test_engine_core_process_killed_mid_stream_fails_fast_and_engine_exits(serving_cluster: Cluster, record_figures) -> None:  # type: ignore[no-untyped-def]
     record_figures(asyncio.run(_peer_crash(serving_cluster, serving_cluster.engine, kill=_kill_engine_core)))
+
+
+def test_tensor_parallel_rank_killed_mid_stream_fails_fast_and_engine_exits(tmp_path: Path, record_figures) -> None:  # type: ignore[no-untyped-def]
+    # An engine of its own, split over two CPU ranks (gloo).
+    engine_args = [*ENGINE_ARGS, "--tensor-parallel-size", "2"]
+    with Cluster.create(tmp_path, tokenizer_args=TOKENIZER_ARGS, engine_args=engine_args, gateway_args=GATEWAY_ARGS).running() as cluster:
+        record_figures(asyncio.run(_peer_crash(cluster, cluster.engine, kill=_kill_tensor_parallel_rank)))
 
 
 def test_tokenizer_killed_mid_stream_fails_fast_and_gateway_reconnects(serving_cluster: Cluster, record_figures) -> None:  # type: ignore[no-untyped-def]
