@@ -57,6 +57,17 @@ def test_each_profile_runs_two_engines_of_one_kind(project: tuple[str, dict[str,
         assert pinned[0] != pinned[1], "two GPU replicas on one device would compete for its memory"
 
 
+def test_the_tensor_parallel_profile_runs_one_engine_over_two_gpus() -> None:
+    resolved = compose_config("gpu-tp2")
+    (service,) = engine_services(resolved).values()
+    config = config_for(service["command"], service["environment"])
+    assert config.device == "cuda" and config.tensor_parallel_size == 2
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert len(device["device_ids"]) == config.tensor_parallel_size
+    assert "engine" in network_names("engine-tp2", service)
+    assert resolved["services"]["gateway"]["depends_on"]["engine-tp2"]["condition"] == "service_healthy"
+
+
 @pytest.mark.parametrize("service_name", ["tokenizer", "engine", "gateway"])
 def test_service_agrees_with_cli(project: tuple[str, dict[str, Any]], service_name: str) -> None:
     _, resolved = project

@@ -17,7 +17,7 @@ from tests.deploy.kustomize import by_kind, pod_environment, render
 from tests.support.harness import READINESS_SERVICE
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
-OVERLAYS = ["cpu", "gpu"]
+OVERLAYS = ["cpu", "gpu", "gpu-tp2"]
 
 
 # Ids are not the bare overlay names: a test keyword "gpu" marks GPU-only tests.
@@ -173,10 +173,13 @@ def test_overlays_pick_the_engine_device(overlay: tuple[str, list[dict[str, Any]
     resources_spec = container["resources"]
     models_volume = next(v for v in pod["volumes"] if v["name"] == "models")
     claims = by_kind(resources, "PersistentVolumeClaim")
-    if name == "gpu":
+    if name.startswith("gpu"):
         assert config.device == "cuda"
         assert container["image"] == "pagewire:gpu"
-        assert resources_spec["requests"]["nvidia.com/gpu"] == 1 == resources_spec["limits"]["nvidia.com/gpu"]
+        # One GPU per rank: the gpu-tp2 overlay splits each engine over two.
+        assert config.tensor_parallel_size == (2 if name == "gpu-tp2" else 1)
+        gpus = config.tensor_parallel_size
+        assert resources_spec["requests"]["nvidia.com/gpu"] == gpus == resources_spec["limits"]["nvidia.com/gpu"]
         assert models_volume["persistentVolumeClaim"]["claimName"] in claims
     else:
         assert config.device == "cpu"
