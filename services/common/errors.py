@@ -16,6 +16,7 @@ class Refusal(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNAVAILABLE = "unavailable"
     NOT_FOUND = "not_found"
+    FAILED_PRECONDITION = "failed_precondition"
     UNAUTHENTICATED = "unauthenticated"
     CANCELLED = "cancelled"
     INTERNAL = "internal"

@@ -56,6 +56,16 @@ class EngineConfig(ServiceConfig):
         "Ranks the model is split over (one per GPU, or processes on the CPU): heads by KV group, the MLP and the vocabulary; "
         "this process is rank 0 and starts a worker process for each other rank.",
     )
+    lora: list[str] = option(
+        [],
+        "A PEFT LoRA adapter to serve, as NAME=PATH (a directory with adapter_config.json and adapter_model.safetensors); repeatable. "
+        "Requests pick one by name (the REST model field, the gRPC lora field). Implies --enable-lora.",
+    )
+    enable_lora: bool = option(
+        False, "Give the model's projections LoRA slots, so adapters can be loaded at run time (LoadLoraAdapter) even when none is given at start."
+    )
+    max_loras: int = option(4, "Adapters resident on the device at once (one step mixes at most this many); the others wait in host memory.")
+    max_lora_rank: int = option(64, "Largest adapter rank accepted; every slot is padded to it, so keep it as low as the adapters allow.")
     seed: int = option(0, "Seed of the random generator shared by requests that give no seed of their own.")
     speculative_method: str = option(
         "none",

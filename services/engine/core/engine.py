@@ -42,6 +42,9 @@ class ExecutorSpec:
     quantization: str = "none"
     # Bytes of the weights each tensor-parallel rank holds (one entry on one device).
     weight_bytes_per_rank: tuple[int, ...] = ()
+    # LoRA: adapters resident on the device at once (0: no LoRA slots), and those loaded at start.
+    max_loras: int = 0
+    lora_adapters: tuple[str, ...] = ()
 
 
 class LaunchedStep(Protocol):
@@ -69,6 +72,11 @@ class Executor(Protocol):
     def grammar_terminated(self, request_id: str, output_token_ids: list[int]) -> bool:
         """Whether the grammar has ended after these output tokens."""
 
+    def load_lora(self, name: str, path: str) -> None:
+        """Read a LoRA adapter into host memory; RequestError when it cannot be served."""
+
+    def unload_lora(self, name: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class EngineInfo:
@@ -86,6 +94,8 @@ class EngineInfo:
     kv_cache_dtype: str = ""
     quantization: str = "none"
     weight_bytes_per_rank: tuple[int, ...] = ()
+    # Names of the LoRA adapters loaded now (requests name one in AddRequest.lora).
+    lora_adapters: tuple[str, ...] = ()
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -137,7 +147,10 @@ class EngineCore:
         # The launched step whose tokens the host has not read back yet.
         self._in_flight: LaunchedStep | None = None
         self.kv_cache = KVCacheManager(spec.num_kv_blocks, self.block_size, config.enable_prefix_caching, spec.sliding_window)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, self.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, self.max_num_batched_tokens, spec.max_loras)
+        # Adapter name -> which load of it this is: a reloaded adapter's K/V is never reused.
+        self.lora_adapters = dict.fromkeys(spec.lora_adapters, 0)
+        self._lora_loads = 0
         self.sequences: dict[str, Sequence] = {}
         self._finished_outside_step: list[RequestOutput] = []
         self.prompt_tokens_total = 0
@@ -171,7 +184,34 @@ class EngineCore:
             kv_cache_dtype=self.spec.kv_cache_dtype,
             quantization=self.spec.quantization,
             weight_bytes_per_rank=self.spec.weight_bytes_per_rank,
+            lora_adapters=tuple(sorted(self.lora_adapters)),
         )
+
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load (or replace, when none of its requests is live) an adapter
+        between steps; RequestError when it cannot be served."""
+        if not name:
+            raise invalid_argument("lora_name must be non-empty", "lora_name")
+        self._check_unused(name, "replaced")
+        self.executor.load_lora(name, path)
+        self._lora_loads += 1
+        self.lora_adapters[name] = self._lora_loads
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Forget an adapter. Refused (FAILED_PRECONDITION) while a live request
+        uses it, rather than cutting that request short: unload once it ends."""
+        if name not in self.lora_adapters:
+            raise RequestError(Refusal.NOT_FOUND, f"LoRA adapter {name!r} is not loaded on this engine", "lora_name")
+        self._check_unused(name, "unloaded")
+        self.executor.unload_lora(name)
+        del self.lora_adapters[name]
+
+    def _check_unused(self, name: str, action: str) -> None:
+        users = sum(1 for seq in self.sequences.values() if seq.lora == name)
+        if users:
+            raise RequestError(
+                Refusal.FAILED_PRECONDITION, f"LoRA adapter {name!r} is in use by {users} live requests and cannot be {action} now; retry once they end", "lora_name"
+            )
 
     def validate(self, prompt_token_ids: list[int], sampling: SamplingParams, timeout_s: float | None = None) -> None:
         """Raise RequestError (INVALID_ARGUMENT) when the request cannot run.
@@ -204,10 +244,19 @@ class EngineCore:
             raise invalid_argument("; ".join(problems))
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, timeout_s: float | None = None, compiled_grammar: str = ""
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        timeout_s: float | None = None,
+        compiled_grammar: str = "",
+        lora: str = "",
     ) -> None:
         if request_id in self.sequences:
             raise invalid_argument(f"request id {request_id!r} is already live in this engine")
+        if lora and lora not in self.lora_adapters:
+            loaded = ", ".join(sorted(self.lora_adapters)) or "none"
+            raise RequestError(Refusal.NOT_FOUND, f"LoRA adapter {lora!r} is not loaded on this engine (loaded: {loaded})", "lora")
         self.validate(prompt_token_ids, sampling, timeout_s)
         queued = self.scheduler.num_queued()
         if queued >= self.max_queue_len:
@@ -227,6 +276,8 @@ class EngineCore:
             deadline=None if timeout_s is None else now + timeout_s,
             max_total_tokens=min(len(prompt_token_ids) + (sampling.max_tokens or self.max_model_len), self.max_model_len),
             constrained=bool(compiled_grammar),
+            lora=lora,
+            prefix_salt=f"{lora}\0{self.lora_adapters[lora]}" if lora else "",
         )
         if compiled_grammar:
             # A complete output may end with any token that would end it unconstrained.

@@ -2,7 +2,8 @@
 counts, per-sequence block tables, and prefix caching of full blocks.
 
 A full block is named by the SHA-256 of (its parent block's hash, its token
-ids), so equal hashes mean equal prefixes: a lookup trusts the hash alone, and
+ids), the first block's parent being a hash of the LoRA adapter when the
+sequence has one, so equal hashes mean equal prefixes under the same weights: a lookup trusts the hash alone, and
 a collision would hand one request another's K/V, so the hash must be one
 that a crafted prompt cannot collide with. Blocks no live sequence holds wait in an
 LRU free queue; cached ones keep their hash (and their K/V) until allocation
@@ -34,6 +35,14 @@ def cdiv(a: int, b: int) -> int:
 
 def hash_block(parent_hash: bytes | None, token_ids: SequenceOf[int]) -> bytes:
     return hashlib.sha256((parent_hash or b"") + array("I", token_ids).tobytes()).digest()
+
+
+def chain_root(salt: str) -> bytes | None:
+    """The parent hash of a sequence's first block: none for the base model,
+    else a hash of the LoRA adapter's name and load (Sequence.prefix_salt), so
+    that blocks computed with different weights (different K/V for the same
+    tokens) never share a hash."""
+    return hashlib.sha256(b"lora\0" + salt.encode()).digest() if salt else None
 
 
 @dataclass
@@ -122,7 +131,7 @@ class KVCacheManager:
     def _update_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
         size = self.block_size
         for i in range(len(seq.block_hashes), num_full_blocks):
-            parent = seq.block_hashes[i - 1] if i else None
+            parent = seq.block_hashes[i - 1] if i else chain_root(seq.prefix_salt)
             seq.block_hashes.append(hash_block(parent, [seq.token_at(j) for j in range(i * size, (i + 1) * size)]))
 
     def cached_prefix(self, seq: Sequence) -> list[KVBlock]:

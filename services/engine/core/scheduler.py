@@ -1,6 +1,7 @@
 """One token budget per step: running sequences first (decodes and unfinished
 prefill chunks), then new or preempted sequences, each taking as many prompt
-tokens as the budget leaves (chunked prefill). When blocks run out, the
+tokens as the budget leaves (chunked prefill), as long as the running batch
+uses no more LoRA adapters than there are device slots. When blocks run out, the
 newest running sequence is preempted: its blocks are freed and it is
 recomputed from its tokens later, which leaves its output unchanged."""
 
@@ -32,10 +33,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0):
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Distinct LoRA adapters the running batch may use (the device slots); 0: no adapters.
+        self.max_loras = max_loras
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -78,10 +81,15 @@ class Scheduler:
         if out.preempted:
             return out
         now = time.monotonic()
+        adapters = {seq.lora for seq in self.running if seq.lora}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted with a token in flight: recompute once its id is back
+            if seq.lora and seq.lora not in adapters and len(adapters) >= self.max_loras:
+                break  # every slot holds an adapter of the running batch: wait (in order) for one to free
+            if seq.lora:
+                adapters.add(seq.lora)
             cached_blocks = self.kv_cache.cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached_blocks) * self.kv_cache.block_size, budget)
             if not self.kv_cache.allocate_slots(seq, num_new, cached_blocks):

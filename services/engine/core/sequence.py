@@ -136,6 +136,10 @@ class Sequence:
     # executor holds: it needs its tokens on the host before each step and
     # never speculates.
     constrained: bool = False
+    # The LoRA adapter it runs with ("": the base model); its K/V is cached under that name.
+    lora: str = ""
+    # Roots its prefix cache hash chain: the adapter's name and which load of it ("" without one).
+    prefix_salt: str = ""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -20,6 +20,7 @@ from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.executor.backend import AttentionMetadata
 from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.executor.loader import LoadedModel
+from pagewire.services.engine.executor.lora import LoraSlots
 from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, PendingInputs
 from pagewire.services.engine.executor.sampler import Sampler
 from pagewire.services.engine.core.scheduler import ScheduledSequence
@@ -40,7 +41,7 @@ class _Staging:
     copied asynchronously."""
 
     def __init__(self, rows: int, max_blocks: int):
-        self.rows = torch.zeros(3, rows, dtype=torch.int64, pin_memory=True)  # ids, positions, slots
+        self.rows = torch.zeros(4, rows, dtype=torch.int64, pin_memory=True)  # ids, positions, cache slots, LoRA slots
         self.seq_lens = torch.zeros(rows, dtype=torch.int32, pin_memory=True)
         self.tables = torch.zeros(rows, max_blocks, dtype=torch.int32, pin_memory=True)
         # What each staged table row holds: (sequence, its preemptions, blocks).
@@ -59,8 +60,9 @@ class CudaGraphRunner(ModelRunner):
         sampler: Sampler,
         max_num_seqs: int,
         max_model_len: int,
+        lora: LoraSlots | None = None,
     ):
-        super().__init__(loaded, kv_caches, block_size, sampler)
+        super().__init__(loaded, kv_caches, block_size, sampler, lora)
         self.max_model_len = max_model_len
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         largest, device = self.batch_sizes[-1], loaded.device
@@ -73,6 +75,8 @@ class CudaGraphRunner(ModelRunner):
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.logits = torch.empty(largest, loaded.config.vocab_size, dtype=torch.float32, device=device)
+        # Each row's LoRA slot (-1: the base model, and the padding rows).
+        self.lora_slots = torch.full((largest,), -1, dtype=torch.int64, device=device)
         # Two sets of pinned staging, used in turn: while step N's copies may
         # still be queued behind step N-1, step N+1 fills the other set, whose
         # copies finished before step N-1's tokens were read back.
@@ -92,6 +96,8 @@ class CudaGraphRunner(ModelRunner):
         )
 
     def _decode_forward(self, size: int) -> None:
+        if self.lora is not None:
+            self.lora.context.bind(self.lora_slots[:size])  # the mask is computed inside the graph
         hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, self._decode_metadata(size))
         self.logits[:size].copy_(self.model.compute_logits(hidden))
 
@@ -117,7 +123,7 @@ class CudaGraphRunner(ModelRunner):
         staging = self.staging[self.num_decode_launches % 2]
         self.num_decode_launches += 1
         rows, seq_lens, tables = staging.rows.numpy(), staging.seq_lens.numpy(), staging.tables.numpy()
-        rows[2, num_seqs:size] = -1  # padding rows: no cache write ...
+        rows[2:, num_seqs:size] = -1  # padding rows: no cache write, no adapter ...
         seq_lens[num_seqs:size] = 0  # ... and no context
         sequences = [item.seq for item in scheduled]
         positions = [seq.num_computed_tokens for seq in sequences]
@@ -126,6 +132,8 @@ class CudaGraphRunner(ModelRunner):
         rows[1, :num_seqs] = positions
         rows[2, :num_seqs] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(sequences, positions)]
         seq_lens[:num_seqs] = rows[1, :num_seqs] + 1
+        if self.lora is not None:
+            rows[3, :num_seqs] = self.lora_slots_of(sequences)
         keys = staging.table_keys
         for row, seq in enumerate(sequences):
             table = seq.block_table
@@ -138,6 +146,8 @@ class CudaGraphRunner(ModelRunner):
         pending.fill(self.input_ids)
         self.positions[:size].copy_(staging.rows[1, :size], non_blocking=True)
         self.slot_mapping[:size].copy_(staging.rows[2, :size], non_blocking=True)
+        if self.lora is not None:
+            self.lora_slots[:size].copy_(staging.rows[3, :size], non_blocking=True)
         self.seq_lens[:size].copy_(staging.seq_lens[:size], non_blocking=True)
         self.block_tables[:size].copy_(staging.tables[:size], non_blocking=True)
         self.graphs[size].replay()

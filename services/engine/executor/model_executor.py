@@ -9,6 +9,7 @@ import dataclasses
 
 import torch
 
+from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.common.model import resolve_model
 from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from pagewire.services.engine.core.engine import EngineCore, ExecutorSpec
@@ -17,6 +18,8 @@ from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
 from pagewire.services.engine.executor.grammar import GrammarMatchers
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors, kv_bytes_per_block
 from pagewire.services.engine.executor.layers.fp8 import FP8_DTYPE
+from pagewire.services.engine.executor.lora import LoraSlots
+from pagewire.services.engine.executor.lora_adapter import read_adapter
 from pagewire.services.engine.executor.loader import LoadedModel, dtype_name, load_model, read_model_config, resolve_device, resolve_dtype
 from pagewire.services.engine.executor.parallel import check_splittable, gather_objects, weight_bytes
 from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, profile_peak_memory
@@ -34,12 +37,41 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
 
 
 def make_runner(
-    config: EngineConfig, loaded: LoadedModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], sampler: Sampler | BroadcastingSampler | ReceivingSampler, max_model_len: int
+    config: EngineConfig,
+    loaded: LoadedModel,
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    sampler: Sampler | BroadcastingSampler | ReceivingSampler,
+    max_model_len: int,
+    lora: LoraSlots | None = None,
 ) -> ModelRunner:
     """CUDA graphs for decode steps on a GPU, eager steps on the CPU; the same on every tensor-parallel rank."""
     if loaded.device.type == "cuda":
-        return CudaGraphRunner(loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len)
-    return ModelRunner(loaded, kv_caches, config.block_size, sampler)
+        return CudaGraphRunner(loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len, lora)
+    return ModelRunner(loaded, kv_caches, config.block_size, sampler, lora)
+
+
+def lora_flag(value: str) -> tuple[str, str]:
+    """--lora NAME=PATH as (name, path)."""
+    name, separator, path = value.partition("=")
+    if not separator or not name.strip() or not path.strip():
+        raise ValueError(f"--lora takes NAME=PATH (an adapter name and its directory), got {value!r}")
+    return name.strip(), path.strip()
+
+
+def attach_lora(config: EngineConfig, loaded: LoadedModel) -> LoraSlots | None:
+    """With --enable-lora or any --lora: the model's LoRA slots, holding the
+    adapters given at start; None otherwise."""
+    if not (config.enable_lora or config.lora):
+        return None
+    if config.max_loras < 1 or config.max_lora_rank < 1:
+        raise ValueError(f"--max-loras and --max-lora-rank must be at least 1, got {config.max_loras} and {config.max_lora_rank}")
+    if config.tensor_parallel_size > 1:
+        raise ValueError("LoRA adapters (--lora, --enable-lora) are not supported with --tensor-parallel-size above 1: serve them on one device")
+    slots = LoraSlots(loaded.model, config.max_loras, config.max_lora_rank, loaded.dtype, loaded.device)
+    for value in config.lora:
+        name, path = lora_flag(value)
+        slots.add(read_adapter(name, path, config.max_lora_rank, loaded.dtype))
+    return slots
 
 
 def start_tensor_parallel(config: EngineConfig, loaded: LoadedModel | None) -> TensorParallelWorkers | None:
@@ -80,6 +112,9 @@ class ModelExecutor:
         model_config = loaded.config
         self.loaded = loaded
         self.kv_dtype = kv_cache_dtype(config, loaded)
+        self.max_lora_rank = config.max_lora_rank
+        # Before the KV cache is sized, so that it leaves room for the slots.
+        self.lora = attach_lora(config, loaded)
         max_model_len = config.max_model_len or model_config.max_position_embeddings
         rope_positions = loaded.model.model.rotary.max_positions
         if max_model_len > rope_positions:
@@ -103,13 +138,16 @@ class ModelExecutor:
             sliding_window=model_config.sliding_window,
             kv_cache_dtype="fp8" if self.kv_dtype == FP8_DTYPE else dtype_name(self.kv_dtype),
             quantization=model_config.quantization,
+            max_loras=self.lora.max_loras if self.lora is not None else 0,
+            lora_adapters=tuple(self.lora.adapters) if self.lora is not None else (),
         )
         kv_caches = allocate_kv_tensors(
             model_config.num_layers, num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim, self.kv_dtype, loaded.device
         )
         self.grammars = GrammarMatchers(config.model)
         self.sampler = Sampler(config.seed, loaded.device, self.grammars)
-        self.runner = make_runner(config, loaded, kv_caches, self.sampler if self.workers is None else BroadcastingSampler(self.sampler), max_model_len)
+        sampler = self.sampler if self.workers is None else BroadcastingSampler(self.sampler)
+        self.runner = make_runner(config, loaded, kv_caches, sampler, max_model_len, self.lora)
         shards = gather_objects(weight_bytes(loaded.model)) if self.workers is not None else [weight_bytes(loaded.model)]
         self.spec = dataclasses.replace(self.spec, weight_bytes_per_rank=tuple(shards))
 
@@ -131,6 +169,17 @@ class ModelExecutor:
         """Stop the tensor-parallel workers, if any (one device: nothing to do)."""
         if self.workers is not None:
             self.workers.stop()
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Read an adapter into host memory (RequestError when it cannot be served);
+        it reaches a device slot with the first step that uses it."""
+        if self.lora is None:
+            raise RequestError(Refusal.FAILED_PRECONDITION, "this engine has no LoRA slots: start it with --enable-lora (or --lora NAME=PATH)")
+        self.lora.add(read_adapter(name, path, self.max_lora_rank, self.loaded.dtype))
+
+    def unload_lora(self, name: str) -> None:
+        if self.lora is not None:
+            self.lora.remove(name)
 
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)

@@ -15,6 +15,7 @@ from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.executor.backend import AttentionMetadata
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors
 from pagewire.services.engine.executor.loader import LoadedModel
+from pagewire.services.engine.executor.lora import LoraSlots
 from pagewire.services.engine.executor.sampler import DeviceSample, Sampler, SamplerOutput, SamplingRequest
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import Sequence
@@ -28,6 +29,8 @@ class BatchInputs:
     # Rows of the hidden states whose logits are sampled, and their sequences.
     logits_indices: torch.Tensor
     sampled_sequences: list[Sequence]
+    # Each token's LoRA slot (-1: the base model); None when the engine has no LoRA slots.
+    lora_slots: torch.Tensor | None = None
 
 
 @dataclass
@@ -68,12 +71,15 @@ class PendingInputs:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, sampler: Sampler):
+    def __init__(
+        self, loaded: LoadedModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, sampler: Sampler, lora: LoraSlots | None = None
+    ):
         self.model = loaded.model
         self.device = loaded.device
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sampler = sampler
+        self.lora = lora
         self.last_launched: LaunchedStep | None = None
 
     def prepare(self, scheduled: list[ScheduledSequence], pending: PendingInputs) -> BatchInputs:
@@ -117,7 +123,19 @@ class ModelRunner:
         )
         device_input_ids = on_device(input_ids, torch.int64)
         pending.fill(device_input_ids)
-        return BatchInputs(device_input_ids, on_device(positions, torch.int64), metadata, on_device(logits_indices, torch.int64), sampled)
+        lora_slots = None
+        if self.lora is not None:
+            slots = self.lora_slots_of([item.seq for item in scheduled])
+            lora_slots = on_device([slot for item, slot in zip(scheduled, slots) for _ in range(item.num_new_tokens)], torch.int64)
+        return BatchInputs(
+            device_input_ids, on_device(positions, torch.int64), metadata, on_device(logits_indices, torch.int64), sampled, lora_slots
+        )
+
+    def lora_slots_of(self, sequences: list[Sequence]) -> list[int]:
+        """Each sequence's LoRA slot, swapping its adapter in when it is not resident."""
+        assert self.lora is not None
+        slots = self.lora.slots_for(seq.lora for seq in sequences)
+        return [slots[seq.lora] for seq in sequences]
 
     @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledSequence]) -> LaunchedStep | None:
@@ -129,6 +147,8 @@ class ModelRunner:
 
     def _launch(self, scheduled: list[ScheduledSequence], pending: PendingInputs) -> LaunchedStep | None:
         batch = self.prepare(scheduled, pending)
+        if self.lora is not None:
+            self.lora.context.bind(batch.lora_slots)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
         if not batch.sampled_sequences:
             return None

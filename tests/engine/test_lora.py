@@ -1,0 +1,195 @@
+"""Multi-LoRA serving: in one batch mixing the base model and two adapters,
+each request's greedy output equals HF transformers + PEFT with its adapter;
+adapters swap through fewer device slots than adapters; K/V is never shared
+across adapters by the prefix cache; adapters load and unload at run time;
+what cannot be served is refused with the reason."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from pagewire.services.common.errors import Refusal, RequestError
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.core.engine import EngineCore
+from pagewire.services.engine.executor.layers.lora import LoraContext, LoraLinear
+from pagewire.services.engine.executor.model_executor import create_engine_core
+from tests.engine import tiny_models
+from tests.engine.util import assert_no_leaks, greedy, run_all, tokens_of
+
+MAX_NEW_TOKENS = 10
+BLOCK_SIZE = 4
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# name -> (rank, alpha, targets, use_rslora)
+ADAPTERS = {
+    "all8": (8, 16, ALL_TARGETS, False),
+    "qv4": (4, 12, ["q_proj", "v_proj", "down_proj"], True),
+}
+
+
+def _prompt(length: int = tiny_models.PROMPT_LEN, seed: int = 1) -> list[int]:
+    """Without token 0, which HF's generate takes for padding (pad_token_id=0) and masks out."""
+    return [token or 1 for token in tiny_models.prompt(length, seed)]
+
+
+def _write_adapter(base: PreTrainedModel, path: Path, rank: int, alpha: int, targets: list[str], rslora: bool, seed: int) -> None:
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    # Random B, large enough that the adapter changes the greedy continuation.
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    peft_model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path], dict[str, PreTrainedModel]]:
+    """The base model's directory, each adapter's directory, and the HF
+    reference of each ("" for the base model)."""
+    torch.manual_seed(0)
+    base = tiny_models.llama3_scaled().eval()
+    root = tmp_path_factory.mktemp("lora")
+    base.save_pretrained(root / "base")
+    paths, references = {}, {"": base}
+    for seed, (name, (rank, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
+        paths[name] = root / name
+        _write_adapter(base, paths[name], rank, alpha, targets, rslora, seed)
+        references[name] = PeftModel.from_pretrained(copy.deepcopy(base), paths[name]).eval()
+    return root / "base", paths, references
+
+
+def _engine(lora_setup, **overrides) -> EngineCore:
+    base, paths, _ = lora_setup
+    settings = dict(
+        model=str(base), device="cpu", num_kv_blocks=256, block_size=BLOCK_SIZE, max_lora_rank=8,
+        lora=[f"{name}={path}" for name, path in paths.items()],
+    ) | overrides  # fmt: skip
+    return create_engine_core(EngineConfig(**settings))
+
+
+@pytest.mark.parametrize(("max_loras", "async_scheduling"), [(2, True), (2, False), (1, True)], ids=["2-slots", "2-slots-sync", "1-slot-swapping"])
+def test_mixed_batch_equals_peft(lora_setup, max_loras: int, async_scheduling: bool) -> None:
+    references = lora_setup[2]
+    core = _engine(lora_setup, max_loras=max_loras, async_scheduling=async_scheduling, max_num_batched_tokens=24)
+    # Base and adapters interleaved; the same prompt under every adapter too.
+    requests = [(name, _prompt(length=13 + i, seed=i)) for i, name in enumerate(["", "all8", "qv4"] * 2)]
+    requests += [(name, _prompt(seed=99)) for name in ["qv4", "", "all8"]]
+    for i, (name, ids) in enumerate(requests):
+        core.add_request(f"r{i}", ids, greedy(MAX_NEW_TOKENS), lora=name)
+    outputs = run_all(core)
+    for i, (name, ids) in enumerate(requests):
+        assert tokens_of(outputs[f"r{i}"]) == tiny_models.hf_greedy(references[name], ids, MAX_NEW_TOKENS), f"request r{i} ({name or 'base'})"
+    same_prompt = [tokens_of(outputs[f"r{i}"]) for i in range(6, 9)]
+    assert len({tuple(tokens) for tokens in same_prompt}) == 3, "the adapters should change the output"
+    assert_no_leaks(core)
+
+
+def test_prefix_cache_is_per_adapter(lora_setup) -> None:
+    core = _engine(lora_setup)
+    ids = _prompt(seed=7)
+
+    def cached_tokens(request_id: str, name: str) -> int:
+        core.add_request(request_id, ids, greedy(2), lora=name)
+        return run_all(core)[request_id][0].num_cached_tokens
+
+    assert cached_tokens("base", "") == 0
+    assert cached_tokens("all8", "all8") == 0  # the base model's blocks hold other K/V
+    assert cached_tokens("qv4", "qv4") == 0
+    assert cached_tokens("all8-again", "all8") > 0
+    assert cached_tokens("base-again", "") > 0
+    # A reloaded adapter may have other weights: its old blocks are not reused.
+    core.load_lora_adapter("all8", str(lora_setup[1]["all8"]))
+    assert cached_tokens("all8-reloaded", "all8") == 0
+    assert_no_leaks(core)
+
+
+def test_load_and_unload_at_run_time(lora_setup) -> None:
+    _, paths, references = lora_setup
+    core = _engine(lora_setup, lora=[], enable_lora=True, max_loras=1)
+    ids = _prompt(seed=3)
+    with pytest.raises(RequestError) as unknown:
+        core.add_request("r0", ids, greedy(MAX_NEW_TOKENS), lora="qv4")
+    assert unknown.value.kind is Refusal.NOT_FOUND and "'qv4'" in unknown.value.message
+    core.load_lora_adapter("qv4", str(paths["qv4"]))
+    assert core.info.lora_adapters == ("qv4",)
+    core.add_request("r1", ids, greedy(MAX_NEW_TOKENS), lora="qv4")
+    core.step()
+    with pytest.raises(RequestError) as in_use:
+        core.unload_lora_adapter("qv4")
+    assert in_use.value.kind is Refusal.FAILED_PRECONDITION
+    assert tokens_of(run_all(core)["r1"]) == tiny_models.hf_greedy(references["qv4"], ids, MAX_NEW_TOKENS)
+    core.unload_lora_adapter("qv4")
+    assert core.info.lora_adapters == ()
+    with pytest.raises(RequestError) as gone:
+        core.unload_lora_adapter("qv4")
+    assert gone.value.kind is Refusal.NOT_FOUND
+    assert_no_leaks(core)
+
+
+def _edited_copy(source: Path, target: Path, **changes) -> Path:
+    target.mkdir()
+    for file in source.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    config = json.loads((source / "adapter_config.json").read_text()) | changes
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"bias": "all"}, "bias"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"target_modules": ["q_proj", "embed_tokens"]}, "target_modules"),
+        ({"r": 16}, "--max-lora-rank"),
+        ({"peft_type": "IA3"}, "LORA"),
+    ],
+)
+def test_unservable_adapters_are_refused(lora_setup, tmp_path: Path, changes: dict, reason: str) -> None:
+    core = _engine(lora_setup, lora=[], enable_lora=True)
+    path = _edited_copy(lora_setup[1]["qv4"], tmp_path / "edited", **changes)
+    with pytest.raises(RequestError) as refused:
+        core.load_lora_adapter("bad", str(path))
+    assert refused.value.kind is Refusal.INVALID_ARGUMENT and reason in refused.value.message and "'bad'" in refused.value.message
+    with pytest.raises(RequestError, match="adapter_config.json"):
+        core.load_lora_adapter("missing", str(tmp_path / "nowhere"))
+    assert core.info.lora_adapters == ()
+
+
+def test_engine_without_lora_slots_refuses_loading(lora_setup) -> None:
+    core = _engine(lora_setup, lora=[])
+    with pytest.raises(RequestError, match="--enable-lora") as refused:
+        core.load_lora_adapter("qv4", str(lora_setup[1]["qv4"]))
+    assert refused.value.kind is Refusal.FAILED_PRECONDITION
+
+
+def test_lora_linear_applies_each_tokens_adapter_to_its_part() -> None:
+    """Per token: the base projection plus B @ A x of its own slot, each part of a fused projection apart."""
+    torch.manual_seed(0)
+    parts, rank, slots, hidden = [8, 4, 4], 3, 3, 16
+    context = LoraContext(slots, torch.float32, torch.device("cpu"))
+    layer = LoraLinear(torch.nn.Linear(hidden, sum(parts), bias=False), hidden, parts, rank, context, torch.float32, torch.device("cpu"))
+    weights = {(s, p): (torch.randn(rank - p % 2, hidden), torch.randn(parts[p], rank - p % 2)) for s in range(slots) for p in range(3) if (s + p) % 2}
+    for (s, p), (a, b) in weights.items():
+        layer.set_part(s, p, a, b)
+    x = torch.randn(7, hidden)
+    token_slots = torch.tensor([-1, 0, 1, 2, 1, -1, 0])
+    context.bind(token_slots)
+    expected = layer.base(x).clone()
+    for t, s in enumerate(token_slots.tolist()):
+        for p in range(3):
+            if (s, p) in weights:
+                a, b = weights[(s, p)]
+                expected[t, sum(parts[:p]) : sum(parts[: p + 1])] += b @ (a @ x[t])
+    torch.testing.assert_close(layer(x), expected)
+    layer.clear_slot(1)
+    context.bind(torch.tensor([1]))
+    torch.testing.assert_close(layer(x[:1]), layer.base(x[:1]))
