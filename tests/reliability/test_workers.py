@@ -9,18 +9,21 @@ as one server. One serve for the module (the drain test ends it):
 - --max-concurrent-requests bounds the whole server: with the bound in
   flight, new requests are refused on every worker, and admitted again once
   those end;
+- a worker killed outright is started again, and the server goes on;
 - SIGTERM drains both workers: a running stream completes, and serve exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections import Counter
 from collections.abc import Iterator
 
 import grpc
 import httpx
+import psutil
 import pytest
 
 from pagewire.services.common.grpc_utils import check_health
@@ -116,6 +119,17 @@ def test_the_concurrency_bound_counts_the_whole_server(serve: ServeProcess) -> N
     statuses, after = asyncio.run(run())
     assert statuses == [429] * len(statuses)
     assert after == [Outcome.COMPLETED] * MAX_CONCURRENT
+
+
+def test_a_worker_that_dies_is_started_again_and_the_server_goes_on(serve: ServeProcess) -> None:
+    (gateway,) = [record["pid"] for record in serve.events("started") if record["child"] == "gateway"]
+    workers = {record["child"]: record["pid"] for record in serve.events("started", "gateway")}
+    os.kill(workers["gateway-1"], signal.SIGKILL)
+    serve.wait_until(lambda: len(serve.events("gateway listening", "gateway")) == 3, "the worker is started again", TIMEOUT_S)
+    assert [record["child"] for record in serve.events("restarting child", "gateway")] == ["gateway-1"]
+    assert psutil.Process(gateway).is_running()
+    # Served again by both: a whole wave fits the bound, so the dead worker's slot is free.
+    assert asyncio.run(_wave(serve)) == [Outcome.COMPLETED] * MAX_CONCURRENT
 
 
 def test_sigterm_drains_both_workers(serve: ServeProcess) -> None:
