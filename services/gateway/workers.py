@@ -61,6 +61,9 @@ def worker_commands(config: GatewayConfig, run_dir: Path) -> dict[str, ChildComm
     env = {MULTIPROC_ENV: str(run_dir / "metrics"), SLOTS_ENV: str(run_dir / "slots")}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if f.name == "log_format" and value == "auto":
+            # The workers write to a pipe, where "auto" would mean JSON even on a terminal.
+            value = "console" if sys.stderr.isatty() else "json"
         if f.metadata.get("secret"):
             env[env_name(f.name)] = str(value)
         else:
