@@ -41,7 +41,7 @@ from pagewire.services.gateway.hub import Gateway, GatewaySettings
 from pagewire.services.gateway.metrics import GatewayMetrics
 from pagewire.services.gateway.request import GatewayRequest
 from pagewire.services.gateway.rest_api import create_app
-from pagewire.services.gateway.router import RoutingPolicy
+from pagewire.services.gateway.router import RoutingPolicy, Target
 from pagewire.services.gateway.validation import validate_request
 from pagewire.services.tokenizer.servicer import TokenizerServicer
 from pagewire.v1 import common_pb2, engine_pb2, gateway_pb2, tokenizer_pb2
@@ -66,6 +66,9 @@ class PeersDownHub:
     def resolve_model(self, name: str) -> engine_pb2.EngineInfo:
         return engine_pb2.EngineInfo(model_id=MODEL, max_model_len=MAX_MODEL_LEN)
 
+    async def resolve(self, model: str, lora: str = "") -> Target:
+        return Target(self.resolve_model(model), lora)
+
     def models(self) -> list[gateway_pb2.ModelCard]:
         return [gateway_pb2.ModelCard(id=MODEL, max_model_len=MAX_MODEL_LEN)]
 
@@ -75,7 +78,7 @@ class PeersDownHub:
     async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResult:
         raise RequestError(Refusal.UNAVAILABLE, "the tokenizer is down")
 
-    def pick_replica(self, model_id: str, prompt: list[int]) -> EngineReplica:
+    def pick_replica(self, model_id: str, prompt: list[int], lora: str) -> EngineReplica:
         raise RequestError(Refusal.UNAVAILABLE, "no engine replica is up")
 
     def register(self, request: GatewayRequest) -> None:

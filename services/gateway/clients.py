@@ -178,10 +178,23 @@ class EngineReplica(PeerClient):
         if not self.state.in_flight:
             self._idle.set()
 
-    async def stats(self, timeout_s: float) -> engine_pb2.EngineStats:
+    def stub(self) -> engine_pb2_grpc.EngineStub:
+        """The Engine service of a connected replica; UNAVAILABLE otherwise."""
         if self._channel is None or not self.state.available:
             raise _unavailable(f"engine {self.address}")
-        return await engine_pb2_grpc.EngineStub(self._channel).Stats(engine_pb2.EngineStatsRequest(), timeout=timeout_s)
+        return engine_pb2_grpc.EngineStub(self._channel)
+
+    async def stats(self, timeout_s: float) -> engine_pb2.EngineStats:
+        return await self.stub().Stats(engine_pb2.EngineStatsRequest(), timeout=timeout_s)
+
+    async def refresh_info(self, timeout_s: float) -> None:
+        """Read Info again: its LoRA adapters change as they are loaded and unloaded."""
+        self.state.info = await self.stub().Info(engine_pb2.EngineInfoRequest(), timeout=timeout_s)
+
+    def set_lora_adapters(self, names: Iterable[str]) -> None:
+        assert self.state.info is not None
+        del self.state.info.lora_adapters[:]
+        self.state.info.lora_adapters.extend(names)
 
 
 class TokenizerClient(PeerClient):

@@ -115,4 +115,5 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
                 yield chunk
 
     async def ListModels(self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.ModelList:
+        await self.gateway.refresh_models()  # adapters loaded through another worker or at the engine
         return gateway_pb2.ModelList(models=self.gateway.models())

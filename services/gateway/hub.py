@@ -7,13 +7,15 @@ through the registry."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 
 from pagewire.services.common.errors import Refusal, RequestError
-from pagewire.services.common.grpc_utils import error_status
+from grpc_status import rpc_status
+
+from pagewire.services.common.grpc_utils import error_from_status, error_status, refusal_of
 from pagewire.services.common.limits import DEFAULT_MAX_MESSAGE_BYTES
 from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.admission import InFlightCount, LocalCount
@@ -23,11 +25,19 @@ from pagewire.services.gateway.discovery import EngineDiscovery
 from pagewire.services.gateway.metrics import GatewayMetrics
 from pagewire.services.gateway.output_buffer import OutputLimits
 from pagewire.services.gateway.request import GatewayRequest
-from pagewire.services.gateway.router import Router, RoutingPolicy
+from pagewire.services.gateway.router import Router, RoutingPolicy, Target
 from pagewire.services.gateway.tokenizers import TokenizerPool
-from pagewire.v1 import engine_pb2, gateway_pb2, tokenizer_pb2
+from pagewire.v1 import engine_pb2, engine_pb2_grpc, gateway_pb2, tokenizer_pb2
 
 log = get_logger("gateway")
+
+# Seconds to wait for each replica's Info when the gateway reads it again (for
+# adapters loaded since it connected), and the least time between two such reads
+# prompted by requests for a model no replica is known to serve.
+INFO_REFRESH_TIMEOUT_S = 2.0
+INFO_REFRESH_INTERVAL_S = 1.0
+# Seconds an engine may take to read a LoRA adapter from its disk.
+LORA_ADMIN_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,7 @@ class Gateway:
         self._in_flight_count = in_flight or LocalCount()
         # Requests the peers' streams are delivered to, by internal id.
         self._live: dict[str, GatewayRequest] = {}
+        self._info_refreshed_at = float("-inf")
 
     async def run(self) -> None:
         """Keep the tokenizer and every discovered replica connected until cancelled."""
@@ -126,7 +137,64 @@ class Gateway:
         return self._tokenizer.available and any(r.state.available for r in self._replicas.values())
 
     def models(self) -> list[gateway_pb2.ModelCard]:
-        return [gateway_pb2.ModelCard(id=info.model_id, max_model_len=info.max_model_len, owned_by="pagewire") for info in self._router.served_models()]
+        """Every served model, then every LoRA adapter loaded on a replica (with its base model as parent)."""
+        infos = {info.model_id: info for info in self._router.served_models()}
+        cards = [gateway_pb2.ModelCard(id=model_id, max_model_len=info.max_model_len, owned_by="pagewire") for model_id, info in infos.items()]
+        adapters = self._router.served_adapters().items()
+        return cards + [
+            gateway_pb2.ModelCard(id=name, max_model_len=infos[base].max_model_len, owned_by="pagewire", parent=base) for name, base in adapters
+        ]
+
+    async def refresh_models(self) -> None:
+        """Read every connected replica's Info again, so that adapters loaded
+        or unloaded elsewhere (another gateway worker, the engine's own RPC) show."""
+
+        async def one(replica: EngineReplica) -> None:
+            try:
+                await replica.refresh_info(INFO_REFRESH_TIMEOUT_S)
+            except (RequestError, grpc.aio.AioRpcError) as exc:
+                log.warning("engine info unavailable", peer=replica.address, error=str(exc))
+
+        self._info_refreshed_at = asyncio.get_running_loop().time()
+        await asyncio.gather(*(one(r) for r in self._replicas.values() if r.state.available))
+
+    async def load_lora_adapter(self, name: str, path: str, model: str = "") -> list[str]:
+        """Load an adapter on every connected replica of `model` (empty: the
+        first model served); the addresses of those replicas."""
+        model_id = self._router.resolve_model(model).model_id
+        replicas = [r for r in self._replicas.values() if r.state.available and r.state.model_id == model_id]
+        request = engine_pb2.LoadLoraAdapterRequest(lora_name=name, lora_path=path)
+        return await self._change_lora(replicas, lambda stub: stub.LoadLoraAdapter(request, timeout=LORA_ADMIN_TIMEOUT_S))
+
+    async def unload_lora_adapter(self, name: str) -> list[str]:
+        """Unload an adapter from every connected replica that has it; the addresses of those replicas."""
+        await self.refresh_models()
+        replicas = [r for r in self._replicas.values() if r.state.available and name in r.state.info.lora_adapters]  # type: ignore[union-attr]
+        if not replicas:
+            raise RequestError(Refusal.NOT_FOUND, f"LoRA adapter {name!r} is not loaded on any connected engine replica", "lora_name")
+        request = engine_pb2.UnloadLoraAdapterRequest(lora_name=name)
+        return await self._change_lora(replicas, lambda stub: stub.UnloadLoraAdapter(request, timeout=LORA_ADMIN_TIMEOUT_S))
+
+    @staticmethod
+    async def _change_lora(
+        replicas: list[EngineReplica],
+        call: Callable[[engine_pb2_grpc.EngineStub], Awaitable[engine_pb2.LoadLoraAdapterResponse | engine_pb2.UnloadLoraAdapterResponse]],
+    ) -> list[str]:
+        """Make the call on every replica at once; each replica that answers
+        gets its adapter list updated. The first refusal is raised, naming its replica."""
+        if not replicas:
+            raise RequestError(Refusal.UNAVAILABLE, "no engine replica of the model is connected; retry shortly")
+        results = await asyncio.gather(*(call(replica.stub()) for replica in replicas), return_exceptions=True)
+        for replica, result in zip(replicas, results):
+            if isinstance(result, (engine_pb2.LoadLoraAdapterResponse, engine_pb2.UnloadLoraAdapterResponse)):
+                replica.set_lora_adapters(result.lora_adapters)
+                continue
+            if not isinstance(result, grpc.aio.AioRpcError):
+                raise result
+            status = rpc_status.from_call(result)
+            error = error_from_status(status) if status is not None else RequestError(refusal_of(result.code()), result.details() or "")
+            raise RequestError(error.kind, f"engine {replica.address}: {error.message}", error.field)
+        return [replica.address for replica in replicas]
 
     def request(self, request: gateway_pb2.GenerateRequest) -> GatewayRequest:
         """A handle on a new request; nothing happens until its chunks are read."""
@@ -150,6 +218,17 @@ class Gateway:
     def resolve_model(self, name: str) -> engine_pb2.EngineInfo:
         return self._router.resolve_model(name)
 
+    async def resolve(self, model: str, lora: str = "") -> Target:
+        try:
+            return self._router.resolve(model, lora)
+        except RequestError as exc:
+            recently = asyncio.get_running_loop().time() - self._info_refreshed_at < INFO_REFRESH_INTERVAL_S
+            if exc.kind is not Refusal.NOT_FOUND or recently:
+                raise
+        # Perhaps an adapter loaded since: ask the replicas once more.
+        await self.refresh_models()
+        return self._router.resolve(model, lora)
+
     def admit(self, request: GatewayRequest) -> None:
         limit = self._settings.max_concurrent_requests
         if not self._in_flight_count.acquire(limit):
@@ -159,8 +238,8 @@ class Gateway:
     async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResult:
         return await self._tokenizer.tokenize(request)
 
-    def pick_replica(self, model_id: str, prompt: list[int]) -> EngineReplica:
-        return self._replicas[self._router.pick(model_id, prompt).address]
+    def pick_replica(self, model_id: str, prompt: list[int], lora: str = "") -> EngineReplica:
+        return self._replicas[self._router.pick(model_id, prompt, lora).address]
 
     def register(self, request: GatewayRequest) -> None:
         self._live[request.internal_id] = request

@@ -47,6 +47,24 @@ TokenId = Annotated[StrictInt, Field(ge=0, le=UINT32_MAX)]
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
+class LoadLoraBody(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's fields, plus the base model when several are served)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1)
+    # A directory on the engines' hosts with adapter_config.json and adapter_model.safetensors.
+    lora_path: str = Field(min_length=1)
+    # The base model whose replicas load it; empty: the first model served.
+    model: str = ""
+
+
+class UnloadLoraBody(BaseModel):
+    """POST /v1/unload_lora_adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1)
+
+
 class JsonSchemaFormat(BaseModel):
     """response_format.json_schema. `strict` is accepted either way: the
     schema is always enforced (the output is generated under its grammar)."""

@@ -42,6 +42,7 @@ from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.clients import EngineReplica
 from pagewire.services.gateway.metrics import GatewayMetrics
 from pagewire.services.gateway.output_buffer import OutputLimits, UnreadOutput
+from pagewire.services.gateway.router import Target
 from pagewire.services.gateway.validation import check_fits, check_prompt, validate_request
 from pagewire.v1 import common_pb2, engine_pb2, gateway_pb2, tokenizer_pb2
 
@@ -61,16 +62,18 @@ class Hub(Protocol):
     """What a request needs of the gateway: its models, its peers, and the
     registry through which the peers' streams reach the request."""
 
-    def resolve_model(self, name: str) -> engine_pb2.EngineInfo:
-        """The served model `name` names (empty: the first one); NOT_FOUND or UNAVAILABLE otherwise."""
+    async def resolve(self, model: str, lora: str) -> Target:
+        """The served model (empty: the first one) or LoRA adapter `model`
+        names, with the adapter `lora` names; NOT_FOUND or UNAVAILABLE otherwise."""
 
     def admit(self, request: GatewayRequest) -> None:
         """Count the request in flight; RESOURCE_EXHAUSTED when the gateway is full."""
 
     async def tokenize(self, request: tokenizer_pb2.TokenizeRequest) -> tokenizer_pb2.TokenizeResult: ...
 
-    def pick_replica(self, model_id: str, prompt: list[int]) -> EngineReplica:
-        """The replica to serve a prompt; UNAVAILABLE when none serving the model is up."""
+    def pick_replica(self, model_id: str, prompt: list[int], lora: str) -> EngineReplica:
+        """The replica to serve a prompt (one with the LoRA adapter loaded, if
+        any); UNAVAILABLE when none serving the model is up."""
 
     def register(self, request: GatewayRequest) -> None:
         """Hand the request the engine's updates and the tokenizer's text for its internal id."""
@@ -148,15 +151,15 @@ class GatewayRequest:
         try:
             try:
                 validate_request(self.request)
-                model = self.hub.resolve_model(self.request.model)
-                check_fits(self.request, model)
+                target = await self.hub.resolve(self.request.model, self.request.lora)
+                check_fits(self.request, target.info)
                 self.hub.admit(self)
                 if self.request.HasField("timeout"):
                     self.deadline = self.arrival + self.request.timeout.ToTimedelta().total_seconds()
                 async with asyncio.timeout_at(self.deadline):
                     prompt, grammar = await self._prompt_ids()
                     if self.finish_reason == UNFINISHED:
-                        self._submit(model, prompt, grammar)
+                        self._submit(target, prompt, grammar)
                     while self.finish_reason == UNFINISHED:
                         await self._wake.wait()
                         self._wake.clear()
@@ -214,9 +217,9 @@ class GatewayRequest:
         result = await self.hub.tokenize(tokenize)
         return list(result.token_ids), result.compiled_grammar
 
-    def _submit(self, model: engine_pb2.EngineInfo, prompt: list[int], grammar: str) -> None:
-        check_prompt(prompt, model)
-        self.replica = self.hub.pick_replica(model.model_id, prompt)
+    def _submit(self, target: Target, prompt: list[int], grammar: str) -> None:
+        check_prompt(prompt, target.info)
+        self.replica = self.hub.pick_replica(target.info.model_id, prompt, target.lora)
         self.hub.register(self)
         self.hub.detokenize(
             [
@@ -232,7 +235,9 @@ class GatewayRequest:
             ]
         )
         self.detokenizing = True
-        add = engine_pb2.AddRequest(request_id=self.internal_id, prompt_token_ids=prompt, sampling=self.request.sampling, compiled_grammar=grammar)
+        add = engine_pb2.AddRequest(
+            request_id=self.internal_id, prompt_token_ids=prompt, sampling=self.request.sampling, compiled_grammar=grammar, lora=target.lora
+        )
         if self.deadline is not None:
             remaining = duration_pb2.Duration()
             remaining.FromNanoseconds(max(1, int((self.deadline - self.loop.time()) * 1e9)))

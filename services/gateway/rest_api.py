@@ -59,7 +59,9 @@ from pagewire.services.common.grpc_utils import error_status, status_code, to_st
 from pagewire.services.common.limits import max_rest_body_bytes
 from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.hub import Gateway
-from pagewire.services.gateway.openai_schemas import ChatBody, CompletionBody, CompletionFormat, merge_chunks, public_param
+from pagewire.services.gateway.openai_schemas import (
+    ChatBody, CompletionBody, CompletionFormat, LoadLoraBody, UnloadLoraBody, merge_chunks, public_param,
+)  # fmt: skip
 from pagewire.services.gateway.sse import DONE, Envelope, StreamEvents, event
 from pagewire.v1 import gateway_pb2
 
@@ -255,7 +257,8 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
         return status_response(to_status(exc))
 
     async def generate(request: Request, body: CompletionBody | ChatBody, output: CompletionFormat) -> Response:
-        envelope = Envelope(output, int(time.time()), gateway.resolve_model(body.model).model_id, body.include_usage)
+        target = await gateway.resolve(body.model)
+        envelope = Envelope(output, int(time.time()), target.lora or target.info.model_id, body.include_usage)
         gateway_request = gateway.request(body.to_request())
         chunks = gateway_request.chunks()
 
@@ -311,10 +314,29 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        await gateway.refresh_models()  # adapters loaded through another worker or at the engine
         return {
             "object": "list",
-            "data": [{"id": card.id, "object": "model", "created": 0, "owned_by": card.owned_by, "max_model_len": card.max_model_len} for card in gateway.models()],
+            "data": [
+                {"id": card.id, "object": "model", "created": 0, "owned_by": card.owned_by, "max_model_len": card.max_model_len}
+                | ({"parent": card.parent, "root": card.parent} if card.parent else {})
+                for card in gateway.models()
+            ],
         }
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> dict[str, Any]:
+        body = await read(request, LoadLoraBody)
+        replicas = await gateway.load_lora_adapter(body.lora_name, body.lora_path, body.model)
+        log.info("LoRA adapter loaded", name=body.lora_name, path=body.lora_path, replicas=replicas)
+        return {"object": "lora_adapter", "lora_name": body.lora_name, "loaded": True, "replicas": replicas}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> dict[str, Any]:
+        body = await read(request, UnloadLoraBody)
+        replicas = await gateway.unload_lora_adapter(body.lora_name)
+        log.info("LoRA adapter unloaded", name=body.lora_name, replicas=replicas)
+        return {"object": "lora_adapter", "lora_name": body.lora_name, "loaded": False, "replicas": replicas}
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -7,6 +7,10 @@
   same replica, so its prefix cache serves them. Rendezvous hashing keeps
   the assignment of every other prefix when a replica leaves or returns.
   Prompts shorter than one block fall back to least-loaded.
+
+Replicas may serve different models; a request goes to one of its model's
+replicas, and a request for a LoRA adapter (named as the model, or in the
+lora field beside its base model) to one of those that have it loaded.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ from pagewire.v1 import engine_pb2
 class RoutingPolicy(enum.StrEnum):
     LEAST_LOADED = "least-loaded"
     PREFIX_AFFINITY = "prefix-affinity"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request runs on: a served model's Info, and the LoRA adapter ("" for none)."""
+
+    info: engine_pb2.EngineInfo
+    lora: str = ""
 
 
 @dataclass
@@ -86,13 +98,41 @@ class Router:
         for info in models:
             if info.model_id == model:
                 return info
-        served = ", ".join(repr(info.model_id) for info in models)
+        served = ", ".join(repr(name) for name in [info.model_id for info in models] + list(self.served_adapters()))
         raise RequestError(Refusal.NOT_FOUND, f"model {model!r} is not served here; available: {served}")
 
-    def pick(self, model_id: str, prompt_ids: Sequence[int]) -> ReplicaState:
+    def served_adapters(self) -> dict[str, str]:
+        """Every LoRA adapter a replica has loaded -> the model id it adapts, in replica order
+        (a name loaded on replicas of two models is the first one's)."""
+        adapters: dict[str, str] = {}
+        for replica in self.replicas:
+            if replica.info is not None:
+                for name in replica.info.lora_adapters:
+                    adapters.setdefault(name, replica.info.model_id)
+        return adapters
+
+    def resolve(self, model: str, lora: str = "") -> Target:
+        """The model and adapter a request names: `model` a served model (empty:
+        the first) with `lora` one of its adapters, or `model` an adapter's name."""
+        adapters = self.served_adapters()
+        is_model = any(info.model_id == model for info in self.served_models())
+        if model in adapters and not is_model:
+            if lora:
+                raise RequestError(Refusal.INVALID_ARGUMENT, f"model {model!r} is a LoRA adapter; name its base model {adapters[model]!r} beside lora", "lora")
+            return Target(self.resolve_model(adapters[model]), model)
+        info = self.resolve_model(model)
+        if lora and adapters.get(lora) != info.model_id:
+            loaded = ", ".join(repr(name) for name, base in adapters.items() if base == info.model_id) or "none"
+            raise RequestError(Refusal.NOT_FOUND, f"LoRA adapter {lora!r} is not loaded on any replica of model {info.model_id!r} (loaded: {loaded})", "lora")
+        return Target(info, lora)
+
+    def pick(self, model_id: str, prompt_ids: Sequence[int], lora: str = "") -> ReplicaState:
         candidates = [r for r in self.replicas if r.available and r.model_id == model_id]
+        if lora:
+            candidates = [r for r in candidates if lora in r.info.lora_adapters]  # type: ignore[union-attr]
         if not candidates:
-            raise RequestError(Refusal.UNAVAILABLE, f"no engine replica serving {model_id!r} is available; retry shortly")
+            served = f"{model_id!r} with LoRA adapter {lora!r}" if lora else repr(model_id)
+            raise RequestError(Refusal.UNAVAILABLE, f"no engine replica serving {served} is available; retry shortly")
         if self.policy is RoutingPolicy.PREFIX_AFFINITY:
             key = prefix_key(prompt_ids, candidates[0].info.block_size, self.affinity_blocks)  # type: ignore[union-attr]
             if key is not None:

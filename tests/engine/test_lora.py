@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import PreTrainedModel
 
 from pagewire.services.common.errors import Refusal, RequestError
@@ -22,31 +22,15 @@ from pagewire.services.engine.executor.layers.lora import LoraContext, LoraLinea
 from pagewire.services.engine.executor.model_executor import create_engine_core
 from tests.engine import tiny_models
 from tests.engine.util import assert_no_leaks, greedy, run_all, tokens_of
+from tests.support.lora_adapters import ALL_TARGETS, prompt, write_adapter
 
 MAX_NEW_TOKENS = 10
 BLOCK_SIZE = 4
-ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name -> (rank, alpha, targets, use_rslora)
 ADAPTERS = {
     "all8": (8, 16, ALL_TARGETS, False),
     "qv4": (4, 12, ["q_proj", "v_proj", "down_proj"], True),
 }
-
-
-def _prompt(length: int = tiny_models.PROMPT_LEN, seed: int = 1) -> list[int]:
-    """Without token 0, which HF's generate takes for padding (pad_token_id=0) and masks out."""
-    return [token or 1 for token in tiny_models.prompt(length, seed)]
-
-
-def _write_adapter(base: PreTrainedModel, path: Path, rank: int, alpha: int, targets: list[str], rslora: bool, seed: int) -> None:
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
-    peft_model = get_peft_model(copy.deepcopy(base), config)
-    # Random B, large enough that the adapter changes the greedy continuation.
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)
-    peft_model.save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +44,7 @@ def lora_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     paths, references = {}, {"": base}
     for seed, (name, (rank, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
         paths[name] = root / name
-        _write_adapter(base, paths[name], rank, alpha, targets, rslora, seed)
+        write_adapter(base, paths[name], rank, alpha, targets, seed, rslora)
         references[name] = PeftModel.from_pretrained(copy.deepcopy(base), paths[name]).eval()
     return root / "base", paths, references
 
@@ -79,8 +63,8 @@ def test_mixed_batch_equals_peft(lora_setup, max_loras: int, async_scheduling: b
     references = lora_setup[2]
     core = _engine(lora_setup, max_loras=max_loras, async_scheduling=async_scheduling, max_num_batched_tokens=24)
     # Base and adapters interleaved; the same prompt under every adapter too.
-    requests = [(name, _prompt(length=13 + i, seed=i)) for i, name in enumerate(["", "all8", "qv4"] * 2)]
-    requests += [(name, _prompt(seed=99)) for name in ["qv4", "", "all8"]]
+    requests = [(name, prompt(length=13 + i, seed=i)) for i, name in enumerate(["", "all8", "qv4"] * 2)]
+    requests += [(name, prompt(seed=99)) for name in ["qv4", "", "all8"]]
     for i, (name, ids) in enumerate(requests):
         core.add_request(f"r{i}", ids, greedy(MAX_NEW_TOKENS), lora=name)
     outputs = run_all(core)
@@ -93,7 +77,7 @@ def test_mixed_batch_equals_peft(lora_setup, max_loras: int, async_scheduling: b
 
 def test_prefix_cache_is_per_adapter(lora_setup) -> None:
     core = _engine(lora_setup)
-    ids = _prompt(seed=7)
+    ids = prompt(seed=7)
 
     def cached_tokens(request_id: str, name: str) -> int:
         core.add_request(request_id, ids, greedy(2), lora=name)
@@ -113,7 +97,7 @@ def test_prefix_cache_is_per_adapter(lora_setup) -> None:
 def test_load_and_unload_at_run_time(lora_setup) -> None:
     _, paths, references = lora_setup
     core = _engine(lora_setup, lora=[], enable_lora=True, max_loras=1)
-    ids = _prompt(seed=3)
+    ids = prompt(seed=3)
     with pytest.raises(RequestError) as unknown:
         core.add_request("r0", ids, greedy(MAX_NEW_TOKENS), lora="qv4")
     assert unknown.value.kind is Refusal.NOT_FOUND and "'qv4'" in unknown.value.message

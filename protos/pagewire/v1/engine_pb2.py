@@ -27,7 +27,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from pagewire.v1 import common_pb2 as pagewire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/engine.proto\x12\x0bpagewire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\x1a\x18pagewire/v1/common.proto\"\xaf\x01\n\nAddRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10\x63ompiled_grammar\x18\x05 \x01(\t\"B\n\x0b\x45ngineInput\x12$\n\x03\x61\x64\x64\x18\x01 \x03(\x0b\x32\x17.pagewire.v1.AddRequest\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\t\"\xd9\x02\n\x0eSequenceUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.pagewire.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.pagewire.v1.FinishReason\x12\"\n\x15matched_stop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x19\n\x0cqueue_time_s\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.StatusB\x18\n\x16_matched_stop_token_idB\x0f\n\r_queue_time_s\"a\n\nEngineStep\x12,\n\x07updates\x18\x01 \x03(\x0b\x32\x1b.pagewire.v1.SequenceUpdate\x12%\n\x04load\x18\x02 \x01(\x0b\x32\x17.pagewire.v1.EngineLoad\"N\n\nEngineLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\"\x13\n\x11\x45ngineInfoRequest\"\xe3\x02\n\nEngineInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x16\n\x0eprefix_caching\x18\x0b \x01(\x08\x12\x16\n\x0ekv_cache_dtype\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x14 \x01(\r\x12\x1d\n\x15weight_bytes_per_rank\x18\x15 \x03(\x04\"\x14\n\x12\x45ngineStatsRequest\"\xde\x03\n\x0b\x45ngineStats\x12%\n\x04load\x18\x01 \x01(\x0b\x32\x17.pagewire.v1.EngineLoad\x12\x18\n\x10num_total_blocks\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x1e\n\x16num_cached_free_blocks\x18\x04 \x01(\r\x12#\n\x1bprefix_cache_queried_tokens\x18\x05 \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x06 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x08 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\t \x01(\x04\x12\x1f\n\x17requests_finished_total\x18\n \x01(\x04\x12\x13\n\x0bsteps_total\x18\x0b \x01(\x04\x12&\n\x1espec_decode_draft_tokens_total\x18\x0c \x01(\x04\x12)\n!spec_decode_accepted_tokens_total\x18\r \x01(\x04\x12/\n\'spec_decode_accepted_tokens_by_position\x18\x0e \x03(\x04\x32\xd0\x01\n\x06\x45ngine\x12\x41\n\x08Generate\x12\x18.pagewire.v1.EngineInput\x1a\x17.pagewire.v1.EngineStep(\x01\x30\x01\x12?\n\x04Info\x12\x1e.pagewire.v1.EngineInfoRequest\x1a\x17.pagewire.v1.EngineInfo\x12\x42\n\x05Stats\x12\x1f.pagewire.v1.EngineStatsRequest\x1a\x18.pagewire.v1.EngineStatsBO\n\x0f\x64\x65v.pagewire.v1P\x01Z:github.com/pagewire/pagewire/gen/go/pagewire/v1;pagewirev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/engine.proto\x12\x0bpagewire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\x1a\x18pagewire/v1/common.proto\">\n\x16LoadLoraAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\"-\n\x18UnloadLoraAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\"0\n\x17LoadLoraAdapterResponse\x12\x15\n\rlora_adapters\x18\x01 \x03(\t\"2\n\x19UnloadLoraAdapterResponse\x12\x15\n\rlora_adapters\x18\x01 \x03(\t\"\xbd\x01\n\nAddRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10\x63ompiled_grammar\x18\x05 \x01(\t\x12\x0c\n\x04lora\x18\x06 \x01(\t\"B\n\x0b\x45ngineInput\x12$\n\x03\x61\x64\x64\x18\x01 \x03(\x0b\x32\x17.pagewire.v1.AddRequest\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\t\"\xd9\x02\n\x0eSequenceUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.pagewire.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.pagewire.v1.FinishReason\x12\"\n\x15matched_stop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x19\n\x0cqueue_time_s\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.StatusB\x18\n\x16_matched_stop_token_idB\x0f\n\r_queue_time_s\"a\n\nEngineStep\x12,\n\x07updates\x18\x01 \x03(\x0b\x32\x1b.pagewire.v1.SequenceUpdate\x12%\n\x04load\x18\x02 \x01(\x0b\x32\x17.pagewire.v1.EngineLoad\"N\n\nEngineLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\"\x13\n\x11\x45ngineInfoRequest\"\xfa\x02\n\nEngineInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\r\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x16\n\x0eprefix_caching\x18\x0b \x01(\x08\x12\x16\n\x0ekv_cache_dtype\x18\x0c \x01(\t\x12\x14\n\x0cquantization\x18\r \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x14 \x01(\r\x12\x1d\n\x15weight_bytes_per_rank\x18\x15 \x03(\x04\x12\x15\n\rlora_adapters\x18\x16 \x03(\t\"\x14\n\x12\x45ngineStatsRequest\"\xde\x03\n\x0b\x45ngineStats\x12%\n\x04load\x18\x01 \x01(\x0b\x32\x17.pagewire.v1.EngineLoad\x12\x18\n\x10num_total_blocks\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x1e\n\x16num_cached_free_blocks\x18\x04 \x01(\r\x12#\n\x1bprefix_cache_queried_tokens\x18\x05 \x01(\x04\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x06 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x08 \x01(\x04\x12\x1f\n\x17generation_tokens_total\x18\t \x01(\x04\x12\x1f\n\x17requests_finished_total\x18\n \x01(\x04\x12\x13\n\x0bsteps_total\x18\x0b \x01(\x04\x12&\n\x1espec_decode_draft_tokens_total\x18\x0c \x01(\x04\x12)\n!spec_decode_accepted_tokens_total\x18\r \x01(\x04\x12/\n\'spec_decode_accepted_tokens_by_position\x18\x0e \x03(\x04\x32\x92\x03\n\x06\x45ngine\x12\x41\n\x08Generate\x12\x18.pagewire.v1.EngineInput\x1a\x17.pagewire.v1.EngineStep(\x01\x30\x01\x12?\n\x04Info\x12\x1e.pagewire.v1.EngineInfoRequest\x1a\x17.pagewire.v1.EngineInfo\x12\x42\n\x05Stats\x12\x1f.pagewire.v1.EngineStatsRequest\x1a\x18.pagewire.v1.EngineStats\x12\\\n\x0fLoadLoraAdapter\x12#.pagewire.v1.LoadLoraAdapterRequest\x1a$.pagewire.v1.LoadLoraAdapterResponse\x12\x62\n\x11UnloadLoraAdapter\x12%.pagewire.v1.UnloadLoraAdapterRequest\x1a&.pagewire.v1.UnloadLoraAdapterResponseBO\n\x0f\x64\x65v.pagewire.v1P\x01Z:github.com/pagewire/pagewire/gen/go/pagewire/v1;pagewirev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagewire.v1.engine_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.pagewire.v1P\001Z:github.com/pagewire/pagewire/gen/go/pagewire/v1;pagewirev1'
-  _globals['_ADDREQUEST']._serialized_start=125
-  _globals['_ADDREQUEST']._serialized_end=300
-  _globals['_ENGINEINPUT']._serialized_start=302
-  _globals['_ENGINEINPUT']._serialized_end=368
-  _globals['_SEQUENCEUPDATE']._serialized_start=371
-  _globals['_SEQUENCEUPDATE']._serialized_end=716
-  _globals['_ENGINESTEP']._serialized_start=718
-  _globals['_ENGINESTEP']._serialized_end=815
-  _globals['_ENGINELOAD']._serialized_start=817
-  _globals['_ENGINELOAD']._serialized_end=895
-  _globals['_ENGINEINFOREQUEST']._serialized_start=897
-  _globals['_ENGINEINFOREQUEST']._serialized_end=916
-  _globals['_ENGINEINFO']._serialized_start=919
-  _globals['_ENGINEINFO']._serialized_end=1274
-  _globals['_ENGINESTATSREQUEST']._serialized_start=1276
-  _globals['_ENGINESTATSREQUEST']._serialized_end=1296
-  _globals['_ENGINESTATS']._serialized_start=1299
-  _globals['_ENGINESTATS']._serialized_end=1777
-  _globals['_ENGINE']._serialized_start=1780
-  _globals['_ENGINE']._serialized_end=1988
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_start=124
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_end=186
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_start=188
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_end=233
+  _globals['_LOADLORAADAPTERRESPONSE']._serialized_start=235
+  _globals['_LOADLORAADAPTERRESPONSE']._serialized_end=283
+  _globals['_UNLOADLORAADAPTERRESPONSE']._serialized_start=285
+  _globals['_UNLOADLORAADAPTERRESPONSE']._serialized_end=335
+  _globals['_ADDREQUEST']._serialized_start=338
+  _globals['_ADDREQUEST']._serialized_end=527
+  _globals['_ENGINEINPUT']._serialized_start=529
+  _globals['_ENGINEINPUT']._serialized_end=595
+  _globals['_SEQUENCEUPDATE']._serialized_start=598
+  _globals['_SEQUENCEUPDATE']._serialized_end=943
+  _globals['_ENGINESTEP']._serialized_start=945
+  _globals['_ENGINESTEP']._serialized_end=1042
+  _globals['_ENGINELOAD']._serialized_start=1044
+  _globals['_ENGINELOAD']._serialized_end=1122
+  _globals['_ENGINEINFOREQUEST']._serialized_start=1124
+  _globals['_ENGINEINFOREQUEST']._serialized_end=1143
+  _globals['_ENGINEINFO']._serialized_start=1146
+  _globals['_ENGINEINFO']._serialized_end=1524
+  _globals['_ENGINESTATSREQUEST']._serialized_start=1526
+  _globals['_ENGINESTATSREQUEST']._serialized_end=1546
+  _globals['_ENGINESTATS']._serialized_start=1549
+  _globals['_ENGINESTATS']._serialized_end=2027
+  _globals['_ENGINE']._serialized_start=2030
+  _globals['_ENGINE']._serialized_end=2432
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,16 @@ class EngineStub:
                 request_serializer=pagewire_dot_v1_dot_engine__pb2.EngineStatsRequest.SerializeToString,
                 response_deserializer=pagewire_dot_v1_dot_engine__pb2.EngineStats.FromString,
                 _registered_method=True)
+        self.LoadLoraAdapter = channel.unary_unary(
+                '/pagewire.v1.Engine/LoadLoraAdapter',
+                request_serializer=pagewire_dot_v1_dot_engine__pb2.LoadLoraAdapterRequest.SerializeToString,
+                response_deserializer=pagewire_dot_v1_dot_engine__pb2.LoadLoraAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoraAdapter = channel.unary_unary(
+                '/pagewire.v1.Engine/UnloadLoraAdapter',
+                request_serializer=pagewire_dot_v1_dot_engine__pb2.UnloadLoraAdapterRequest.SerializeToString,
+                response_deserializer=pagewire_dot_v1_dot_engine__pb2.UnloadLoraAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -81,6 +91,27 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoraAdapter(self, request, context):
+        """Load a LoRA adapter at run time (or replace one of the same name whose
+        requests have all ended), without disturbing running requests. Fails with
+        FAILED_PRECONDITION when the engine has no LoRA slots (started without
+        --enable-lora or --lora) or when a live request uses the adapter being
+        replaced, and INVALID_ARGUMENT when the adapter cannot be served (the
+        message says why: DoRA, bias, rank above --max-lora-rank, ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoraAdapter(self, request, context):
+        """Forget a LoRA adapter. Refused with FAILED_PRECONDITION while a live
+        request uses it (running requests are never cut short: retry once they
+        have ended); NOT_FOUND when no adapter has that name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +129,16 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pagewire_dot_v1_dot_engine__pb2.EngineStatsRequest.FromString,
                     response_serializer=pagewire_dot_v1_dot_engine__pb2.EngineStats.SerializeToString,
+            ),
+            'LoadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoraAdapter,
+                    request_deserializer=pagewire_dot_v1_dot_engine__pb2.LoadLoraAdapterRequest.FromString,
+                    response_serializer=pagewire_dot_v1_dot_engine__pb2.LoadLoraAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoraAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoraAdapter,
+                    request_deserializer=pagewire_dot_v1_dot_engine__pb2.UnloadLoraAdapterRequest.FromString,
+                    response_serializer=pagewire_dot_v1_dot_engine__pb2.UnloadLoraAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +224,60 @@ class Engine:
             '/pagewire.v1.Engine/Stats',
             pagewire_dot_v1_dot_engine__pb2.EngineStatsRequest.SerializeToString,
             pagewire_dot_v1_dot_engine__pb2.EngineStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagewire.v1.Engine/LoadLoraAdapter',
+            pagewire_dot_v1_dot_engine__pb2.LoadLoraAdapterRequest.SerializeToString,
+            pagewire_dot_v1_dot_engine__pb2.LoadLoraAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoraAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagewire.v1.Engine/UnloadLoraAdapter',
+            pagewire_dot_v1_dot_engine__pb2.UnloadLoraAdapterRequest.SerializeToString,
+            pagewire_dot_v1_dot_engine__pb2.UnloadLoraAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

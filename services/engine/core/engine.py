@@ -150,6 +150,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, self.max_num_batched_tokens, spec.max_loras)
         # Adapter name -> which load of it this is: a reloaded adapter's K/V is never reused.
         self.lora_adapters = dict.fromkeys(spec.lora_adapters, 0)
+        # The names as one tuple, replaced whole, so other threads may read `info` while the step thread loads.
+        self.lora_adapter_names = tuple(sorted(self.lora_adapters))
         self._lora_loads = 0
         self.sequences: dict[str, Sequence] = {}
         self._finished_outside_step: list[RequestOutput] = []
@@ -184,7 +186,7 @@ class EngineCore:
             kv_cache_dtype=self.spec.kv_cache_dtype,
             quantization=self.spec.quantization,
             weight_bytes_per_rank=self.spec.weight_bytes_per_rank,
-            lora_adapters=tuple(sorted(self.lora_adapters)),
+            lora_adapters=self.lora_adapter_names,
         )
 
     def load_lora_adapter(self, name: str, path: str) -> None:
@@ -196,6 +198,7 @@ class EngineCore:
         self.executor.load_lora(name, path)
         self._lora_loads += 1
         self.lora_adapters[name] = self._lora_loads
+        self.lora_adapter_names = tuple(sorted(self.lora_adapters))
 
     def unload_lora_adapter(self, name: str) -> None:
         """Forget an adapter. Refused (FAILED_PRECONDITION) while a live request
@@ -205,6 +208,7 @@ class EngineCore:
         self._check_unused(name, "unloaded")
         self.executor.unload_lora(name)
         del self.lora_adapters[name]
+        self.lora_adapter_names = tuple(sorted(self.lora_adapters))
 
     def _check_unused(self, name: str, action: str) -> None:
         users = sum(1 for seq in self.sequences.values() if seq.lora == name)

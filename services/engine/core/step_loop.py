@@ -7,6 +7,7 @@ service/core_process.py runs this loop in a process of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import queue
 import threading
@@ -52,12 +53,25 @@ class AddCommand:
     timeout_s: float | None
     # Serialized xgrammar CompiledGrammar (structured output); empty: none.
     compiled_grammar: str = ""
+    # The LoRA adapter to run with; empty: the base model.
+    lora: str = ""
 
 
 @dataclass
 class AbortCommand:
     stream_id: int
     request_id: str
+
+
+@dataclass
+class LoraCommand:
+    """Load (with a path) or unload (path None) a LoRA adapter between steps.
+    `reply` is called from the step thread with the adapter names loaded
+    afterwards, or the RequestError that refused it."""
+
+    name: str
+    path: str | None
+    reply: Callable[[tuple[str, ...] | RequestError], None]
 
 
 @dataclass
@@ -102,6 +116,13 @@ class StepLoop:
 
     async def stats(self) -> EngineStats:
         return self.core.stats()
+
+    async def lora(self, name: str, path: str | None) -> tuple[str, ...]:
+        """Load (path given) or unload an adapter; the names loaded afterwards, or RequestError."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[str, ...]] = loop.create_future()
+        self.submit(LoraCommand(name, path, lambda result: loop.call_soon_threadsafe(settle, done, result)))
+        return await done
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -153,6 +174,9 @@ class StepLoop:
                 self.streams.pop(stream.stream_id, None)
                 stream.live.clear()
             return
+        if isinstance(command, LoraCommand):
+            command.reply(self._apply_lora(command))
+            return
         stream = self.streams.get(command.stream_id)
         if stream is None:
             return
@@ -166,6 +190,17 @@ class StepLoop:
             log.info("request refused", request_id=command.request_id, reason=error.message)
             pending.setdefault(stream.stream_id, []).append((command.request_id, error))
 
+    def _apply_lora(self, command: LoraCommand) -> tuple[str, ...] | RequestError:
+        try:
+            if command.path is None:
+                self.core.unload_lora_adapter(command.name)
+            else:
+                self.core.load_lora_adapter(command.name, command.path)
+        except RequestError as error:
+            log.info("LoRA adapter change refused", name=command.name, reason=error.message)
+            return error
+        return self.core.lora_adapter_names
+
     def _add(self, stream: StreamState, command: AddCommand) -> RequestError | None:
         if isinstance(command.sampling, RequestError):
             return command.sampling
@@ -173,7 +208,9 @@ class StepLoop:
             return DuplicateRequestError(f"request id {command.request_id!r} is already live on this stream; the earlier request continues")
         core_id = f"{stream.stream_id}/{next(self._core_ids)}"
         try:
-            self.core.add_request(core_id, command.prompt_token_ids, command.sampling, command.timeout_s, command.compiled_grammar)
+            self.core.add_request(
+                core_id, command.prompt_token_ids, command.sampling, command.timeout_s, command.compiled_grammar, command.lora
+            )
         except RequestError as error:
             return error
         stream.live[command.request_id] = core_id
@@ -197,3 +234,13 @@ class StepLoop:
         for stream in list(self.streams.values()):
             stream.deliver(None)
         self.streams.clear()
+
+
+def settle(future: asyncio.Future, result: object) -> None:
+    """Resolve future with result, or fail it when result is an exception (e.g. a refusal)."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

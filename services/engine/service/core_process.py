@@ -9,14 +9,16 @@ only forwards commands and per-step batches (pickled, ~0.2 ms a step for
 256 requests).
 
 Parent -> child: ("stream", action, stream_id), ("command", Add/AbortCommand),
-("stats", ticket), ("stop",). Child -> parent: ("ready", EngineInfo) or
-("failed", why) once, then ("batch", stream_id, StreamBatch | None),
-("stats", ticket, EngineStats) and ("error", why) if a step raised.
+("stats", ticket), ("lora", ticket, name, path or None), ("stop",). Child ->
+parent: ("ready", EngineInfo) or ("failed", why) once, then ("batch",
+stream_id, StreamBatch | None), ("stats", ticket, EngineStats), ("lora",
+ticket, adapter names | RequestError) and ("error", why) if a step raised.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import multiprocessing
 import signal
@@ -28,7 +30,7 @@ from typing import Any
 from pagewire.services.common.logging import configure_logging, get_logger
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.engine import EngineInfo, EngineStats
-from pagewire.services.engine.core.step_loop import StepLoop, StreamBatch, StreamCommand, StreamState
+from pagewire.services.engine.core.step_loop import LoraCommand, StepLoop, StreamBatch, StreamCommand, StreamState, settle
 
 log = get_logger("engine")
 
@@ -71,6 +73,9 @@ def _child_main(config: EngineConfig, conn: Connection) -> None:
             break
         if kind == "stats":
             send(("stats", message[1], core.stats()))
+        elif kind == "lora":
+            _, ticket, name, path = message
+            step_loop.submit(LoraCommand(name, path, lambda result, ticket=ticket: send(("lora", ticket, result))))
         elif kind == "command":
             step_loop.submit(message[1])
         elif kind == "stream":
@@ -94,7 +99,8 @@ class CoreProcess:
         self._on_lost = on_lost
         self._send_lock = threading.Lock()
         self._deliveries: dict[int, Callable[[StreamBatch | None], None]] = {}
-        self._stats_waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[EngineStats]]] = {}
+        # Ticket -> the caller waiting for its stats or LoRA reply.
+        self._waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._tickets = itertools.count()
         self._stopping = False
         self.error: BaseException | None = None
@@ -135,13 +141,22 @@ class CoreProcess:
             self._send(("command", command))
 
     async def stats(self) -> EngineStats:
+        return await self._ask("stats")
+
+    async def lora(self, name: str, path: str | None) -> tuple[str, ...]:
+        """Load (path given) or unload an adapter in the core; the names loaded afterwards, or RequestError."""
+        names = await self._ask("lora", name, path)
+        self._info = dataclasses.replace(self.info, lora_adapters=names)
+        return names
+
+    async def _ask(self, kind: str, *args: Any) -> Any:
         if self.error is not None:
             raise self.error
         ticket = next(self._tickets)
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[EngineStats] = loop.create_future()
-        self._stats_waiters[ticket] = (loop, waiter)
-        self._send(("stats", ticket))
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self._waiters[ticket] = (loop, waiter)
+        self._send((kind, ticket, *args))
         return await waiter
 
     def stop(self) -> None:
@@ -175,9 +190,9 @@ class CoreProcess:
                 deliver = self._deliveries.get(stream_id) if batch is not None else self._deliveries.pop(stream_id, None)
                 if deliver is not None:
                     deliver(batch)
-            elif kind == "stats":
-                loop, waiter = self._stats_waiters.pop(message[1])
-                loop.call_soon_threadsafe(_resolve, waiter, message[2])
+            elif kind in ("stats", "lora"):
+                loop, waiter = self._waiters.pop(message[1])
+                loop.call_soon_threadsafe(settle, waiter, message[2])
             elif kind == "error":
                 # The core's state is unknown: the server stops, and whatever supervises it starts a fresh one.
                 self.error = CoreProcessError(f"an engine step failed: {message[1]}")
@@ -190,16 +205,7 @@ class CoreProcess:
         for deliver in list(self._deliveries.values()):
             deliver(None)
         self._deliveries.clear()
-        for loop, waiter in self._stats_waiters.values():
-            loop.call_soon_threadsafe(_fail, waiter, self.error)
+        for loop, waiter in self._waiters.values():
+            loop.call_soon_threadsafe(settle, waiter, self.error)
         self._on_lost()
 
-
-def _resolve(waiter: asyncio.Future[EngineStats], stats: EngineStats) -> None:
-    if not waiter.done():
-        waiter.set_result(stats)
-
-
-def _fail(waiter: asyncio.Future[EngineStats], error: BaseException) -> None:
-    if not waiter.done():
-        waiter.set_exception(error)

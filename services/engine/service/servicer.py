@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 import grpc
+from grpc_status import rpc_status
 
 from pagewire.services.common.errors import DuplicateRequestError, RequestError, invalid_argument
 from pagewire.services.common.grpc_utils import to_status
@@ -107,6 +108,9 @@ class CoreHandle(Protocol):
     def info(self) -> EngineInfo: ...
 
     async def stats(self) -> EngineStats: ...
+
+    async def lora(self, name: str, path: str | None) -> tuple[str, ...]:
+        """Load (path given) or unload a LoRA adapter; the names loaded afterwards, or RequestError."""
 
     def submit(self, command: object) -> None: ...
 
@@ -203,7 +207,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     # Not through timedelta, which overflows on a Duration past the limit the core refuses.
                     timeout_s = add.timeout.ToNanoseconds() / 1e9 if add.HasField("timeout") else None
                     step_loop.submit(
-                        AddCommand(stream.stream_id, add.request_id, list(add.prompt_token_ids), self._sampling(add), timeout_s, add.compiled_grammar)
+                        AddCommand(
+                            stream.stream_id, add.request_id, list(add.prompt_token_ids), self._sampling(add), timeout_s, add.compiled_grammar, add.lora
+                        )
                     )
                 for request_id in message.abort:
                     step_loop.submit(AbortCommand(stream.stream_id, request_id))
@@ -235,7 +241,29 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             quantization=info.quantization,
             tensor_parallel_size=info.tensor_parallel_size,
             weight_bytes_per_rank=info.weight_bytes_per_rank,
+            lora_adapters=info.lora_adapters,
         )
+
+    async def LoadLoraAdapter(
+        self, request: engine_pb2.LoadLoraAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.LoadLoraAdapterResponse:
+        if not request.lora_path:
+            await context.abort_with_status(rpc_status.to_status(to_status(invalid_argument("lora_path must be non-empty", "lora_path"))))
+        return engine_pb2.LoadLoraAdapterResponse(lora_adapters=await self._change_lora(request.lora_name, request.lora_path, context))
+
+    async def UnloadLoraAdapter(
+        self, request: engine_pb2.UnloadLoraAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.UnloadLoraAdapterResponse:
+        return engine_pb2.UnloadLoraAdapterResponse(lora_adapters=await self._change_lora(request.lora_name, None, context))
+
+    async def _change_lora(self, name: str, path: str | None, context: grpc.aio.ServicerContext) -> tuple[str, ...]:
+        core = await self._ready(context)
+        try:
+            names = await core.lora(name, path)
+        except RequestError as error:
+            await context.abort_with_status(rpc_status.to_status(to_status(error)))
+        log.info("LoRA adapters changed", loaded=list(names), name=name, action="load" if path is not None else "unload")
+        return names
 
     async def Stats(self, request: engine_pb2.EngineStatsRequest, context: grpc.aio.ServicerContext) -> engine_pb2.EngineStats:
         stats = await (await self._ready(context)).stats()
