@@ -64,7 +64,7 @@ class PeersDownHub:
         return GatewayRequest(self, self.metrics, request)
 
     def resolve_model(self, name: str) -> engine_pb2.EngineInfo:
-        return engine_pb2.EngineInfo(model_id=MODEL, max_model_len=MAX_MODEL_LEN)
+        return engine_pb2.EngineInfo(model_id=MODEL, max_model_len=MAX_MODEL_LEN, vocab_size=VOCAB_SIZE)
 
     async def resolve(self, model: str, lora: str = "") -> Target:
         return Target(self.resolve_model(model), lora)
