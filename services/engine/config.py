@@ -70,8 +70,12 @@ class EngineConfig(ServiceConfig):
     speculative_method: str = option(
         "none",
         "Speculative decoding: ngram proposes up to --num-speculative-tokens tokens by prompt lookup (the newest earlier occurrence of "
-        "the last --ngram-max..--ngram-min tokens) and one target pass verifies them; none decodes one token per step.",
-        choices=["none", "ngram"],
+        "the last --ngram-max..--ngram-min tokens); draft has --draft-model decode them greedily; one target pass verifies them; "
+        "none decodes one token per step.",
+        choices=["none", "ngram", "draft"],
+    )
+    draft_model: str = option(
+        "", "With --speculative-method draft: a smaller model with the target's tokenizer (HF directory or .gguf), run in this engine."
     )
     num_speculative_tokens: int = option(4, "Most tokens proposed per sequence and step (k); the verify pass computes k + 1 positions.")
     ngram_max: int = option(4, "Longest suffix (in tokens) that prompt lookup tries to match first.")

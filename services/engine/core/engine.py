@@ -16,7 +16,7 @@ from pagewire.services.common.limits import MIN_OUTPUT_TOKENS
 from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.kv_cache import KVCacheManager
-from pagewire.services.engine.core.proposer import NgramProposer
+from pagewire.services.engine.core.proposer import NgramProposer, ProposalRequest, Proposer
 from pagewire.services.engine.core.scheduler import ScheduledSequence, Scheduler
 from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplerOutput, SamplingParams, Sequence, SequenceStatus
 
@@ -159,9 +159,10 @@ class EngineCore:
         self.generation_tokens_total = 0
         self.requests_finished_total = 0
         self.steps_total = 0
-        self.proposer = (
-            NgramProposer(config.num_speculative_tokens, config.ngram_min, config.ngram_max) if config.speculative_method == "ngram" else None
-        )
+        self.proposer: Proposer | None = {
+            "ngram": lambda: NgramProposer(config.num_speculative_tokens, config.ngram_min, config.ngram_max),
+            "draft": lambda: executor.draft_proposer,
+        }.get(config.speculative_method, lambda: None)()
         self.spec_decode_draft_tokens_total = 0
         self.spec_decode_accepted_by_position = [0] * (config.num_speculative_tokens if self.proposer else 0)
         log.info(
@@ -347,15 +348,12 @@ class EngineCore:
         after the token the step samples anyway."""
         if self.proposer is None:
             return {}
-        proposals = {}
-        for seq in self.scheduler.running:
-            if not self._speculates(seq) or seq.num_pending_tokens or seq.num_computed_tokens != seq.num_tokens - 1:
-                continue
-            room = (seq.max_total_tokens or self.max_model_len) - seq.num_tokens - 1
-            drafts = self.proposer.propose(seq.prompt_token_ids + seq.output_token_ids, room)
-            if drafts:
-                proposals[seq.request_id] = drafts
-        return proposals
+        requests = [
+            ProposalRequest(seq.request_id, seq.prompt_token_ids + seq.output_token_ids, (seq.max_total_tokens or self.max_model_len) - seq.num_tokens - 1)
+            for seq in self.scheduler.running
+            if self._speculates(seq) and not seq.num_pending_tokens and seq.num_computed_tokens == seq.num_tokens - 1
+        ]
+        return self.proposer.propose_all(requests) if requests else {}
 
     def _read_back(self) -> list[RequestOutput]:
         launched, self._in_flight = self._in_flight, None

@@ -9,6 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ProposalRequest:
+    request_id: str
+    token_ids: list[int]  # the prompt and the output so far
+    max_tokens: int  # the most proposals the request's length limit leaves room for
+
+
+class Proposer(Protocol):
+    """Where a step's speculative tokens come from: prompt lookup here, or a
+    draft model in the executor (the core holds no model)."""
+
+    def propose_all(self, requests: list[ProposalRequest]) -> dict[str, list[int]]:
+        """Proposals by request id; a request without any is left out."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +38,9 @@ class NgramProposer:
             raise ValueError(f"--ngram-min must be at least 1 and at most --ngram-max ({self.ngram_max}), got {self.ngram_min}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"--num-speculative-tokens must be at least 1, got {self.num_speculative_tokens}")
+
+    def propose_all(self, requests: list[ProposalRequest]) -> dict[str, list[int]]:
+        return {r.request_id: drafts for r in requests if (drafts := self.propose(r.token_ids, r.max_tokens))}
 
     def propose(self, token_ids: SequenceOf[int], max_tokens: int) -> list[int]:
         """At most min(max_tokens, num_speculative_tokens) ids that followed

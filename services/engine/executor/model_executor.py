@@ -15,6 +15,7 @@ from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_
 from pagewire.services.engine.core.engine import EngineCore, ExecutorSpec
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
+from pagewire.services.engine.executor.draft import DraftProposer, draft_bytes_per_block, load_draft_model
 from pagewire.services.engine.executor.grammar import GrammarMatchers
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors, kv_bytes_per_block
 from pagewire.services.engine.executor.layers.fp8 import FP8_DTYPE
@@ -111,6 +112,7 @@ class ModelExecutor:
     def _build(self, config: EngineConfig, loaded: LoadedModel) -> None:
         model_config = loaded.config
         self.loaded = loaded
+        self.draft = self._load_draft(config, loaded)
         self.kv_dtype = kv_cache_dtype(config, loaded)
         self.max_lora_rank = config.max_lora_rank
         # Before the KV cache is sized, so that it leaves room for the slots.
@@ -126,6 +128,7 @@ class ModelExecutor:
             raise ValueError("no memory is left for the KV cache: raise --kv-cache-memory / --gpu-memory-utilization or set --num-kv-blocks")
         if self.workers is not None:
             self.workers.share((num_blocks, max_model_len))
+        self.draft_proposer = self._draft_proposer(config, num_blocks, max_num_batched_tokens, max_model_len) if self.draft else None
         self.spec = ExecutorSpec(
             model_id=loaded.model_id,
             vocab_size=model_config.vocab_size,
@@ -151,9 +154,31 @@ class ModelExecutor:
         shards = gather_objects(weight_bytes(loaded.model)) if self.workers is not None else [weight_bytes(loaded.model)]
         self.spec = dataclasses.replace(self.spec, weight_bytes_per_rank=tuple(shards))
 
+    def _load_draft(self, config: EngineConfig, loaded: LoadedModel) -> LoadedModel | None:
+        """The draft model of --speculative-method draft, loaded before the KV
+        cache is sized so that its weights count against the device's memory."""
+        if config.speculative_method != "draft":
+            return None
+        if not config.draft_model:
+            raise ValueError("--speculative-method draft needs --draft-model PATH")
+        if self.workers is not None:
+            raise ValueError("--speculative-method draft does not run with --tensor-parallel-size above 1 yet")
+        return load_draft_model(config.draft_model, loaded, config.max_model_len or loaded.config.max_position_embeddings)
+
+    def _draft_proposer(self, config: EngineConfig, num_blocks: int, max_num_batched_tokens: int, max_model_len: int) -> DraftProposer:
+        """The draft's KV cache has as many blocks as the target's: a request
+        never needs more draft blocks than target blocks plus its proposals."""
+        assert self.draft is not None
+        if self.draft.device.type == "cuda":
+            graphs = {"max_num_seqs": config.max_num_seqs, "max_model_len": max_model_len}
+            return DraftProposer(self.draft, CudaGraphRunner, num_blocks, config.block_size, config.num_speculative_tokens, max_num_batched_tokens, self.kv_dtype, **graphs)
+        return DraftProposer(self.draft, None, num_blocks, config.block_size, config.num_speculative_tokens, max_num_batched_tokens, self.kv_dtype)
+
     def _blocks_for_memory(self, config: EngineConfig, profiled_tokens: int) -> int:
         c, loaded = self.loaded.config, self.loaded
         per_block = kv_bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim, self.kv_dtype)
+        if self.draft is not None:
+            per_block += draft_bytes_per_block(self.draft, config.block_size, self.kv_dtype)
         if loaded.device.type != "cuda":
             return config.kv_cache_memory // per_block
         total = torch.cuda.get_device_properties(loaded.device).total_memory
@@ -183,6 +208,8 @@ class ModelExecutor:
 
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)
+        if self.draft_proposer is not None:
+            self.draft_proposer.forget(request_id)
         self.grammars.forget(request_id)
 
     def constrain(self, request_id: str, compiled_grammar: str, stop_token_ids: tuple[int, ...]) -> None:
