@@ -113,15 +113,15 @@ def summarize(start: float, first_token: dict[str, float], finished: dict[str, f
                 **percentiles(ttft, "ttft"), **percentiles(tpot, "tpot"))  # fmt: skip
 
 
-def run_engine(core: EngineCore, prompts: list[list[int]], output_len: int) -> dict:
+def run_engine(core: EngineCore, prompts: list[list[int]], output_len: int, loras: list[str] | None = None) -> dict:
     """Submit every prompt at once and step until all finish; per-request
     first-token and finish times, where the step time went, and the prefix
-    cache hits of this run."""
+    cache hits of this run. With `loras`, request i runs with loras[i % len]."""
     sampling = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     hits_before = core.stats().prefix_cache_hit_tokens
     start = time.perf_counter()
     for index, ids in enumerate(prompts):
-        core.add_request(f"r{index}", ids, sampling)
+        core.add_request(f"r{index}", ids, sampling, lora=loras[index % len(loras)] if loras else "")
     first_token: dict[str, float] = {}
     finished: dict[str, float] = {}
     output_tokens = 0
