@@ -52,6 +52,8 @@ class ModelServerProtocol(Collector):
         self._loads: dict[str, engine_pb2.EngineLoad] = {}
         # Known once a replica's Stats were read; it sizes its KV cache.
         self._infos: dict[str, engine_pb2.EngineInfo] = {}
+        # Each replica's last Stats, for its LoRA adapters.
+        self._stats: dict[str, engine_pb2.EngineStats] = {}
         self._updated_at: float | None = None
 
     def observe_load(self, replica: str, load: engine_pb2.EngineLoad) -> None:
@@ -61,9 +63,13 @@ class ModelServerProtocol(Collector):
     def observe_info(self, replica: str, info: engine_pb2.EngineInfo) -> None:
         self._infos[replica] = info
 
+    def observe_stats(self, replica: str, stats: engine_pb2.EngineStats) -> None:
+        self._stats[replica] = stats
+
     def forget_replica(self, replica: str) -> None:
         self._loads.pop(replica, None)
         self._infos.pop(replica, None)
+        self._stats.pop(replica, None)
 
     def collect(self) -> Iterator[Metric]:
         loads = self._loads.values()
@@ -89,14 +95,19 @@ class ModelServerProtocol(Collector):
             cache_config.add_metric([str(block_size), str(num_blocks)], 1)
         yield cache_config
 
-        # pagewire has no LoRA support yet: no adapter slots, no adapters.
+        # One series for the pod: the most adapter slots of a replica, and the
+        # adapters of its replicas' running and waiting sequences, comma-separated.
         lora = GaugeMetricFamily(
             "vllm:lora_requests_info",
-            "LoRA adapters (pagewire serves none yet); value: Unix time of the engines' last report.",
+            "LoRA adapter slots per engine and the adapters of running and waiting requests; value: Unix time of the engines' last report.",
             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
         )
         if self._updated_at is not None:
-            lora.add_metric(["0", "", ""], self._updated_at)
+            stats = self._stats.values()
+            max_lora = max((s.max_loras for s in stats), default=0)
+            running = sorted({name for s in stats for name in s.running_lora_adapters})
+            waiting = sorted({name for s in stats for name in s.waiting_lora_adapters})
+            lora.add_metric([str(max_lora), ",".join(running), ",".join(waiting)], self._updated_at)
         yield lora
 
 
@@ -218,6 +229,7 @@ class GatewayMetrics:
     def observe_stats(self, replica: str, stats: engine_pb2.EngineStats, info: engine_pb2.EngineInfo | None = None) -> None:
         """`info`: the replica's Info, which sizes its KV cache for the model-server figures."""
         self.observe_load(replica, stats.load)
+        self.model_server.observe_stats(replica, stats)
         if info is not None:
             self.model_server.observe_info(replica, info)
         queried = stats.prefix_cache_queried_tokens

@@ -104,11 +104,16 @@ def test_load_and_unload_at_run_time(lora_setup) -> None:
     core.load_lora_adapter("qv4", str(paths["qv4"]))
     assert core.info.lora_adapters == ("qv4",)
     core.add_request("r1", ids, greedy(MAX_NEW_TOKENS), lora="qv4")
+    core.add_request("r2", ids, greedy(MAX_NEW_TOKENS))
     core.step()
+    stats = core.stats()
+    assert (stats.running_lora_adapters, stats.waiting_lora_adapters, stats.max_loras) == (("qv4",), (), 1)
     with pytest.raises(RequestError) as in_use:
         core.unload_lora_adapter("qv4")
     assert in_use.value.kind is Refusal.FAILED_PRECONDITION
-    assert tokens_of(run_all(core)["r1"]) == tiny_models.hf_greedy(references["qv4"], ids, MAX_NEW_TOKENS)
+    outputs = run_all(core)
+    assert tokens_of(outputs["r1"]) == tiny_models.hf_greedy(references["qv4"], ids, MAX_NEW_TOKENS)
+    assert tokens_of(outputs["r2"]) == tiny_models.hf_greedy(references[""], ids, MAX_NEW_TOKENS)
     core.unload_lora_adapter("qv4")
     assert core.info.lora_adapters == ()
     with pytest.raises(RequestError) as gone:

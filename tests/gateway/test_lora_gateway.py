@@ -101,6 +101,12 @@ def test_adapter_requests_equal_peft_and_route_to_its_replica(served: dict) -> N
     assert rest.status_code == 200 and rest.json()["model"] == "styled", rest.text
 
 
+def test_metrics_show_the_adapter_slots(served: dict) -> None:
+    text = httpx.get(f"{served['gateway'].rest_url}/metrics", timeout=30).text
+    (series,) = [line for line in text.splitlines() if line.startswith("vllm:lora_requests_info{")]
+    assert 'max_lora="4"' in series  # the adapter engine's default --max-loras; the other engine has none
+
+
 def test_unknown_models_and_adapters_are_not_found(served: dict) -> None:
     rest = httpx.post(f"{served['gateway'].rest_url}/v1/completions", json={"model": "nope", "prompt": [5, 6], "max_tokens": 2}, headers=HEADERS, timeout=30)
     assert rest.status_code == 404 and "'nope'" in rest.json()["error"]["message"]

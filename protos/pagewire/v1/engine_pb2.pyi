@@ -146,7 +146,7 @@ class EngineStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("load", "num_total_blocks", "num_free_blocks", "num_cached_free_blocks", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "requests_finished_total", "steps_total", "spec_decode_draft_tokens_total", "spec_decode_accepted_tokens_total", "spec_decode_accepted_tokens_by_position")
+    __slots__ = ("load", "num_total_blocks", "num_free_blocks", "num_cached_free_blocks", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "requests_finished_total", "steps_total", "spec_decode_draft_tokens_total", "spec_decode_accepted_tokens_total", "spec_decode_accepted_tokens_by_position", "running_lora_adapters", "waiting_lora_adapters", "max_loras")
     LOAD_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,9 @@ class EngineStats(_message.Message):
     SPEC_DECODE_DRAFT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SPEC_DECODE_ACCEPTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SPEC_DECODE_ACCEPTED_TOKENS_BY_POSITION_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     load: EngineLoad
     num_total_blocks: int
     num_free_blocks: int
@@ -175,4 +178,7 @@ class EngineStats(_message.Message):
     spec_decode_draft_tokens_total: int
     spec_decode_accepted_tokens_total: int
     spec_decode_accepted_tokens_by_position: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, load: _Optional[_Union[EngineLoad, _Mapping]] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_cached_free_blocks: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_finished_total: _Optional[int] = ..., steps_total: _Optional[int] = ..., spec_decode_draft_tokens_total: _Optional[int] = ..., spec_decode_accepted_tokens_total: _Optional[int] = ..., spec_decode_accepted_tokens_by_position: _Optional[_Iterable[int]] = ...) -> None: ...
+    running_lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    waiting_lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    max_loras: int
+    def __init__(self, load: _Optional[_Union[EngineLoad, _Mapping]] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_cached_free_blocks: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., requests_finished_total: _Optional[int] = ..., steps_total: _Optional[int] = ..., spec_decode_draft_tokens_total: _Optional[int] = ..., spec_decode_accepted_tokens_total: _Optional[int] = ..., spec_decode_accepted_tokens_by_position: _Optional[_Iterable[int]] = ..., running_lora_adapters: _Optional[_Iterable[str]] = ..., waiting_lora_adapters: _Optional[_Iterable[str]] = ..., max_loras: _Optional[int] = ...) -> None: ...

@@ -127,6 +127,10 @@ class EngineStats:
     spec_decode_draft_tokens_total: int = 0
     spec_decode_accepted_tokens_total: int = 0
     spec_decode_accepted_by_position: tuple[int, ...] = ()
+    # LoRA adapters of the running and the waiting sequences, and the slots (--max-loras).
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
+    max_loras: int = 0
 
 
 class EngineCore:
@@ -459,4 +463,7 @@ class EngineCore:
             spec_decode_draft_tokens_total=self.spec_decode_draft_tokens_total,
             spec_decode_accepted_tokens_total=sum(self.spec_decode_accepted_by_position),
             spec_decode_accepted_by_position=tuple(self.spec_decode_accepted_by_position),
+            running_lora_adapters=tuple(sorted({seq.lora for seq in self.scheduler.running if seq.lora})),
+            waiting_lora_adapters=tuple(sorted({seq.lora for seq in self.scheduler.waiting if seq.lora})),
+            max_loras=self.spec.max_loras,
         )

@@ -282,4 +282,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             spec_decode_draft_tokens_total=stats.spec_decode_draft_tokens_total,
             spec_decode_accepted_tokens_total=stats.spec_decode_accepted_tokens_total,
             spec_decode_accepted_tokens_by_position=stats.spec_decode_accepted_by_position,
+            running_lora_adapters=stats.running_lora_adapters,
+            waiting_lora_adapters=stats.waiting_lora_adapters,
+            max_loras=stats.max_loras,
         )
