@@ -41,25 +41,10 @@ WORKER_MODULE = "pagewire.services.engine.executor.tp_worker"
 
 
 @dataclass
-class PlannedSequence:
-    """What a runner reads of one scheduled sequence in one step."""
-
-    serial: int  # the same for a sequence over consecutive steps
-    request_id: str
-    num_new_tokens: int
-    num_computed_tokens: int
-    num_tokens: int
-    num_preemptions: int
-    block_table: list[int]
-    spec_token_ids: list[int]
-    # The known tokens at positions num_computed_tokens onwards that the step feeds.
-    known: list[int]
-
-
-@dataclass
 class MirroredSequence:
-    """A worker's copy of a sequence: the fields the runner reads. Workers
-    never sample, so the sampling fields are empty."""
+    """The fields a runner reads of a sequence, for passes that serve no core
+    Sequence: a worker's copy of rank 0's, or a draft model's pass. Workers
+    never sample, so there the sampling fields stay empty."""
 
     request_id: str
     num_computed_tokens: int
@@ -81,6 +66,15 @@ class MirroredSequence:
         return self.known[index - self.num_computed_tokens]
 
 
+@dataclass
+class PlannedSequence:
+    """One scheduled sequence of a step's plan."""
+
+    serial: int  # the same for a sequence over consecutive steps
+    num_new_tokens: int
+    seq: MirroredSequence
+
+
 class StepPlanner:
     """Rank 0's side: the plan of each step, with a serial per sequence that
     stays the same while the sequence keeps being scheduled (a worker's
@@ -100,12 +94,9 @@ class StepPlanner:
             seen[id(seq)] = (seq, serial)
             start = seq.num_computed_tokens
             inputs_end = min(start + item.num_new_tokens - len(seq.spec_token_ids), seq.num_known_tokens)
-            planned.append(
-                PlannedSequence(
-                    serial, seq.request_id, item.num_new_tokens, start, seq.num_tokens, seq.num_preemptions, list(seq.block_table),
-                    list(seq.spec_token_ids), [seq.token_at(p) for p in range(start, inputs_end)],
-                )  # fmt: skip
-            )
+            known = [seq.token_at(p) for p in range(start, inputs_end)]
+            mirror = MirroredSequence(seq.request_id, start, seq.num_tokens, seq.num_preemptions, list(seq.block_table), list(seq.spec_token_ids), known)
+            planned.append(PlannedSequence(serial, item.num_new_tokens, mirror))
         self._last = seen
         return planned
 
@@ -121,12 +112,10 @@ class Mirrors:
         batch, mirrors = [], {}
         for p in plan:
             mirror = self._last.get(p.serial)
-            values = (p.request_id, p.num_computed_tokens, p.num_tokens, p.num_preemptions, p.block_table, p.spec_token_ids, p.known)
             if mirror is None:
-                mirror = MirroredSequence(*values)
+                mirror = p.seq
             else:
-                (mirror.request_id, mirror.num_computed_tokens, mirror.num_tokens, mirror.num_preemptions,
-                 mirror.block_table, mirror.spec_token_ids, mirror.known) = values  # fmt: skip
+                vars(mirror).update(vars(p.seq))
             mirrors[p.serial] = mirror
             batch.append(ScheduledSequence(mirror, p.num_new_tokens))  # type: ignore[arg-type]
         self._last = mirrors
