@@ -153,6 +153,15 @@ def test_unservable_adapters_are_refused(lora_setup, tmp_path: Path, changes: di
     assert core.info.lora_adapters == ()
 
 
+def test_damaged_weights_are_refused(lora_setup, tmp_path: Path) -> None:
+    core = _engine(lora_setup, lora=[], enable_lora=True)
+    path = _edited_copy(lora_setup[1]["qv4"], tmp_path / "damaged")
+    (path / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RequestError, match="does not load") as refused:
+        core.load_lora_adapter("damaged", str(path))
+    assert refused.value.kind is Refusal.INVALID_ARGUMENT
+
+
 def test_engine_without_lora_slots_refuses_loading(lora_setup) -> None:
     core = _engine(lora_setup, lora=[])
     with pytest.raises(RequestError, match="--enable-lora") as refused:

@@ -72,8 +72,11 @@ class Executor(Protocol):
     def grammar_terminated(self, request_id: str, output_token_ids: list[int]) -> bool:
         """Whether the grammar has ended after these output tokens."""
 
-    def load_lora(self, name: str, path: str) -> None:
-        """Read a LoRA adapter into host memory; RequestError when it cannot be served."""
+    def read_lora(self, name: str, path: str) -> object:
+        """Read a LoRA adapter into host memory (any thread); RequestError when it cannot be served."""
+
+    def add_lora(self, adapter: object) -> None:
+        """Serve an adapter read_lora returned."""
 
     def unload_lora(self, name: str) -> None: ...
 
@@ -195,12 +198,21 @@ class EngineCore:
         )
 
     def load_lora_adapter(self, name: str, path: str) -> None:
-        """Load (or replace, when none of its requests is live) an adapter
-        between steps; RequestError when it cannot be served."""
+        """Read and install an adapter at once (the step loop reads it off the step thread instead)."""
+        self.install_lora_adapter(name, self.read_lora_adapter(name, path))
+
+    def read_lora_adapter(self, name: str, path: str) -> object:
+        """An adapter read from disk, for install_lora_adapter; RequestError when
+        it cannot be served. Any thread may call it: it changes nothing."""
         if not name:
             raise invalid_argument("lora_name must be non-empty", "lora_name")
+        return self.executor.read_lora(name, path)
+
+    def install_lora_adapter(self, name: str, adapter: object) -> None:
+        """Serve a read adapter (or replace one of its name, when none of that
+        one's requests is live); requests may name it from now on."""
         self._check_unused(name, "replaced")
-        self.executor.load_lora(name, path)
+        self.executor.add_lora(adapter)
         self._lora_loads += 1
         self.lora_adapters[name] = self._lora_loads
         self.lora_adapter_names = tuple(sorted(self.lora_adapters))

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pagewire.services.common.errors import DuplicateRequestError, RequestError
+from pagewire.services.common.errors import DuplicateRequestError, Refusal, RequestError
 from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.core.engine import EngineCore, EngineInfo, EngineLoad, EngineStats
 from pagewire.services.engine.core.sequence import RequestOutput, SamplingParams
@@ -71,6 +71,15 @@ class LoraCommand:
 
     name: str
     path: str | None
+    reply: Callable[[tuple[str, ...] | RequestError], None]
+
+
+@dataclass
+class LoraInstall:
+    """An adapter read off the step thread (LoraCommand), installed between steps."""
+
+    name: str
+    adapter: object
     reply: Callable[[tuple[str, ...] | RequestError], None]
 
 
@@ -174,7 +183,11 @@ class StepLoop:
                 self.streams.pop(stream.stream_id, None)
                 stream.live.clear()
             return
-        if isinstance(command, LoraCommand):
+        if isinstance(command, LoraCommand) and command.path is not None:
+            # Reading an adapter from disk takes long enough to stall the running requests' steps.
+            threading.Thread(target=self._read_lora, args=(command, command.path), name="lora-reader", daemon=True).start()
+            return
+        if isinstance(command, (LoraCommand, LoraInstall)):
             command.reply(self._apply_lora(command))
             return
         stream = self.streams.get(command.stream_id)
@@ -190,12 +203,25 @@ class StepLoop:
             log.info("request refused", request_id=command.request_id, reason=error.message)
             pending.setdefault(stream.stream_id, []).append((command.request_id, error))
 
-    def _apply_lora(self, command: LoraCommand) -> tuple[str, ...] | RequestError:
+    def _read_lora(self, command: LoraCommand, path: str) -> None:
         try:
-            if command.path is None:
-                self.core.unload_lora_adapter(command.name)
+            adapter = self.core.read_lora_adapter(command.name, path)
+        except RequestError as error:
+            log.info("LoRA adapter refused", name=command.name, reason=error.message)
+            command.reply(error)
+        except Exception as exc:  # an unreadable file: the caller hears why, the engine goes on
+            log.exception("LoRA adapter failed to load", name=command.name)
+            command.reply(RequestError(Refusal.INTERNAL, f"LoRA adapter {command.name!r} failed to load: {type(exc).__name__}: {exc}"))
+        else:
+            self.submit(LoraInstall(command.name, adapter, command.reply))
+
+    def _apply_lora(self, command: LoraCommand | LoraInstall) -> tuple[str, ...] | RequestError:
+        """Unload, or install a read adapter, between steps."""
+        try:
+            if isinstance(command, LoraInstall):
+                self.core.install_lora_adapter(command.name, command.adapter)
             else:
-                self.core.load_lora_adapter(command.name, command.path)
+                self.core.unload_lora_adapter(command.name)
         except RequestError as error:
             log.info("LoRA adapter change refused", name=command.name, reason=error.message)
             return error

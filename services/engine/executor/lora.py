@@ -59,9 +59,10 @@ class LoraSlots:
         self.resident: OrderedDict[str, int] = OrderedDict()
         self.free_slots = list(range(max_loras - 1, -1, -1))
 
-    def add(self, adapter: LoraAdapter) -> None:
-        """Hold a read adapter in host memory (replacing one of the same name);
-        RequestError when it does not fit the model."""
+    def prepare(self, adapter: LoraAdapter) -> LoraAdapter:
+        """The read adapter checked against the model's projections (RequestError
+        when it does not fit) and, for a GPU, in pinned memory, so that swapping
+        it in copies asynchronously. Touches no slot: any thread may call it."""
         for path, parts in adapter.parts.items():
             layer = self.layers.get(path)
             if layer is None:
@@ -74,10 +75,14 @@ class LoraSlots:
                         f"{tuple(part.b.shape)}, expected {(adapter.rank, layer.input_size)} and {expected_b}",
                         "lora_path",
                     )
-        if self.pin:
-            adapter = LoraAdapter(adapter.name, adapter.path, adapter.rank, {
-                path: [type(p)(p.part, p.a.pin_memory(), p.b.pin_memory()) for p in parts] for path, parts in adapter.parts.items()
-            })  # fmt: skip
+        if not self.pin:
+            return adapter
+        return LoraAdapter(adapter.name, adapter.path, adapter.rank, {
+            path: [type(p)(p.part, p.a.pin_memory(), p.b.pin_memory()) for p in parts] for path, parts in adapter.parts.items()
+        })  # fmt: skip
+
+    def add(self, adapter: LoraAdapter) -> None:
+        """Hold a prepared adapter in host memory, replacing one of the same name."""
         self.remove(adapter.name)
         self.adapters[adapter.name] = adapter
         log.info("LoRA adapter loaded", name=adapter.name, path=adapter.path, rank=adapter.rank, modules=len(adapter.parts))

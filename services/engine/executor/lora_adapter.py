@@ -90,7 +90,10 @@ def _read_config(name: str, path: str, directory: Path, max_rank: int) -> tuple[
 def read_adapter(name: str, path: str, max_rank: int, dtype: torch.dtype) -> LoraAdapter:
     directory = Path(path)
     rank, scale = _read_config(name, path, directory, max_rank)
-    tensors = load_file(directory / WEIGHTS_FILE)
+    try:
+        tensors = load_file(directory / WEIGHTS_FILE)
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise _refuse(name, path, f"{WEIGHTS_FILE} does not load: {exc}") from None
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = TENSOR_NAME.fullmatch(key)

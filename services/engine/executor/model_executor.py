@@ -20,7 +20,7 @@ from pagewire.services.engine.executor.grammar import GrammarMatchers
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors, kv_bytes_per_block
 from pagewire.services.engine.executor.layers.fp8 import FP8_DTYPE
 from pagewire.services.engine.executor.lora import LoraSlots
-from pagewire.services.engine.executor.lora_adapter import read_adapter
+from pagewire.services.engine.executor.lora_adapter import LoraAdapter, read_adapter
 from pagewire.services.engine.executor.loader import LoadedModel, dtype_name, load_model, read_model_config, resolve_device, resolve_dtype
 from pagewire.services.engine.executor.parallel import check_splittable, gather_objects, weight_bytes
 from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, profile_peak_memory
@@ -71,7 +71,7 @@ def attach_lora(config: EngineConfig, loaded: LoadedModel) -> LoraSlots | None:
     slots = LoraSlots(loaded.model, config.max_loras, config.max_lora_rank, loaded.dtype, loaded.device)
     for value in config.lora:
         name, path = lora_flag(value)
-        slots.add(read_adapter(name, path, config.max_lora_rank, loaded.dtype))
+        slots.add(slots.prepare(read_adapter(name, path, config.max_lora_rank, loaded.dtype)))
     return slots
 
 
@@ -195,12 +195,17 @@ class ModelExecutor:
         if self.workers is not None:
             self.workers.stop()
 
-    def load_lora(self, name: str, path: str) -> None:
-        """Read an adapter into host memory (RequestError when it cannot be served);
-        it reaches a device slot with the first step that uses it."""
+    def read_lora(self, name: str, path: str) -> LoraAdapter:
+        """Read an adapter into host memory, ready to add (RequestError when it
+        cannot be served); any thread may call it, as it touches no slot."""
         if self.lora is None:
             raise RequestError(Refusal.FAILED_PRECONDITION, "this engine has no LoRA slots: start it with --enable-lora (or --lora NAME=PATH)")
-        self.lora.add(read_adapter(name, path, self.max_lora_rank, self.loaded.dtype))
+        return self.lora.prepare(read_adapter(name, path, self.max_lora_rank, self.loaded.dtype))
+
+    def add_lora(self, adapter: LoraAdapter) -> None:
+        """Serve a read adapter; it reaches a device slot with the first step that uses it."""
+        assert self.lora is not None
+        self.lora.add(adapter)
 
     def unload_lora(self, name: str) -> None:
         if self.lora is not None:
