@@ -118,3 +118,9 @@ def paged_attention(
         )
         out[starts[s] : starts[s + 1]] = attended.transpose(0, 1).to(out.dtype)
     return out
+
+
+def fp8_weight_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """kernels/fp8_gemv.cu: x [m, k] times the float8 weight [n, k] with one
+    float32 scale per output row, accumulated in float32, rounded to x's dtype."""
+    return (x.float() @ weight.float().t() * scale.float()).to(x.dtype)

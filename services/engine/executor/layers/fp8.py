@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagewire.kernels import cuda_gemv
 from pagewire.services.common.logging import get_logger
 
 log = get_logger("engine")
@@ -66,6 +67,14 @@ def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     return out if bias is None else out + bias
 
 
+def fp8_linear_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A decode step's few tokens: the weight-only kernel (kernels/fp8_gemv.cu)
+    reads each FP8 weight once and keeps the activations in bf16, where
+    _scaled_mm would first quantize them in several small kernels."""
+    out = cuda_gemv.fp8_gemv(x, weight, weight_scale)
+    return out if bias is None else out + bias
+
+
 class Fp8Linear(nn.Module):
     """A projection with an FP8 weight [output_size, input_size] and its
     per-output-channel float32 `weight_scale` [output_size]; `bias` (if any)
@@ -87,4 +96,6 @@ class Fp8Linear(nn.Module):
         flat = x.reshape(-1, self.input_size)
         on_tensor_cores = x.is_cuda and self.aligned and has_fp8_tensor_cores(x.get_device())
         product = fp8_linear_scaled_mm if on_tensor_cores else fp8_linear_reference
+        if on_tensor_cores and cuda_gemv.supports(flat, self.weight):
+            product = fp8_linear_gemv
         return product(flat, self.weight, self.weight_scale, self.bias).reshape(*x.shape[:-1], self.output_size)

@@ -1,0 +1,50 @@
+"""The weight-only FP8 GEMV (kernels/fp8_gemv.cu) against its torch
+reference, at every token count it takes and the projection shapes of
+llama-8b; and FP8 linear layers take it for decode-sized batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagewire.kernels import cuda_gemv, reference
+
+pytestmark = pytest.mark.gpu
+
+FP8 = torch.float8_e4m3fn
+
+
+def _operands(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator(device="cuda").manual_seed(m * 7 + n + k)
+    x = torch.randn(m, k, device="cuda", generator=generator).to(torch.bfloat16)
+    weight = (torch.randn(n, k, device="cuda", generator=generator) * 100).clamp(-448, 448).to(FP8)
+    scale = torch.rand(n, device="cuda", generator=generator) * 1e-3 + 1e-4
+    return x, weight, scale
+
+
+@pytest.mark.parametrize("m", range(1, cuda_gemv.MAX_TOKENS + 1))
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (1000, 272)])
+def test_fp8_gemv_matches_the_reference(m: int, n: int, k: int) -> None:
+    x, weight, scale = _operands(m, n, k)
+    expected = reference.fp8_weight_gemv(x, weight, scale)
+    got = cuda_gemv.fp8_gemv(x, weight, scale)
+    # Both accumulate in float32 (in another order) and round once to bf16.
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=1e-2 * expected.float().abs().max().item())
+
+
+def test_fp8_gemv_refuses_what_it_does_not_take() -> None:
+    x, weight, scale = _operands(cuda_gemv.MAX_TOKENS + 1, 64, 64)
+    with pytest.raises(ValueError, match="fp8_gemv takes"):
+        cuda_gemv.fp8_gemv(x, weight, scale)
+
+
+def test_fp8_linear_takes_the_gemv_for_decode_batches_and_scaled_mm_beyond() -> None:
+    from pagewire.services.engine.executor.layers.fp8 import Fp8Linear, fp8_linear_scaled_mm
+
+    layer = Fp8Linear(4096, 1024).cuda()
+    x, weight, scale = _operands(2, 1024, 4096)
+    layer.weight.data.copy_(weight)
+    layer.weight_scale.data.copy_(scale)
+    torch.testing.assert_close(layer(x).float(), reference.fp8_weight_gemv(x, weight, scale).float(), rtol=2e-2, atol=1e-2)
+    big = torch.randn(64, 4096, device="cuda").to(torch.bfloat16)
+    torch.testing.assert_close(layer(big), fp8_linear_scaled_mm(big, weight, scale, None))
