@@ -193,9 +193,9 @@ def test_lora_linear_applies_each_tokens_adapter_to_its_part() -> None:
     torch.testing.assert_close(layer(x[:1]), layer.base(x[:1]))
 
 
-# How far below HF's fp32 argmax pagewire's bf16 token may score on the GPU (a wrong
-# adapter scores 0.3 and more below on these models):
-# random tiny models put their top logits this close, and bf16 moves them about as much.
+# How far below HF's fp32 argmax pagewire's bf16 token may score on the GPU: random
+# tiny models put their top logits this close, and bf16 moves them about as much
+# (the tokens of a wrong adapter, or of none, score 0.3 and more below on these models).
 BF16_LOGIT_TOLERANCE = 0.05
 
 

@@ -103,3 +103,24 @@ def test_model_resolution() -> None:
         router.resolve_model("gpt-4")
     assert raised.value.kind == Refusal.NOT_FOUND
     assert "'gpt-4'" in raised.value.message and "'small'" in raised.value.message
+
+
+def test_lora_adapters_resolve_to_their_base_model_and_route_to_replicas_that_have_them() -> None:
+    with_adapter, without, other_model = replica("a:1", model="base"), replica("b:1", model="base"), replica("c:1", model="other")
+    with_adapter.info.lora_adapters.append("sql")  # type: ignore[union-attr]
+    router = Router([without, with_adapter, other_model], RoutingPolicy.LEAST_LOADED, 1)
+    assert router.served_adapters() == {"sql": "base"}
+    assert router.resolve("sql").info.model_id == "base" and router.resolve("sql").lora == "sql"
+    assert router.resolve("base", "sql").lora == "sql" and router.resolve("base").lora == ""
+    # The least loaded replica of the model lacks the adapter: its requests go to the one that has it.
+    with_adapter.load = engine_pb2.EngineLoad(num_running=9)
+    assert router.pick("base", [1], "sql") is with_adapter
+    assert router.pick("base", [1]) is without
+    for model, lora, kind in [("other", "sql", Refusal.NOT_FOUND), ("base", "nope", Refusal.NOT_FOUND), ("sql", "sql", Refusal.INVALID_ARGUMENT)]:
+        with pytest.raises(RequestError) as raised:
+            router.resolve(model, lora)
+        assert raised.value.kind == kind and raised.value.field == "lora"
+    with_adapter.available = False
+    with pytest.raises(RequestError) as raised:
+        router.pick("base", [1], "sql")
+    assert raised.value.kind == Refusal.UNAVAILABLE and "'sql'" in raised.value.message
