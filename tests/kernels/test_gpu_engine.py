@@ -206,3 +206,14 @@ def test_gpu_speculative_decoding_keeps_greedy_output(checkpoint: Path, prompts,
             tokens += output.new_token_ids
             logprobs += [lp.token_id for lp in output.logprobs]
     assert len(tokens) == MAX_NEW_TOKENS and logprobs == tokens
+
+
+def test_gpu_draft_model_speculation_keeps_greedy_output(checkpoint: Path, prompts, hf_models) -> None:  # type: ignore[no-untyped-def]
+    # The checkpoint as its own draft: the draft's passes (catch-up eagerly,
+    # decodes in its own graphs) propose what the target computes, so nearly
+    # every proposal is accepted and the output stays HF's.
+    core = gpu_engine(checkpoint, speculative_method="draft", draft_model=str(checkpoint), num_speculative_tokens=3)
+    assert isinstance(core.executor.draft_proposer.runner, CudaGraphRunner)
+    assert_matches_hf(hf_models, prompts, generate(core, prompts))
+    stats = core.stats()
+    assert stats.spec_decode_accepted_tokens_total >= 0.8 * stats.spec_decode_draft_tokens_total > 0
