@@ -29,7 +29,7 @@ class BatchInputs:
     # Rows of the hidden states whose logits are sampled, and their sequences.
     logits_indices: torch.Tensor
     sampled_sequences: list[Sequence]
-    # Each token's LoRA slot (-1: the base model); None when the engine has no LoRA slots.
+    # Each token's LoRA slot (-1: the base model); None when no token has an adapter.
     lora_slots: torch.Tensor | None = None
 
 
@@ -124,7 +124,7 @@ class ModelRunner:
         device_input_ids = on_device(input_ids, torch.int64)
         pending.fill(device_input_ids)
         lora_slots = None
-        if self.lora is not None:
+        if self.lora is not None and any(item.seq.lora for item in scheduled):
             slots = self.lora_slots_of([item.seq for item in scheduled])
             lora_slots = on_device([slot for item, slot in zip(scheduled, slots) for _ in range(item.num_new_tokens)], torch.int64)
         return BatchInputs(

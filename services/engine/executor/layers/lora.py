@@ -31,11 +31,12 @@ class LoraContext:
         # [tokens, slots, 1]: 1 where the token's adapter sits in the slot. None: no adapters bound.
         self.mask: torch.Tensor | None = None
 
-    def bind(self, token_slots: torch.Tensor) -> None:
-        """token_slots [tokens] int64: each token's slot, -1 for the base model.
+    def bind(self, token_slots: torch.Tensor | None) -> None:
+        """token_slots [tokens] int64: each token's slot, -1 for the base model;
+        None when no token has an adapter (the projections then skip LoRA).
         A comparison rather than one_hot, which checks its input on the host
         and so cannot be captured in a graph."""
-        self.mask = (token_slots[:, None] == self._slot_ids[None, :]).to(self.dtype).unsqueeze(-1)
+        self.mask = None if token_slots is None else (token_slots[:, None] == self._slot_ids[None, :]).to(self.dtype).unsqueeze(-1)
 
 
 class LoraLinear(nn.Module):
