@@ -1,6 +1,6 @@
 """Chats on the CPU: the embedded model served by `pagewire serve` (tokenizer,
-engine and gateway as processes on this machine) against HF transformers
-`generate` on the same model, in one run. Workload: --chats concurrent chat
+engine and gateway as processes on this machine), once per --dtypes entry,
+against HF transformers `generate` on the same model in float32, in one run. Workload: --chats concurrent chat
 requests (32 different questions), greedy, at most --max-tokens tokens each
 (64), stopping at the model's end of turn. Useful tokens are those up to and
 including the end of turn: HF pads a finished row until the batch's longest
@@ -8,7 +8,7 @@ answer ends, pagewire frees its slot. Warm-ups use other questions. Prints
 one JSON line per system (pagewire's with the CPU seconds each service took),
 then the ratio.
 
-    python -m benchmarks.cpu_chats [--chats 32] [--max-tokens 64]
+    python -m benchmarks.cpu_chats [--chats 32] [--max-tokens 64] [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ async def _chat_stream(target: str, texts: list[str], max_tokens: int) -> tuple[
         return tokens, time.perf_counter() - start
 
 
-def run_pagewire(args: argparse.Namespace, work_dir: Path) -> dict:
-    served = ServeProcess(["--host", "127.0.0.1"], log_path=work_dir / "serve.log")
+def run_pagewire(args: argparse.Namespace, work_dir: Path, dtype: str) -> dict:
+    served = ServeProcess(["--host", "127.0.0.1", "--dtype", dtype], log_path=work_dir / f"serve-{dtype}.log")
     served.start()
     try:
         served.wait_serving()
@@ -116,15 +116,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chats", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--dtypes", default="float32,bfloat16", help="the served engine's --dtype, one run each (float32 is the default, bfloat16 uses AMX where the CPU has it)"
+    )
     args = parser.parse_args()
     configure_logging("warning")
     workload = dict(bench="cpu_chats", chats=args.chats, max_tokens=args.max_tokens, threads=torch.get_num_threads())
+    served = {}
     with tempfile.TemporaryDirectory(prefix="pagewire-chats-") as work_dir:
-        pagewire = run_pagewire(args, Path(work_dir))
-    emit(dict(workload, system="pagewire-serve", **pagewire))
+        for dtype in args.dtypes.split(","):
+            served[dtype] = run_pagewire(args, Path(work_dir), dtype)
+            emit(dict(workload, system="pagewire-serve", dtype=dtype, **served[dtype]))
     hf = run_hf(args)
-    emit(dict(workload, system="hf-generate", **hf))
-    emit(dict(bench="cpu_chats_ratio", pagewire_over_hf_generate=round(pagewire["useful_tok_s"] / hf["useful_tok_s"], 2)))
+    emit(dict(workload, system="hf-generate", dtype="float32", **hf))
+    for dtype, pagewire in served.items():
+        emit(dict(bench="cpu_chats_ratio", dtype=dtype, pagewire_over_hf_generate=round(pagewire["useful_tok_s"] / hf["useful_tok_s"], 2)))
 
 
 if __name__ == "__main__":
