@@ -128,10 +128,9 @@ def measure(batch: int, context: int, args: argparse.Namespace, copy_bytes_per_s
             pagewire_over_sdpa_speed=round(sdpa_seconds / seconds, 3),
             relative_error_vs_sdpa=float(f"{relative_error:.2e}"),
         )
-        del keys, values
+        keys.clear(), values.clear()  # free the contiguous copies before the next size
     except torch.OutOfMemoryError as error:
         record.update(sdpa_error=str(error)[:200])
-    del key_cache, value_cache
     torch.cuda.empty_cache()
     return record
 
