@@ -96,7 +96,7 @@ def test_gateway_addresses_the_tokenizer_and_every_engine(project: tuple[str, di
     config = config_for(gateway["command"], gateway["environment"])
 
     tokenizer_config = config_for(services["tokenizer"]["command"], services["tokenizer"]["environment"])
-    assert config.tokenizer == f"tokenizer:{tokenizer_config.port}"
+    assert config.tokenizer == [f"tokenizer:{tokenizer_config.port}"]
 
     engines = engine_services(resolved)
     targets = [parse_target(t) for t in config.engine]

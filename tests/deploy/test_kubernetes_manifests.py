@@ -116,7 +116,7 @@ def test_gateway_finds_tokenizer_and_every_engine_pod(overlay: tuple[str, list[d
     config = config_for(gateway["args"], pod_environment(resources, gateway))
 
     tokenizer = services["tokenizer"]
-    assert config.tokenizer == f"tokenizer.{tokenizer['metadata']['namespace']}.svc:{tokenizer['spec']['ports'][0]['port']}"
+    assert config.tokenizer == [f"tokenizer.{tokenizer['metadata']['namespace']}.svc:{tokenizer['spec']['ports'][0]['port']}"]
 
     headless = services["engine-headless"]
     (target,) = [parse_target(t) for t in config.engine]
@@ -134,9 +134,9 @@ def test_gateway_metrics_are_scraped_from_the_rest_port(overlay: tuple[str, list
 
 
 def _gauge_labels(name: str) -> tuple[str, ...]:
-    metrics = GatewayMetrics()
-    (gauge,) = [m for m in vars(metrics).values() if getattr(m, "_name", None) == name]
-    return gauge._labelnames
+    # The per-replica gauges are computed at scrape time from the engines' last figures.
+    (family,) = [m for m in GatewayMetrics().replicas.collect() if m.name == name]
+    return tuple(family._labelnames)
 
 
 def test_engine_autoscaler_scales_on_the_gateway_queue_metric(overlay: tuple[str, list[dict[str, Any]]]) -> None:
