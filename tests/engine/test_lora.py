@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.engine.config import EngineConfig
@@ -33,13 +33,9 @@ ADAPTERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def lora_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path], dict[str, PreTrainedModel]]:
+def _adapters_of(base: PreTrainedModel, root: Path) -> tuple[Path, dict[str, Path], dict[str, PreTrainedModel]]:
     """The base model's directory, each adapter's directory, and the HF
     reference of each ("" for the base model)."""
-    torch.manual_seed(0)
-    base = tiny_models.llama3_scaled().eval()
-    root = tmp_path_factory.mktemp("lora")
     base.save_pretrained(root / "base")
     paths, references = {}, {"": base}
     for seed, (name, (rank, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
@@ -47,6 +43,20 @@ def lora_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
         write_adapter(base, paths[name], rank, alpha, targets, seed, rslora)
         references[name] = PeftModel.from_pretrained(copy.deepcopy(base), paths[name]).eval()
     return root / "base", paths, references
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path], dict[str, PreTrainedModel]]:
+    torch.manual_seed(0)
+    return _adapters_of(tiny_models.llama3_scaled().eval(), tmp_path_factory.mktemp("lora"))
+
+
+@pytest.fixture(scope="module")
+def gpu_lora_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path], dict[str, PreTrainedModel]]:
+    # The CUDA attention kernels take head_dim 64 or 128: 256 wide over 4 heads.
+    torch.manual_seed(0)
+    config = LlamaConfig(**(tiny_models.TINY | {"hidden_size": 256, "intermediate_size": 512}), tie_word_embeddings=False)
+    return _adapters_of(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("lora-gpu"))
 
 
 def _engine(lora_setup, **overrides) -> EngineCore:
@@ -200,12 +210,12 @@ BF16_LOGIT_TOLERANCE = 0.05
 
 
 @pytest.mark.gpu
-def test_mixed_batch_on_the_gpu_in_decode_graphs(lora_setup) -> None:
+def test_mixed_batch_on_the_gpu_in_decode_graphs(gpu_lora_setup) -> None:
     """The same mixed batch through the CUDA engine in bf16, decodes replaying
     the graphs: at every position pagewire's token is HF + PEFT's fp32 argmax
     over pagewire's own continuation (teacher forcing), or within bf16 noise of it."""
-    references = lora_setup[2]
-    core = _engine(lora_setup, device="cuda", dtype="bfloat16", max_loras=2, max_num_seqs=16)
+    references = gpu_lora_setup[2]
+    core = _engine(gpu_lora_setup, device="cuda", dtype="bfloat16", max_loras=2, max_num_seqs=16)
     requests = [(name, prompt(length=9 + 3 * i, seed=20 + i)) for i, name in enumerate(["", "all8", "qv4"] * 3)]
     for i, (name, ids) in enumerate(requests):
         core.add_request(f"r{i}", ids, greedy(MAX_NEW_TOKENS), lora=name)
