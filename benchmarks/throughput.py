@@ -80,6 +80,12 @@ def random_model(shape: str, dtype: torch.dtype, max_model_len: int, device: tor
         eos_token_ids=(),
         quantization=quantization,
     )
+    return LoadedModel(build_random(config, dtype, max_model_len, device), config, f"random-{shape}", device, dtype)
+
+
+def build_random(config: ModelConfig, dtype: torch.dtype, max_model_len: int, device: torch.device) -> LlamaForCausalLM:
+    """The engine's model of `config` on the device, its weights drawn as HF
+    initializes them (norms at 1); FP8 projections quantized per output channel."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config, select_backend(device), max_model_len)
     model = model.to_empty(device=device)
@@ -95,7 +101,7 @@ def random_model(shape: str, dtype: torch.dtype, max_model_len: int, device: tor
         elif not name.endswith("weight_scale"):  # scales come with their FP8 weight
             parameter.normal_(0.0, INIT_STD, generator=generator)
     model.model.rotary.compute_tables(device)
-    return LoadedModel(model.eval(), config, f"random-{shape}", device, dtype)
+    return model.eval()
 
 
 def percentiles(values: list[float], prefix: str) -> dict:
