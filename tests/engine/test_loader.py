@@ -87,7 +87,8 @@ def _write_gguf(model: PreTrainedModel, path: Path) -> None:
     """The model as llama.cpp's converter writes a Qwen-family GGUF (F32, no
     rotary permutation), without the tokenizer, which the engine does not read."""
     c = model.config
-    writer = GGUFWriter(str(path), c.model_type)
+    # llama.cpp spells Qwen3-MoE without the underscore.
+    writer = GGUFWriter(str(path), {"qwen3_moe": "qwen3moe"}.get(c.model_type, c.model_type))
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -98,9 +99,20 @@ def _write_gguf(model: PreTrainedModel, path: Path) -> None:
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
+    if getattr(c, "num_experts", 0):
+        writer.add_expert_count(c.num_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        writer.add_expert_weights_norm(c.norm_topk_prob)
     gguf_names = {hf: gguf for gguf, hf in GGUF_GLOBAL_NAMES.items()}
     layer_names = {hf: gguf for gguf, hf in GGUF_LAYER_NAMES.items()}
     for name, tensor in model.state_dict().items():
+        experts = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", name)
+        if experts:  # transformers' 3D experts, as llama.cpp's ffn_{gate,up,down}_exps
+            parts = dict(zip(("ffn_gate_exps", "ffn_up_exps"), tensor.chunk(2, dim=1))) if experts[2] == "gate_up_proj" else {"ffn_down_exps": tensor}
+            for gguf_part, weights in parts.items():
+                writer.add_tensor(f"blk.{experts[1]}.{gguf_part}.weight", weights.float().contiguous().numpy())
+            continue
         layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
         gguf_name = f"blk.{layer[1]}.{layer_names[layer[2]]}.{layer[3]}" if layer else gguf_names[name]
         writer.add_tensor(gguf_name, tensor.float().numpy())
@@ -117,6 +129,20 @@ def test_qwen3_from_gguf_matches_transformers(tmp_path: Path) -> None:
     core = _tiny_engine(tmp_path / "qwen3.gguf")
     config = core.executor.loaded.config
     assert config.qk_norm and config.head_dim == reference.config.head_dim != config.hidden_size // config.num_heads
+    prompt = tiny_models.prompt()
+    core.add_request("r", prompt, greedy(10, ignore_eos=True))
+    assert tokens_of(run_all(core)["r"]) == tiny_models.hf_greedy(reference, prompt, 10)
+
+
+def test_qwen3_moe_from_gguf_matches_transformers(tmp_path: Path) -> None:
+    # Experts as llama.cpp stores them (one 3D tensor per part and layer), a
+    # router, top-3 of 6 not renormalised, and a dense layer without a router.
+    torch.manual_seed(0)
+    reference = tiny_models.qwen3_moe().eval()
+    _write_gguf(reference, tmp_path / "qwen3moe.gguf")
+    core = _tiny_engine(tmp_path / "qwen3moe.gguf")
+    config = core.executor.loaded.config
+    assert (config.architecture, config.num_experts, config.num_experts_per_tok, config.norm_topk_prob, config.dense_layers) == ("qwen3_moe", 6, 3, False, (1,))
     prompt = tiny_models.prompt()
     core.add_request("r", prompt, greedy(10, ignore_eos=True))
     assert tokens_of(run_all(core)["r"]) == tiny_models.hf_greedy(reference, prompt, 10)

@@ -150,8 +150,9 @@ def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
     return value.item() if value.size == 1 else value.tolist()
 
 
-# GGUF architectures read (llama.cpp writes Mistral and Mixtral as llama; mixture-of-experts GGUF tensors are not read).
-GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+# GGUF architectures read (llama.cpp writes Mistral and Mixtral as llama), and
+# the model types they are here.
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
 
 
 def read_gguf_config(reader: Any) -> ModelConfig:
@@ -162,12 +163,24 @@ def read_gguf_config(reader: Any) -> ModelConfig:
     hidden = _gguf_value(reader, f"{arch}.embedding_length")
     vocab = _gguf_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     names = {t.name for t in reader.tensors}
+    num_layers = _gguf_value(reader, f"{arch}.block_count")
+    num_experts = _gguf_value(reader, f"{arch}.expert_count", 0)
+    experts = {}
+    if num_experts:
+        # Layers without a router keep a dense MLP (Qwen3-MoE's mlp_only_layers).
+        experts = dict(
+            num_experts=num_experts,
+            num_experts_per_tok=_gguf_value(reader, f"{arch}.expert_used_count"),
+            moe_intermediate_size=_gguf_value(reader, f"{arch}.expert_feed_forward_length") or _gguf_value(reader, f"{arch}.feed_forward_length"),
+            norm_topk_prob=bool(_gguf_value(reader, f"{arch}.expert_weights_norm", True)),
+            dense_layers=tuple(i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names),
+        )
     return ModelConfig(
-        architecture=arch,
+        architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=_gguf_value(reader, f"{arch}.feed_forward_length"),
-        num_layers=_gguf_value(reader, f"{arch}.block_count"),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=_gguf_value(reader, f"{arch}.attention.head_count_kv", num_heads),
         # Qwen3 gives its head size as key_length, apart from hidden / heads.
@@ -179,7 +192,8 @@ def read_gguf_config(reader: Any) -> ModelConfig:
         tie_word_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
         eos_token_ids=_as_id_tuple(_gguf_value(reader, "tokenizer.ggml.eos_token_id")),
-        qk_norm=arch in QK_NORM_ARCHITECTURES,
+        qk_norm=GGUF_ARCHITECTURES[arch] in QK_NORM_ARCHITECTURES,
+        **experts,
     )
 
 
@@ -195,7 +209,10 @@ GGUF_LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
 }
+# A mixture-of-experts layer's experts, one 3D tensor [experts, rows, columns] each part.
+GGUF_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 GGUF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
 
@@ -211,12 +228,17 @@ def _gguf_weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch
 
     for tensor in reader.tensors:
         name = GGUF_GLOBAL_NAMES.get(tensor.name)
+        weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
         if name is None:
             match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", tensor.name)
+            if match is not None and match.group(2) in GGUF_EXPERT_NAMES:
+                part = GGUF_EXPERT_NAMES[match.group(2)]
+                for expert, rows in enumerate(weight):
+                    yield f"model.layers.{match.group(1)}.mlp.experts.{expert}.{part}.weight", rows
+                continue
             if match is None or match.group(2) not in GGUF_LAYER_NAMES:
                 raise ValueError(f"GGUF tensor {tensor.name!r} is not part of a supported Llama-family model")
             name = f"model.layers.{match.group(1)}.{GGUF_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
-        weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
         if config.architecture == "llama" and (".q_proj." in name or ".k_proj." in name):
             weight = _undo_llama_cpp_rope_permutation(weight, config.num_heads if ".q_proj." in name else config.num_kv_heads)
         yield name, weight
