@@ -122,27 +122,24 @@ def _write_gguf(model: PreTrainedModel, path: Path) -> None:
     writer.close()
 
 
-def test_qwen3_from_gguf_matches_transformers(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    reference = tiny_models.qwen3().eval()
-    _write_gguf(reference, tmp_path / "qwen3.gguf")
-    core = _tiny_engine(tmp_path / "qwen3.gguf")
-    config = core.executor.loaded.config
-    assert config.qk_norm and config.head_dim == reference.config.head_dim != config.hidden_size // config.num_heads
-    prompt = tiny_models.prompt()
-    core.add_request("r", prompt, greedy(10, ignore_eos=True))
-    assert tokens_of(run_all(core)["r"]) == tiny_models.hf_greedy(reference, prompt, 10)
+# Each family as llama.cpp writes it, and what the engine must read from the file:
+# Qwen3's head size apart from hidden / heads; Qwen3-MoE's experts (one 3D tensor
+# per part and layer), top-3 of 6 not renormalised, and a dense layer without a router.
+GGUF_FAMILIES = {
+    "qwen3": (tiny_models.qwen3, {"qk_norm": True, "head_dim": 32}),
+    "qwen3-moe": (tiny_models.qwen3_moe, {"architecture": "qwen3_moe", "num_experts": 6, "num_experts_per_tok": 3, "norm_topk_prob": False, "dense_layers": (1,)}),
+}
 
 
-def test_qwen3_moe_from_gguf_matches_transformers(tmp_path: Path) -> None:
-    # Experts as llama.cpp stores them (one 3D tensor per part and layer), a
-    # router, top-3 of 6 not renormalised, and a dense layer without a router.
+@pytest.mark.parametrize("family", sorted(GGUF_FAMILIES))
+def test_from_gguf_matches_transformers(tmp_path: Path, family: str) -> None:
+    build, expected = GGUF_FAMILIES[family]
     torch.manual_seed(0)
-    reference = tiny_models.qwen3_moe().eval()
-    _write_gguf(reference, tmp_path / "qwen3moe.gguf")
-    core = _tiny_engine(tmp_path / "qwen3moe.gguf")
+    reference = build().eval()
+    _write_gguf(reference, tmp_path / f"{family}.gguf")
+    core = _tiny_engine(tmp_path / f"{family}.gguf")
     config = core.executor.loaded.config
-    assert (config.architecture, config.num_experts, config.num_experts_per_tok, config.norm_topk_prob, config.dense_layers) == ("qwen3_moe", 6, 3, False, (1,))
+    assert {name: getattr(config, name) for name in expected} == expected
     prompt = tiny_models.prompt()
     core.add_request("r", prompt, greedy(10, ignore_eos=True))
     assert tokens_of(run_all(core)["r"]) == tiny_models.hf_greedy(reference, prompt, 10)
