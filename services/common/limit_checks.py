@@ -4,10 +4,14 @@ so that a refusal reads the same whichever service makes it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pagewire.services.common.errors import invalid_argument
 from pagewire.services.common.limits import MAX_CHOICES, MAX_CONSTRAINT_BYTES, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TIMEOUT_S, MAX_TOOLS
-from pagewire.v1 import common_pb2
+
+if TYPE_CHECKING:
+    # Only for the annotations: the engine core imports this module and loads no protobuf.
+    from pagewire.v1 import common_pb2
 
 
 def at_most(what: str, count: int, limit: int) -> str:
