@@ -129,6 +129,7 @@ def test_load_and_unload_at_run_time_behind_the_key(served: dict) -> None:
     assert "later" not in _models(served)
     gone = _admin(served, "unload_lora_adapter", {"lora_name": "later"})
     assert gone.status_code == 404 and "'later'" in gone.json()["error"]["message"]
-    refused = _admin(served, "load_lora_adapter", {"lora_name": "broken", "lora_path": str(served["broken"])})
+    # Named to the adapter engine: without a model the gateway may pick the other engine, which has no LoRA slots.
+    refused = _admin(served, "load_lora_adapter", {"lora_name": "broken", "lora_path": str(served["broken"]), "model": "tiny-base"})
     assert refused.status_code == 400 and "DoRA" in refused.json()["error"]["message"], refused.text
     assert set(_models(served)) == {"tiny-base", "tiny-other", "styled"}
