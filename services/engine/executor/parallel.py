@@ -65,8 +65,8 @@ def current() -> TensorParallelState:
 
 
 def initialize(rank: int, size: int, address: str, device: torch.device) -> None:
-    """Join the engine's process group (every rank calls this, rank 0 first
-    among equals); NCCL for CUDA tensors, gloo on the CPU."""
+    """Join the engine's process group; every rank calls this once, before
+    building its model. NCCL for CUDA tensors, gloo on the CPU."""
     if dist.is_initialized():
         raise RuntimeError("this process already holds a tensor-parallel rank; one tensor-parallel engine runs per process")
     backend = "nccl" if device.type == "cuda" else "gloo"
