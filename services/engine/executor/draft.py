@@ -29,10 +29,9 @@ from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.core.proposer import ProposalRequest
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import SamplingParams
-from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors, kv_bytes_per_block
+from pagewire.services.engine.executor.kv_tensors import kv_bytes_per_block
 from pagewire.services.engine.executor.loader import LoadedModel, load_model
 from pagewire.services.engine.executor.runner import ModelRunner
-from pagewire.services.engine.executor.sampler import Sampler
 from pagewire.services.engine.executor.tensor_parallel import MirroredSequence
 
 log = get_logger("engine")
@@ -63,30 +62,21 @@ class _DraftState:
 
     blocks: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # the tokens whose K/V it holds, in order
+    # How many of token_ids are the request's own tokens, which never change
+    # once produced: only what follows them (proposals) needs comparing.
+    confirmed: int = 0
 
 
 class DraftProposer:
-    def __init__(
-        self,
-        draft: LoadedModel,
-        runner_factory: type[ModelRunner] | None,
-        num_blocks: int,
-        block_size: int,
-        num_speculative_tokens: int,
-        max_num_batched_tokens: int,
-        kv_dtype: torch.dtype,
-        **runner_options: int,
-    ):
-        c = draft.config
-        kv_caches = allocate_kv_tensors(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, kv_dtype, draft.device)
-        runner_class = runner_factory or ModelRunner
-        self.runner = runner_class(draft, kv_caches, block_size, Sampler(0, draft.device), **runner_options)
+    def __init__(self, runner: ModelRunner, num_blocks: int, block_size: int, num_speculative_tokens: int, max_num_batched_tokens: int):
+        """`runner` runs the draft model over its own KV cache of num_blocks blocks."""
+        self.runner = runner
         self.block_size = block_size
         self.k = num_speculative_tokens
         self.token_budget = max_num_batched_tokens
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.states: dict[str, _DraftState] = {}
-        log.info("draft model ready", model_id=draft.model_id, num_kv_blocks=num_blocks, num_speculative_tokens=num_speculative_tokens)
+        log.info("draft model ready", num_kv_blocks=num_blocks, num_speculative_tokens=num_speculative_tokens)
 
     def forget(self, request_id: str) -> None:
         state = self.states.pop(request_id, None)
@@ -113,7 +103,7 @@ class DraftProposer:
                 continue
             state = self.states.setdefault(request.request_id, _DraftState())
             tokens = request.token_ids
-            computed = _common_prefix(state.token_ids, tokens)
+            computed = state.confirmed + _common_prefix(state.token_ids[state.confirmed :], tokens[state.confirmed :])
             del state.token_ids[computed:]
             # The last token is fed by the first decoding pass, which samples the first proposal.
             chunk = min(len(tokens) - 1 - computed, budget)
@@ -124,6 +114,7 @@ class DraftProposer:
             if chunk:
                 catch_up.append(_scheduled(request.request_id, state, computed, tokens[computed : computed + chunk], samples=False))
                 state.token_ids.extend(tokens[computed : computed + chunk])
+            state.confirmed = computed + chunk
             if complete:
                 ready.append((request, state, limit))
         if catch_up:
@@ -153,6 +144,7 @@ class DraftProposer:
         for request, state, limit in ready:
             # K/V now held: the last known token and every proposal but the last.
             state.token_ids.extend([request.token_ids[-1], *proposals[request.request_id][: limit - 1]])
+            state.confirmed = len(request.token_ids)
         return proposals
 
 

@@ -169,10 +169,11 @@ class ModelExecutor:
         """The draft's KV cache has as many blocks as the target's: a request
         never needs more draft blocks than target blocks plus its proposals."""
         assert self.draft is not None
-        if self.draft.device.type == "cuda":
-            graphs = {"max_num_seqs": config.max_num_seqs, "max_model_len": max_model_len}
-            return DraftProposer(self.draft, CudaGraphRunner, num_blocks, config.block_size, config.num_speculative_tokens, max_num_batched_tokens, self.kv_dtype, **graphs)
-        return DraftProposer(self.draft, None, num_blocks, config.block_size, config.num_speculative_tokens, max_num_batched_tokens, self.kv_dtype)
+        c = self.draft.config
+        kv_caches = allocate_kv_tensors(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim, self.kv_dtype, self.draft.device)
+        # Greedy passes: the draft's own sampler, with no request seeds to keep.
+        runner = make_runner(config, self.draft, kv_caches, Sampler(0, self.draft.device), max_model_len)
+        return DraftProposer(runner, num_blocks, config.block_size, config.num_speculative_tokens, max_num_batched_tokens)
 
     def _blocks_for_memory(self, config: EngineConfig, profiled_tokens: int) -> int:
         c, loaded = self.loaded.config, self.loaded
