@@ -193,11 +193,13 @@ def test_gpu_overlapped_steps_sample_exactly_as_synchronous_ones(checkpoint: Pat
 @ASYNC
 def test_gpu_speculative_decoding_keeps_greedy_output(checkpoint: Path, prompts, hf_models, async_scheduling: bool) -> None:  # type: ignore[no-untyped-def]
     # Prompts that repeat themselves give prompt lookup something to propose;
-    # verify steps run eagerly beside graph-replayed decodes.
+    # verify steps replay their own graphs beside decode graphs (steps that
+    # also carry prefill chunks run eagerly).
     repeated = [ids + ids for ids in prompts[:6]]
     core = gpu_engine(checkpoint, async_scheduling=async_scheduling, speculative_method="ngram", num_speculative_tokens=4, ngram_min=1)
     assert_matches_hf(hf_models, repeated, generate(core, repeated))
     assert core.stats().spec_decode_draft_tokens_total > 0
+    assert core.executor.runner.num_verify_graph_launches > 0
     # Rejection sampling on the device: seeded rows, logprobs, one per token.
     core.add_request("sampled", repeated[0], SamplingParams(temperature=0.8, seed=3, logprobs=1, max_tokens=MAX_NEW_TOKENS))
     tokens, logprobs = [], []

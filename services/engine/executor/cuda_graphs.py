@@ -1,19 +1,25 @@
 """The model runner on a GPU: decode steps replay CUDA graphs, one captured
 per batch size of a ladder, so a step costs a few host-to-device copies and
-one graph launch instead of hundreds of kernel launches from Python. Steps
-with prefill chunks, and verify steps of speculative decoding (several
-query positions per sequence), run eagerly: their shapes vary too much to
-capture.
+one graph launch instead of hundreds of kernel launches from Python. With
+speculative decoding, verify steps (each sequence feeds its last token and
+up to k proposals) replay graphs of their own, captured for k + 1 query
+positions per sequence over a shorter ladder: speculation pays at small
+batches, and a verify graph's activations and logits grow with k + 1. Steps
+with prefill chunks, and larger verify batches, run eagerly.
 
 A graph is captured over static buffers: the batch is padded up to the next
 captured size with rows that write no cache slot (slot -1) and attend to
-nothing (context 0). Attention inside the graph is launched for the longest
-context the engine allows (max_model_len); each sequence splits its own
-context over the launch's thread blocks, so short contexts lose little.
+nothing (context 0). A verify step packs its sequences' tokens first, so
+each sequence may feed fewer than k + 1; the rows after them are padding,
+and padding sequences have no query rows. Attention inside the graph is
+launched for the longest context the engine allows (max_model_len); each
+sequence splits its own context over the launch's thread blocks, so short
+contexts lose little.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pagewire.services.common.logging import get_logger
@@ -29,6 +35,10 @@ from pagewire.services.engine.core.sequence import Sequence
 log = get_logger("engine")
 
 
+# Verify graphs are captured for batches of at most this many sequences.
+MAX_VERIFY_GRAPH_SEQS = 32
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16, up to and including max_num_seqs:
     a decode batch pads by at most 15 rows."""
@@ -37,18 +47,19 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class _Staging:
-    """Pinned host copies of a decode graph's inputs, filled with numpy and
-    copied asynchronously."""
+    """Pinned host copies of a graph's inputs, filled with numpy and copied
+    asynchronously."""
 
-    def __init__(self, rows: int, max_blocks: int):
+    def __init__(self, rows: int, seqs: int, max_blocks: int):
         self.rows = torch.zeros(4, rows, dtype=torch.int64, pin_memory=True)  # ids, positions, cache slots, LoRA slots
-        self.seq_lens = torch.zeros(rows, dtype=torch.int32, pin_memory=True)
-        self.tables = torch.zeros(rows, max_blocks, dtype=torch.int32, pin_memory=True)
+        self.seq_lens = torch.zeros(seqs, dtype=torch.int32, pin_memory=True)
+        self.query_start_loc = torch.zeros(seqs + 1, dtype=torch.int32, pin_memory=True)
+        self.tables = torch.zeros(seqs, max_blocks, dtype=torch.int32, pin_memory=True)
         # What each staged table row holds: (sequence, its preemptions, blocks).
         # A running sequence's table only grows, and is rebuilt only after a
         # preemption, so a row whose key matches needs at most its new tail.
         # The sequence object itself is the key: request ids may be reused.
-        self.table_keys: list[tuple[Sequence, int, int] | None] = [None] * rows
+        self.table_keys: list[tuple[Sequence, int, int] | None] = [None] * seqs
 
 
 class CudaGraphRunner(ModelRunner):
@@ -61,79 +72,118 @@ class CudaGraphRunner(ModelRunner):
         max_num_seqs: int,
         max_model_len: int,
         lora: LoraSlots | None = None,
+        verify_tokens: int = 1,
     ):
+        """verify_tokens: query positions per sequence of a verify step (k + 1
+        with k speculative tokens); 1 captures decode graphs only."""
         super().__init__(loaded, kv_caches, block_size, sampler, lora)
         self.max_model_len = max_model_len
-        self.batch_sizes = graph_batch_sizes(max_num_seqs)
-        largest, device = self.batch_sizes[-1], loaded.device
+        # Graph batch sizes by query positions per sequence.
+        self.batch_sizes = {1: graph_batch_sizes(max_num_seqs)}
+        if verify_tokens > 1:
+            self.batch_sizes[verify_tokens] = graph_batch_sizes(min(max_num_seqs, MAX_VERIFY_GRAPH_SEQS))
+        self.verify_tokens = verify_tokens
+        seqs, device = max_num_seqs, loaded.device
+        rows = max(q * sizes[-1] for q, sizes in self.batch_sizes.items())
         max_blocks = cdiv(max_model_len, block_size)
-        # Static device inputs of every graph (a graph of size n reads the first n rows).
-        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
-        self.logits = torch.empty(largest, loaded.config.vocab_size, dtype=torch.float32, device=device)
+        # Static device inputs of every graph (a graph of n sequences and r rows reads the first n and r).
+        self.input_ids = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((rows,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(seqs, max_blocks, dtype=torch.int32, device=device)
+        # Decode graphs: one query row per sequence, always; verify graphs: staged each step.
+        self.decode_query_start_loc = torch.arange(seqs + 1, dtype=torch.int32, device=device)
+        self.verify_query_start_loc = torch.arange(0, (seqs + 1) * verify_tokens, verify_tokens, dtype=torch.int32, device=device)
+        self.logits = torch.empty(rows, loaded.config.vocab_size, dtype=torch.float32, device=device)
         # Each row's LoRA slot (-1: the base model, and the padding rows).
-        self.lora_slots = torch.full((largest,), -1, dtype=torch.int64, device=device)
+        self.lora_slots = torch.full((rows,), -1, dtype=torch.int64, device=device)
         # Two sets of pinned staging, used in turn: while step N's copies may
         # still be queued behind step N-1, step N+1 fills the other set, whose
         # copies finished before step N-1's tokens were read back.
-        self.staging = [_Staging(largest, max_blocks), _Staging(largest, max_blocks)]
-        self.num_decode_launches = 0
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.staging = [_Staging(rows, seqs, max_blocks), _Staging(rows, seqs, max_blocks)]
+        self.num_graph_launches = 0
+        self.num_verify_graph_launches = 0
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._capture()
 
-    def _decode_metadata(self, size: int) -> AttentionMetadata:
+    def _metadata(self, size: int, tokens_per_seq: int) -> AttentionMetadata:
+        query_start_loc = self.decode_query_start_loc if tokens_per_seq == 1 else self.verify_query_start_loc
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
+            slot_mapping=self.slot_mapping[: size * tokens_per_seq],
             block_tables=self.block_tables[:size],
             seq_lens=self.seq_lens[:size],
-            query_start_loc=self.query_start_loc[: size + 1],
-            max_query_len=1,
+            query_start_loc=query_start_loc[: size + 1],
+            max_query_len=tokens_per_seq,
             max_seq_len=self.max_model_len,
         )
 
-    def _decode_forward(self, size: int) -> None:
+    def _forward(self, size: int, tokens_per_seq: int) -> None:
+        rows = size * tokens_per_seq
         if self.lora is not None:
-            self.lora.context.bind(self.lora_slots[:size])  # the mask is computed inside the graph
-        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, self._decode_metadata(size))
-        self.logits[:size].copy_(self.model.compute_logits(hidden))
+            self.lora.context.bind(self.lora_slots[:rows])  # the mask is computed inside the graph
+        hidden = self.model(self.input_ids[:rows], self.positions[:rows], self.kv_caches, self._metadata(size, tokens_per_seq))
+        self.logits[:rows].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        # Largest first, so the smaller graphs reuse its share of the pool.
-        for size in reversed(self.batch_sizes):
-            self._decode_forward(size)  # eager once: kernels load, cuBLAS settles on its algorithms
+        # Most rows first, so the smaller graphs reuse its share of the pool.
+        shapes = sorted(((size, q) for q, sizes in self.batch_sizes.items() for size in sizes), key=lambda shape: -shape[0] * shape[1])
+        for size, tokens_per_seq in shapes:
+            self._forward(size, tokens_per_seq)  # eager once: kernels load, cuBLAS settles on its algorithms
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._decode_forward(size)
-            self.graphs[size] = graph
+                self._forward(size, tokens_per_seq)
+            self.graphs[size, tokens_per_seq] = graph
         torch.cuda.synchronize(self.device)
-        log.info("decode graphs captured", batch_sizes=self.batch_sizes)
+        log.info("CUDA graphs captured", batch_sizes=self.batch_sizes[1], verify_batch_sizes=self.batch_sizes.get(self.verify_tokens, []))
+
+    def _graph_shape(self, scheduled: list[ScheduledSequence]) -> tuple[int, int] | None:
+        """(batch size, query positions per sequence) of the graph that runs
+        this step, or None when it runs eagerly: a graph takes only steps in
+        which every sequence feeds its last token and its proposals, and samples."""
+        if not all(item.completes_sequence and item.num_new_tokens == len(item.seq.spec_token_ids) + 1 for item in scheduled):
+            return None
+        widest = max(item.num_new_tokens for item in scheduled)
+        tokens_per_seq = 1 if widest == 1 else self.verify_tokens
+        sizes = self.batch_sizes.get(tokens_per_seq)
+        if widest > tokens_per_seq or sizes is None or len(scheduled) > sizes[-1]:
+            return None
+        return next(size for size in sizes if size >= len(scheduled)), tokens_per_seq
 
     def _launch(self, scheduled: list[ScheduledSequence], pending: PendingInputs) -> LaunchedStep | None:
-        is_decode = all(item.num_new_tokens == 1 and item.completes_sequence for item in scheduled)
-        if not is_decode or len(scheduled) > self.batch_sizes[-1]:
+        shape = self._graph_shape(scheduled)
+        if shape is None:
             return super()._launch(scheduled, pending)
-        num_seqs = len(scheduled)
-        size = next(size for size in self.batch_sizes if size >= num_seqs)
-        staging = self.staging[self.num_decode_launches % 2]
-        self.num_decode_launches += 1
-        rows, seq_lens, tables = staging.rows.numpy(), staging.seq_lens.numpy(), staging.tables.numpy()
-        rows[2:, num_seqs:size] = -1  # padding rows: no cache write, no adapter ...
-        seq_lens[num_seqs:size] = 0  # ... and no context
+        size, tokens_per_seq = shape
+        num_seqs, num_rows = len(scheduled), size * tokens_per_seq
+        staging = self.staging[self.num_graph_launches % 2]
+        self.num_graph_launches += 1
         sequences = [item.seq for item in scheduled]
-        positions = [seq.num_computed_tokens for seq in sequences]
         block_size = self.block_size
-        rows[0, :num_seqs] = [pending.token(seq, position, row) for row, (seq, position) in enumerate(zip(sequences, positions))]
-        rows[1, :num_seqs] = positions
-        rows[2, :num_seqs] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(sequences, positions)]
-        seq_lens[:num_seqs] = rows[1, :num_seqs] + 1
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        ends: list[int] = []
+        for seq in sequences:
+            start, table = seq.num_computed_tokens, seq.block_table
+            ids.append(pending.token(seq, start, len(ids)))
+            ids.extend(seq.spec_token_ids)
+            end = start + 1 + len(seq.spec_token_ids)
+            positions.extend(range(start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            ends.append(end)
+        num_tokens = len(ids)
+        rows, seq_lens, tables = staging.rows.numpy(), staging.seq_lens.numpy(), staging.tables.numpy()
+        rows[0, :num_tokens] = ids
+        rows[1, :num_tokens] = positions
+        rows[2, :num_tokens] = slots
+        rows[2:, num_tokens:num_rows] = -1  # padding rows: no cache write, no adapter ...
+        seq_lens[:num_seqs] = ends
+        seq_lens[num_seqs:size] = 0  # ... and no context
         if self.lora is not None:
-            rows[3, :num_seqs] = self.lora_slots_of(sequences)
+            rows[3, :num_tokens] = [slot for slot, seq in zip(self.lora_slots_of(sequences), sequences) for _ in range(1 + len(seq.spec_token_ids))]
         keys = staging.table_keys
         for row, seq in enumerate(sequences):
             table = seq.block_table
@@ -142,13 +192,21 @@ class CudaGraphRunner(ModelRunner):
             if staged != len(table):
                 tables[row, staged : len(table)] = table[staged:]
                 keys[row] = (seq, seq.num_preemptions, len(table))
-        self.input_ids[:size].copy_(staging.rows[0, :size], non_blocking=True)
+        self.input_ids[:num_rows].copy_(staging.rows[0, :num_rows], non_blocking=True)
         pending.fill(self.input_ids)
-        self.positions[:size].copy_(staging.rows[1, :size], non_blocking=True)
-        self.slot_mapping[:size].copy_(staging.rows[2, :size], non_blocking=True)
+        self.positions[:num_rows].copy_(staging.rows[1, :num_rows], non_blocking=True)
+        self.slot_mapping[:num_rows].copy_(staging.rows[2, :num_rows], non_blocking=True)
         if self.lora is not None:
-            self.lora_slots[:size].copy_(staging.rows[3, :size], non_blocking=True)
+            self.lora_slots[:num_rows].copy_(staging.rows[3, :num_rows], non_blocking=True)
         self.seq_lens[:size].copy_(staging.seq_lens[:size], non_blocking=True)
         self.block_tables[:size].copy_(staging.tables[:size], non_blocking=True)
-        self.graphs[size].replay()
-        return self._sample(sequences, self.logits[:num_seqs])
+        if tokens_per_seq > 1:
+            self.num_verify_graph_launches += 1
+            query_start_loc = staging.query_start_loc.numpy()
+            query_start_loc[0] = 0
+            query_start_loc[1 : num_seqs + 1] = np.cumsum([end - seq.num_computed_tokens for end, seq in zip(ends, sequences)])
+            query_start_loc[num_seqs + 1 : size + 1] = num_tokens  # padding sequences: no query rows
+            self.verify_query_start_loc[: size + 1].copy_(staging.query_start_loc[: size + 1], non_blocking=True)
+        self.graphs[size, tokens_per_seq].replay()
+        # Each sequence's rows are its proposals' and its next token's, in the order _sample takes them.
+        return self._sample(sequences, self.logits[:num_tokens])

@@ -44,10 +44,15 @@ def make_runner(
     sampler: Sampler | BroadcastingSampler | ReceivingSampler,
     max_model_len: int,
     lora: LoraSlots | None = None,
+    *,
+    verifies: bool = True,
 ) -> ModelRunner:
-    """CUDA graphs for decode steps on a GPU, eager steps on the CPU; the same on every tensor-parallel rank."""
+    """CUDA graphs for decode steps on a GPU, and for verify steps when the
+    runner `verifies` speculative proposals (the target model's, not the
+    draft's), eager steps on the CPU; the same on every tensor-parallel rank."""
     if loaded.device.type == "cuda":
-        return CudaGraphRunner(loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len, lora)
+        verify_tokens = 1 + config.num_speculative_tokens if verifies and config.speculative_method else 1
+        return CudaGraphRunner(loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len, lora, verify_tokens)
     return ModelRunner(loaded, kv_caches, config.block_size, sampler, lora)
 
 
@@ -172,7 +177,7 @@ class ModelExecutor:
         c = self.draft.config
         kv_caches = allocate_kv_tensors(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim, self.kv_dtype, self.draft.device)
         # Greedy passes: the draft's own sampler, with no request seeds to keep.
-        runner = make_runner(config, self.draft, kv_caches, Sampler(0, self.draft.device), max_model_len)
+        runner = make_runner(config, self.draft, kv_caches, Sampler(0, self.draft.device), max_model_len, verifies=False)
         return DraftProposer(runner, num_blocks, config.block_size, config.num_speculative_tokens, max_num_batched_tokens)
 
     def _blocks_for_memory(self, config: EngineConfig, profiled_tokens: int) -> int:
