@@ -3,11 +3,14 @@ so that a refusal reads the same whichever service makes it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pagewire.services.common.errors import invalid_argument
-from pagewire.services.common.limits import MAX_CHOICES, MAX_CONSTRAINT_BYTES, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TIMEOUT_S, MAX_TOOLS
+from pagewire.services.common.limits import (
+    MAX_CHOICES, MAX_CONSTRAINT_BYTES, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_TIMEOUT_S, MAX_TOOLS,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     # Only for the annotations: the engine core imports this module and loads no protobuf.
@@ -25,6 +28,19 @@ def timeout_problem(timeout_s: float) -> str | None:
         return f"timeout must not be negative, got {timeout_s:.15g} s"
     if timeout_s > MAX_TIMEOUT_S:
         return f"timeout must be at most {MAX_TIMEOUT_S} s (a day), got {timeout_s:.15g} s"
+    return None
+
+
+def logit_bias_problem(bias: Mapping[int, float], vocab_size: int | None = None) -> str | None:
+    """Why a logit_bias is refused (too many ids, a bias out of range, an id
+    outside a vocabulary of vocab_size when it is known); None when it is fine."""
+    if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        return at_most("logit_bias token ids", len(bias), MAX_LOGIT_BIAS_TOKENS)
+    for token_id, value in bias.items():
+        if not (math.isfinite(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+            return f"logit_bias values must be in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value:g} for token {token_id}"
+        if vocab_size is not None and not 0 <= token_id < vocab_size:
+            return f"logit_bias names token id {token_id}; the model has a vocabulary of {vocab_size} (ids 0 to {vocab_size - 1})"
     return None
 
 

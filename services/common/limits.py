@@ -47,6 +47,28 @@ GRAMMAR_CACHE_BYTES = 256 * 1024 * 1024
 # maximum, and each of them is one more token text for the gateway to fetch.
 MAX_LOGPROBS = 20
 
+# Completions per prompt (n). Each is a sequence of its own in the engine
+# (sharing the prompt's cached KV blocks) and counts against
+# --max-concurrent-requests; OpenAI allows 128, 16 covers sampling several
+# candidates without one request taking a batch.
+MAX_N = 16
+
+# Prompts of one /v1/completions request (a list of strings or of token-id
+# lists), each run n times: a batch of prompts in one body, bounded like n.
+MAX_PROMPTS = 16
+
+# Output tokens one request may ask for over all its completions: n (times
+# the prompts) times max_tokens, or max_model_len where max_tokens is unset.
+# 256 Ki is 16 completions of 16 Ki tokens; past it a request holds the
+# engine for minutes and should set a smaller max_tokens.
+MAX_TOTAL_OUTPUT_TOKENS = 256 * 1024
+
+# logit_bias: at most this many token ids (OpenAI's bound), each biased by at
+# most MAX_LOGIT_BIAS either way. The sampler adds a [rows, vocab] bias
+# tensor built from them every step.
+MAX_LOGIT_BIAS_TOKENS = 300
+MAX_LOGIT_BIAS = 100.0
+
 # Output tokens every request is given room for: max_tokens may not be lower,
 # and a prompt must be at least this much shorter than max_model_len.
 MIN_OUTPUT_TOKENS = 1

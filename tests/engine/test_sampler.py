@@ -135,3 +135,30 @@ def test_seeded_requests_reproduce_whatever_the_batch() -> None:
 
     assert run(1234, position=0, batch_seed=1) == run(1234, position=2, batch_seed=2)
     assert run(1234, position=0, batch_seed=1) != run(99, position=0, batch_seed=1)
+
+
+def test_logit_bias_adds_to_each_rows_logits_greedy_and_sampled() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(3, VOCAB)
+    forced, banned = 7, int(logits[1].argmax())
+    rows = [
+        _row(SamplingParams(temperature=0.0, logit_bias=((forced, 100.0),)), "a"),
+        _row(SamplingParams(temperature=0.0, logit_bias=((banned, -100.0), (3, 0.5)), logprobs=0), "b"),
+        _row(SamplingParams(temperature=1.0, seed=5, logit_bias=((forced, 100.0),)), "c"),
+    ]
+    tokens, logprobs = _sample(Sampler(0, torch.device("cpu")), logits, rows)
+    reference = logits.clone()
+    reference[1, banned] -= 100.0
+    reference[1, 3] += 0.5
+    assert tokens[0] == forced and tokens[2] == forced
+    assert tokens[1] == int(reference[1].argmax()) != banned
+    # Logprobs are those of the biased distribution.
+    assert logprobs[1].logprob == pytest.approx(float(reference[1].log_softmax(-1)[tokens[1]]), abs=1e-5)
+    # A row without a bias is untouched.
+    assert _sample(Sampler(0, torch.device("cpu")), logits, [_row(SamplingParams(temperature=0.0))])[0] == [int(logits[0].argmax())]
+
+
+def test_logit_bias_out_of_range_is_a_problem() -> None:
+    assert SamplingParams(logit_bias=((1, 100.5),)).problems() == ["logit_bias values must be in [-100, 100], got 100.5 for token 1"]
+    assert SamplingParams(logit_bias=tuple((i, 1.0) for i in range(301))).problems() == ["at most 300 logit_bias token ids are accepted, got 301"]
+    assert SamplingParams(logit_bias=((1, -100.0),)).problems() == []

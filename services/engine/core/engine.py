@@ -250,6 +250,8 @@ class EngineCore:
                     f"(max_model_len), output included, so a prompt may have at most {self.max_model_len - MIN_OUTPUT_TOKENS}"
                 )
         problems.extend(sampling.problems())
+        if (bad_bias := next((t for t, _ in sampling.logit_bias if t >= self.vocab_size), None)) is not None:
+            problems.append(f"logit_bias names token id {bad_bias}, outside the vocabulary [0, {self.vocab_size})")
         if timeout_s is not None and (problem := timeout_problem(timeout_s)) is not None:
             problems.append(problem)
         if not problems:

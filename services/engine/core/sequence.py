@@ -7,7 +7,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from pagewire.services.common.limit_checks import at_most
+from pagewire.services.common.limit_checks import at_most, logit_bias_problem
 from pagewire.services.common.limits import MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_OUTPUT_TOKENS
 
 
@@ -45,6 +45,8 @@ class SamplingParams:
     # Whether the engine may propose and verify several tokens per step
     # (when it runs with --speculative-method); the output is the same.
     speculative: bool = True
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -79,7 +81,9 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             found.append(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.n != 1:
-            found.append(f"n must be 1 (one completion per request), got {self.n}")
+            found.append(f"n must be 1 (one sequence per request; the gateway runs n > 1 as n requests), got {self.n}")
+        if (problem := logit_bias_problem(dict(self.logit_bias))) is not None:
+            found.append(problem)
         return found
 
 

@@ -2,7 +2,8 @@
 
 Order, per row: a constrained row's grammar masks the tokens it does not
 allow next (to -inf; the bitmask is filled on the host while the device
-still runs the forward pass); penalties on the raw logits; greedy rows take the argmax;
+still runs the forward pass); penalties on the raw logits; the row's
+logit_bias added; greedy rows take the argmax;
 the rest are divided by their temperature, then filtered by top-k, top-p and
 min-p (the order of HF transformers' warpers), then sampled. Logprobs are
 those of the penalised, temperature-scaled distribution before filtering.
@@ -96,6 +97,16 @@ def filter_logits(
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRequest]) -> torch.Tensor:
+    """Add each row's logit_bias to its logits. The (row, id, bias) entries
+    reach the device in one non-blocking copy (float32 holds any token id
+    exactly), so the step never waits on the device for them."""
+    entries = [[i, token_id, bias] for i, r in enumerate(rows) for token_id, bias in r.params.logit_bias]
+    staged = _host_floats(entries, logits.device)
+    row_ids, token_ids = staged[:, 0].long(), staged[:, 1].long()
+    return logits.index_put((row_ids, token_ids), staged[:, 2].to(logits.dtype), accumulate=True)
+
+
 def _host_floats(rows: list[list[float]], device: torch.device) -> torch.Tensor:
     """Per-row parameters as one [len(rows), n] float32 tensor on the device,
     through pinned memory so that the copy does not stall the host."""
@@ -179,6 +190,8 @@ class Sampler:
             logits = apply_token_bitmask(logits, bitmask, constrained)
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits, rows)
+        if any(p.logit_bias for p in params):
+            logits = apply_logit_bias(logits, rows)
         verifies = any(r.draft_token_id is not None for r in rows)
         # Greedy rows keep temperature 1 so their logprobs are the plain
         # distribution. Proposals (-1: none) ride along; float32 holds ids exactly.

@@ -64,6 +64,7 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
         logprobs=get("logprobs"),
         n=get("n"),
         speculative=get("speculative"),
+        logit_bias=tuple(sorted(params.logit_bias.items())),
     )
 
 
