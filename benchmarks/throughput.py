@@ -119,10 +119,13 @@ def summarize(start: float, first_token: dict[str, float], finished: dict[str, f
                 **percentiles(ttft, "ttft"), **percentiles(tpot, "tpot"))  # fmt: skip
 
 
-def run_engine(core: EngineCore, prompts: list[list[int]], output_len: int, loras: list[str] | None = None) -> dict:
+def run_engine(
+    core: EngineCore, prompts: list[list[int]], output_len: int, loras: list[str] | None = None, outputs: dict[str, list[int]] | None = None
+) -> dict:
     """Submit every prompt at once and step until all finish; per-request
     first-token and finish times, where the step time went, and the prefix
-    cache hits of this run. With `loras`, request i runs with loras[i % len]."""
+    cache hits of this run. With `loras`, request i runs with loras[i % len];
+    `outputs` collects each request's tokens by request id."""
     sampling = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     hits_before = core.stats().prefix_cache_hit_tokens
     start = time.perf_counter()
@@ -137,12 +140,14 @@ def run_engine(core: EngineCore, prompts: list[list[int]], output_len: int, lora
         scheduler = core.scheduler
         phase = "decode" if not scheduler.waiting and all(s.num_tokens - s.num_computed_tokens == 1 for s in scheduler.running) else "prefill_or_mixed"
         step_start = time.perf_counter()
-        outputs = core.step()
+        step_outputs = core.step()
         now = time.perf_counter()
         phase_seconds[phase] += now - step_start
         phase_steps[phase] += 1
-        for output in outputs:
+        for output in step_outputs:
             output_tokens += len(output.new_token_ids)
+            if outputs is not None:
+                outputs.setdefault(output.request_id, []).extend(output.new_token_ids)
             first_token.setdefault(output.request_id, now)
             if output.finished:
                 finished[output.request_id] = now
