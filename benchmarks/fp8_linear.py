@@ -2,7 +2,9 @@
 projection shapes at a few tokens, through the weight-only FP8 GEMV
 (kernels/fp8_gemv.cu, at the token counts it takes), through
 torch._scaled_mm with per-token activation quantization, and as the bf16
-GEMM that FP8 has to beat. Each op is timed as 32
+GEMM that FP8 has to beat; and that quantization alone, in torch's kernels
+(kernels/reference.py: quantize_rows) and in kernels/fp8_quant.cu, the one
+_scaled_mm takes. Each op is timed as 32
 calls on rotating weight copies inside one CUDA graph, so the weights are
 read from memory, not from the L2 cache. Prints one JSON line per row.
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.attention import emit, time_graph
-from pagewire.kernels import cuda_gemv
+from pagewire.kernels import cuda_fp8_quant, cuda_gemv, reference
 from pagewire.services.engine.executor.layers.fp8 import fp8_linear_scaled_mm, quantize_rows
 
 # llama-8b: qkv, o, gate_up, down as (out, in).
@@ -39,6 +41,8 @@ def main() -> None:
             ops = {
                 "bf16_gemm": lambda i: F.linear(x, dense[i % COPIES]),
                 "scaled_mm": lambda i: fp8_linear_scaled_mm(x, *quantized[i % COPIES], None),
+                "quantize_torch": lambda i: reference.quantize_rows(x),
+                "quantize_kernel": lambda i: cuda_fp8_quant.quantize_rows(x),
             }
             if cuda_gemv.supports(x, quantized[0][0]):
                 ops["fp8_gemv"] = lambda i: cuda_gemv.fp8_gemv(x, *quantized[i % COPIES])

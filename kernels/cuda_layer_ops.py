@@ -34,7 +34,7 @@ def kernel_names() -> list[str]:
     ]
 
 
-def _vector_width(width: int, *tensors: torch.Tensor) -> int:
+def vector_width(width: int, *tensors: torch.Tensor) -> int:
     """8 when every row starts on a 16-byte boundary and the width is a
     multiple of 8 elements, else 1."""
     aligned = width % VECTOR == 0 and all(t.data_ptr() % 16 == 0 and (t.dim() < 2 or t.stride(0) % VECTOR == 0) for t in tensors)
@@ -46,7 +46,7 @@ def _threads_for(work_items: int, most: int) -> int:
     return min(most, max(32, -(-work_items // 32) * 32))
 
 
-def _kind(*tensors: torch.Tensor) -> str:
+def kernel_kind(*tensors: torch.Tensor) -> str:
     dtype = tensors[0].dtype
     if dtype not in KERNEL_TYPES or any(t.dtype != dtype for t in tensors):
         raise ValueError(f"these kernels take bf16 or fp16 tensors of one dtype, got {[t.dtype for t in tensors]}")
@@ -66,11 +66,11 @@ def _launch(name: str, grid: tuple[int, ...], threads: int, device: torch.device
 
 def _rms_norm(out: torch.Tensor, residual: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     weight = weight.contiguous()
-    kind = _kind(x, weight, out, *(() if residual is None else (residual,)))
+    kind = kernel_kind(x, weight, out, *(() if residual is None else (residual,)))
     with_residual = residual is not None
     residual = x if residual is None else residual
     hidden = x.shape[-1]
-    vec = _vector_width(hidden, out, residual, x, weight)
+    vec = vector_width(hidden, out, residual, x, weight)
     _launch(
         f"rms_norm_kernel<{kind}, {'true' if with_residual else 'false'}, {vec}>",
         (x.shape[0],),
@@ -102,7 +102,7 @@ def rotary_embedding(
     positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kernels/layer_ops.py: rotary_embedding, in place on query and key."""
-    kind = _kind(query, key)
+    kind = kernel_kind(query, key)
     num_tokens, num_heads, head_dim = query.shape
     positions = positions.to(torch.int64).contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
@@ -122,10 +122,10 @@ def rotary_embedding(
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """kernels/layer_ops.py: silu_and_mul, for gate_up [num_tokens, 2 * width]."""
-    kind = _kind(gate_up)
+    kind = kernel_kind(gate_up)
     width = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype, device=gate_up.device)
-    vec = _vector_width(width, gate_up, out)
+    vec = vector_width(width, gate_up, out)
     slices = -(-width // (SILU_THREADS * vec))
     _launch(
         f"silu_and_mul_kernel<{kind}, {vec}>",

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 FP8_CACHE_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_CACHE_DTYPE).max
+# A row of zeros gets this scale instead of 0, so dividing by it stays finite.
+MIN_SCALE = 1e-12
 
 
 def to_cache_dtype(rows: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
@@ -120,7 +122,60 @@ def paged_attention(
     return out
 
 
+def _slot_mask(token_slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """[tokens, slots]: 1 where the token's adapter sits in the slot."""
+    return (token_slots[:, None] == torch.arange(num_slots, device=token_slots.device)).to(dtype)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """kernels/lora.cu's shrink: x [tokens, in] times the A of each token's
+    slot (token_slots [tokens], -1: no adapter, a row of zeros), lora_a
+    [in, parts, slots, rank] -> [tokens, parts * rank] in x's dtype. Rather
+    than copy each token's A, x is multiplied by every slot's A in one GEMM
+    and the columns of the other slots are masked out."""
+    input_size, num_parts, num_slots, rank = lora_a.shape
+    every = (x @ lora_a.view(input_size, -1)).view(-1, num_parts, num_slots, rank)
+    return (every * _slot_mask(token_slots, num_slots, x.dtype)[:, None, :, None]).sum(2).flatten(1)
+
+
+def lora_expand(out: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, part_sizes: list[int]) -> torch.Tensor:
+    """kernels/lora.cu's expand: out [tokens, sum(part_sizes)] plus, for part p
+    of a fused projection (its own output columns), shrunk's columns p * rank
+    onwards times the B of the token's slot, lora_b [slots, rank, out] (the
+    adapter's scale folded in). The shrunk row is spread over the slots'
+    columns, masked, so each part takes one GEMM with every slot's B."""
+    num_slots, rank, output_size = lora_b.shape
+    mask = _slot_mask(token_slots, num_slots, lora_b.dtype)[:, None, :, None]
+    spread = shrunk.view(-1, len(part_sizes), 1, rank).to(lora_b.dtype) * mask  # [tokens, parts, slots, rank]
+    every_b = lora_b.view(num_slots * rank, output_size)
+    starts = [sum(part_sizes[:p]) for p in range(len(part_sizes))]
+    delta = [spread[:, p].flatten(1) @ every_b[:, start : start + size] for p, (start, size) in enumerate(zip(starts, part_sizes))]
+    return out + torch.cat(delta, dim=1)
+
+
+def add_lora(
+    out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, part_sizes: list[int]
+) -> torch.Tensor:
+    """A projection's output out [tokens, sum(part_sizes)] plus the LoRA of
+    each token's adapter slot on its input x: lora_expand of lora_shrink."""
+    return lora_expand(out, lora_shrink(x, lora_a, token_slots), lora_b, token_slots, part_sizes)
+
+
 def fp8_weight_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """kernels/fp8_gemv.cu: x [m, k] times the float8 weight [n, k] with one
     float32 scale per output row, accumulated in float32, rounded to x's dtype."""
     return (x.float() @ weight.float().t() * scale.float()).to(x.dtype)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, cols] as float8_e4m3fn and the float32 scale of each row [rows]:
+    x ~= q * scale[:, None], with each row's largest magnitude at FP8_MAX.
+    kernels/fp8_quant.cu computes the same bits on the GPU (where torch divides
+    by the Python scalar FP8_MAX as a product with its float reciprocal)."""
+    scale = (x.abs().amax(dim=-1).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    q = (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_CACHE_DTYPE)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[:, None]).to(dtype)

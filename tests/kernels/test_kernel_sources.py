@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pagewire.kernels import cuda_gemv, cuda_layer_ops, cuda_ops
+from pagewire.kernels import cuda_fp8_quant, cuda_gemv, cuda_layer_ops, cuda_ops
 from pagewire.kernels.loader import COMPILE_OPTIONS, KERNEL_DIR
 
 NVCC = shutil.which("nvcc")
@@ -18,7 +18,12 @@ NVCC = shutil.which("nvcc")
 
 def all_kernel_names() -> dict[str, list[str]]:
     """Every instantiation the launchers can request, per source file."""
-    return {**cuda_ops.all_kernel_names(), cuda_layer_ops.SOURCE: cuda_layer_ops.kernel_names(), cuda_gemv.SOURCE: cuda_gemv.kernel_names()}
+    return {
+        **cuda_ops.all_kernel_names(),
+        cuda_layer_ops.SOURCE: cuda_layer_ops.kernel_names(),
+        cuda_gemv.SOURCE: cuda_gemv.kernel_names(),
+        cuda_fp8_quant.SOURCE: cuda_fp8_quant.kernel_names(),
+    }
 
 
 def test_every_source_has_its_kernels_listed() -> None:

@@ -14,29 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagewire.kernels import cuda_gemv
+from pagewire.kernels import cuda_fp8_quant, cuda_gemv
+from pagewire.kernels.reference import dequantize_rows, quantize_rows
 from pagewire.services.common.logging import get_logger
 
 log = get_logger("engine")
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-# A row of zeros gets this scale instead of 0, so dividing by it stays finite.
-MIN_SCALE = 1e-12
 # torch._scaled_mm needs the inner and output dimensions in multiples of 16.
 SCALED_MM_ALIGNMENT = 16
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, cols] as float8_e4m3fn and the float32 scale of each row [rows]:
-    x ~= q * scale[:, None], with each row's largest magnitude at FP8_MAX."""
-    scale = (x.abs().amax(dim=-1).float() / FP8_MAX).clamp(min=MIN_SCALE)
-    q = (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
-
-
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale[:, None]).to(dtype)
 
 
 @functools.cache
@@ -60,8 +47,9 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
 def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The same product on FP8 tensor cores. Row-wise scaling takes scale_a
     [tokens, 1] and scale_b [1, out] in float32, the weight column-major (the
-    transpose of a row-major [out, in]) and a bfloat16 output."""
-    x_q, x_scale = quantize_rows(x)
+    transpose of a row-major [out, in]) and a bfloat16 output. The activations
+    are quantized in one kernel (kernels/fp8_quant.cu) where it takes them."""
+    x_q, x_scale = cuda_fp8_quant.quantize_rows(x) if cuda_fp8_quant.supports(x) else quantize_rows(x)
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :], out_dtype=torch.bfloat16)
     out = out.to(x.dtype)
     return out if bias is None else out + bias
