@@ -183,7 +183,7 @@ def test_lora_linear_applies_each_tokens_adapter_to_its_part() -> None:
     """Per token: the base projection plus B @ A x of its own slot, each part of a fused projection apart."""
     torch.manual_seed(0)
     parts, rank, slots, hidden = [8, 4, 4], 3, 3, 16
-    context = LoraContext(slots, torch.float32, torch.device("cpu"))
+    context = LoraContext(slots, torch.device("cpu"))
     layer = LoraLinear(torch.nn.Linear(hidden, sum(parts), bias=False), hidden, parts, rank, context, torch.float32, torch.device("cpu"))
     weights = {(s, p): (torch.randn(rank - p % 2, hidden), torch.randn(parts[p], rank - p % 2)) for s in range(slots) for p in range(3) if (s + p) % 2}
     for (s, p), (a, b) in weights.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pagewire.kernels import cuda_fp8_quant, cuda_gemv, cuda_layer_ops, cuda_ops
+from pagewire.kernels import cuda_fp8_quant, cuda_gemv, cuda_layer_ops, cuda_lora, cuda_ops
 from pagewire.kernels.loader import COMPILE_OPTIONS, KERNEL_DIR
 
 NVCC = shutil.which("nvcc")
@@ -23,6 +23,7 @@ def all_kernel_names() -> dict[str, list[str]]:
         cuda_layer_ops.SOURCE: cuda_layer_ops.kernel_names(),
         cuda_gemv.SOURCE: cuda_gemv.kernel_names(),
         cuda_fp8_quant.SOURCE: cuda_fp8_quant.kernel_names(),
+        cuda_lora.SOURCE: cuda_lora.kernel_names(),
     }
 
 

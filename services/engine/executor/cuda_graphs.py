@@ -121,7 +121,7 @@ class CudaGraphRunner(ModelRunner):
     def _forward(self, size: int, tokens_per_seq: int) -> None:
         rows = size * tokens_per_seq
         if self.lora is not None:
-            self.lora.context.bind(self.lora_slots[:rows])  # the mask is computed inside the graph
+            self.lora.context.bind(self.lora_slots[:rows])  # the kernels read the slots inside the graph
         hidden = self.model(self.input_ids[:rows], self.positions[:rows], self.kv_caches, self._metadata(size, tokens_per_seq))
         self.logits[:rows].copy_(self.model.compute_logits(hidden))
 

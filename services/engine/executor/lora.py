@@ -47,7 +47,7 @@ class LoraSlots:
         self.max_rank = max_rank
         self.dtype = dtype
         self.pin = device.type == "cuda"
-        self.context = LoraContext(max_loras, dtype, device)
+        self.context = LoraContext(max_loras, device)
         self.layers: dict[str, LoraLinear] = {}
         for path, parent, attribute, part_sizes in _projections(model):
             base = getattr(parent, attribute)
