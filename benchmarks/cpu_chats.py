@@ -4,9 +4,12 @@ against HF transformers `generate` on the same model in float32, in one run. Wor
 requests (32 different questions), greedy, at most --max-tokens tokens each
 (64), stopping at the model's end of turn. Useful tokens are those up to and
 including the end of turn: HF pads a finished row until the batch's longest
-answer ends, pagewire frees its slot. Warm-ups use other questions. Prints
-one JSON line per system (pagewire's with the CPU seconds each service took),
-then the ratio.
+answer ends, pagewire frees its slot. Warm-ups ask other questions (another
+wording of each topic), so all the measured prompts can find in the prefix
+cache is the chat template's opening, which every chat shares. Prints
+one JSON line per system (pagewire's with the CPU seconds each service took
+and the engine's prefix-cache counters over the measured run), then the
+ratio.
 
     python -m benchmarks.cpu_chats [--chats 32] [--max-tokens 64] [--dtypes float32,bfloat16]
 """
@@ -28,7 +31,7 @@ from benchmarks.through_gateway import cpu_seconds, serve_children
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.common.model import load_hf_tokenizer, resolve_model
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from tests.support.harness import ServeProcess
+from tests.support.harness import ServeProcess, engine_stats
 
 TOPICS = [
     "the water cycle", "photosynthesis", "how a bicycle stays upright", "why the sky is blue", "the French revolution",
@@ -40,8 +43,12 @@ TOPICS = [
 ]  # fmt: skip
 
 
-def questions(count: int, offset: int) -> list[str]:
-    return [f"Explain {TOPICS[(offset + i) % len(TOPICS)]} in two sentences." for i in range(count)]
+MEASURED = "Explain {} in two sentences."
+WARM_UP = "Describe {} to a child."  # differs from MEASURED from the first word on
+
+
+def questions(count: int, wording: str) -> list[str]:
+    return [wording.format(TOPICS[i % len(TOPICS)]) for i in range(count)]
 
 
 def emit(record: dict) -> None:
@@ -77,14 +84,17 @@ def run_pagewire(args: argparse.Namespace, work_dir: Path, dtype: str) -> dict:
     served.start()
     try:
         served.wait_serving()
-        asyncio.run(_chat_stream(served.grpc_target, questions(args.chats, offset=args.chats), 8))
+        asyncio.run(_chat_stream(served.grpc_target, questions(args.chats, WARM_UP), 8))
         children = serve_children(served)
-        before = cpu_seconds(children)
-        tokens, seconds = asyncio.run(_chat_stream(served.grpc_target, questions(args.chats, offset=0), args.max_tokens))
-        after = cpu_seconds(children)
+        before, stats_before = cpu_seconds(children), engine_stats(served.engine_target)
+        tokens, seconds = asyncio.run(_chat_stream(served.grpc_target, questions(args.chats, MEASURED), args.max_tokens))
+        after, stats_after = cpu_seconds(children), engine_stats(served.engine_target)
     finally:
         served.stop()
+    counters = {"prompt_tokens": "prompt_tokens_total", "prefix_cache_queried_tokens": "prefix_cache_queried_tokens",
+                "prefix_cache_hit_tokens": "prefix_cache_hit_tokens"}  # fmt: skip
     return dict(useful_tokens=tokens, seconds=round(seconds, 2), useful_tok_s=round(tokens / seconds, 1),
+                **{key: getattr(stats_after, name) - getattr(stats_before, name) for key, name in counters.items()},
                 **{f"cpu_s_{name}": round(after[name] - before[name], 2) for name in after})  # fmt: skip
 
 
@@ -107,8 +117,8 @@ def run_hf(args: argparse.Namespace) -> dict:
         new = out[:, batch["input_ids"].shape[1] :].tolist()
         return sum(row.index(eos) + 1 if eos in row else len(row) for row in new), seconds
 
-    generate(questions(args.chats, offset=args.chats), 8)
-    tokens, seconds = generate(questions(args.chats, offset=0), args.max_tokens)
+    generate(questions(args.chats, WARM_UP), 8)
+    tokens, seconds = generate(questions(args.chats, MEASURED), args.max_tokens)
     return dict(useful_tokens=tokens, seconds=round(seconds, 2), useful_tok_s=round(tokens / seconds, 1), batch_size=args.chats)
 
 
