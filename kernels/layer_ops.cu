@@ -13,31 +13,9 @@
 // and written 8 elements at a time (VEC = 8); the rest one at a time.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
-// tests, so it includes no headers.
+// tests; it includes only kernels/dtypes.cuh.
 
-typedef unsigned short u16;
-
-struct Bf16 {
-    static __device__ __forceinline__ float to_float(u16 bits) { return __uint_as_float(((unsigned int)bits) << 16); }
-    static __device__ __forceinline__ u16 from_float(float value) {
-        u16 bits;
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
-        return bits;
-    }
-};
-
-struct Fp16 {
-    static __device__ __forceinline__ float to_float(u16 bits) {
-        float value;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(bits));
-        return value;
-    }
-    static __device__ __forceinline__ u16 from_float(float value) {
-        u16 bits;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(value));
-        return bits;
-    }
-};
+#include "dtypes.cuh"
 
 // Rounded through the 16-bit type, as a torch op on 16-bit tensors rounds its result.
 template <typename T>

@@ -9,6 +9,7 @@ need it."""
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,15 @@ KERNEL_DIR = Path(__file__).resolve().parent
 # The same flags build every source in the nvcc compile test, so what CI checks
 # is what NVRTC builds on the GPU.
 COMPILE_OPTIONS: tuple[str, ...] = ("-std=c++17", "--use_fast_math")
+# A source's #include of a header of this package (kernels/*.cuh).
+LOCAL_INCLUDE = re.compile(r'^#include "(\w+\.cuh)"$', re.MULTILINE)
+
+
+def source_code(source: str) -> str:
+    """kernels/<source> with each local header pasted in place of its
+    #include: NVRTC is handed one text, and CuPy's cache of compiled
+    binaries, keyed by that text, sees a header's edits too."""
+    return LOCAL_INCLUDE.sub(lambda match: (KERNEL_DIR / match.group(1)).read_text(), (KERNEL_DIR / source).read_text())
 
 
 @functools.cache
@@ -30,7 +40,7 @@ def get_kernel(source: str, name: str, max_dynamic_shared_bytes: int = 0) -> cup
     import cupy
 
     module = cupy.RawModule(
-        code=(KERNEL_DIR / source).read_text(),
+        code=source_code(source),
         options=COMPILE_OPTIONS,
         name_expressions=[name] if "<" in name else None,
     )

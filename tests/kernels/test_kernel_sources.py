@@ -1,6 +1,7 @@
 """Every CUDA source compiles with nvcc, for every instantiation the loader can
-request, with the flags NVRTC gets on the GPU. Catches syntax and template
-errors on machines without a GPU; skipped where nvcc is not installed."""
+request, from the text and with the flags NVRTC gets on the GPU. Catches
+syntax and template errors on machines without a GPU; skipped where nvcc is
+not installed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pagewire.kernels import cuda_fp8_quant, cuda_gemv, cuda_layer_ops, cuda_lora, cuda_ops
-from pagewire.kernels.loader import COMPILE_OPTIONS, KERNEL_DIR
+from pagewire.kernels.loader import COMPILE_OPTIONS, KERNEL_DIR, source_code
 
 NVCC = shutil.which("nvcc")
 
@@ -31,6 +32,13 @@ def test_every_source_has_its_kernels_listed() -> None:
     assert {path.name for path in KERNEL_DIR.glob("*.cu")} == set(all_kernel_names())
 
 
+def test_the_loader_pastes_in_every_header() -> None:
+    """NVRTC gets one text: no source is left including anything."""
+    for source in all_kernel_names():
+        assert "#include" not in "\n".join(line for line in source_code(source).splitlines() if not line.lstrip().startswith("//"))
+    assert source_code("lora.cu").count("struct Bf16") == 1
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", sorted(all_kernel_names()))
 def test_source_compiles_with_nvcc(source: str, tmp_path: Path) -> None:
@@ -38,7 +46,7 @@ def test_source_compiles_with_nvcc(source: str, tmp_path: Path) -> None:
     # Taking each kernel's address instantiates exactly the templates the loader uses.
     unit = tmp_path / "unit.cu"
     unit.write_text(
-        f'#include "{KERNEL_DIR / source}"\n'
+        f"{source_code(source)}\n"
         f"void* const kernel_instantiations[] = {{{', '.join(f'(void*)&{name}' for name in names)}}};\n"
     )
     result = subprocess.run(
