@@ -12,6 +12,7 @@ from grpc_status import rpc_status
 
 from pagewire.services.common.grpc_utils import error_status
 from pagewire.services.common.message_size import packed
+from pagewire.services.gateway.choices import ChoiceGroup
 from pagewire.services.gateway.hub import Gateway
 from pagewire.services.gateway.request import GatewayRequest
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -34,7 +35,7 @@ class Outgoing:
     tells of taking it (none for a refused Start)."""
 
     chunk: gateway_pb2.GenerateChunk
-    request: GatewayRequest | None = None
+    request: GatewayRequest | ChoiceGroup | None = None
 
 
 class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
@@ -49,13 +50,13 @@ class GenerationServicer(gateway_pb2_grpc.GenerationServicer):
         pending: list[Outgoing] = []
         ready = asyncio.Event()
         all_done = False
-        live: dict[str, tuple[GatewayRequest, asyncio.Task[None]]] = {}
+        live: dict[str, tuple[GatewayRequest | ChoiceGroup, asyncio.Task[None]]] = {}
 
-        def send(chunk: gateway_pb2.GenerateChunk, request: GatewayRequest | None = None) -> None:
+        def send(chunk: gateway_pb2.GenerateChunk, request: GatewayRequest | ChoiceGroup | None = None) -> None:
             pending.append(Outgoing(chunk, request))
             ready.set()
 
-        async def follow(request: GatewayRequest) -> None:
+        async def follow(request: GatewayRequest | ChoiceGroup) -> None:
             try:
                 await request.run(lambda chunk: send(chunk, request))
             finally:

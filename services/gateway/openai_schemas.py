@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from pagewire.services.common.errors import Refusal, RequestError, invalid_argument
-from pagewire.services.common.limits import MIN_OUTPUT_TOKENS
+from pagewire.services.common.limits import MAX_PROMPTS, MIN_OUTPUT_TOKENS
 from pagewire.services.gateway.tool_calls import (
     HERMES_OPEN,
     ToolCallBody,
@@ -39,7 +39,9 @@ class StreamOptions(BaseModel):
 # failed conversion further down.
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
-UINT64_MAX = 2**64 - 1
+# OpenAI's seed is an int64; the proto's uint64 holds its two's complement.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+UINT64_MODULUS = 2**64
 # Strict: a float, a bool or a numeric string is not a token id.
 TokenId = Annotated[StrictInt, Field(ge=0, le=UINT32_MAX)]
 # OpenAI's default max_tokens on /v1/completions (chat has none: the model's
@@ -106,18 +108,20 @@ class SamplingFields(BaseModel):
     # OpenAI fields that each endpoint knows but does not implement, with the
     # values that ask for nothing (OpenAI's defaults): any other value is
     # refused naming the field.
-    not_implemented: ClassVar[dict[str, tuple[Any, ...]]] = {"logit_bias": (None, {})}
+    not_implemented: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     model: str = ""
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX, description="-1 or 0: off")
     min_p: float | None = None
-    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     n: int | None = Field(None, ge=1, le=UINT32_MAX)
+    # Token id (as a JSON key, so a string) -> bias added to its logit.
+    logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
@@ -140,13 +144,22 @@ class SamplingFields(BaseModel):
             if not any(value == ok and type(value) is type(ok) for ok in self.not_implemented[name]):
                 raise invalid_argument(f"{name} is not supported by this server; leave it out (or set it to null)", field=name)
 
+    def token_biases(self) -> dict[int, float]:
+        """logit_bias with its keys read as token ids."""
+        biases = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()) or int(key) > UINT32_MAX:
+                raise invalid_argument(f"logit_bias keys must be token ids (non-negative integers), got {key[:40]!r}", field="logit_bias")
+            biases[int(key)] = bias
+        return biases
+
     def sampling(self, max_tokens: int | None, logprobs: int | None) -> common_pb2.SamplingParams:
         return common_pb2.SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k if self.top_k and self.top_k > 0 else None,
             min_p=self.min_p,
-            seed=self.seed,
+            seed=None if self.seed is None else self.seed % UINT64_MODULUS,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
@@ -156,6 +169,7 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
             n=self.n,
             speculative=self.speculative,
+            logit_bias=self.token_biases(),
         )
 
     def generate_request(self, max_tokens: int | None, logprobs: int | None) -> gateway_pb2.GenerateRequest:
@@ -171,6 +185,10 @@ class SamplingFields(BaseModel):
         if self.response_format is not None and (constraint := self.response_format.constraint()) is not None:
             request.constraint.CopyFrom(constraint)
         return request
+
+    def constraint_param(self) -> str:
+        """The field a refusal of the request's constraint names."""
+        return "response_format"
 
     @property
     def include_usage(self) -> bool:
@@ -188,23 +206,43 @@ class CompletionBody(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=UINT32_MAX)
     echo: bool = False
 
-    def to_request(self) -> gateway_pb2.GenerateRequest:
-        if self.echo:
-            raise invalid_argument("echo is not supported", field="echo")
-        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
-        request = self.generate_request(max_tokens, self.logprobs)
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the body: one string or token-id list, or a list of them."""
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise RequestError(Refusal.INVALID_ARGUMENT, f"one prompt per request is supported, got {len(prompt)}; send several requests")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            request.text = prompt
-        else:
-            if any(token_id < 0 for token_id in prompt):
-                raise RequestError(Refusal.INVALID_ARGUMENT, "prompt token ids must not be negative")
-            request.token_ids.ids.extend(prompt)
-        return request
+            if len(prompt) > MAX_PROMPTS:
+                raise invalid_argument(f"at most {MAX_PROMPTS} prompts per request are accepted, got {len(prompt)}", field="prompt")
+            return list(prompt)  # type: ignore[arg-type]
+        return [prompt]  # type: ignore[list-item]
+
+    def to_requests(self) -> list[gateway_pb2.GenerateRequest]:
+        """One request per prompt, alike but for their input (choices.py runs them together)."""
+        prompts = self.prompts()
+        if self.echo and self.logprobs is not None:
+            # Prompt logprobs would need the engine to score the prompt.
+            raise invalid_argument("echo cannot be combined with logprobs (prompt logprobs are not returned); leave one out", field="echo")
+        if self.echo and not all(isinstance(prompt, str) for prompt in prompts):
+            raise invalid_argument("echo needs a text prompt; a prompt of token ids cannot be echoed", field="echo")
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+        template = self.generate_request(max_tokens, self.logprobs)
+        requests = []
+        for prompt in prompts:
+            request = gateway_pb2.GenerateRequest()
+            request.CopyFrom(template)
+            if isinstance(prompt, str):
+                request.text = prompt
+            else:
+                if any(token_id < 0 for token_id in prompt):
+                    raise RequestError(Refusal.INVALID_ARGUMENT, "prompt token ids must not be negative")
+                request.token_ids.ids.extend(prompt)
+            requests.append(request)
+        return requests
+
+    def output_format(self) -> CompletionFormat:
+        """The response bodies: one choice per prompt and completion, each
+        opening with its prompt when echo is set."""
+        prompts = self.prompts()
+        return CompletionFormat(len(prompts) * (self.n or 1), [str(p) for p in prompts] if self.echo else None)
 
 
 class TextPart(BaseModel):
@@ -258,8 +296,16 @@ class ChatBody(SamplingFields):
         return ToolCalling.of(self.tools, self.tool_choice)
 
     def output_format(self) -> ChatFormat:
+        calling, choices = self.tool_calling(), self.n or 1
+        return ChatFormat(choices) if calling is None else ToolCallFormat(calling, choices)
+
+    def to_requests(self) -> list[gateway_pb2.GenerateRequest]:
+        return [self.to_request()]
+
+    def constraint_param(self) -> str:
         calling = self.tool_calling()
-        return ChatFormat() if calling is None else ToolCallFormat(calling)
+        # A call's constraint is the schema of the tools' parameters.
+        return "tools" if calling is not None and calling.constraint() is not None else "response_format"
 
     def to_request(self) -> gateway_pb2.GenerateRequest:
         top = (self.top_logprobs or 0) if self.logprobs else None
@@ -277,11 +323,12 @@ class ChatBody(SamplingFields):
         return request
 
 
-def public_param(field: str | None) -> str | None:
+def public_param(field: str | None, constraint_param: str = "response_format") -> str | None:
     """The REST field behind a GenerateRequest field that a refusal names:
-    the constraint comes from response_format."""
+    the constraint comes from `constraint_param` (response_format, or tools
+    when a tool_choice asks for a call)."""
     if field is not None and field.split(".")[0] == "constraint":
-        return "response_format"
+        return constraint_param
     return field
 
 
@@ -317,17 +364,32 @@ class CompletionFormat:
     # once); false for formats that hold text back.
     streams_text_as_is = True
 
-    def __init__(self) -> None:
+    def __init__(self, choices: int = 1, echo: list[str] | None = None) -> None:
+        """`choices`: how many the response has (prompts times n); `echo`:
+        each prompt's text, which opens the text of each of its choices."""
         self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.text_offset = 0
+        self.choices = choices
+        self.text_offsets = [0] * choices
+        per_prompt = choices // len(echo) if echo else 1
+        # Echoes not sent yet, by choice index.
+        self._echo = {index: echo[index // per_prompt] for index in range(choices)} if echo else {}
+
+    def text_as_is(self, index: int) -> bool:
+        """Whether a text chunk of choice `index` can use the event template
+        of sse.py (built for choice 0, its text as the chunk's)."""
+        return self.streams_text_as_is and index == 0 and index not in self._echo
+
+    def text(self, chunk: gateway_pb2.GenerateChunk) -> str:
+        """The chunk's text, after its choice's echo on the choice's first."""
+        return self._echo.pop(chunk.index, "") + chunk.text
 
     def logprobs(self, chunk: gateway_pb2.GenerateChunk) -> dict[str, Any] | None:
         if not chunk.logprobs:
             return None
         offsets = []
         for lp in chunk.logprobs:
-            offsets.append(self.text_offset)
-            self.text_offset += len(lp.token)
+            offsets.append(self.text_offsets[chunk.index])
+            self.text_offsets[chunk.index] += len(lp.token)
         return {
             "tokens": [lp.token for lp in chunk.logprobs],
             "token_logprobs": [lp.logprob for lp in chunk.logprobs],
@@ -336,7 +398,7 @@ class CompletionFormat:
         }
 
     def choice(self, chunk: gateway_pb2.GenerateChunk, streaming: bool) -> dict[str, Any]:
-        return {"index": 0, "text": chunk.text, "logprobs": self.logprobs(chunk), "finish_reason": _finish_reason(chunk)}
+        return {"index": chunk.index, "text": self.text(chunk), "logprobs": self.logprobs(chunk), "finish_reason": _finish_reason(chunk)}
 
     def opening(self) -> list[dict[str, Any]]:
         return []
@@ -348,8 +410,8 @@ class ChatFormat(CompletionFormat):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, choices: int = 1) -> None:
+        super().__init__(choices)
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
 
     def logprobs(self, chunk: gateway_pb2.GenerateChunk) -> dict[str, Any] | None:
@@ -369,10 +431,10 @@ class ChatFormat(CompletionFormat):
         content = {"content": chunk.text} if chunk.text or not streaming else {}
         key = "delta" if streaming else "message"
         body = {"role": "assistant", **content} if not streaming else content
-        return {"index": 0, key: body, "logprobs": self.logprobs(chunk), "finish_reason": _finish_reason(chunk)}
+        return {"index": chunk.index, key: body, "logprobs": self.logprobs(chunk), "finish_reason": _finish_reason(chunk)}
 
     def opening(self) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        return [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for index in range(self.choices)]
 
 
 class ToolCallFormat(ChatFormat):
@@ -381,19 +443,22 @@ class ToolCallFormat(ChatFormat):
     name; the other modes hold the output back until it is complete
     ("auto" streams the content before a call as it comes)."""
 
-    def __init__(self, calling: ToolCalling):
-        super().__init__()
+    def __init__(self, calling: ToolCalling, choices: int = 1):
+        super().__init__(choices)
         self.calling = calling
         self.streams_text_as_is = calling.mode == "named"
-        self._call = new_call(calling.name, "") if calling.mode == "named" else None
-        self._text = ""
-        self._sent = 0
+        # Per choice: the named call, the text so far and how much of it was sent.
+        self._calls = [new_call(calling.name, "") for _ in range(choices)] if calling.mode == "named" else []
+        self._text = [""] * choices
+        self._sent = [0] * choices
 
     def opening(self) -> list[dict[str, Any]]:
-        if self._call is None:
+        if not self._calls:
             return super().opening()
-        delta = {"role": "assistant", "content": None, "tool_calls": [call_delta(0, self._call)]}
-        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+        return [
+            {"index": index, "delta": {"role": "assistant", "content": None, "tool_calls": [call_delta(0, call)]}, "logprobs": None, "finish_reason": None}
+            for index, call in enumerate(self._calls)
+        ]
 
     def choice(self, chunk: gateway_pb2.GenerateChunk, streaming: bool) -> dict[str, Any]:
         if not streaming:
@@ -401,33 +466,46 @@ class ToolCallFormat(ChatFormat):
             message: dict[str, Any] = {"role": "assistant", "content": (content or None) if calls else chunk.text}
             if calls:
                 message["tool_calls"] = [call_body(call) for call in calls]
-            return {"index": 0, "message": message, "logprobs": self.logprobs(chunk), "finish_reason": finish_reason(chunk, _finish_reason(chunk), bool(calls))}
+            return {"index": chunk.index, "message": message, "logprobs": self.logprobs(chunk), "finish_reason": finish_reason(chunk, _finish_reason(chunk), bool(calls))}
         delta: dict[str, Any] = {}
-        called = self._call is not None
-        if self._call is not None:
+        index = chunk.index
+        called = bool(self._calls)
+        if self._calls:
             if chunk.text:
                 delta["tool_calls"] = [{"index": 0, "function": {"arguments": chunk.text}}]
         else:
-            self._text += chunk.text
-            end = held_back(self._text) if self.calling.mode == "auto" else 0
+            self._text[index] += chunk.text
+            text = self._text[index]
+            end = held_back(text) if self.calling.mode == "auto" else 0
             calls = []
             if chunk.finish_reason:
-                content, calls = self.calling.calls(self._text)
-                end = self._text.find(HERMES_OPEN) if calls and self.calling.mode == "auto" else (0 if calls else len(self._text))
-            if end > self._sent:
-                delta["content"] = self._text[self._sent : end]
-                self._sent = end
+                content, calls = self.calling.calls(text)
+                end = text.find(HERMES_OPEN) if calls and self.calling.mode == "auto" else (0 if calls else len(text))
+            if end > self._sent[index]:
+                delta["content"] = text[self._sent[index] : end]
+                self._sent[index] = end
             if calls:
                 delta["tool_calls"] = [call_delta(i, call) for i, call in enumerate(calls)]
             called = bool(calls)
-        return {"index": 0, "delta": delta, "logprobs": self.logprobs(chunk), "finish_reason": finish_reason(chunk, _finish_reason(chunk), called)}
+        return {"index": index, "delta": delta, "logprobs": self.logprobs(chunk), "finish_reason": finish_reason(chunk, _finish_reason(chunk), called)}
 
 
 def merge_chunks(chunks: list[gateway_pb2.GenerateChunk]) -> gateway_pb2.GenerateChunk:
-    """All chunks of a request as one (repeated fields concatenated; the last
+    """All chunks of one choice as one (repeated fields concatenated; the last
     chunk's finish reason, matched stop and usage)."""
     merged = gateway_pb2.GenerateChunk()
     for chunk in chunks:
         merged.MergeFrom(chunk)
     merged.text = "".join(chunk.text for chunk in chunks)
     return merged
+
+
+def merge_choices(chunks: list[gateway_pb2.GenerateChunk]) -> tuple[list[gateway_pb2.GenerateChunk], gateway_pb2.GenerateChunk | None]:
+    """The chunks of a request as one per choice, by index, and the chunk
+    that carries the request's error (None when it has none)."""
+    by_index: dict[int, list[gateway_pb2.GenerateChunk]] = {}
+    for chunk in chunks:
+        if chunk.error.code:
+            return [], chunk
+        by_index.setdefault(chunk.index, []).append(chunk)
+    return [merge_chunks(by_index[index]) for index in sorted(by_index)], None

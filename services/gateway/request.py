@@ -87,10 +87,47 @@ class Hub(Protocol):
         """The request is over: it is no longer in flight nor registered."""
 
 
-class GatewayRequest:
-    """One request from arrival to its last chunk."""
+class ChunkStream:
+    """`chunks` over `run` and `taken`, for a request or a group of them (choices.py)."""
 
-    def __init__(self, hub: Hub, metrics: GatewayMetrics, request: gateway_pb2.GenerateRequest, output_limits: OutputLimits = OutputLimits()):
+    async def run(self, emit: Emit) -> None:
+        raise NotImplementedError
+
+    def taken(self) -> None:
+        raise NotImplementedError
+
+    async def chunks(self) -> AsyncIterator[gateway_pb2.GenerateChunk]:
+        """`run` as an iterator of the request's chunks, for callers that serve
+        one request at a time. Iterate under aclosing()."""
+        ready: asyncio.Queue[gateway_pb2.GenerateChunk | None] = asyncio.Queue()
+        task = asyncio.ensure_future(self.run(ready.put_nowait))
+        # Queued after the last chunk, or when the task failed.
+        task.add_done_callback(lambda _: ready.put_nowait(None))
+        try:
+            while (chunk := await ready.get()) is not None:
+                yield chunk
+                self.taken()  # the caller is back for more: its client took this one
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+class GatewayRequest(ChunkStream):
+    """One request (one completion of one prompt) from arrival to its last chunk."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        metrics: GatewayMetrics,
+        request: gateway_pb2.GenerateRequest,
+        output_limits: OutputLimits = OutputLimits(),
+        leader: GatewayRequest | None = None,
+    ):
+        """`leader`: another completion of the same prompt (choices.py);
+        this one takes the leader's prompt ids and replica, and starts once
+        the leader's prompt is in that replica's prefix cache."""
         self.hub = hub
         self.metrics = metrics
         self.request = request
@@ -112,6 +149,12 @@ class GatewayRequest:
         # others are sent from the stream callbacks as their text arrives.
         self._wants_logprobs = request.sampling.HasField("logprobs")
         self.log = log.bind(request_id=self.id, internal_id=self.internal_id)
+        self.leader = leader
+        # The prompt's ids and compiled grammar once known, for the followers.
+        self.prompt: tuple[list[int], str] | None = None
+        # Set at the first output token (the prompt's full blocks are then
+        # cached in the engine) or at the end, whichever comes first.
+        self.prompt_cached = asyncio.Event()
         self.replica: EngineReplica | None = None
         self.detokenizing = False
         self.engine_done = False
@@ -157,7 +200,7 @@ class GatewayRequest:
                 if self.request.HasField("timeout"):
                     self.deadline = self.arrival + self.request.timeout.ToTimedelta().total_seconds()
                 async with asyncio.timeout_at(self.deadline):
-                    prompt, grammar = await self._prompt_ids()
+                    prompt, grammar = self.prompt = await self._prompt_ids()
                     if self.finish_reason == UNFINISHED:
                         self._submit(target, prompt, grammar)
                     while self.finish_reason == UNFINISHED:
@@ -179,27 +222,18 @@ class GatewayRequest:
         finally:
             self._release()
 
-    async def chunks(self) -> AsyncIterator[gateway_pb2.GenerateChunk]:
-        """`run` as an iterator of the request's chunks, for callers that serve
-        one request at a time. Iterate under aclosing()."""
-        ready: asyncio.Queue[gateway_pb2.GenerateChunk | None] = asyncio.Queue()
-        task = asyncio.ensure_future(self.run(ready.put_nowait))
-        # Queued after the last chunk, or when the task failed.
-        task.add_done_callback(lambda _: ready.put_nowait(None))
-        try:
-            while (chunk := await ready.get()) is not None:
-                yield chunk
-                self.taken()  # the caller is back for more: its client took this one
-            task.result()
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-
     async def _prompt_ids(self) -> tuple[list[int], str]:
         """The prompt's token ids and the constraint's compiled grammar (empty
         without one); token ids given by the caller skip the tokenizer unless
-        a constraint needs compiling."""
+        a constraint needs compiling. A follower takes its leader's."""
+        if self.leader is not None:
+            await self.leader.prompt_cached.wait()
+            if self.leader.prompt is None:
+                # The leader ended before it had a prompt (cancelled or
+                # refused), which ends its group: this one need not start.
+                self._finish(common_pb2.FINISH_REASON_CANCELLED)
+                return [], ""
+            return self.leader.prompt
         kind = self.request.WhichOneof("input")
         constrained = self.request.HasField("constraint")
         if kind == "token_ids" and not constrained:
@@ -219,7 +253,10 @@ class GatewayRequest:
 
     def _submit(self, target: Target, prompt: list[int], grammar: str) -> None:
         check_prompt(prompt, target.info)
-        self.replica = self.hub.pick_replica(target.info.model_id, prompt, target.lora)
+        if self.leader is not None and self.leader.replica is not None:
+            self.replica = self.leader.replica  # where the prompt's blocks are cached
+        else:
+            self.replica = self.hub.pick_replica(target.info.model_id, prompt, target.lora)
         self.hub.register(self)
         self.hub.detokenize(
             [
@@ -277,6 +314,7 @@ class GatewayRequest:
         if token_ids:
             now = self.loop.time()
             self.first_token_at = self.first_token_at or now
+            self.prompt_cached.set()
             self.last_token_at = now
             self._ids.extend(token_ids)
             if self._wants_logprobs:
@@ -363,6 +401,7 @@ class GatewayRequest:
     def _finish(self, reason: int) -> None:
         self.finish_reason = reason
         self._wake.set()
+        self.prompt_cached.set()  # followers waiting for it go on (and end with it)
 
     def _fail(self, status: status_pb2.Status) -> None:
         self.error = status

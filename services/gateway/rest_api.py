@@ -60,7 +60,7 @@ from pagewire.services.common.limits import max_rest_body_bytes
 from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.hub import Gateway
 from pagewire.services.gateway.openai_schemas import (
-    ChatBody, CompletionBody, CompletionFormat, LoadLoraBody, UnloadLoraBody, merge_chunks, public_param,
+    ChatBody, CompletionBody, CompletionFormat, LoadLoraBody, UnloadLoraBody, merge_choices, public_param,
 )  # fmt: skip
 from pagewire.services.gateway.sse import DONE, Envelope, StreamEvents, event
 from pagewire.v1 import gateway_pb2
@@ -90,14 +90,15 @@ def error_body(message: str, error_type: str, code: str, param: str | None = Non
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def status_body(status: status_pb2.Status) -> tuple[int, dict[str, Any]]:
+def status_body(status: status_pb2.Status, constraint_param: str = "response_format") -> tuple[int, dict[str, Any]]:
+    """`constraint_param`: the REST field the request's constraint came from."""
     code = status_code(status)
     http_status, error_type = HTTP_ERRORS.get(code, (500, "internal_error"))
-    return http_status, error_body(status.message, error_type, code.name, public_param(violated_field(status)))
+    return http_status, error_body(status.message, error_type, code.name, public_param(violated_field(status), constraint_param))
 
 
-def status_response(status: status_pb2.Status) -> JSONResponse:
-    http_status, body = status_body(status)
+def status_response(status: status_pb2.Status, constraint_param: str = "response_format") -> JSONResponse:
+    http_status, body = status_body(status, constraint_param)
     return JSONResponse(body, status_code=http_status)
 
 
@@ -259,8 +260,9 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
     async def generate(request: Request, body: CompletionBody | ChatBody, output: CompletionFormat) -> Response:
         target = await gateway.resolve(body.model)
         envelope = Envelope(output, int(time.time()), target.lora or target.info.model_id, body.include_usage)
-        gateway_request = gateway.request(body.to_request())
+        gateway_request = gateway.request(*body.to_requests())
         chunks = gateway_request.chunks()
+        constraint_param = body.constraint_param()
 
         if not body.stream:
 
@@ -268,10 +270,11 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
                 async with aclosing(chunks):
                     return [chunk async for chunk in chunks]
 
-            merged = merge_chunks(await _unless_disconnected(request, collect(), gateway_request.id))
-            if merged.error.code:
-                return status_response(merged.error)
-            return JSONResponse(envelope.body([output.choice(merged, streaming=False)], False, merged.usage))
+            collected = await _unless_disconnected(request, collect(), gateway_request.id)
+            choices, failed = merge_choices(collected)
+            if failed is not None:
+                return status_response(failed.error, constraint_param)
+            return JSONResponse(envelope.body([output.choice(choice, streaming=False) for choice in choices], False, collected[-1].usage))
 
         try:
             first = await _unless_disconnected(request, anext(chunks), gateway_request.id)
@@ -280,7 +283,7 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
             raise
         if first.error.code:
             await chunks.aclose()
-            return status_response(first.error)
+            return status_response(first.error, constraint_param)
 
         stream = StreamEvents(envelope)
 
@@ -292,7 +295,7 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
                 chunk: gateway_pb2.GenerateChunk | None = first
                 while chunk is not None:
                     if chunk.error.code:
-                        pending += event(status_body(chunk.error)[1])
+                        pending += event(status_body(chunk.error, constraint_param)[1])
                         break
                     pending += stream.chunk(chunk)
                     if not chunk.finish_reason:
@@ -305,7 +308,8 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await generate(request, await read(request, CompletionBody), CompletionFormat())
+        body = await read(request, CompletionBody)
+        return await generate(request, body, body.output_format())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

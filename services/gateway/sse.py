@@ -52,10 +52,8 @@ class StreamEvents:
 
     def __init__(self, envelope: Envelope):
         self._envelope = envelope
+        # Built at its first use: only then is choice 0's echo (if any) sent.
         self._text_event: list[bytes] | None = None
-        if envelope.output.streams_text_as_is:
-            text_only = envelope.body([envelope.output.choice(gateway_pb2.GenerateChunk(text=PLACEHOLDER), streaming=True)], True)
-            self._text_event = event(text_only).split(json.dumps(PLACEHOLDER).encode())
 
     def opening(self) -> bytes:
         """The events before the first chunk (chat's assistant role)."""
@@ -64,10 +62,15 @@ class StreamEvents:
 
     def chunk(self, chunk: gateway_pb2.GenerateChunk) -> bytes:
         """The chunk's event, and the usage event after the last chunk."""
-        if self._text_event is not None and chunk.text and not chunk.logprobs and not chunk.finish_reason:
+        plain = chunk.text and not chunk.logprobs and not chunk.finish_reason
+        if plain and self._envelope.output.text_as_is(chunk.index):
+            if self._text_event is None:
+                text_only = self._envelope.body([self._envelope.output.choice(gateway_pb2.GenerateChunk(text=PLACEHOLDER), streaming=True)], True)
+                self._text_event = event(text_only).split(json.dumps(PLACEHOLDER).encode())
             before, after = self._text_event
             return before + json.dumps(chunk.text).encode() + after
         events = event(self._envelope.body([self._envelope.output.choice(chunk, streaming=True)], True))
-        if chunk.finish_reason and self._envelope.include_usage:
+        # With several choices only the request's last chunk has usage (choices.py).
+        if chunk.HasField("usage") and self._envelope.include_usage:
             events += event(self._envelope.body([], True, chunk.usage))
         return events

@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 
 from pagewire.services.common.errors import invalid_argument
-from pagewire.services.common.limit_checks import at_most, check_constraint, check_stop_strings, check_tools, timeout_problem
-from pagewire.services.common.limits import MAX_LOGPROBS, MAX_PENALTY, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MIN_OUTPUT_TOKENS, max_prompt_chars
+from pagewire.services.common.limit_checks import at_most, check_constraint, check_stop_strings, check_tools, logit_bias_problem, timeout_problem
+from pagewire.services.common.limits import (
+    MAX_LOGPROBS, MAX_N, MAX_PENALTY, MAX_STOP_TOKEN_IDS, MAX_TEMPERATURE, MAX_TOTAL_OUTPUT_TOKENS, MIN_OUTPUT_TOKENS, max_prompt_chars,
+)  # fmt: skip
 from pagewire.v1 import engine_pb2, gateway_pb2
 
 
@@ -52,8 +54,10 @@ def _check_sampling(request: gateway_pb2.GenerateRequest) -> None:
         raise invalid_argument(at_most("stop_token_ids", len(s.stop_token_ids), MAX_STOP_TOKEN_IDS), field="stop_token_ids")
     if s.HasField("logprobs") and s.logprobs > MAX_LOGPROBS:
         raise invalid_argument(f"logprobs must be at most {MAX_LOGPROBS}, got {s.logprobs}", field="logprobs")
-    if s.HasField("n") and s.n != 1:
-        raise invalid_argument(f"n must be 1 (one completion per request), got {s.n}; send several requests instead", field="n")
+    if s.HasField("n") and not 1 <= s.n <= MAX_N:
+        raise invalid_argument(f"n must be in [1, {MAX_N}], got {s.n}", field="n")
+    if (problem := logit_bias_problem(s.logit_bias)) is not None:
+        raise invalid_argument(problem, field="logit_bias")
 
 
 def _check_timeout(request: gateway_pb2.GenerateRequest) -> None:
@@ -75,15 +79,27 @@ def validate_request(request: gateway_pb2.GenerateRequest) -> None:
     check_tools(request.chat.tools)
 
 
-def check_fits(request: gateway_pb2.GenerateRequest, model: engine_pb2.EngineInfo) -> None:
+def check_fits(request: gateway_pb2.GenerateRequest, model: engine_pb2.EngineInfo, prompts: int = 1) -> None:
     """Refuse, before the prompt is tokenized, what cannot fit the model:
-    max_tokens past max_model_len, a prompt of too many token ids, or one of
-    more characters than the longest prompt can have."""
+    max_tokens past max_model_len, more output over the `prompts` prompts'
+    completions than MAX_TOTAL_OUTPUT_TOKENS, a logit_bias id outside the
+    vocabulary, a prompt of too many token ids, or one of more characters
+    than the longest prompt can have."""
     max_tokens = request.sampling.max_tokens
     if request.sampling.HasField("max_tokens") and max_tokens > model.max_model_len:
         raise invalid_argument(
             f"max_tokens must be at most {model.max_model_len} (max_model_len of {model.model_id}, prompt included), got {max_tokens}", field="max_tokens"
         )
+    completions = prompts * (request.sampling.n or 1)
+    per_completion = max_tokens if request.sampling.HasField("max_tokens") else model.max_model_len
+    if completions > 1 and completions * per_completion > MAX_TOTAL_OUTPUT_TOKENS:
+        raise invalid_argument(
+            f"{completions} completions of up to {per_completion} tokens each (max_tokens, else max_model_len) exceed the "
+            f"{MAX_TOTAL_OUTPUT_TOKENS} output tokens a request may ask for: lower n or max_tokens",
+            field="n",
+        )
+    if (problem := logit_bias_problem(request.sampling.logit_bias, model.vocab_size)) is not None:
+        raise invalid_argument(problem, field="logit_bias")
     kind = request.WhichOneof("input")
     if kind == "token_ids":
         check_prompt(list(request.token_ids.ids), model)

@@ -138,7 +138,7 @@ def test_openai_completion_stream_ends_with_done_and_logprobs_have_text(server: 
         (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "temperature": -1}', 400, "temperature", "[0, 100]"),
         (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "top_k": 2147483648}', 400, "top_k", "less than or equal to 2147483647"),
         (b'{"model": "SmolLM2-135M-Instruct", "prompt": [1, -2]}', 400, "prompt", "prompt"),
-        (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "n": 3}', 400, "n", "must be 1"),
+        (b'{"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "n": 17}', 400, "n", "must be in [1, 16]"),
         (b'{"model": "SmolLM2-135M-Instruct", "prompt": ""}', 400, "text", "empty"),
         (b'{"model": "gpt-4", "prompt": "Hi"}', 404, None, "'gpt-4' is not served here"),
         (json.dumps({"model": MODEL, "prompt": "hello " * 600}).encode(), 400, "prompt", "shorten the prompt"),
@@ -272,7 +272,7 @@ def test_grpc_bad_input(server: ServeProcess, stub: gateway_pb2_grpc.GenerationS
         (gateway_pb2.GenerateRequest(text=""), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
         (gateway_pb2.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "no input"),
         (gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(top_p=0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
-        (gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(n=2)), grpc.StatusCode.INVALID_ARGUMENT, "n must be 1"),
+        (gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(n=17)), grpc.StatusCode.INVALID_ARGUMENT, "n must be in [1, 16]"),
         (gateway_pb2.GenerateRequest(text="hello " * 600, sampling=sampling), grpc.StatusCode.INVALID_ARGUMENT, "shorten the prompt"),
         (gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=[1, 10**6]), sampling=sampling), grpc.StatusCode.INVALID_ARGUMENT, "vocab"),
         (
@@ -435,3 +435,126 @@ def test_internal_services_listen_on_loopback_only(server: ServeProcess) -> None
         addresses = [ipaddress.ip_address(ip) for ip in listening[server.ports[name]]]
         assert all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in addresses), (name, addresses)
     assert server.ports["port"] in listening and server.ports["http_port"] in listening
+
+
+# --- OpenAI request fields: n, logit_bias, seed, echo, several prompts -------
+
+STORY = "Once upon a time in a village by the sea there lived an old fisherman who told stories to the children every evening about"
+
+
+def test_openai_n_choices_share_the_prompt_and_seeded_ones_reproduce(server: ServeProcess, openai_client: openai.OpenAI) -> None:
+    one = openai_client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
+    two = openai_client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].message.content == two.choices[1].message.content == one.choices[0].message.content
+    assert two.usage.completion_tokens == 2 * one.usage.completion_tokens and two.usage.prompt_tokens == one.usage.prompt_tokens
+
+    # A prompt no earlier request had: the followers' hits come from the first choice.
+    before = engine_stats(server.engine_target)
+    sampled = dict(model=MODEL, prompt=f"{time.time_ns()} {STORY}", max_tokens=8, temperature=1.5, seed=1234, n=3, extra_body={"ignore_eos": True})
+    first = openai_client.completions.create(**sampled)  # type: ignore[call-overload]
+    hits = engine_stats(server.engine_target).prefix_cache_hit_tokens - before.prefix_cache_hit_tokens
+    again = openai_client.completions.create(**sampled)  # type: ignore[call-overload]
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.text for c in again.choices] and len(set(texts)) > 1
+    assert first.usage.completion_tokens == 24
+    # Each follower found the prompt's full blocks cached (all but its last, partial one).
+    assert hits >= 2 * (first.usage.prompt_tokens - 16 - 1) > 0, hits
+
+    stream = openai_client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, n=2, stream=True, stream_options={"include_usage": True})
+    events = list(stream)
+    content = {0: "", 1: ""}
+    finished = []
+    for event in events:
+        for choice in event.choices:
+            content[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.append(choice.index)
+    assert content == {0: one.choices[0].message.content, 1: one.choices[0].message.content}
+    assert sorted(finished) == [0, 1]
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens == two.usage.completion_tokens
+    assert_no_leak(wait_engine_idle(server))
+
+
+def test_grpc_n_tags_chunks_and_a_cancel_ends_every_completion(server: ServeProcess, stub: gateway_pb2_grpc.GenerationStub) -> None:
+    request = gateway_pb2.GenerateRequest(text="The sky is", sampling=common_pb2.SamplingParams(temperature=0, max_tokens=6, n=2, ignore_eos=True))
+    chunks = list(stub.Complete(request, timeout=60))
+    finals = [c for c in chunks if c.finish_reason]
+    assert sorted(c.index for c in finals) == [0, 1] and all(c.finish_reason == common_pb2.FINISH_REASON_LENGTH for c in finals)
+    assert [c.HasField("usage") for c in finals] == [False, True] and finals[-1].usage.completion_tokens == 12
+    texts = ["".join(c.text for c in chunks if c.index == i) for i in (0, 1)]
+    assert texts[0] == texts[1] != ""
+
+    stream = BidiStream(stub)
+    long = common_pb2.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True, n=3)
+    stream.start(gateway_pb2.GenerateRequest(request_id="many", text="Count to a thousand:", sampling=long))
+    ended = []
+    for chunk in stream.chunks():
+        if chunk.text and not ended:
+            stream.cancel("many")
+        if chunk.finish_reason:
+            ended.append(chunk)
+            if len(ended) == 3:
+                stream.close()
+    assert sorted(c.index for c in ended) == [0, 1, 2]
+    assert all(c.finish_reason == common_pb2.FINISH_REASON_CANCELLED for c in ended)
+    assert_no_leak(wait_engine_idle(server))
+
+
+def test_logit_bias_forces_a_token_and_bad_ones_are_refused(stub: gateway_pb2_grpc.GenerationStub, openai_client: openai.OpenAI, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    token = hf_tokenizer.encode(" banana")[0]
+    forced = openai_client.completions.create(model=MODEL, prompt="The sky is", max_tokens=3, temperature=0, logit_bias={str(token): 100})
+    assert forced.choices[0].text == hf_tokenizer.decode([token] * 3)
+    chat = openai_client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, temperature=0, logit_bias={str(token): 100})
+    assert chat.choices[0].message.content == hf_tokenizer.decode([token] * 2)
+
+    for bias, words in [({"5": 101}, "[-100, 100]"), ({str(10**6): 1}, "vocabulary"), ({"x": 1}, "token ids")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            openai_client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, logit_bias=bias)
+        assert refused.value.body["param"] == "logit_bias" and words in refused.value.message  # type: ignore[index]
+    for sampling in [common_pb2.SamplingParams(logit_bias={5: -101}), common_pb2.SamplingParams(logit_bias={10**6: 1})]:
+        status = rpc_status.from_call(grpc_error(stub.Complete(gateway_pb2.GenerateRequest(text="Hi", sampling=sampling), timeout=60)))
+        bad_request = error_details_pb2.BadRequest()
+        assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and status.details[0].Unpack(bad_request)
+        assert bad_request.field_violations[0].field == "logit_bias"
+
+
+def test_negative_seed_reproduces_and_differs_from_its_absolute_value(openai_client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str:
+        return openai_client.completions.create(model=MODEL, prompt=STORY, max_tokens=12, temperature=1.5, seed=seed, extra_body={"ignore_eos": True}).choices[0].text  # type: ignore[call-overload]
+
+    assert sample(-7) == sample(-7)
+    assert sample(-(2**63)) == sample(-(2**63))
+    with pytest.raises(openai.BadRequestError) as refused:
+        sample(2**63)
+    assert refused.value.body["param"] == "seed"  # type: ignore[index]
+
+
+def test_echo_and_several_prompts(server: ServeProcess, openai_client: openai.OpenAI) -> None:
+    plain = openai_client.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0).choices[0].text
+    echoed = openai_client.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == "The sky is" + plain
+    stream = list(openai_client.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0, echo=True, stream=True))
+    assert stream[0].choices[0].text.startswith("The sky is")
+    assert "".join(event.choices[0].text for event in stream) == "The sky is" + plain
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, echo=True, logprobs=1)
+    assert refused.value.body["param"] == "echo"  # type: ignore[index]
+
+    other = openai_client.completions.create(model=MODEL, prompt="Paris is", max_tokens=4, temperature=0).choices[0].text
+    batch = openai_client.completions.create(model=MODEL, prompt=["The sky is", "Paris is"], max_tokens=4, temperature=0, n=2)
+    assert [(c.index, c.text) for c in batch.choices] == [(0, plain), (1, plain), (2, other), (3, other)]
+    ids = openai_client.completions.create(model=MODEL, prompt=[[504, 3817], [504, 3817]], max_tokens=2, temperature=0)
+    assert [c.index for c in ids.choices] == [0, 1] and ids.choices[0].text == ids.choices[1].text
+    with pytest.raises(openai.BadRequestError) as too_many:
+        openai_client.completions.create(model=MODEL, prompt=["Hi"] * 17, max_tokens=2)
+    assert too_many.value.body["param"] == "prompt"  # type: ignore[index]
+    assert_no_leak(wait_engine_idle(server))
+
+
+@pytest.mark.parametrize(("field", "value"), [("suffix", " the end"), ("best_of", 2)])
+def test_suffix_and_best_of_are_refused_naming_them(openai_client: openai.OpenAI, field: str, value: object) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, **{field: value})  # type: ignore[call-overload]
+    assert refused.value.body["param"] == field  # type: ignore[index]

@@ -56,3 +56,18 @@ def test_templated_events_equal_whole_events_and_parse_as_openai_chunks(output_f
         texts = [body.choices[0].delta.content or "" for body in parsed if body.choices]
     assert "".join(texts) == "".join(TEXTS) + " lp!"
     assert (parsed[-1].usage is not None) is include_usage
+
+
+def test_echo_opens_each_choice_once_and_other_choices_are_serialized_whole() -> None:
+    envelope = Envelope(CompletionFormat(4, ["Say", "Tell"]), 1700000000, "smollm2-135m", True)
+    reference = Envelope(CompletionFormat(4, ["Say", "Tell"]), envelope.created, envelope.model, True)
+    object.__setattr__(reference.output, "id", envelope.output.id)
+    stream = StreamEvents(envelope)
+    chunks = [gateway_pb2.GenerateChunk(text=text, index=index) for text in TEXTS[:3] for index in range(4)]
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        data = stream.chunk(chunk)
+        assert data == _whole_events(reference, chunk)
+        choice = json.loads(data.removeprefix(b"data: "))["choices"][0]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: "Say" + "".join(TEXTS[:3]), 1: "Say" + "".join(TEXTS[:3]), 2: "Tell" + "".join(TEXTS[:3]), 3: "Tell" + "".join(TEXTS[:3])}

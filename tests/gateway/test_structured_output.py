@@ -159,3 +159,13 @@ def test_tool_turns_and_auto_without_a_tool_template(client: openai.OpenAI) -> N
     reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=8, temperature=0)
     assert reply.choices[0].message.content and not reply.choices[0].message.tool_calls
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_tool_whose_parameters_do_not_compile_is_refused_naming_tools(client: openai.OpenAI) -> None:
+    broken = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "strng"}}}}}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=WEATHER_ASK, tools=broken, tool_choice=named, max_tokens=8, stream=stream)
+        error = refused.value.body["error"] if isinstance(refused.value.body, dict) and "error" in refused.value.body else refused.value.body
+        assert error["param"] == "tools" and "strng" in error["message"], error  # type: ignore[index]
