@@ -22,19 +22,25 @@ from pagewire.services.common.grpc_utils import violated_field
 from pagewire.services.common.limits import (
     MAX_CHOICES,
     MAX_CONSTRAINT_BYTES,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
     MAX_LOGPROBS,
+    MAX_N,
     MAX_PENALTY,
+    MAX_PROMPTS,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     MAX_TEMPERATURE,
     MAX_TIMEOUT_S,
     MAX_TOOLS,
+    MAX_TOTAL_OUTPUT_TOKENS,
     MIN_OUTPUT_TOKENS,
 )
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.engine import EngineCore, ExecutorSpec
 from pagewire.services.engine.core.sequence import SamplingParams
+from pagewire.services.gateway.choices import ChoiceGroup, new_request
 from pagewire.services.gateway.clients import EngineReplica
 from pagewire.services.gateway.connection import Backoff
 from pagewire.services.gateway.hub import Gateway, GatewaySettings
@@ -42,7 +48,7 @@ from pagewire.services.gateway.metrics import GatewayMetrics
 from pagewire.services.gateway.request import GatewayRequest
 from pagewire.services.gateway.rest_api import create_app
 from pagewire.services.gateway.router import RoutingPolicy, Target
-from pagewire.services.gateway.validation import validate_request
+from pagewire.services.gateway.validation import check_fits, validate_request
 from pagewire.services.tokenizer.servicer import TokenizerServicer
 from pagewire.v1 import common_pb2, engine_pb2, gateway_pb2, tokenizer_pb2
 
@@ -60,8 +66,8 @@ class PeersDownHub:
     def __init__(self) -> None:
         self.metrics = GatewayMetrics()
 
-    def request(self, request: gateway_pb2.GenerateRequest) -> GatewayRequest:
-        return GatewayRequest(self, self.metrics, request)
+    def request(self, request: gateway_pb2.GenerateRequest, *more_prompts: gateway_pb2.GenerateRequest) -> GatewayRequest | ChoiceGroup:
+        return new_request(self, self.metrics, [request, *more_prompts])
 
     def resolve_model(self, name: str) -> engine_pb2.EngineInfo:
         return engine_pb2.EngineInfo(model_id=MODEL, max_model_len=MAX_MODEL_LEN, vocab_size=VOCAB_SIZE)
@@ -123,6 +129,10 @@ REST_LIMITS = {
         _completion(prompt=[1] * (MAX_MODEL_LEN - MIN_OUTPUT_TOKENS)),
         _completion(prompt=[1] * (MAX_MODEL_LEN - MIN_OUTPUT_TOKENS + 1)),
     ),
+    "n": ("n", _completion(n=MAX_N), _completion(n=MAX_N + 1)),
+    "prompts": ("prompt", _completion(prompt=["Hi"] * MAX_PROMPTS), _completion(prompt=["Hi"] * (MAX_PROMPTS + 1))),
+    "logit-bias-value": ("logit_bias", _completion(logit_bias={"1": -MAX_LOGIT_BIAS}), _completion(logit_bias={"1": -MAX_LOGIT_BIAS - 0.5})),
+    "logit-bias-id": ("logit_bias", _completion(logit_bias={str(VOCAB_SIZE - 1): 1}), _completion(logit_bias={str(VOCAB_SIZE): 1})),
 }
 
 
@@ -176,6 +186,27 @@ def test_gateway_admits_max_concurrent_requests_and_refuses_one_more() -> None:
         gateway.admit(requests[limit])
 
     asyncio.run(admit_all())
+
+
+def test_gateway_bounds_the_output_of_all_completions() -> None:
+    model = engine_pb2.EngineInfo(model_id=MODEL, max_model_len=MAX_TOTAL_OUTPUT_TOKENS // MAX_N, vocab_size=VOCAB_SIZE)
+    check_fits(gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(n=MAX_N)), model)
+    longer = engine_pb2.EngineInfo(model_id=MODEL, max_model_len=MAX_TOTAL_OUTPUT_TOKENS // MAX_N + 1, vocab_size=VOCAB_SIZE)
+    with pytest.raises(RequestError) as refused:
+        check_fits(gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(n=MAX_N)), longer)
+    assert refused.value.field == "n" and "max_tokens" in refused.value.message
+    # max_tokens set: it bounds each completion instead; prompts count like n.
+    check_fits(gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(n=MAX_N, max_tokens=16)), longer, prompts=MAX_PROMPTS)
+
+
+def test_gateway_logit_bias_count_limit() -> None:
+    # Over REST a body's objects are bounded by max_model_len too, 64 here.
+    def biased(count: int) -> gateway_pb2.GenerateRequest:
+        return gateway_pb2.GenerateRequest(text="Hi", sampling=common_pb2.SamplingParams(logit_bias={i: 1.0 for i in range(count)}))
+
+    assert _refusal(biased(MAX_LOGIT_BIAS_TOKENS)) is None
+    refused = _refusal(biased(MAX_LOGIT_BIAS_TOKENS + 1))
+    assert refused is not None and refused.field == "logit_bias" and str(MAX_LOGIT_BIAS_TOKENS) in refused.message
 
 
 def _refusal(request: gateway_pb2.GenerateRequest) -> RequestError | None:
@@ -310,6 +341,16 @@ ENGINE_LIMITS = {
         {"prompt_token_ids": [1] * (MAX_MODEL_LEN - MIN_OUTPUT_TOKENS + 1)},
     ),
     "timeout": ("timeout", {"timeout_s": float(MAX_TIMEOUT_S)}, {"timeout_s": MAX_TIMEOUT_S + 1.0}),
+    "logit-bias-value": (
+        "logit_bias",
+        {"sampling": SamplingParams(logit_bias=((1, MAX_LOGIT_BIAS),))},
+        {"sampling": SamplingParams(logit_bias=((1, MAX_LOGIT_BIAS + 0.5),))},
+    ),
+    "logit-bias-id": (
+        "logit_bias",
+        {"sampling": SamplingParams(logit_bias=((VOCAB_SIZE - 1, 1.0),))},
+        {"sampling": SamplingParams(logit_bias=((VOCAB_SIZE, 1.0),))},
+    ),
     # A negative timeout is refused, not taken as one that has already passed.
     "negative-timeout": ("timeout", {"timeout_s": 0.0}, {"timeout_s": -1e-9}),
 }
@@ -340,6 +381,8 @@ def test_engine_accepts_each_limit_and_refuses_one_past_it_naming_the_field(fiel
         ("common.proto", f"most {MAX_CONSTRAINT_BYTES} bytes, and there are at most {MAX_CHOICES} choices"),
         ("common.proto", f"none empty, at most {MAX_CHOICES}."),
         ("common.proto", f"At most {MAX_TOOLS} tools, whose descriptions and parameters together have at most {MAX_CONSTRAINT_BYTES} bytes"),
+        ("common.proto", f"Must be in [1, {MAX_N}], and n times max_tokens (max_model_len when max_tokens is unset) at most {MAX_TOTAL_OUTPUT_TOKENS}."),
+        ("common.proto", f"Each bias must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], each id below the model's vocabulary size; at most {MAX_LOGIT_BIAS_TOKENS} entries."),
     ],
 )
 def test_the_protos_document_the_limits(proto: str, wording: str) -> None:

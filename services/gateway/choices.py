@@ -139,3 +139,13 @@ class ChoiceGroup(ChunkStream):
         for i, task in enumerate(self._tasks):
             if i != index:
                 task.cancel()
+
+
+def new_request(
+    hub: Hub, metrics: GatewayMetrics, prompts: list[gateway_pb2.GenerateRequest], output_limits: OutputLimits = OutputLimits()
+) -> GatewayRequest | ChoiceGroup:
+    """The request for `prompts` (alike but for their input): one completion
+    of one prompt is a GatewayRequest of its own, more are a group of them."""
+    if len(prompts) == 1 and prompts[0].sampling.n <= 1:
+        return GatewayRequest(hub, metrics, prompts[0], output_limits)
+    return ChoiceGroup(hub, metrics, prompts, output_limits)

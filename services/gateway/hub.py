@@ -19,7 +19,7 @@ from pagewire.services.common.grpc_utils import error_from_status, error_status,
 from pagewire.services.common.limits import DEFAULT_MAX_MESSAGE_BYTES
 from pagewire.services.common.logging import get_logger
 from pagewire.services.gateway.admission import InFlightCount, LocalCount
-from pagewire.services.gateway.choices import ChoiceGroup
+from pagewire.services.gateway.choices import ChoiceGroup, new_request
 from pagewire.services.gateway.clients import EngineReplica, TokenizerClient
 from pagewire.services.gateway.connection import Backoff
 from pagewire.services.gateway.discovery import EngineDiscovery
@@ -200,11 +200,8 @@ class Gateway:
     def request(self, request: gateway_pb2.GenerateRequest, *more_prompts: gateway_pb2.GenerateRequest) -> GatewayRequest | ChoiceGroup:
         """A handle on a new request; nothing happens until its chunks are read.
         `more_prompts`: the other prompts of a /v1/completions body, alike but
-        for their input. One completion of one prompt is a request of its own;
-        more are a group of them (choices.py)."""
-        if not more_prompts and request.sampling.n <= 1:
-            return GatewayRequest(self, self._metrics, request, self._settings.output)
-        return ChoiceGroup(self, self._metrics, [request, *more_prompts], self._settings.output)
+        for their input."""
+        return new_request(self, self._metrics, [request, *more_prompts], self._settings.output)
 
     async def render_metrics(self, stats_timeout_s: float) -> bytes:
         """The metrics in Prometheus' text format, with every connected
