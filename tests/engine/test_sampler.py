@@ -137,7 +137,8 @@ def test_seeded_requests_reproduce_whatever_the_batch() -> None:
     assert run(1234, position=0, batch_seed=1) != run(99, position=0, batch_seed=1)
 
 
-def test_logit_bias_adds_to_each_rows_logits_greedy_and_sampled() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_logit_bias_adds_to_each_rows_logits_greedy_and_sampled(device: str) -> None:
     torch.manual_seed(1)
     logits = torch.randn(3, VOCAB)
     forced, banned = 7, int(logits[1].argmax())
@@ -146,7 +147,8 @@ def test_logit_bias_adds_to_each_rows_logits_greedy_and_sampled() -> None:
         _row(SamplingParams(temperature=0.0, logit_bias=((banned, -100.0), (3, 0.5)), logprobs=0), "b"),
         _row(SamplingParams(temperature=1.0, seed=5, logit_bias=((forced, 100.0),)), "c"),
     ]
-    tokens, logprobs = _sample(Sampler(0, torch.device("cpu")), logits, rows)
+    sampler = Sampler(0, torch.device(device))
+    tokens, logprobs = _sample(sampler, logits.to(device), rows)
     reference = logits.clone()
     reference[1, banned] -= 100.0
     reference[1, 3] += 0.5
@@ -155,7 +157,7 @@ def test_logit_bias_adds_to_each_rows_logits_greedy_and_sampled() -> None:
     # Logprobs are those of the biased distribution.
     assert logprobs[1].logprob == pytest.approx(float(reference[1].log_softmax(-1)[tokens[1]]), abs=1e-5)
     # A row without a bias is untouched.
-    assert _sample(Sampler(0, torch.device("cpu")), logits, [_row(SamplingParams(temperature=0.0))])[0] == [int(logits[0].argmax())]
+    assert _sample(sampler, logits.to(device), [_row(SamplingParams(temperature=0.0))])[0] == [int(logits[0].argmax())]
 
 
 def test_logit_bias_out_of_range_is_a_problem() -> None:
