@@ -42,7 +42,7 @@ def test_wheel_installs_only_the_pagewire_name(tmp_path: Path) -> None:
     packaged = {".".join(Path(n).parent.parts) for n in names if n.endswith("/__init__.py")}
     assert packaged == _source_packages(), "pyproject.toml's package list differs from the package folders"
     assert "pagewire/v1/engine_pb2.py" in names and "pagewire/v1/engine_pb2.pyi" in names
-    assert {"pagewire/kernels/paged_attention.cu", "pagewire/kernels/layer_ops.cu"} <= set(names)
+    assert {"pagewire/kernels/paged_attention.cu", "pagewire/kernels/layer_ops.cu", "pagewire/kernels/dtypes.cuh"} <= set(names)
     assert "pagewire = pagewire.services.cli:main" in entry_points
 
 
