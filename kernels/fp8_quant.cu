@@ -33,25 +33,14 @@
 // time and written 8 bytes at a time (VEC = 8); others one element at a time.
 //
 // Needs sm_89+ (cvt to e4m3). Built by NVRTC at first use (kernels/loader.py)
-// and by nvcc in the CPU tests, so it includes no headers.
+// and by nvcc in the CPU tests; it includes only kernels/dtypes.cuh.
 
-typedef unsigned short u16;
+#include "dtypes.cuh"
+
 typedef unsigned int u32;
 
 constexpr int QUANT_WARPS = 8;     // rows per block when a warp takes a row
 constexpr u32 ABS_MASK = 0x7fffu;  // all but the sign bit of a bf16 or fp16
-
-struct Bf16 {
-    static __device__ __forceinline__ float to_float(u32 bits) { return __uint_as_float(bits << 16); }
-};
-
-struct Fp16 {
-    static __device__ __forceinline__ float to_float(u32 bits) {
-        float value;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"((u16)bits));
-        return value;
-    }
-};
 
 // VEC consecutive 16-bit patterns of a row, each in the low half of a word.
 template <int VEC>
@@ -128,7 +117,7 @@ __global__ void quantize_rows_kernel(
         amax = lane < blockDim.x / 32 ? warp_max[lane] : 0u;
         amax = __reduce_max_sync(0xffffffffu, amax);
     }
-    float row_scale = T::to_float(amax) * inverse_max;
+    float row_scale = T::to_float((u16)amax) * inverse_max;
     row_scale = row_scale < min_scale ? min_scale : row_scale;  // a NaN stays NaN, as in torch's clamp
     if ((WARP_PER_ROW ? lane : threadIdx.x) == 0) scale[row] = row_scale;
 
@@ -138,7 +127,7 @@ __global__ void quantize_rows_kernel(
         load_patterns<VEC>(x_row + i, bits);
         float values[VEC];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) values[j] = __fdiv_rn(T::to_float(bits[j]), row_scale);
+        for (int j = 0; j < VEC; ++j) values[j] = __fdiv_rn(T::to_float((u16)bits[j]), row_scale);
         store_e4m3<VEC>(q_row + i, values);
     }
 }
