@@ -46,7 +46,10 @@ class _Scratch(threading.local):
         buffer = self.buffers.get(role)
         if buffer is not None and buffer.dtype == dtype and buffer.numel() >= numel:
             return buffer[:numel]
-        buffer = torch.empty(numel, dtype=dtype)
+        # A normal tensor even when taken in inference mode: an inference
+        # tensor could not be written later outside it.
+        with torch.inference_mode(False):
+            buffer = torch.empty(numel, dtype=dtype)
         if numel * buffer.element_size() <= MAX_SCRATCH_BYTES:
             self.buffers[role] = buffer
         return buffer
@@ -60,7 +63,9 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor, scale: float, role: str) 
     num_seqs, num_blocks = tables.shape
     rows = cache.view(cache.shape[0], -1)
     copied = _scratch.take(role, tables.numel() * rows.shape[1], cache.dtype).view(tables.numel(), rows.shape[1])
-    torch.index_select(rows, 0, tables.flatten(), out=copied)
+    # A sliding window's table marks the blocks it dropped with -1: any block
+    # will do there, since the mask hides those positions.
+    torch.index_select(rows, 0, tables.flatten().clamp(min=0), out=copied)
     shape = (num_seqs, num_blocks * cache.shape[1], *cache.shape[2:])
     if cache.dtype == torch.float32:
         return copied.view(shape)
