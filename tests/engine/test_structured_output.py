@@ -147,7 +147,7 @@ def test_a_grammar_that_does_not_load_refuses_its_request_alone(engine_model, ch
 HF_SCHEMAS = [
     PERSON,
     ITEMS,
-    {"type": "object", "properties": {"point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]}}, "required": ["point"]},
+    {"type": "object", "properties": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -99, "maximum": 99}, "y": {"type": "integer", "minimum": -99, "maximum": 99}}, "required": ["x", "y"]}}, "required": ["point"]},
     {"type": "object", "properties": {"scores": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 10}, "maxItems": 4}}, "required": ["scores"]},
     {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": ["low", "high"]}, "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}}, "required": ["ok", "level", "code"]},
 ]
@@ -168,6 +168,35 @@ def test_greedy_constrained_output_equals_hf_with_the_same_grammar(engine_model,
             )
             expected = generated[0, len(prompt) :].tolist()
             assert tokens_of(outputs[f"s{i}"]) == expected, i
+
+
+# Five more for the validity check over 100 sampled generations.
+MORE_SCHEMAS = [
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}, "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}}, "required": ["name", "tags"]}, "active": {"type": "boolean"}}, "required": ["user", "active"]},
+    {"type": "object", "properties": {"events": {"type": "array", "items": {"type": "object", "properties": {"day": {"type": "integer", "minimum": 1, "maximum": 31}, "kind": {"enum": ["call", "visit"]}}, "required": ["day", "kind"]}, "minItems": 1, "maxItems": 2}}, "required": ["events"]},
+    {"type": "object", "properties": {"title": {"type": "string", "maxLength": 16}, "rating": {"type": "integer", "minimum": 1, "maximum": 5}, "note": {"type": "string", "maxLength": 12}}, "required": ["title", "rating"]},
+    {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}, "country": {"enum": ["FR", "DE", "IT"]}}, "required": ["zip", "country"]},
+    {"type": "object", "properties": {"matrix": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 2}, "maxItems": 2}}, "required": ["matrix"]},
+]  # fmt: skip
+SAMPLES_PER_SCHEMA = 10
+
+
+def test_a_hundred_sampled_generations_over_ten_schemas_all_validate(engine_model, chat_prompts, compiler: GrammarCompiler, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    schemas = HF_SCHEMAS + MORE_SCHEMAS
+    grammars = [compiler.compile(common_pb2.Constraint(json_schema=json.dumps(schema))) for schema in schemas]
+    core = make_engine(engine_model, num_kv_blocks=2048, max_num_seqs=len(schemas) * SAMPLES_PER_SCHEMA)
+    for i, grammar in enumerate(grammars):
+        for seed in range(SAMPLES_PER_SCHEMA):
+            sampling = SamplingParams(temperature=0.8, seed=seed, max_tokens=2 * MAX_TOKENS)
+            core.add_request(f"s{i}-{seed}", chat_prompts[seed % len(chat_prompts)], sampling, compiled_grammar=grammar)
+    outputs = run_all(core)
+    assert len(outputs) == len(schemas) * SAMPLES_PER_SCHEMA
+    unfinished = {rid: len(tokens_of(output)) for rid, output in outputs.items() if output[-1].finish_reason is not FinishReason.STOP}
+    assert not unfinished, f"requests that ran out of tokens (and their lengths): {unfinished}"
+    for request_id, output in outputs.items():
+        schema = schemas[int(request_id[1:].split("-")[0])]
+        jsonschema.validate(json.loads(hf_tokenizer.decode(tokens_of(output), skip_special_tokens=True)), schema)
+    assert_no_leaks(core)
 
 
 def test_the_bitmask_masks_as_xgrammar_does() -> None:
