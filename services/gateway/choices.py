@@ -53,13 +53,10 @@ class ChoiceGroup(ChunkStream):
         self.id = self.request.request_id or f"req-{uuid.uuid4().hex}"
         self.n = self.request.sampling.n or 1
         self.num_prompts = len(prompts)
+        self._prompts, self._metrics, self._output_limits = prompts, metrics, output_limits
+        # Made by run() once n is checked: a request's n may be any uint32.
         self.members: list[GatewayRequest] = []
-        for prompt in prompts:
-            leader = None
-            for i in range(self.n):
-                member = GatewayRequest(hub, metrics, self._completion(prompt, i), output_limits, leader)
-                leader = leader or member
-                self.members.append(member)
+        self._cancelled = False
         self._emit: Emit | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._failed = False
@@ -79,6 +76,7 @@ class ChoiceGroup(ChunkStream):
         return request
 
     def cancel(self) -> None:
+        self._cancelled = True
         for member in self.members:
             member.cancel()
 
@@ -97,6 +95,14 @@ class ChoiceGroup(ChunkStream):
             self._handed.append(None)
             emit(gateway_pb2.GenerateChunk(request_id=self.id, finish_reason=common_pb2.FINISH_REASON_ERROR, error=to_status(exc)))
             return
+        for prompt in self._prompts:
+            leader = None
+            for i in range(self.n):
+                member = GatewayRequest(self.hub, self._metrics, self._completion(prompt, i), self._output_limits, leader)
+                leader = leader or member
+                self.members.append(member)
+        if self._cancelled:  # while the group was being checked
+            self.cancel()
         self._tasks = [asyncio.ensure_future(member.run(lambda chunk, i=i: self._on_chunk(i, chunk))) for i, member in enumerate(self.members)]
         try:
             await asyncio.wait(self._tasks)
