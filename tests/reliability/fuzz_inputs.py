@@ -21,6 +21,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import strategies as st
 
 from pagewire.services.common.limits import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
     MAX_LOGPROBS,
     MAX_PENALTY,
     MAX_STOP_STRING_CHARS,
@@ -90,6 +92,10 @@ def duration(seconds: int, nanos: int) -> duration_pb2.Duration:
 
 
 def _field_extremes(descriptor: FieldDescriptor, vocab_size: int) -> list[Any]:
+    if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+        # logit_bias: token id -> bias; the bounds and one past each.
+        return [{}, {0: MAX_LOGIT_BIAS}, {vocab_size - 1: -MAX_LOGIT_BIAS}, {vocab_size: 1.0}, {0: MAX_LOGIT_BIAS + 1},
+                {0: math.nan}, {0: math.inf}, {i: 1.0 for i in range(MAX_LOGIT_BIAS_TOKENS + 1)}]  # fmt: skip
     if descriptor.is_repeated:
         # stop_token_ids: the bound and one past it, ids past the vocabulary.
         return [[], [UINT32_MAX], [vocab_size] * MAX_STOP_TOKEN_IDS, [0] * (MAX_STOP_TOKEN_IDS + 1), [1] * HUGE_LIST]
@@ -108,7 +114,10 @@ def sampling_sweep(base: common_pb2.SamplingParams, vocab_size: int) -> list[tup
         for value in _field_extremes(descriptor, vocab_size):
             params = common_pb2.SamplingParams()
             params.CopyFrom(base)
-            if descriptor.is_repeated:
+            if isinstance(value, dict):
+                getattr(params, descriptor.name).update(value)
+                shown = f"{len(value)} entries" if len(value) > 2 else str(value)
+            elif descriptor.is_repeated:
                 getattr(params, descriptor.name)[:] = value
                 shown = f"{len(value)} ids" if len(value) > 1 else str(value)
             else:
@@ -149,6 +158,7 @@ def sampling_params(max_tokens: st.SearchStrategy[int | None]) -> st.SearchStrat
         ignore_eos=st.booleans(),
         logprobs=optional(ints(FieldDescriptor.TYPE_UINT32)),
         n=optional(ints(FieldDescriptor.TYPE_UINT32)),
+        logit_bias=st.dictionaries(ints(FieldDescriptor.TYPE_UINT32), _floats32(), max_size=MAX_LOGIT_BIAS_TOKENS + 2),
     )
 
 
@@ -214,12 +224,18 @@ _SAMPLING_RULES: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def sampling_verdict(params: common_pb2.SamplingParams, max_model_len: int) -> Verdict:
+def sampling_verdict(params: common_pb2.SamplingParams, vocab_size: int, max_model_len: int) -> Verdict:
     """Read from the message, so float32 rounding is what is judged. A
     max_tokens past max_model_len may be refused or capped."""
     refuse = [f"{name}={getattr(params, name)!r}" for name, bad in _SAMPLING_RULES.items() if params.HasField(name) and bad(getattr(params, name))]
     if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         refuse.append(f"{len(params.stop_token_ids)} stop_token_ids")
+    if len(params.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+        refuse.append(f"{len(params.logit_bias)} logit_bias entries")
+    if any(token_id >= vocab_size for token_id in params.logit_bias):
+        refuse.append("a logit_bias id outside the vocabulary")
+    if any(_outside(bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS) for bias in params.logit_bias.values()):
+        refuse.append("a logit_bias outside its range")
     may_refuse = [f"max_tokens={params.max_tokens}"] if params.max_tokens > max_model_len else []
     return Verdict(refuse, may_refuse)
 

@@ -95,7 +95,7 @@ def unbounded(params: common_pb2.SamplingParams) -> bool:
 
 
 def add_item(facts: Facts, name: str, add: engine_pb2.AddRequest) -> Item:
-    verdict = prompt_ids_verdict(list(add.prompt_token_ids), facts.vocab_size, facts.max_model_len) + sampling_verdict(add.sampling, facts.max_model_len)
+    verdict = prompt_ids_verdict(list(add.prompt_token_ids), facts.vocab_size, facts.max_model_len) + sampling_verdict(add.sampling, facts.vocab_size, facts.max_model_len)
     if not add.request_id:
         verdict += Verdict(["an empty request_id"])
     if add.HasField("timeout"):
@@ -160,7 +160,7 @@ def utf8_tokens_at_most(text: str) -> int:
 
 
 def generate_item(facts: Facts, name: str, request: gateway_pb2.GenerateRequest) -> Item:
-    verdict = sampling_verdict(request.sampling, facts.max_model_len) + stop_verdict(list(request.stop))
+    verdict = sampling_verdict(request.sampling, facts.vocab_size, facts.max_model_len) + stop_verdict(list(request.stop))
     if not request.request_id:
         verdict += Verdict(["no request_id on Generate"])
     if request.model not in ("", facts.model_id):

@@ -151,7 +151,7 @@ def near_valid_requests(draw: st.DrawFn) -> gateway_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(max_tokens=1)
     field = draw(st.sampled_from([f for f in common_pb2.SamplingParams.DESCRIPTOR.fields if f.name != "max_tokens"]))
     if field.is_repeated:
-        getattr(sampling, field.name).extend(getattr(fuzzed, field.name))
+        getattr(sampling, field.name).MergeFrom(getattr(fuzzed, field.name))  # a list, or logit_bias's map
     elif not field.has_presence or fuzzed.HasField(field.name):
         setattr(sampling, field.name, getattr(fuzzed, field.name))
     return gateway_pb2.GenerateRequest(request_id=draw(st.text(max_size=20)), text=draw(st.text(min_size=1, max_size=40)), sampling=sampling)
