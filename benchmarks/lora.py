@@ -67,8 +67,8 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     vocab_size = SHAPES[shape]["vocab_size"]
     prompts = hf_peer.prompts(args.requests, args.prompt_len, vocab_size)
     base_config = engine_config(args)
-    loaded = random_model(shape, resolve_dtype(base_config.dtype, device), base_config.max_model_len, device)
-    core = create_engine_core(base_config, loaded)
+    dtype = resolve_dtype(base_config.dtype, device)
+    core = create_engine_core(base_config, random_model(shape, dtype, base_config.max_model_len, device))
     run_engine(core, warm_up_prompts(prompts, args, vocab_size), 8)
     base = run_engine(core, prompts, args.output_len)
     emit(dict(bench="lora", system="pagewire-base", **workload, num_kv_blocks=core.kv_cache.num_blocks, **base))
@@ -80,16 +80,19 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
         names = [f"adapter-{i}" for i in range(args.adapters)]
         flags = [f"{name}={write_adapter(Path(work_dir) / name, shape, args.rank, seed=i)}" for i, name in enumerate(names)]
         write_seconds = time.perf_counter() - write_start
-        config = dataclasses.replace(base_config, lora=flags, max_loras=args.max_loras or args.adapters, max_lora_rank=args.rank)
-        # The same model: the LoRA engine wraps its projections in place.
-        core = create_engine_core(config, loaded)
-    run_engine(core, warm_up_prompts(prompts, args, vocab_size), 8, names)
-    lora = run_engine(core, prompts, args.output_len, names)
-    emit(dict(bench="lora", system="pagewire-lora", **workload, adapters=args.adapters, rank=args.rank, max_loras=config.max_loras,
-              adapter_write_seconds=round(write_seconds, 1), num_kv_blocks=core.kv_cache.num_blocks, **lora))  # fmt: skip
-    emit(dict(bench="lora_ratio", shape=shape, lora_over_base=round(lora["out_tok_s"] / base["out_tok_s"], 3)))
-    del core, loaded
-    free_gpu()
+        for kernel in args.lora_kernels.split(","):
+            config = dataclasses.replace(base_config, lora=flags, max_loras=args.max_loras or args.adapters, max_lora_rank=args.rank, lora_kernel=kernel)
+            # A fresh model: a LoRA engine wraps its model's projections in place.
+            core = create_engine_core(config, random_model(shape, dtype, base_config.max_model_len, device))
+            run_engine(core, warm_up_prompts(prompts, args, vocab_size), 8, names)
+            lora = run_engine(core, prompts, args.output_len, names)
+            resolved = core.executor.lora.context.kernel
+            emit(dict(bench="lora", system="pagewire-lora", **workload, adapters=args.adapters, rank=args.rank, max_loras=config.max_loras,
+                      lora_kernel=kernel, resolved_kernel=resolved, adapter_write_seconds=round(write_seconds, 1),
+                      num_kv_blocks=core.kv_cache.num_blocks, **lora))  # fmt: skip
+            emit(dict(bench="lora_ratio", shape=shape, lora_kernel=resolved, lora_over_base=round(lora["out_tok_s"] / base["out_tok_s"], 3)))
+            del core
+            free_gpu()
 
 
 def main() -> None:
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8, help="adapters, spread evenly over the requests")
     parser.add_argument("--rank", type=int, default=16, help="every adapter's rank (and --max-lora-rank)")
     parser.add_argument("--max-loras", type=int, default=0, help="adapter slots on the device; 0: as many as --adapters")
+    parser.add_argument("--lora-kernels", default="auto", help="comma-separated --lora-kernel values, one LoRA run each")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a cheap check of the benchmark itself")
     args = parser.parse_args()
     configure_logging("warning", "console", service="benchmark")

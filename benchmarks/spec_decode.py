@@ -2,13 +2,18 @@
 output tokens, greedy, EOS ignored): time per output token without
 speculation, then with k proposals a step in four runs of the same prompts.
 
-- all-accepted: every proposal is the target's own greedy continuation (read
-  from the run without speculation), as prompt lookup proposes for a prompt
-  that already holds its continuation. Random weights seldom repeat
-  themselves, so a prompt cannot be made to hold it; the proposer replays it
-  instead, through the same verify steps.
 - none-accepted: every proposal is a token the target does not pick (its
-  greedy token plus one), so each step verifies k tokens and keeps none.
+  greedy token without speculation plus one), so each step verifies k
+  tokens and keeps none.
+- all-accepted: every proposal is the target's own greedy continuation, as
+  prompt lookup proposes for a prompt that already holds its continuation.
+  Random weights seldom repeat themselves, so a prompt cannot be made to
+  hold it; the proposer replays it instead. The continuation replayed is the
+  none-accepted run's, which the verify steps computed: in bf16 a verify
+  step's k + 1 rows round differently from a decode step's one, and random
+  weights leave the top logits so close that the plain run's continuation
+  parts from the verified one within a few tokens (then nothing more is
+  accepted). Each record states its accepted tokens.
 - ngram: prompt lookup itself on the random prompts (it finds little).
 - draft: --draft-shape's random model (llama-1b's for llama-8b: one
   vocabulary) drafting; random weights accept almost nothing, so the record
@@ -145,11 +150,14 @@ def main() -> None:
             continuations = {tuple(p): p + outputs[f"r{i}"] for i, p in enumerate(measured)}
 
             speculating = dataclasses.replace(plain_config, speculative_method="ngram", num_speculative_tokens=k, ngram_min=1)
-            for run in ("all-accepted", "none-accepted", "ngram"):
+            for run in ("none-accepted", "all-accepted", "ngram"):
                 core = create_engine_core(speculating, loaded)
                 if run != "ngram":
                     core.proposer = ReplayingProposer(continuations, args.prompt_len, k, vocab, wrong=run == "none-accepted")
-                result = measure(core, warm, measured, args.output_len)
+                verified: dict[str, list[int]] = {}
+                result = measure(core, warm, measured, args.output_len, verified)
+                if run == "none-accepted":
+                    continuations = {tuple(p): p + verified[f"r{i}"] for i, p in enumerate(measured)}
                 del core
                 free_gpu()
                 emit(dict(common, run=run, **result, speedup_over_plain=round(plain["tpot_p50_ms"] / result["tpot_p50_ms"], 2)))

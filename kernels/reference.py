@@ -139,25 +139,28 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
 
 
 def lora_expand(out: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, part_sizes: list[int]) -> torch.Tensor:
-    """kernels/lora.cu's expand: out [tokens, sum(part_sizes)] plus, for part p
-    of a fused projection (its own output columns), shrunk's columns p * rank
-    onwards times the B of the token's slot, lora_b [slots, rank, out] (the
-    adapter's scale folded in). The shrunk row is spread over the slots'
-    columns, masked, so each part takes one GEMM with every slot's B."""
+    """kernels/lora.cu's expand: out [tokens, sum(part_sizes)] plus, in place,
+    for part p of a fused projection (its own output columns), shrunk's
+    columns p * rank onwards times the B of the token's slot, lora_b
+    [slots, rank, out] (the adapter's scale folded in). The shrunk row is
+    spread over the slots' columns, masked, so each part takes one GEMM with
+    every slot's B, accumulated into its columns of out. Returns out."""
     num_slots, rank, output_size = lora_b.shape
     mask = _slot_mask(token_slots, num_slots, lora_b.dtype)[:, None, :, None]
     spread = shrunk.view(-1, len(part_sizes), 1, rank).to(lora_b.dtype) * mask  # [tokens, parts, slots, rank]
     every_b = lora_b.view(num_slots * rank, output_size)
-    starts = [sum(part_sizes[:p]) for p in range(len(part_sizes))]
-    delta = [spread[:, p].flatten(1) @ every_b[:, start : start + size] for p, (start, size) in enumerate(zip(starts, part_sizes))]
-    return out + torch.cat(delta, dim=1)
+    start = 0
+    for part, size in enumerate(part_sizes):
+        out[:, start : start + size].addmm_(spread[:, part].flatten(1), every_b[:, start : start + size])
+        start += size
+    return out
 
 
 def add_lora(
     out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, part_sizes: list[int]
 ) -> torch.Tensor:
-    """A projection's output out [tokens, sum(part_sizes)] plus the LoRA of
-    each token's adapter slot on its input x: lora_expand of lora_shrink."""
+    """A projection's output out [tokens, sum(part_sizes)] plus, in place, the
+    LoRA of each token's adapter slot on its input x: lora_expand of lora_shrink."""
     return lora_expand(out, lora_shrink(x, lora_a, token_slots), lora_b, token_slots, part_sizes)
 
 

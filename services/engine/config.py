@@ -66,6 +66,13 @@ class EngineConfig(ServiceConfig):
     )
     max_loras: int = option(4, "Adapters resident on the device at once (one step mixes at most this many); the others wait in host memory.")
     max_lora_rank: int = option(64, "Largest adapter rank accepted; every slot is padded to it, so keep it as low as the adapters allow.")
+    lora_kernel: str = option(
+        "auto",
+        "How a GPU applies the adapters: dense multiplies every token by every slot's A and B on the tensor cores and masks out the "
+        "other slots (the cost grows with --max-loras x --max-lora-rank); gathered reads each token's own slot on the CUDA cores; "
+        "auto picks dense while the slots' columns are few (see services/engine/executor/layers/lora.py).",
+        choices=["auto", "dense", "gathered"],
+    )
     seed: int = option(0, "Seed of the random generator shared by requests that give no seed of their own.")
     speculative_method: str = option(
         "none",

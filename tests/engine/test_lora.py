@@ -183,7 +183,7 @@ def test_lora_linear_applies_each_tokens_adapter_to_its_part() -> None:
     """Per token: the base projection plus B @ A x of its own slot, each part of a fused projection apart."""
     torch.manual_seed(0)
     parts, rank, slots, hidden = [8, 4, 4], 3, 3, 16
-    context = LoraContext(slots, torch.device("cpu"))
+    context = LoraContext(slots, rank, torch.device("cpu"))
     layer = LoraLinear(torch.nn.Linear(hidden, sum(parts), bias=False), hidden, parts, rank, context, torch.float32, torch.device("cpu"))
     weights = {(s, p): (torch.randn(rank - p % 2, hidden), torch.randn(parts[p], rank - p % 2)) for s in range(slots) for p in range(3) if (s + p) % 2}
     for (s, p), (a, b) in weights.items():
@@ -210,12 +210,14 @@ BF16_LOGIT_TOLERANCE = 0.05
 
 
 @pytest.mark.gpu
-def test_mixed_batch_on_the_gpu_in_decode_graphs(gpu_lora_setup) -> None:
+@pytest.mark.parametrize("lora_kernel", ["dense", "gathered"])
+def test_mixed_batch_on_the_gpu_in_decode_graphs(gpu_lora_setup, lora_kernel: str) -> None:
     """The same mixed batch through the CUDA engine in bf16, decodes replaying
     the graphs: at every position pagewire's token is HF + PEFT's fp32 argmax
     over pagewire's own continuation (teacher forcing), or within bf16 noise of it."""
     references = gpu_lora_setup[2]
-    core = _engine(gpu_lora_setup, device="cuda", dtype="bfloat16", max_loras=2, max_num_seqs=16)
+    core = _engine(gpu_lora_setup, device="cuda", dtype="bfloat16", max_loras=2, max_num_seqs=16, lora_kernel=lora_kernel)
+    assert core.executor.lora.context.kernel == lora_kernel
     requests = [(name, prompt(length=9 + 3 * i, seed=20 + i)) for i, name in enumerate(["", "all8", "qv4"] * 3)]
     for i, (name, ids) in enumerate(requests):
         core.add_request(f"r{i}", ids, greedy(MAX_NEW_TOKENS), lora=name)

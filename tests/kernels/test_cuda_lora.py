@@ -122,13 +122,16 @@ def test_captured_in_a_cuda_graph_reads_the_slots_at_replay() -> None:
         _assert_close_to(out, _expected(base, x, lora_a, lora_b, token_slots, part_sizes))
 
 
-def test_lora_linear_on_the_gpu_takes_the_kernels() -> None:
-    from pagewire.services.engine.executor.layers.lora import LoraContext, LoraLinear
+@pytest.mark.parametrize("kernel", ["dense", "gathered"])
+def test_lora_linear_on_the_gpu_takes_the_kernel_asked_for(kernel: str) -> None:
+    from pagewire.services.engine.executor.layers.lora import DENSE_MAX_SLOT_COLUMNS, LoraContext, LoraLinear
 
     device = torch.device("cuda")
     input_size, part_sizes = PROJECTIONS["qkv"]
-    context = LoraContext(NUM_SLOTS, device)
-    assert context.add_lora is cuda_lora.add_lora
+    context = LoraContext(NUM_SLOTS, 16, device, kernel)
+    assert context.add_lora is {"dense": reference.add_lora, "gathered": cuda_lora.add_lora}[kernel]
+    assert LoraContext(NUM_SLOTS, DENSE_MAX_SLOT_COLUMNS // NUM_SLOTS, device).kernel == "dense"
+    assert LoraContext(NUM_SLOTS, 2 * DENSE_MAX_SLOT_COLUMNS // NUM_SLOTS, device).kernel == "gathered"
     base = torch.nn.Linear(input_size, sum(part_sizes), bias=False, device=device, dtype=torch.bfloat16)
     layer = LoraLinear(base, input_size, part_sizes, 16, context, torch.bfloat16, device)
     layer.lora_a.copy_(_slots_weights(input_size, part_sizes, 16, torch.bfloat16, seed=9)[0])

@@ -42,12 +42,12 @@ class LoraSlots:
     """Wraps the model's projections in LoraLinear (at start-up, before the
     KV cache is sized, so the slots' memory is accounted for)."""
 
-    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device, kernel: str = "auto"):
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.dtype = dtype
         self.pin = device.type == "cuda"
-        self.context = LoraContext(max_loras, device)
+        self.context = LoraContext(max_loras, max_rank, device, kernel)
         self.layers: dict[str, LoraLinear] = {}
         for path, parent, attribute, part_sizes in _projections(model):
             base = getattr(parent, attribute)

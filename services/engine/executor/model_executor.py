@@ -73,7 +73,7 @@ def attach_lora(config: EngineConfig, loaded: LoadedModel) -> LoraSlots | None:
         raise ValueError(f"--max-loras and --max-lora-rank must be at least 1, got {config.max_loras} and {config.max_lora_rank}")
     if config.tensor_parallel_size > 1:
         raise ValueError("LoRA adapters (--lora, --enable-lora) are not supported with --tensor-parallel-size above 1: serve them on one device")
-    slots = LoraSlots(loaded.model, config.max_loras, config.max_lora_rank, loaded.dtype, loaded.device)
+    slots = LoraSlots(loaded.model, config.max_loras, config.max_lora_rank, loaded.dtype, loaded.device, config.lora_kernel)
     for value in config.lora:
         name, path = lora_flag(value)
         slots.add(slots.prepare(read_adapter(name, path, config.max_lora_rank, loaded.dtype)))

@@ -5,10 +5,14 @@ its slot, added to the projection's output).
 
 Each adapter sits in one of a fixed number of device slots, padded with
 zeros to the largest rank, so every shape is static and a decode step with
-any mix of adapters replays the same CUDA graph. On a GPU the two steps are
-kernels/lora.cu, which gathers each token's weights by its slot; elsewhere
-kernels/reference.py, which multiplies by every slot's weights at once and
-masks out the other slots. A fused projection (q/k/v, gate/up) gives each
+any mix of adapters replays the same CUDA graph. Two ways to run them:
+dense (kernels/reference.py) multiplies every token by every slot's weights
+in two tensor-core GEMMs and masks out the other slots' columns; gathered
+(kernels/lora.cu, GPU only) reads each token's own slot on the CUDA cores.
+Dense does slots times the work, but on tensor cores; while the slots'
+columns (slots x rank) stay within DENSE_MAX_SLOT_COLUMNS that work is a few
+per cent of the projection's own and dense is the faster (an H200 measured
+it: docs/PERFORMANCE.md, LoRA). A fused projection (q/k/v, gate/up) gives each
 part its own rank-wide group of A's columns and its own columns of B, so
 each part's adapter lands in its slice of the output."""
 
@@ -19,16 +23,30 @@ from torch import nn
 
 from pagewire.kernels import cuda_lora, reference
 
+# --lora-kernel auto takes the dense GEMMs up to this many slot columns
+# (--max-loras x --max-lora-rank): 8 adapters of rank 64, say.
+DENSE_MAX_SLOT_COLUMNS = 512
+
+
+def lora_kernel_name(kernel: str, num_slots: int, max_rank: int, device: torch.device) -> str:
+    """dense or gathered: what --lora-kernel resolves to on the device."""
+    if device.type != "cuda":
+        return "dense"  # the gathered kernel is CUDA's
+    if kernel == "auto":
+        return "dense" if num_slots * max_rank <= DENSE_MAX_SLOT_COLUMNS else "gathered"
+    return kernel
+
 
 class LoraContext:
     """The adapter slot of every token of the current forward pass, shared by
     all the LoRA projections of a model; the runner binds it before each
     forward (inside a decode graph, from the graph's static slot buffer)."""
 
-    def __init__(self, num_slots: int, device: torch.device):
+    def __init__(self, num_slots: int, max_rank: int, device: torch.device, kernel: str = "auto"):
         self.num_slots = num_slots
-        # reference.add_lora's signature; the GPU's updates the output in place.
-        self.add_lora = cuda_lora.add_lora if device.type == "cuda" else reference.add_lora
+        self.kernel = lora_kernel_name(kernel, num_slots, max_rank, device)
+        # Both add to the projection's output in place.
+        self.add_lora = cuda_lora.add_lora if self.kernel == "gathered" else reference.add_lora
         self.token_slots: torch.Tensor | None = None
 
     def bind(self, token_slots: torch.Tensor | None) -> None:
