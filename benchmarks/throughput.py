@@ -120,17 +120,24 @@ def summarize(start: float, first_token: dict[str, float], finished: dict[str, f
 
 
 def run_engine(
-    core: EngineCore, prompts: list[list[int]], output_len: int, loras: list[str] | None = None, outputs: dict[str, list[int]] | None = None
+    core: EngineCore,
+    prompts: list[list[int]],
+    output_len: int,
+    loras: list[str] | None = None,
+    outputs: dict[str, list[int]] | None = None,
+    compiled_grammar: str = "",
 ) -> dict:
     """Submit every prompt at once and step until all finish; per-request
     first-token and finish times, where the step time went, and the prefix
     cache hits of this run. With `loras`, request i runs with loras[i % len];
-    `outputs` collects each request's tokens by request id."""
-    sampling = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    `outputs` collects each request's tokens by request id; a compiled
+    grammar constrains every request (which then ends where its grammar
+    lets it, so end-of-sequence is not ignored)."""
+    sampling = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=not compiled_grammar)
     hits_before = core.stats().prefix_cache_hit_tokens
     start = time.perf_counter()
     for index, ids in enumerate(prompts):
-        core.add_request(f"r{index}", ids, sampling, lora=loras[index % len(loras)] if loras else "")
+        core.add_request(f"r{index}", ids, sampling, lora=loras[index % len(loras)] if loras else "", compiled_grammar=compiled_grammar)
     first_token: dict[str, float] = {}
     finished: dict[str, float] = {}
     output_tokens = 0

@@ -1,0 +1,85 @@
+"""Structured output at the standard workload: every request constrained
+to a JSON schema against the same engine unconstrained, in the same run.
+The shape is smollm2-135m's with random weights, the one whose vocabulary
+is the embedded model's tokenizer, which compiles the grammar (the llama
+shapes' tokenizer is not on the machine). The schema (an object holding an
+array of at least --min-items strings) cannot be complete before the output
+length, so both modes generate exactly --output-len tokens per request.
+
+Warm-ups run both modes on prompts of their own; the two measured runs take
+two disjoint sets of random prompts, so neither hits the prefix cache (each
+record says so). Prints one JSON line per mode, then the ratio of output
+tokens per second.
+
+    python -m benchmarks.structured_output [--requests 256] [--prompt-len 512] [--output-len 128]
+
+A cheap check of the benchmark itself on a CPU:
+
+    python -m benchmarks.structured_output --device cpu --requests 4 --prompt-len 32 --output-len 16 --min-items 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+from benchmarks import hf_peer
+from benchmarks.throughput import SHAPES, add_workload_arguments, emit, engine_config, random_model, run_engine, warm_up_prompts
+from pagewire.services.common.logging import configure_logging
+from pagewire.services.common.model import load_hf_tokenizer, resolve_model
+from pagewire.services.engine.config import EngineConfig
+from pagewire.services.engine.executor.loader import resolve_dtype
+from pagewire.services.engine.executor.model_executor import create_engine_core
+from pagewire.services.tokenizer.grammar import GrammarCompiler
+from pagewire.v1 import common_pb2
+
+SHAPE = "smollm2-135m"
+
+
+def schema(min_items: int) -> dict:
+    return {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": min_items}}, "required": ["items"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(parser, SHAPE)
+    parser.add_argument("--min-items", type=int, default=128, help="the schema's shortest array: past what --output-len tokens can hold")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a cheap check of the benchmark itself")
+    args = parser.parse_args()
+    configure_logging("warning", "console", service="benchmark")
+    device = torch.device(args.device)
+    vocab_size = SHAPES[SHAPE]["vocab_size"]
+    tokenizer = load_hf_tokenizer(resolve_model(EngineConfig().model))
+    if len(tokenizer) != vocab_size:
+        raise SystemExit(f"the embedded tokenizer has {len(tokenizer)} tokens, {SHAPE} {vocab_size}: the grammar would not fit the shape")
+    grammar = GrammarCompiler(tokenizer).compile(common_pb2.Constraint(json_schema=json.dumps(schema(args.min_items))))
+
+    config = engine_config(args)
+    loaded = random_model(SHAPE, resolve_dtype(config.dtype, device), config.max_model_len, device)
+    # The tokenizer's end of sequence, where a complete answer may stop.
+    loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, eos_token_ids=(tokenizer.eos_token_id,)))
+    core = create_engine_core(config, loaded)
+    measured = {
+        "unconstrained": hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=0),
+        "json_schema": hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=1),
+    }
+    warm = warm_up_prompts(measured["unconstrained"] + measured["json_schema"], args, vocab_size)
+    workload = dict(shape=SHAPE, requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len,
+                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")  # fmt: skip
+    results = {}
+    for mode, prompts in measured.items():
+        mode_grammar = grammar if mode == "json_schema" else ""
+        run_engine(core, warm, 8, compiled_grammar=mode_grammar)
+        results[mode] = run_engine(core, prompts, args.output_len, compiled_grammar=mode_grammar)
+        if results[mode]["output_tokens"] != args.requests * args.output_len:
+            raise SystemExit(f"{mode}: {results[mode]['output_tokens']} output tokens, expected {args.requests * args.output_len}")
+        emit(dict(bench="structured_output", mode=mode, **workload, **results[mode]))
+    ratio = results["json_schema"]["out_tok_s"] / results["unconstrained"]["out_tok_s"]
+    emit(dict(bench="structured_output_ratio", shape=SHAPE, constrained_over_unconstrained=round(ratio, 3)))
+
+
+if __name__ == "__main__":
+    main()
