@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from pagewire.kernels import reference
 from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.engine import EngineCore
@@ -231,3 +232,10 @@ def test_mixed_batch_on_the_gpu_in_decode_graphs(gpu_lora_setup, lora_kernel: st
         shortfall = logits.max(dim=1).values - chosen
         assert shortfall.max() <= BF16_LOGIT_TOLERANCE, f"request r{i} ({name or 'base'}): {shortfall.tolist()}"
     assert_no_leaks(core)
+
+
+def test_the_cpu_takes_the_dense_path_and_refuses_the_gathered_kernel() -> None:
+    assert LoraContext(4, 64, torch.device("cpu")).kernel == "dense"
+    assert LoraContext(64, 64, torch.device("cpu"), "dense").add_lora is reference.add_lora
+    with pytest.raises(ValueError, match="gathered runs CUDA kernels"):
+        LoraContext(4, 16, torch.device("cpu"), "gathered")

@@ -24,14 +24,19 @@ from torch import nn
 from pagewire.kernels import cuda_lora, reference
 
 # --lora-kernel auto takes the dense GEMMs up to this many slot columns
-# (--max-loras x --max-lora-rank): 8 adapters of rank 64, say.
+# (--max-loras x --max-lora-rank: 8 adapters of rank 64, say). Set from the
+# products' count: at 512 the wasted ones reach an eighth of a 4096-wide
+# projection's own, where the gathered kernels' CUDA-core speed (a third of
+# the base model's throughput, measured at 8 x 16) is still far worse.
 DENSE_MAX_SLOT_COLUMNS = 512
 
 
 def lora_kernel_name(kernel: str, num_slots: int, max_rank: int, device: torch.device) -> str:
     """dense or gathered: what --lora-kernel resolves to on the device."""
     if device.type != "cuda":
-        return "dense"  # the gathered kernel is CUDA's
+        if kernel == "gathered":
+            raise ValueError("--lora-kernel gathered runs CUDA kernels; on the CPU use auto or dense")
+        return "dense"
     if kernel == "auto":
         return "dense" if num_slots * max_rank <= DENSE_MAX_SLOT_COLUMNS else "gathered"
     return kernel
