@@ -92,6 +92,9 @@ class GrammarMatchers:
     def __init__(self, model: str):
         self._model = model
         self._sequences: dict[str, SequenceGrammar] = {}
+        # Fills a step's rows on a pool of threads, outside the interpreter
+        # lock: a row costs tens of microseconds, and a step may hold hundreds.
+        self._batch = xgrammar.BatchGrammarMatcher()
 
     def tokenizer_info(self) -> xgrammar.TokenizerInfo:
         return tokenizer_info(self._model)
@@ -123,11 +126,15 @@ class GrammarMatchers:
         """[len(rows), words] int32 bitmask on the host, a row per (request
         id, output tokens): bit t of a row set when token t may come next."""
         bitmask = xgrammar.allocate_token_bitmask(len(rows), self.tokenizer_info().vocab_size)
+        matchers, indices = [], []
         for index, (request_id, output_token_ids) in enumerate(rows):
             state = self._sequences[request_id]
             state.follow(output_token_ids)
             if not state.done:
-                state.matcher.fill_next_token_bitmask(bitmask, index)
+                matchers.append(state.matcher)
+                indices.append(index)
+        if matchers:
+            self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices)
         return bitmask
 
 
