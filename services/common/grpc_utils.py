@@ -122,10 +122,12 @@ async def start_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
     options: Sequence[tuple[str, int]] = (),
+    health: health_aio.HealthServicer | None = None,
 ) -> RunningServer:
     """Start a grpc.aio server with health (liveness "" and readiness per
-    service name) and reflection. Health starts NOT_SERVING for the named
-    services; call `set_serving(True)` once the service is ready.
+    service name; `health`, or a plain HealthServicer) and reflection. Health
+    starts NOT_SERVING for the named services; call `set_serving(True)` once
+    the service is ready.
     `handler_threads` sizes the pool that runs synchronous handlers (each open
     stream of a synchronous handler holds one thread). `interceptors` (e.g.
     API keys) and `credentials` (TLS) are for the public port; `options`
@@ -138,7 +140,7 @@ async def start_server(
     )
     for add in register:
         add(server)
-    health = health_aio.HealthServicer()
+    health = health if health is not None else health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     address = f"{host}:{port}"
@@ -161,11 +163,12 @@ async def start_service_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
     options: Sequence[tuple[str, int]] = (),
+    health: health_aio.HealthServicer | None = None,
 ) -> RunningServer:
     """start_server for one pagewire service, on the address and message size of its config."""
     return await start_server(
         config.host, config.port, config.max_message_bytes, [register], [service_name],
-        handler_threads=handler_threads, interceptors=interceptors, credentials=credentials, options=options,
+        handler_threads=handler_threads, interceptors=interceptors, credentials=credentials, options=options, health=health,
     )  # fmt: skip
 
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
 
 from pagewire.services.common.grpc_utils import RunningServer, channel_options, error_status, start_service_server, stop_on_signals
 from pagewire.services.common.logging import get_logger
@@ -89,6 +92,30 @@ class RestAdmission:
             log.warning("REST requests still running after the grace period", requests=self._in_flight)
 
 
+class SharedPortHealth(health_aio.HealthServicer):
+    """Health of one of several workers on a shared port. Each worker's
+    stored readiness follows a poll, so when the last worker becomes ready
+    the others would go on answering NOT_SERVING for up to a poll period,
+    and a probe that saw SERVING on one could see NOT_SERVING on the next
+    connection. A readiness Check is therefore answered from the workers'
+    shared state at the time of the call: SERVING once every worker has been
+    ready and this one is, until the drain begins."""
+
+    def __init__(self, readiness_service: str, ready_now: Callable[[], bool]):
+        super().__init__()
+        self._readiness_service = readiness_service
+        self._ready_now = ready_now
+        self._draining = False
+
+    def start_draining(self) -> None:
+        self._draining = True
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        if not self._draining and request.service == self._readiness_service and self._ready_now():
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return await super().Check(request, context)
+
+
 async def _follow_readiness(gateway: Gateway, running: RunningServer, workers: SharedCount | None) -> None:
     """Report SERVING while the tokenizer and at least one replica are up,
     and, among several workers, once every worker has been ready: a probe
@@ -113,6 +140,8 @@ async def _drain(running: RunningServer, rest: uvicorn.Server, admission: RestAd
     admission.closed = True
     # A peer that reconnects mid-drain must not turn readiness back to SERVING.
     readiness.cancel()
+    if isinstance(running.health, SharedPortHealth):
+        running.health.start_draining()
     await asyncio.gather(readiness, return_exceptions=True)
     await running.health.enter_graceful_shutdown()
     log.info("draining", grace_s=grace_s)
@@ -198,6 +227,7 @@ async def _serve_one(config: GatewayConfig, place: WorkerPlace | None) -> int:
         interceptors=grpc_interceptors(config.api_key),
         credentials=tls.grpc_server_credentials() if tls else None,
         options=[("grpc.so_reuseport", 1)] if workers is not None else [],
+        health=SharedPortHealth(SERVICE_NAME, lambda: gateway.ready and workers.all_ready_once()) if workers is not None else None,
     )
     app = create_app(gateway, config.max_message_bytes)
     refusal = status_response(error_status(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN))

@@ -131,3 +131,41 @@ def test_gateway_workers_get_the_whole_config_and_their_place(tmp_path: Path) ->
         assert command.env[WORKER_ENV] == str(index) and command.env[SLOTS_ENV] == str(tmp_path / "slots")
         assert command.env[MULTIPROC_ENV] == str(tmp_path / "metrics")
         assert "--port 7001" in " ".join(command.argv)
+
+
+def test_a_workers_readiness_check_reads_the_shared_state_at_the_call(tmp_path: Path) -> None:
+    """A worker whose stored readiness lags (its poll has not run since the
+    last peer became ready) answers SERVING as soon as every worker has been
+    ready, and NOT_SERVING again once it drains."""
+    import asyncio
+
+    from pagewire.services.common.grpc_utils import check_health, start_server
+    from pagewire.services.gateway.server import SharedPortHealth
+
+    create_slots(tmp_path / "slots", 2)
+    this, peer = SharedCount(tmp_path / "slots", 0), SharedCount(tmp_path / "slots", 1)
+    gateway_ready = [True]
+    service = "pagewire.v1.Generation"
+
+    async def scenario() -> list[bool]:
+        health = SharedPortHealth(service, lambda: gateway_ready[0] and this.all_ready_once())
+        running = await start_server("127.0.0.1", 0, 1 << 20, [], [service], health=health)
+        target = f"127.0.0.1:{running.port}"
+
+        async def probe() -> bool:
+            return await asyncio.to_thread(check_health, target, service)
+
+        seen = [await probe()]  # neither worker ready
+        this.mark_ready()
+        seen.append(await probe())  # the peer not yet
+        peer.mark_ready()
+        seen.append(await probe())  # both: the stored status still says NOT_SERVING
+        gateway_ready[0] = False
+        seen.append(await probe())  # this worker lost its peers
+        gateway_ready[0] = True
+        health.start_draining()
+        seen.append(await probe())
+        await running.server.stop(0)
+        return seen
+
+    assert asyncio.run(scenario()) == [False, False, True, False, False]
