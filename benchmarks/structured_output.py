@@ -30,7 +30,6 @@ from benchmarks import hf_peer
 from benchmarks.throughput import SHAPES, add_workload_arguments, emit, engine_config, random_model, run_engine, warm_up_prompts
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.common.model import load_hf_tokenizer, resolve_model
-from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.executor.loader import resolve_dtype
 from pagewire.services.engine.executor.model_executor import create_engine_core
 from pagewire.services.tokenizer.grammar import GrammarCompiler
@@ -47,17 +46,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(parser, SHAPE)
     parser.add_argument("--min-items", type=int, default=128, help="the schema's shortest array: past what --output-len tokens can hold")
+    parser.add_argument("--model", default="", help="where the tokenizer comes from: a HF directory (its tokenizer files and config.json "
+                        "suffice) or a .gguf; default: the embedded model")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a cheap check of the benchmark itself")
     args = parser.parse_args()
     configure_logging("warning", "console", service="benchmark")
     device = torch.device(args.device)
     vocab_size = SHAPES[SHAPE]["vocab_size"]
-    tokenizer = load_hf_tokenizer(resolve_model(EngineConfig().model))
+    tokenizer = load_hf_tokenizer(resolve_model(args.model))
     if len(tokenizer) != vocab_size:
         raise SystemExit(f"the embedded tokenizer has {len(tokenizer)} tokens, {SHAPE} {vocab_size}: the grammar would not fit the shape")
     grammar = GrammarCompiler(tokenizer).compile(common_pb2.Constraint(json_schema=json.dumps(schema(args.min_items))))
 
-    config = engine_config(args)
+    # The engine's matchers load the same tokenizer.
+    config = dataclasses.replace(engine_config(args), model=args.model)
     loaded = random_model(SHAPE, resolve_dtype(config.dtype, device), config.max_model_len, device)
     # The tokenizer's end of sequence, where a complete answer may stop.
     loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, eos_token_ids=(tokenizer.eos_token_id,)))

@@ -55,8 +55,8 @@ def _expected(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
     return reference.add_lora(*cpu, token_slots.cpu(), part_sizes)
 
 
-def _assert_close_to(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    step = {torch.bfloat16: 2**-7, torch.float16: 2**-10}[actual.dtype]
+def _assert_close_to(actual: torch.Tensor, expected: torch.Tensor, roundings: int = 1) -> None:
+    step = roundings * {torch.bfloat16: 2**-7, torch.float16: 2**-10}[actual.dtype]
     torch.testing.assert_close(actual.cpu().double(), expected, rtol=step, atol=step)
 
 
@@ -140,4 +140,5 @@ def test_lora_linear_on_the_gpu_takes_the_kernel_asked_for(kernel: str) -> None:
     token_slots = _token_slots(20, seed=9)
     context.bind(token_slots)
     with torch.inference_mode():
-        _assert_close_to(layer(x), _expected(base(x), x, layer.lora_a, layer.lora_b, token_slots, part_sizes))
+        # Dense rounds the rank-wide product x @ A to the dtype before B takes it (as PEFT does).
+        _assert_close_to(layer(x), _expected(base(x), x, layer.lora_a, layer.lora_b, token_slots, part_sizes), roundings=2 if kernel == "dense" else 1)
