@@ -17,7 +17,7 @@ from xgrammar.contrib.hf import LogitsProcessor
 from pagewire.services.common.errors import RequestError
 from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
-from pagewire.services.engine.executor.grammar import apply_token_bitmask
+from pagewire.services.engine.executor.grammar import GrammarMatchers, apply_token_bitmask
 from pagewire.services.tokenizer.grammar import GrammarCompiler
 from pagewire.v1 import common_pb2
 from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
@@ -222,3 +222,34 @@ def test_the_bitmask_masks_on_the_gpu_as_on_the_host() -> None:
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 1536), dtype=torch.int32, generator=generator)
     rows = [0, 4, 7]
     assert torch.equal(apply_token_bitmask(logits.cuda(), bitmask, rows).cpu(), apply_token_bitmask(logits, bitmask, rows))
+
+
+def test_a_batched_advance_leaves_each_matcher_where_following_one_by_one_does(grammars, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A step's rows: one token ahead (batched), several ahead, rewound, a
+    token the grammar refuses, and a sequence behind a stop token; the
+    batch and follow() one row at a time end in the same states."""
+    stop = (hf_tokenizer.eos_token_id,)
+    choice = hf_tokenizer(f"{CHOICES[0]}", add_special_tokens=False)["input_ids"]
+    person = hf_tokenizer('{"name": "Ann", "age": 3', add_special_tokens=False)["input_ids"]
+    stepped: dict[str, list[int]] = {
+        "ahead-one": person[:3], "ahead-many": person[:5], "rewound": person[:2], "refused": choice[:1] + [hf_tokenizer("}")["input_ids"][0]],
+        "after-stop": choice + list(stop) + choice[:1],
+    }  # fmt: skip
+    earlier = {"ahead-one": person[:2], "ahead-many": person[:1], "rewound": person[:4], "refused": choice[:1], "after-stop": choice + list(stop)}
+    grammar_of = {name: grammars[3] if name in ("refused", "after-stop") else grammars[0] for name in stepped}
+    ends = []
+    for batched in (True, False):
+        matchers = GrammarMatchers("")
+        for name, grammar in grammar_of.items():
+            matchers.add(name, grammar, stop)
+            matchers.terminated(name, earlier[name])
+        rows = list(stepped.items())
+        if batched:
+            matchers.advance(rows)
+        else:
+            for name, output in rows:
+                matchers.terminated(name, output)
+        ends.append({name: (list(state.accepted), state.broken, state.matcher.is_terminated()) for name, state in matchers._sequences.items()})
+    assert ends[0] == ends[1]
+    assert ends[0]["ahead-one"][0] == person[:3] and ends[0]["rewound"][0] == person[:2]
+    assert ends[0]["refused"][1] and ends[0]["after-stop"][1]

@@ -69,6 +69,10 @@ class Executor(Protocol):
         """Give the request a grammar (executor/grammar.py) that masks its
         tokens from now on; RequestError when it does not load."""
 
+    def grammar_advance(self, rows: list[tuple[str, list[int]]]) -> None:
+        """Let the grammars of these (request id, output tokens) take in their
+        new tokens, all at once (grammar_terminated would, one at a time)."""
+
     def grammar_terminated(self, request_id: str, output_token_ids: list[int]) -> bool:
         """Whether the grammar has ended after these output tokens."""
 
@@ -377,6 +381,13 @@ class EngineCore:
         launched, self._in_flight = self._in_flight, None
         assert launched is not None
         sampled = launched.resolve()
+        constrained = [
+            (seq.request_id, seq.output_token_ids + token_ids)
+            for seq, token_ids in zip(launched.sequences, sampled.token_ids)
+            if seq.constrained and seq.status is not SequenceStatus.FINISHED
+        ]
+        if constrained:
+            self.executor.grammar_advance(constrained)
         outputs = []
         for seq, token_ids, logprobs in zip(launched.sequences, sampled.token_ids, sampled.logprobs):
             seq.num_pending_tokens -= 1

@@ -226,6 +226,9 @@ class ModelExecutor:
     def constrain(self, request_id: str, compiled_grammar: str, stop_token_ids: tuple[int, ...]) -> None:
         self.grammars.add(request_id, compiled_grammar, stop_token_ids)
 
+    def grammar_advance(self, rows: list[tuple[str, list[int]]]) -> None:
+        self.grammars.advance(rows)
+
     def grammar_terminated(self, request_id: str, output_token_ids: list[int]) -> bool:
         return self.grammars.terminated(request_id, output_token_ids)
 
