@@ -55,7 +55,7 @@ def main() -> None:
     vocab_size = SHAPES[SHAPE]["vocab_size"]
     tokenizer = load_hf_tokenizer(resolve_model(args.model))
     if len(tokenizer) != vocab_size:
-        raise SystemExit(f"the embedded tokenizer has {len(tokenizer)} tokens, {SHAPE} {vocab_size}: the grammar would not fit the shape")
+        raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens, {SHAPE} {vocab_size}: the grammar would not fit the shape")
     grammar = GrammarCompiler(tokenizer).compile(common_pb2.Constraint(json_schema=json.dumps(schema(args.min_items))))
 
     # The engine's matchers load the same tokenizer.

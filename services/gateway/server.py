@@ -107,8 +107,9 @@ class SharedPortHealth(health_aio.HealthServicer):
         self._ready_now = ready_now
         self._draining = False
 
-    def start_draining(self) -> None:
+    async def enter_graceful_shutdown(self) -> None:
         self._draining = True
+        await super().enter_graceful_shutdown()
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
         if not self._draining and request.service == self._readiness_service and self._ready_now():
@@ -140,8 +141,6 @@ async def _drain(running: RunningServer, rest: uvicorn.Server, admission: RestAd
     admission.closed = True
     # A peer that reconnects mid-drain must not turn readiness back to SERVING.
     readiness.cancel()
-    if isinstance(running.health, SharedPortHealth):
-        running.health.start_draining()
     await asyncio.gather(readiness, return_exceptions=True)
     await running.health.enter_graceful_shutdown()
     log.info("draining", grace_s=grace_s)

@@ -163,7 +163,7 @@ def test_a_workers_readiness_check_reads_the_shared_state_at_the_call(tmp_path: 
         gateway_ready[0] = False
         seen.append(await probe())  # this worker lost its peers
         gateway_ready[0] = True
-        health.start_draining()
+        await health.enter_graceful_shutdown()
         seen.append(await probe())
         await running.server.stop(0)
         return seen

@@ -48,7 +48,7 @@ class SequenceGrammar:
         return not self.broken and len(output_token_ids) == count + 1 and list(output_token_ids[:count]) == self.accepted
 
     def take(self, token: int, allowed: bool) -> None:
-        """The outcome of a token the matcher was given (by a batch)."""
+        """The outcome of a token the matcher was given (alone or in a batch)."""
         if allowed:
             self.accepted.append(token)
         else:
@@ -67,10 +67,7 @@ class SequenceGrammar:
         for token in output_token_ids[len(self.accepted) :]:
             if self.broken:
                 return
-            if self.matcher.is_terminated() or not self.matcher.accept_token(token):
-                self.broken = True
-                return
-            self.accepted.append(token)
+            self.take(token, not self.matcher.is_terminated() and self.matcher.accept_token(token))
 
     def _rewind(self, keep: int) -> None:
         """Back to the first `keep` accepted tokens: a rollback when the
