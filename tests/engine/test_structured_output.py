@@ -106,6 +106,32 @@ def test_sampled_constrained_outputs_are_in_their_language(engine_model, chat_pr
         _check(texts)
 
 
+def test_overlap_leaves_sampled_constrained_outputs_unchanged(engine_model, chat_prompts, grammars, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    sampling = SamplingParams(temperature=1.0, seed=7, max_tokens=MAX_TOKENS)
+    texts = [_run_constrained(make_engine(engine_model, async_scheduling=overlap), chat_prompts, grammars, hf_tokenizer, sampling) for overlap in (True, False)]
+    assert texts[0] == texts[1]
+    _check(texts[0])
+
+
+def test_a_constrained_step_is_launched_before_the_tokens_before_it_are_read_back(engine_model, chat_prompts, grammars) -> None:  # type: ignore[no-untyped-def]
+    """Overlapped, the device runs step N+1's forward pass while the host
+    reads step N's tokens and feeds them to the matchers; only N+1's
+    sampling waits for its mask."""
+    core = make_engine(engine_model)
+    events: list[str] = []
+    executor, matchers = core.executor, core.executor.grammars
+    launch, advance, fill = executor.launch, executor.grammar_advance, matchers.fill
+    executor.launch = lambda scheduled: (events.append("launch"), launch(scheduled))[1]
+    executor.grammar_advance = lambda rows: (events.append("advance"), advance(rows))[1]
+    matchers.fill = lambda rows: (events.append("fill"), fill(rows))[1]
+    core.add_request("c", chat_prompts[0], greedy(8), compiled_grammar=grammars[0])
+    outputs = run_all(core)
+    assert len(tokens_of(outputs["c"])) == 8
+    # The prefill, then each step: launch N+1, take in N's token, fill N+1's mask.
+    assert events[:2] == ["launch", "fill"]
+    assert events[2:8] == ["launch", "advance", "fill"] * 2
+
+
 def test_preemption_keeps_the_matcher_in_step(engine_model, chat_prompts, grammars, hf_tokenizer, alone) -> None:  # type: ignore[no-untyped-def]
     # The two JSON requests twice each: every prompt fits, but not every answer,
     # so some sequences are preempted and recomputed.
@@ -210,6 +236,10 @@ def test_the_bitmask_masks_as_xgrammar_does() -> None:
     expected = logits.clone()
     xgrammar.apply_token_bitmask_inplace(expected, full, indices=[1, 3])
     assert torch.equal(apply_token_bitmask(logits, bitmask, [1, 3]), expected)
+    # Every row masked: the same, without the gather.
+    every = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(every, full)
+    assert torch.equal(apply_token_bitmask(logits, full, [0, 1, 2, 3]), every)
     # A model vocabulary wider than the tokenizer's: the ids past it are masked.
     wide = apply_token_bitmask(torch.zeros(1, vocab + 40), torch.full((1, 4), -1, dtype=torch.int32), [0])
     assert torch.isinf(wide[0, 128:]).all() and not torch.isinf(wide[0, :128]).any()
@@ -219,9 +249,9 @@ def test_the_bitmask_masks_as_xgrammar_does() -> None:
 def test_the_bitmask_masks_on_the_gpu_as_on_the_host() -> None:
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(8, 49152, generator=generator)
-    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 1536), dtype=torch.int32, generator=generator)
-    rows = [0, 4, 7]
-    assert torch.equal(apply_token_bitmask(logits.cuda(), bitmask, rows).cpu(), apply_token_bitmask(logits, bitmask, rows))
+    for rows in ([0, 4, 7], list(range(8))):
+        bitmask = torch.randint(-(2**31), 2**31 - 1, (len(rows), 1536), dtype=torch.int32, generator=generator)
+        assert torch.equal(apply_token_bitmask(logits.cuda(), bitmask, rows).cpu(), apply_token_bitmask(logits, bitmask, rows))
 
 
 def test_a_batched_advance_leaves_each_matcher_where_following_one_by_one_does(grammars, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -53,6 +53,10 @@ class LaunchedStep(Protocol):
 
     sequences: list[Sequence]
 
+    def complete(self) -> None:
+        """Queue the sampling where it waited for the host: a grammar's mask
+        needs the tokens of the step before, read back meanwhile."""
+
     def resolve(self) -> SamplerOutput: ...
 
 
@@ -341,6 +345,7 @@ class EngineCore:
         if self._in_flight is not None:
             outputs += self._read_back()
         if launched is not None:
+            launched.complete()
             for seq in launched.sequences:
                 seq.num_pending_tokens += 1
             self._in_flight = launched
@@ -352,10 +357,11 @@ class EngineCore:
         """Penalties are computed from the host's copy of a request's output
         tokens, so a step that applies them waits for the step before; so does
         one that proposes speculative tokens (the lookup needs the newest
-        token), one after a verify step, whose token count only the
-        read-back tells, and one that masks by a grammar, whose matcher must
-        have taken in the newest token."""
-        return any(seq.sampling.has_penalties or seq.constrained or self._speculates(seq) for seq in self.scheduler.running)
+        token), and one after a verify step, whose token count only the
+        read-back tells. A step that masks by a grammar need not: its forward
+        pass is launched first, and its sampling (complete()) only after the
+        read-back has taken the newest tokens into the matchers."""
+        return any(seq.sampling.has_penalties or self._speculates(seq) for seq in self.scheduler.running)
 
     def _speculates(self, seq: Sequence) -> bool:
         """Penalties would have to count each earlier proposal of the same

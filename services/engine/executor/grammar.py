@@ -29,6 +29,7 @@ import xgrammar
 from pagewire.services.common.errors import invalid_argument
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.model import load_hf_tokenizer, resolve_model
+from pagewire.services.engine.executor.host_copy import to_device
 
 log = get_logger("engine")
 
@@ -173,7 +174,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, row_indices
     left as it is: the core ends that sequence."""
     vocab = logits.shape[-1]
     device = logits.device
-    bits = bitmask.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else bitmask
+    bits = to_device(bitmask, torch.int32, device)
     shifts = torch.arange(32, device=device, dtype=torch.int32)
     allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
     if allowed.shape[1] >= vocab:
@@ -181,7 +182,9 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, row_indices
     else:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
     allowed |= ~allowed.any(dim=1, keepdim=True)
-    index = torch.tensor(row_indices, device=device)
+    if len(row_indices) == logits.shape[0]:
+        return logits.masked_fill(~allowed, float("-inf"))
+    index = to_device(row_indices, torch.int64, device)
     masked = logits.clone()
     masked[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return masked

@@ -3,11 +3,16 @@ then samples the sequences whose next token is due, without waiting for the
 device: `launch` returns at once, and a token the host has not read back yet
 (sampled by the step before) is taken from that step's device tensor. A
 sequence with speculative proposals feeds them after its last known token
-and gets logits at every one of those positions (a verify step)."""
+and gets logits at every one of those positions (a verify step).
+
+A step with a constrained sequence queues its sampling only when the core
+calls `complete()`: the grammar's mask needs the token of the step before,
+which the core reads back while this step's forward pass runs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,7 +23,9 @@ from pagewire.services.engine.executor.loader import LoadedModel
 from pagewire.services.engine.executor.lora import LoraSlots
 from pagewire.services.engine.executor.sampler import DeviceSample, Sampler, SamplerOutput, SamplingRequest
 from pagewire.services.engine.core.scheduler import ScheduledSequence
-from pagewire.services.engine.core.sequence import Sequence
+from pagewire.services.engine.core.sequence import SamplingParams, Sequence, SequenceStatus
+
+ENDED_ROW = SamplingParams(temperature=0.0)
 
 
 @dataclass
@@ -35,12 +42,25 @@ class BatchInputs:
 
 @dataclass
 class LaunchedStep:
-    """A step whose forward pass and sampling are queued on the device."""
+    """A step whose forward pass is queued on the device, and its sampling
+    once complete() has run (at launch, unless a sequence is constrained)."""
 
     sequences: list[Sequence]
-    sample: DeviceSample
+    queue_sampling: Callable[[], DeviceSample]
+    _sample: DeviceSample | None = field(default=None, init=False)
+
+    @property
+    def sample(self) -> DeviceSample:
+        assert self._sample is not None, "a launched step's sampling was read before complete() queued it"
+        return self._sample
+
+    def complete(self) -> None:
+        """Queue the sampling, if not yet done."""
+        if self._sample is None:
+            self._sample = self.queue_sampling()
 
     def resolve(self) -> SamplerOutput:
+        self.complete()
         return self.sample.resolve()
 
 
@@ -157,12 +177,24 @@ class ModelRunner:
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> LaunchedStep:
         """logits: a row per proposal of each sequence, then its next-token row."""
-        rows = [
-            SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids, draft, s.constrained)
-            for s in sequences
-            for draft in [*s.spec_token_ids, None]
-        ]
-        return LaunchedStep(sequences, self.sampler.sample(logits, rows, [len(s.spec_token_ids) + 1 for s in sequences]))
+
+        def queue_sampling() -> DeviceSample:
+            rows = [
+                SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids, draft, s.constrained)
+                if s.status is not SequenceStatus.FINISHED
+                # Ended while the step ran (a deferred sampling comes after the
+                # read-back and aborts): its token is dropped, and its grammar
+                # and seeded generator are gone, so a plain greedy row stands in.
+                else SamplingRequest(s.request_id, ENDED_ROW, [], [])
+                for s in sequences
+                for draft in [*s.spec_token_ids, None]
+            ]
+            return self.sampler.sample(logits, rows, [len(s.spec_token_ids) + 1 for s in sequences])
+
+        launched = LaunchedStep(sequences, queue_sampling)
+        if not any(s.constrained for s in sequences):
+            launched.complete()
+        return launched
 
 
 def profile_peak_memory(loaded: LoadedModel, num_tokens: int, block_size: int) -> int:

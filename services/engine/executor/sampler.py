@@ -27,6 +27,7 @@ import torch
 
 from pagewire.services.engine.core.sequence import SamplerOutput, SamplingParams, TokenLogprob
 from pagewire.services.engine.executor.grammar import GrammarMatchers, apply_token_bitmask
+from pagewire.services.engine.executor.host_copy import to_device
 
 
 @dataclass
@@ -102,18 +103,9 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRequest]) -> torch
     reach the device in one non-blocking copy (float32 holds any token id
     exactly), so the step never waits on the device for them."""
     entries = [[i, token_id, bias] for i, r in enumerate(rows) for token_id, bias in r.params.logit_bias]
-    staged = _host_floats(entries, logits.device)
+    staged = to_device(entries, torch.float32, logits.device)
     row_ids, token_ids = staged[:, 0].long(), staged[:, 1].long()
     return logits.index_put((row_ids, token_ids), staged[:, 2].to(logits.dtype), accumulate=True)
-
-
-def _host_floats(rows: list[list[float]], device: torch.device) -> torch.Tensor:
-    """Per-row parameters as one [len(rows), n] float32 tensor on the device,
-    through pinned memory so that the copy does not stall the host."""
-    staged = torch.tensor(rows, dtype=torch.float32)
-    if device.type == "cuda":
-        staged = staged.pin_memory()
-    return staged.to(device, non_blocking=True)
 
 
 @dataclass
@@ -195,12 +187,13 @@ class Sampler:
         verifies = any(r.draft_token_id is not None for r in rows)
         # Greedy rows keep temperature 1 so their logprobs are the plain
         # distribution. Proposals (-1: none) ride along; float32 holds ids exactly.
-        per_row = _host_floats(
+        per_row = to_device(
             [
                 [1.0 if r.params.greedy else r.params.temperature, float(r.params.greedy), r.params.top_k, r.params.top_p, r.params.min_p]
                 + ([-1 if r.draft_token_id is None else r.draft_token_id] if verifies else [])
                 for r in rows
             ],
+            torch.float32,
             self.device,
         )
         draft = per_row[:, 5].long() if verifies else None
@@ -218,7 +211,7 @@ class Sampler:
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         on_device = [chosen]
         if wanted:
-            index = torch.tensor(wanted, device=self.device)
+            index = to_device(wanted, torch.int64, self.device)
             logprobs = torch.log_softmax(scaled[index], dim=-1)
             top_n = max(params[i].logprobs or 0 for i in wanted)
             top_values, top_ids = logprobs.topk(top_n, dim=-1)

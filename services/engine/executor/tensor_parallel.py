@@ -31,7 +31,7 @@ import torch
 from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.scheduler import ScheduledSequence
-from pagewire.services.engine.core.sequence import Sequence
+from pagewire.services.engine.core.sequence import Sequence, SequenceStatus
 from pagewire.services.engine.executor import parallel
 from pagewire.services.engine.executor.sampler import DeviceSample, Sampler, SamplingRequest
 
@@ -57,6 +57,8 @@ class MirroredSequence:
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     constrained: bool = False
+    # A mirror lives for one pass; its sequence's end is rank 0's business.
+    status: SequenceStatus = SequenceStatus.RUNNING
 
     @property
     def num_known_tokens(self) -> int:

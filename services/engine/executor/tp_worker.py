@@ -45,7 +45,11 @@ def main() -> int:
     log.info("tensor-parallel rank ready", rank=rank, num_kv_blocks=num_blocks)
     mirrors = Mirrors()
     while (plan := parallel.broadcast_object()) is not None:
-        runner.launch(mirrors.scheduled(plan))
+        launched = runner.launch(mirrors.scheduled(plan))
+        # Rank 0 may queue a constrained step's sampling later, but the ids
+        # arrive in the same order on the stream, so a worker waits for none.
+        if launched is not None:
+            launched.complete()
     parallel.destroy()
     return 0
 

@@ -1,0 +1,16 @@
+"""Small host values (per-row parameters, row indices, masks) onto the device
+without the host waiting: a plain copy from pageable memory makes torch
+synchronize the stream, which on a GPU would stall the host until the step's
+forward pass ends."""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(values: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` as a `dtype` tensor on `device`, through pinned memory on a GPU."""
+    staged = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return staged
+    return staged.pin_memory().to(device, non_blocking=True)
