@@ -17,7 +17,6 @@ hold up the small ones behind it.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from pagewire.services.common.config import available_cores
 from pagewire.services.common.errors import DuplicateRequestError, RequestError, invalid_argument
 from pagewire.services.common.grpc_utils import error_status, to_status
 from pagewire.services.common.limit_checks import check_stop_strings, check_tools
@@ -46,7 +46,7 @@ def encoding_threads() -> int:
     """One per core this process may run on: the Rust tokenizer releases the
     GIL while it encodes. At least two, so that one long prompt never has
     the pool to itself."""
-    return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(2, available_cores())
 
 
 class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import xgrammar
 
+from pagewire.services.common.config import available_cores
 from pagewire.services.common.errors import invalid_argument
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.model import load_hf_tokenizer, resolve_model
@@ -43,10 +44,17 @@ class SequenceGrammar:
     # ended rather than sampled from a mask that allows nothing.
     broken: bool = False
 
+    def _extends_accepted(self, output_token_ids: SequenceOf[int]) -> bool:
+        """Whether the output starts with the accepted tokens. A sequence's
+        output only grows while it lives (preemption keeps it), so the
+        newest accepted token in its place stands for the whole prefix: a
+        step costs the same at the thousandth token as at the first."""
+        count = len(self.accepted)
+        return len(output_token_ids) >= count and (count == 0 or output_token_ids[count - 1] == self.accepted[-1])
+
     def one_token_ahead(self, output_token_ids: SequenceOf[int]) -> bool:
         """The output is the accepted tokens and one more: a step's usual news."""
-        count = len(self.accepted)
-        return not self.broken and len(output_token_ids) == count + 1 and list(output_token_ids[:count]) == self.accepted
+        return not self.broken and len(output_token_ids) == len(self.accepted) + 1 and self._extends_accepted(output_token_ids)
 
     def take(self, token: int, allowed: bool) -> None:
         """The outcome of a token the matcher was given (alone or in a batch)."""
@@ -58,7 +66,7 @@ class SequenceGrammar:
     def follow(self, output_token_ids: SequenceOf[int]) -> None:
         """Take in the tokens past those accepted, after rewinding to the
         longest prefix the accepted tokens share with the output."""
-        if list(output_token_ids[: len(self.accepted)]) == self.accepted:
+        if self._extends_accepted(output_token_ids):
             keep = len(self.accepted)
         else:
             pairs = enumerate(zip(self.accepted, output_token_ids))
@@ -88,6 +96,13 @@ class SequenceGrammar:
         return self.broken or self.matcher.is_terminated()
 
 
+def grammar_threads() -> int:
+    """Half the cores this process may run on. xgrammar's own default
+    halves the host's hardware threads, which in a container limited to a
+    few cores of a large host starts many more threads than there are cores."""
+    return max(1, available_cores() // 2)
+
+
 @functools.cache
 def tokenizer_info(model: str) -> xgrammar.TokenizerInfo:
     """The TokenizerInfo of a --model value, loaded once per process."""
@@ -99,13 +114,13 @@ class GrammarMatchers:
     """The matchers of the live constrained sequences, by request id; used
     by the step thread only."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, threads: int = 0):
         self._model = model
         self._sequences: dict[str, SequenceGrammar] = {}
         # Takes in a step's tokens and fills its masks on a pool of threads,
         # outside the interpreter lock: each costs tens of microseconds a
         # row, and a step may hold hundreds of rows.
-        self._batch = xgrammar.BatchGrammarMatcher()
+        self._batch = xgrammar.BatchGrammarMatcher(threads or grammar_threads())
 
     def tokenizer_info(self) -> xgrammar.TokenizerInfo:
         return tokenizer_info(self._model)
