@@ -1,7 +1,8 @@
 """The FP8 projections of a decode step on the GPU: each of llama-8b's
 projection shapes at a few tokens, through the weight-only FP8 GEMV
 (kernels/fp8_gemv.cu, at the token counts it takes), through
-torch._scaled_mm with per-token activation quantization, and as the bf16
+torch._scaled_mm with per-token activation quantization (with and without
+fast accumulation), and as the bf16
 GEMM that FP8 has to beat; and that quantization alone, in torch's kernels
 (kernels/reference.py: quantize_rows) and in kernels/fp8_quant.cu, the one
 _scaled_mm takes. Each op is timed as 32
@@ -41,6 +42,7 @@ def main() -> None:
             ops = {
                 "bf16_gemm": lambda i: F.linear(x, dense[i % COPIES]),
                 "scaled_mm": lambda i: fp8_linear_scaled_mm(x, *quantized[i % COPIES], None),
+                "scaled_mm_fast_accum": lambda i: fp8_linear_scaled_mm(x, *quantized[i % COPIES], None, fast_accum=True),
                 "quantize_torch": lambda i: reference.quantize_rows(x),
                 "quantize_kernel": lambda i: cuda_fp8_quant.quantize_rows(x),
             }

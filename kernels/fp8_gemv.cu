@@ -6,7 +6,7 @@
 // are bound by the bytes of the weights: FP8 halves them. torch._scaled_mm
 // also quantizes the activations (several small kernels per projection) and
 // is tuned for large M; this kernel streams each weight row once with 16-byte
-// loads, several in flight per lane, widens E4M3 to float in registers and
+// loads, eight in flight per lane, widens E4M3 to float in registers and
 // keeps the activations in bf16, so at M <= 8 it runs at the bandwidth of the
 // weight read. One warp per output row; M is a template parameter, so the
 // accumulators stay in registers.
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32) fp8_gemv_kernel(
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.f;
-#pragma unroll 4
+#pragma unroll 8
     for (int c = lane; c < chunks; c += 32) {
         const uint4 packed = __ldg(w + c);
         float wf[16];
