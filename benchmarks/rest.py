@@ -47,6 +47,8 @@ from tests.support.harness import REPO, ServeProcess, child_environment, engine_
 GRPC_SEED = 1
 REST_STREAM_SEED = 5
 REST_WHOLE_SEED = 6
+# Each served path and the seed of its own prompts.
+DOORS = {"grpc": GRPC_SEED, "rest_sse": REST_STREAM_SEED, "rest": REST_WHOLE_SEED}
 # Seconds the client processes get to start before they all send at once.
 CLIENT_START_S = 3.0
 
@@ -142,8 +144,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     try:
         served.wait_serving(through_gateway.START_TIMEOUT_S)
         through_gateway.stream_requests(served.grpc_target, warm, 8, prefix="warm")
-        doors = {"grpc": GRPC_SEED, "rest_sse": REST_STREAM_SEED, "rest": REST_WHOLE_SEED}
-        served_runs = {door: measure(served, door, prompts[seed], args) for door, seed in doors.items()}
+        served_runs = {door: measure(served, door, prompts[DOORS[door]], args) for door in args.doors.split(",")}
     finally:
         served.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--gateway-workers", type=int, default=0, help="gateway processes of the served system (0: serve's default)")
     parser.add_argument("--tokenizer-workers", type=int, default=0, help="tokenizer processes of the served system (0: serve's default)")
+    parser.add_argument("--doors", default=",".join(DOORS), help=f"the served paths measured, in order (of {', '.join(DOORS)})")
     parser.add_argument("--client-processes", type=int, default=4, help="REST client processes the requests are spread over")
     parser.add_argument("--work-dir", default="", help="where the model directory is written (default: the system's temp dir)")
     parser.add_argument("--log-dir", default="", help="where `pagewire serve`'s log goes (default: beside the model, deleted)")
