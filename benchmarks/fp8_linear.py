@@ -41,8 +41,8 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             ops = {
                 "bf16_gemm": lambda i: F.linear(x, dense[i % COPIES]),
-                "scaled_mm": lambda i: fp8_linear_scaled_mm(x, *quantized[i % COPIES], None),
-                "scaled_mm_fast_accum": lambda i: fp8_linear_scaled_mm(x, *quantized[i % COPIES], None, fast_accum=True),
+                "scaled_mm": lambda i: fp8_linear_scaled_mm(x, *quantized[i % COPIES], None, fast_accum=False),
+                "scaled_mm_fast_accum": lambda i: fp8_linear_scaled_mm(x, *quantized[i % COPIES], None),
                 "quantize_torch": lambda i: reference.quantize_rows(x),
                 "quantize_kernel": lambda i: cuda_fp8_quant.quantize_rows(x),
             }
