@@ -52,7 +52,7 @@ def fp8_linear_scaled_mm(
     transpose of a row-major [out, in]) and a bfloat16 output. The activations
     are quantized in one kernel (kernels/fp8_quant.cu) where it takes them.
     `fast_accum` keeps the tensor cores' own accumulation precision instead
-    of promoting partial sums to float32: 5-18 % faster on an H200
+    of promoting partial sums to float32: 2-19 % faster on an H200
     (benchmarks/fp8_linear.py measures both), within the accuracy bounds of
     tests/engine/test_fp8_accuracy.py."""
     x_q, x_scale = cuda_fp8_quant.quantize_rows(x) if cuda_fp8_quant.supports(x) else quantize_rows(x)
