@@ -3,6 +3,9 @@ tokens back, and nothing a request sees changes for it."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
 from tests.engine.util import assert_no_leaks, make_engine, mixed_sampling, run_all, tokens_of
 
@@ -58,3 +61,21 @@ def test_length_limited_requests_take_no_extra_step(engine_model, prompts) -> No
         assert len(tokens_of(outputs)) == 6 and outputs[-1].finish_reason is FinishReason.LENGTH
         steps[async_scheduling] = core.stats().steps_total
     assert steps[True] == steps[False] == 6
+
+
+def test_a_dropped_engine_is_freed_at_once(engine_model, prompts) -> None:  # type: ignore[no-untyped-def]
+    """No reference cycle holds the runner (a step in flight included): on a
+    GPU its CUDA graphs must not be left to a collection that could fall
+    during another engine's graph capture."""
+    core = make_engine(engine_model)
+    core.add_request("r", prompts[0], SamplingParams(temperature=0.0, max_tokens=8))
+    core.step()
+    core.step()
+    assert core._in_flight is not None
+    runner = weakref.ref(core.executor.runner)
+    gc.disable()
+    try:
+        del core
+        assert runner() is None
+    finally:
+        gc.enable()

@@ -126,7 +126,9 @@ def test_scaled_mm_quantizes_the_activations_with_the_kernel(monkeypatch: pytest
     out = fp8.fp8_linear_scaled_mm(x, weight, weight_scale, None)
     assert len(calls) == 1
     x_q, x_scale = reference.quantize_rows(x)
-    expected = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :], out_dtype=torch.bfloat16)
+    expected = torch._scaled_mm(
+        x_q, weight.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None, :], out_dtype=torch.bfloat16, use_fast_accum=True
+    )
     assert torch.equal(out, expected)  # the same FP8 operands, so the same GEMM
 
 

@@ -11,7 +11,6 @@ which the core reads back while this step's forward pass runs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,10 +42,15 @@ class BatchInputs:
 @dataclass
 class LaunchedStep:
     """A step whose forward pass is queued on the device, and its sampling
-    once complete() has run (at launch, unless a sequence is constrained)."""
+    once complete() has run (at launch, unless a sequence is constrained).
+    It holds the sampler and the logits, not the runner: the runner keeps
+    its last step, and a cycle would leave a dropped engine's CUDA graphs to
+    the garbage collector, which may free them while another engine captures."""
 
     sequences: list[Sequence]
-    queue_sampling: Callable[[], DeviceSample]
+    sampler: Sampler
+    # The step's logits until they are sampled.
+    logits: torch.Tensor | None
     _sample: DeviceSample | None = field(default=None, init=False)
 
     @property
@@ -57,11 +61,27 @@ class LaunchedStep:
     def complete(self) -> None:
         """Queue the sampling, if not yet done."""
         if self._sample is None:
-            self._sample = self.queue_sampling()
+            assert self.logits is not None
+            self._sample = self.sampler.sample(self.logits, sampling_rows(self.sequences), [len(s.spec_token_ids) + 1 for s in self.sequences])
+            self.logits = None
 
     def resolve(self) -> SamplerOutput:
         self.complete()
         return self.sample.resolve()
+
+
+def sampling_rows(sequences: list[Sequence]) -> list[SamplingRequest]:
+    """A row per proposal of each sequence, then its next-token row. A
+    sequence that ended while its step ran (a deferred sampling comes after
+    the read-back and aborts) gets a plain greedy row: its token is
+    dropped, and its grammar and seeded generator are gone."""
+    return [
+        SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids, draft, s.constrained)
+        if s.status is not SequenceStatus.FINISHED
+        else SamplingRequest(s.request_id, ENDED_ROW, [], [])
+        for s in sequences
+        for draft in [*s.spec_token_ids, None]
+    ]
 
 
 class PendingInputs:
@@ -177,21 +197,7 @@ class ModelRunner:
 
     def _sample(self, sequences: list[Sequence], logits: torch.Tensor) -> LaunchedStep:
         """logits: a row per proposal of each sequence, then its next-token row."""
-
-        def queue_sampling() -> DeviceSample:
-            rows = [
-                SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids, draft, s.constrained)
-                if s.status is not SequenceStatus.FINISHED
-                # Ended while the step ran (a deferred sampling comes after the
-                # read-back and aborts): its token is dropped, and its grammar
-                # and seeded generator are gone, so a plain greedy row stands in.
-                else SamplingRequest(s.request_id, ENDED_ROW, [], [])
-                for s in sequences
-                for draft in [*s.spec_token_ids, None]
-            ]
-            return self.sampler.sample(logits, rows, [len(s.spec_token_ids) + 1 for s in sequences])
-
-        launched = LaunchedStep(sequences, queue_sampling)
+        launched = LaunchedStep(sequences, self.sampler, logits)
         if not any(s.constrained for s in sequences):
             launched.complete()
         return launched
