@@ -27,15 +27,9 @@ from benchmarks.throughput import emit
 from pagewire.services.common.config import available_cores
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.common.model import load_hf_tokenizer, resolve_model
-from pagewire.services.engine.executor.grammar import GrammarMatchers, grammar_threads
+from pagewire.services.engine.executor.grammar import GrammarMatchers, allowed_tokens, grammar_threads
 from pagewire.services.tokenizer.grammar import GrammarCompiler
 from pagewire.v1 import common_pb2
-
-
-def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, vocab] bool from xgrammar's int32 bitmask."""
-    shifts = torch.arange(32, dtype=torch.int32)
-    return ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
 
 
 def walk(model: str, grammar: str, stop_ids: list[int], vocab_size: int, args: argparse.Namespace, threads: int) -> dict[str, float]:

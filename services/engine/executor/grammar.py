@@ -181,21 +181,25 @@ class GrammarMatchers:
         return bitmask
 
 
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, vocab_size] bool, on the bitmask's device, from xgrammar's
+    int32 bitmask: True where bit t of a row is set. Ids past the bitmask
+    (a model vocabulary padded beyond the tokenizer's) are False."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+    if allowed.shape[1] >= vocab_size:
+        return allowed[:, :vocab_size]
+    return torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]), value=False)
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, row_indices: list[int]) -> torch.Tensor:
     """`logits` with every token a row's bitmask leaves out set to -inf, on
     the logits' device; ids past the bitmask (a model vocabulary padded
     beyond the tokenizer's) are left out too. Rows not in row_indices are
     unchanged. A row whose bitmask allows nothing (its grammar has ended) is
     left as it is: the core ends that sequence."""
-    vocab = logits.shape[-1]
     device = logits.device
-    bits = to_device(bitmask, torch.int32, device)
-    shifts = torch.arange(32, device=device, dtype=torch.int32)
-    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
-    if allowed.shape[1] >= vocab:
-        allowed = allowed[:, :vocab]
-    else:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    allowed = allowed_tokens(to_device(bitmask, torch.int32, device), logits.shape[-1])
     allowed |= ~allowed.any(dim=1, keepdim=True)
     if len(row_indices) == logits.shape[0]:
         return logits.masked_fill(~allowed, float("-inf"))

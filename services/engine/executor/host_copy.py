@@ -1,7 +1,7 @@
 """Small host values (per-row parameters, row indices, masks) onto the device
-without the host waiting: a plain copy from pageable memory makes torch
-synchronize the stream, which on a GPU would stall the host until the step's
-forward pass ends."""
+without the host waiting: a blocking copy (`torch.tensor(..., device=...)`)
+makes torch synchronize the stream, which on a GPU would stall the host
+until the step's forward pass ends."""
 
 from __future__ import annotations
 
