@@ -147,6 +147,30 @@ def test_rest_accepts_each_limit_and_refuses_one_past_it_naming_the_field(
     assert refused.json()["error"]["param"] == field
 
 
+LONG_LISTS = {
+    "nested-prompt-ids": ("/v1/completions", _completion(prompt=[[1, 2], [1] * (MAX_MODEL_LEN + 1)]), "prompt", "prompt.1 has"),
+    "stop": ("/v1/completions", _completion(stop=["x"] * (MAX_MODEL_LEN + 1)), "stop", "stop has"),
+    "content-parts": (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * (MAX_MODEL_LEN + 1)}]},
+        "messages",
+        "messages.0.content has",
+    ),
+}
+
+
+@pytest.mark.parametrize(("path", "body", "field", "wording"), LONG_LISTS.values(), ids=LONG_LISTS.keys())
+def test_rest_refuses_a_list_longer_than_max_model_len_at_any_depth_naming_it(rest: TestClient, path: str, body: dict[str, Any], field: str, wording: str) -> None:
+    error = rest.post(path, json=body).json()["error"]
+    assert error["param"] == field and wording in error["message"] and f"max_model_len {MAX_MODEL_LEN}" in error["message"], error
+
+
+def test_rest_stream_refused_before_any_output_gets_the_plain_error_response(rest: TestClient) -> None:
+    refused = rest.post("/v1/completions", json=_completion(stream=True))
+    assert refused.status_code == 503 and refused.headers["content-type"] == "application/json"
+    assert refused.json()["error"]["code"] == "UNAVAILABLE"
+
+
 def test_rest_body_of_max_bytes_is_read_and_one_byte_more_is_refused(rest: TestClient) -> None:
     body = json.dumps(_completion()).encode()
 

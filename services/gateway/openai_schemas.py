@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from pagewire.services.common.errors import Refusal, RequestError, invalid_argument
+from pagewire.services.common.errors import invalid_argument
 from pagewire.services.common.limits import MAX_PROMPTS, MIN_OUTPUT_TOKENS
 from pagewire.services.gateway.tool_calls import (
     HERMES_OPEN,
@@ -232,8 +232,7 @@ class CompletionBody(SamplingFields):
             if isinstance(prompt, str):
                 request.text = prompt
             else:
-                if any(token_id < 0 for token_id in prompt):
-                    raise RequestError(Refusal.INVALID_ARGUMENT, "prompt token ids must not be negative")
+                # Non-negative already: TokenId's bounds are checked as the body is validated.
                 request.token_ids.ids.extend(prompt)
             requests.append(request)
         return requests

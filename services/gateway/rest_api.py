@@ -40,14 +40,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from google.rpc import status_pb2
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
@@ -62,7 +62,8 @@ from pagewire.services.gateway.hub import Gateway
 from pagewire.services.gateway.openai_schemas import (
     ChatBody, CompletionBody, CompletionFormat, LoadLoraBody, UnloadLoraBody, merge_choices, public_param,
 )  # fmt: skip
-from pagewire.services.gateway.sse import DONE, Envelope, StreamEvents, event
+from pagewire.services.gateway.sse import Envelope, StreamEvents
+from pagewire.services.gateway.sse_response import EventStreamResponse, until_disconnected
 from pagewire.v1 import gateway_pb2
 
 T = TypeVar("T")
@@ -165,16 +166,22 @@ async def _read_body(request: Request, limit: int, why: str) -> bytes:
     return bytes(body)
 
 
-def _check_list_sizes(value: Any, longest: int, path: str) -> None:
+def _check_list_sizes(value: list[Any] | dict[str, Any], longest: int, path: str) -> None:
     """Refuse any array or object of more than `longest` members, walking no
     further than that into each: a request to a model of max_model_len
     `longest` has no use for one (a prompt of ids, a chat's messages, stop
-    strings), and validating each member costs far more than its bytes."""
-    if isinstance(value, (list, dict)):
-        if len(value) > longest:
-            field = path.split(".")[0]
-            raise invalid_argument(f"{path} has {len(value)} items; no request to a model of max_model_len {longest} can use more than {longest}", field=field)
-        for key, member in value.items() if isinstance(value, dict) else enumerate(value):
+    strings), and validating each member costs far more than its bytes.
+    Only containers are walked into, and only those that hold containers: a
+    prompt of ids costs a length check and a pass over its members' types,
+    not a call per id (JSON gives exact list and dict types)."""
+    if len(value) > longest:
+        field = path.split(".")[0]
+        raise invalid_argument(f"{path} has {len(value)} items; no request to a model of max_model_len {longest} can use more than {longest}", field=field)
+    members = value.values() if isinstance(value, dict) else value
+    if set(map(type, members)).isdisjoint((list, dict)):
+        return
+    for key, member in value.items() if isinstance(value, dict) else enumerate(value):
+        if isinstance(member, (list, dict)):
             _check_list_sizes(member, longest, f"{path}.{key}" if path else str(key))
 
 
@@ -184,25 +191,19 @@ def _parse(model: type[B], body: bytes, max_model_len: int) -> B:
     except ValueError as exc:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": str(exc), "ctx": {"error": str(exc)}}]) from exc
     # Sizes first: pydantic's validation of a long list costs far more than its JSON.
-    _check_list_sizes(data, max_model_len, "")
+    if isinstance(data, (list, dict)):
+        _check_list_sizes(data, max_model_len, "")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
 
 
-async def _until_disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body is read already,
-    so the next ASGI message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _unless_disconnected(request: Request, work: Awaitable[T], request_id: str) -> T:
     """Await `work`; ClientDisconnected, once `work` is cancelled, if the
     client goes away first."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnected(request))
+    watcher = asyncio.ensure_future(until_disconnected(request.receive))
     gone = False
     try:
         done, _ = await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
@@ -261,13 +262,12 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
         target = await gateway.resolve(body.model)
         envelope = Envelope(output, int(time.time()), target.lora or target.info.model_id, body.include_usage)
         gateway_request = gateway.request(*body.to_requests())
-        chunks = gateway_request.chunks()
         constraint_param = body.constraint_param()
 
         if not body.stream:
 
             async def collect() -> list[gateway_pb2.GenerateChunk]:
-                async with aclosing(chunks):
+                async with aclosing(gateway_request.chunks()) as chunks:
                     return [chunk async for chunk in chunks]
 
             collected = await _unless_disconnected(request, collect(), gateway_request.id)
@@ -276,35 +276,7 @@ def create_app(gateway: Gateway, max_body_bytes: int) -> FastAPI:
                 return status_response(failed.error, constraint_param)
             return JSONResponse(envelope.body([output.choice(choice, streaming=False) for choice in choices], False, collected[-1].usage))
 
-        try:
-            first = await _unless_disconnected(request, anext(chunks), gateway_request.id)
-        except BaseException:
-            await chunks.aclose()
-            raise
-        if first.error.code:
-            await chunks.aclose()
-            return status_response(first.error, constraint_param)
-
-        stream = StreamEvents(envelope)
-
-        async def events() -> AsyncIterator[bytes]:
-            """One write per chunk (a step's text); the opening events go
-            with the first chunk, and the last chunk's with the end marker."""
-            async with aclosing(chunks):
-                pending = stream.opening()
-                chunk: gateway_pb2.GenerateChunk | None = first
-                while chunk is not None:
-                    if chunk.error.code:
-                        pending += event(status_body(chunk.error, constraint_param)[1])
-                        break
-                    pending += stream.chunk(chunk)
-                    if not chunk.finish_reason:
-                        yield pending
-                        pending = b""
-                    chunk = await anext(chunks, None)
-                yield pending + DONE
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EventStreamResponse(gateway_request, gateway_request.id, StreamEvents(envelope), lambda status: status_body(status, constraint_param))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
