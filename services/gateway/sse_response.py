@@ -67,19 +67,16 @@ class EventStreamResponse(Response):
     def _wake(self, _: asyncio.Future[None]) -> None:
         self._ready.set()
 
-    def _serialize(self, chunks: list[gateway_pb2.GenerateChunk], opening: bool) -> tuple[bytes, bool]:
+    def _serialize(self, chunks: list[gateway_pb2.GenerateChunk], opening: bool) -> tuple[bytearray, bool]:
         """The events of `chunks` (after the opening ones when `opening`), and
-        whether they end the stream."""
+        whether one of them failed the request, which ends the stream."""
         data = bytearray(self._events.opening() if opening else b"")
         for chunk in chunks:
             if chunk.error.code:
-                data += event(self._error_body(chunk.error)[1]) + DONE
-                return bytes(data), True
+                data += event(self._error_body(chunk.error)[1])
+                return data, True
             data += self._events.chunk(chunk)
-            if chunk.finish_reason:
-                data += DONE
-                return bytes(data), True
-        return bytes(data), False
+        return data, False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         run = asyncio.ensure_future(self._request.run(self._hand_out))
@@ -95,26 +92,32 @@ class EventStreamResponse(Response):
                     # An expected end, not a failure: the request is aborted below.
                     log.info("client disconnected", request_id=self._request_id, path=scope["path"])
                     return
-                if not self._chunks:
-                    if run.done():
-                        run.result()  # a fault of the gateway: it ended without its last chunk
-                        return
-                    continue
+                # A request hands out its last chunk before its run ends (with
+                # several choices each one's last has a finish reason), so once
+                # the run has ended every chunk is here.
+                finished = run.done()
+                if finished:
+                    run.result()  # a fault of the gateway breaks the stream off without the end marker
                 chunks, self._chunks = self._chunks, []
-                if not started and chunks[0].error.code:
+                if not started and chunks and chunks[0].error.code:
                     http_status, body = self._error_body(chunks[0].error)
                     await JSONResponse(body, status_code=http_status)(scope, receive, send)
                     return
-                data, ended = self._serialize(chunks, opening=not started)
+                data, failed = self._serialize(chunks, opening=not started)
+                ended = finished or failed
+                if ended:
+                    data += DONE
+                if not chunks and not ended:
+                    continue
                 if not started:
                     await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                     started = True
-                await send({"type": "http.response.body", "body": data, "more_body": not ended})
+                await send({"type": "http.response.body", "body": bytes(data), "more_body": not ended})
                 # The connection took them: the client is reading.
                 for _ in chunks:
                     self._request.taken()
                 if ended:
-                    await run  # which ends right after its last chunk; a fault of the gateway is raised
+                    await run  # a failed request's run ends right after its last chunk
                     return
         finally:
             gone.cancel()

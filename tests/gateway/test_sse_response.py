@@ -25,7 +25,8 @@ ERROR = common_pb2.FINISH_REASON_ERROR
 
 class ScriptedRequest(ChunkStream):
     """Hands out each step's chunks at once (as the peers' callbacks do), then
-    lets the loop run before the next step; `hold` keeps it from starting."""
+    lets the loop run before the next step, and ends right after its last
+    chunk (as a request does); `hold` keeps it from starting."""
 
     def __init__(self, steps: list[list[gateway_pb2.GenerateChunk]], hold: bool = False):
         self.steps = steps
@@ -38,10 +39,11 @@ class ScriptedRequest(ChunkStream):
     async def run(self, emit: Emit) -> None:
         try:
             await self.release.wait()
-            for step in self.steps:
+            for i, step in enumerate(self.steps):
+                if i:
+                    await asyncio.sleep(0.01)
                 for chunk in step:
                     emit(chunk)
-                await asyncio.sleep(0.01)
         except asyncio.CancelledError:
             self.cancelled = True
             raise
@@ -54,7 +56,7 @@ def _error_body(status: status_pb2.Status) -> tuple[int, dict[str, Any]]:
     return 429, {"error": {"message": status.message}}
 
 
-async def _serve(request: ScriptedRequest, disconnect_after_s: float | None = None) -> list[dict[str, Any]]:
+async def _serve(request: ScriptedRequest, disconnect_after_s: float | None = None, choices: int = 1) -> list[dict[str, Any]]:
     """The ASGI messages the response sends."""
     sent: list[dict[str, Any]] = []
     gone = asyncio.Event()
@@ -68,16 +70,16 @@ async def _serve(request: ScriptedRequest, disconnect_after_s: float | None = No
 
     if disconnect_after_s is not None:
         asyncio.get_running_loop().call_later(disconnect_after_s, gone.set)
-    envelope = Envelope(CompletionFormat(), 1700000000, "m", include_usage=True)
+    envelope = Envelope(CompletionFormat(choices), 1700000000, "m", include_usage=True)
     response = EventStreamResponse(request, "req-1", StreamEvents(envelope), _error_body)
     scope = {"type": "http", "path": "/v1/completions"}
     await asyncio.wait_for(response(scope, receive, send), 10)
     return sent
 
 
-def _events(chunks: list[gateway_pb2.GenerateChunk]) -> bytes:
+def _events(chunks: list[gateway_pb2.GenerateChunk], choices: int = 1) -> bytes:
     """What StreamEvents gives each chunk, for a fresh response's envelope."""
-    stream = StreamEvents(Envelope(CompletionFormat(), 1700000000, "m", include_usage=True))
+    stream = StreamEvents(Envelope(CompletionFormat(choices), 1700000000, "m", include_usage=True))
     return b"".join(stream.chunk(chunk) for chunk in chunks)
 
 
@@ -104,6 +106,21 @@ def test_each_steps_chunks_go_out_in_one_write_and_the_last_with_the_end_marker(
     assert data.endswith(DONE)
     assert _without_ids(data) == _without_ids(_events([chunk for step in steps for chunk in step]))
     # Every chunk is taken once its write has been sent.
+    assert request.taken_count == 4
+
+
+def test_a_choice_that_finishes_before_the_others_does_not_end_the_stream() -> None:
+    usage = common_pb2.Usage(prompt_tokens=3, completion_tokens=3)
+    steps = [
+        [gateway_pb2.GenerateChunk(text="a", index=0), gateway_pb2.GenerateChunk(text="a", index=1)],
+        [gateway_pb2.GenerateChunk(text="b", index=0, finish_reason=LENGTH)],
+        [gateway_pb2.GenerateChunk(text="c", index=1, finish_reason=LENGTH, usage=usage)],
+    ]
+    request = ScriptedRequest(steps)
+    _, *bodies = asyncio.run(_serve(request, choices=2))
+    data = b"".join(message["body"] for message in bodies)
+    assert bodies[-1]["more_body"] is False and data.endswith(DONE) and data.count(DONE) == 1
+    assert _without_ids(data) == _without_ids(_events([chunk for step in steps for chunk in step], choices=2))
     assert request.taken_count == 4
 
 
