@@ -9,7 +9,15 @@ copies of the K/V that the working set exceeds the L2 cache. Prints one JSON
 line per measurement. --kv-cache-dtype fp8 reads an E4M3 cache (half the
 bytes; SDPA then runs on its bf16/fp16 widening, the same values).
 
+--prefill measures the prefill-chunk attention instead: 16 chunks of 512
+query tokens (an 8192-token step) attending causally to their own tokens and
+to a context of each --prefill-contexts length before them, and one row of
+mixed chunks whose contexts run from 0 to 3840; against SDPA with a
+bottom-right causal mask on contiguous K/V (one batched call, or one call per
+chunk for the mixed row), and the achieved attention TFLOP/s.
+
     python -m benchmarks.attention [--batches 1,4,16,64,256] [--contexts 512,1024,2048,4096,8192]
+    python -m benchmarks.attention --prefill [--prefill-contexts 0,512,1024,2048,4096]
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from pagewire.kernels import cuda_ops, reference
 
@@ -103,7 +112,7 @@ def measure(batch: int, context: int, args: argparse.Namespace, copy_bytes_per_s
     kernel = cuda_ops.attention_kernel(dtype, head_dim, cuda_ops.choose_warps_m(1, num_heads // num_kv_heads), query.device, fp8)
     record.update(
         resident_blocks=kernel.resident_blocks,
-        num_splits=cuda_ops.choose_num_splits(batch * num_kv_heads, context, kernel.resident_blocks, kernel.multiprocessors),
+        num_splits=cuda_ops.choose_num_splits(batch * num_kv_heads, context, kernel.resident_blocks),
     )
     seconds = time_graph([lambda c=c: paged(c) for c in range(copies)], args.replays)
     record.update(
@@ -135,6 +144,79 @@ def measure(batch: int, context: int, args: argparse.Namespace, copy_bytes_per_s
     return record
 
 
+PREFILL_CHUNK = 512
+PREFILL_CHUNKS = 16  # an 8192-token prefill step
+
+
+def measure_prefill(contexts: list[int], label: str, args: argparse.Namespace) -> dict:
+    """One step of PREFILL_CHUNKS chunks, chunk i after contexts[i] tokens of its sequence."""
+    dtype = DTYPES[args.dtype]
+    num_heads, num_kv_heads, head_dim, block_size = args.num_heads, args.num_kv_heads, args.head_dim, args.block_size
+    seq_lens_list = [context + PREFILL_CHUNK for context in contexts]
+    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens_list]
+    num_blocks = sum(blocks_per_seq)
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    key_cache = torch.randn(cache_shape, device="cuda", dtype=dtype)
+    value_cache = torch.randn(cache_shape, device="cuda", dtype=dtype)
+    order = torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
+    block_tables = torch.zeros(len(contexts), max(blocks_per_seq), dtype=torch.int32, device="cuda")
+    used = 0
+    for seq, count in enumerate(blocks_per_seq):
+        block_tables[seq, :count] = order[used : used + count]
+        used += count
+    num_tokens = PREFILL_CHUNK * len(contexts)
+    query = torch.randn(num_tokens, num_heads, head_dim, device="cuda", dtype=dtype)
+    seq_lens = torch.tensor(seq_lens_list, dtype=torch.int32, device="cuda")
+    query_start_loc = torch.arange(len(contexts) + 1, dtype=torch.int32, device="cuda") * PREFILL_CHUNK
+    scale = head_dim**-0.5
+
+    def paged() -> torch.Tensor:
+        return cuda_ops.paged_attention(
+            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+            max_query_len=PREFILL_CHUNK, max_seq_len=max(seq_lens_list),
+        )  # fmt: skip
+
+    def contiguous(cache: torch.Tensor, seq: int) -> torch.Tensor:
+        """[1, heads, seq_len, head_dim] of one sequence, each KV head repeated
+        for its query heads (the bias-mask path of SDPA takes no GQA)."""
+        rows = cache[block_tables[seq, : blocks_per_seq[seq]].long()].view(-1, num_kv_heads, head_dim)
+        rows = rows[: seq_lens_list[seq]].repeat_interleave(num_heads // num_kv_heads, dim=1)
+        return rows.transpose(0, 1).unsqueeze(0).contiguous()
+
+    keys = [contiguous(key_cache, seq) for seq in range(len(contexts))]
+    values = [contiguous(value_cache, seq) for seq in range(len(contexts))]
+    queries = [query[i * PREFILL_CHUNK : (i + 1) * PREFILL_CHUNK].transpose(0, 1).unsqueeze(0) for i in range(len(contexts))]
+    if len(set(contexts)) == 1:  # one batched call
+        batched = (torch.cat(queries), torch.cat(keys), torch.cat(values))
+        masks = [causal_lower_right(PREFILL_CHUNK, seq_lens_list[0])]
+
+        def sdpa_calls() -> list[torch.Tensor]:
+            return [F.scaled_dot_product_attention(*batched, attn_mask=masks[0], scale=scale)]
+    else:
+        masks = [causal_lower_right(PREFILL_CHUNK, n) for n in seq_lens_list]
+
+        def sdpa_calls() -> list[torch.Tensor]:
+            return [
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+                for q, k, v, mask in zip(queries, keys, values, masks)
+            ]
+
+    seconds = time_graph([paged], args.replays)
+    sdpa_seconds = time_graph([sdpa_calls], args.replays)
+    expected = torch.cat([out.transpose(1, 2).reshape(-1, num_heads, head_dim) for out in sdpa_calls()]).float()
+    relative_error = ((paged().float() - expected).norm() / expected.norm()).item()
+    # Q.K^T and P.V over the (query, key) pairs the causal mask keeps.
+    pairs = sum(PREFILL_CHUNK * context + PREFILL_CHUNK * (PREFILL_CHUNK + 1) // 2 for context in contexts)
+    flops = 4 * pairs * num_heads * head_dim
+    return dict(
+        bench="prefill_attention", chunks=label, num_tokens=num_tokens, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, dtype=args.dtype, block_size=block_size,
+        pagewire_us=round(seconds * 1e6, 2), pagewire_TFLOP_s=round(flops / seconds / 1e12, 1),
+        sdpa_us=round(sdpa_seconds * 1e6, 2), sdpa_TFLOP_s=round(flops / sdpa_seconds / 1e12, 1),
+        pagewire_over_sdpa_speed=round(sdpa_seconds / seconds, 3), relative_error_vs_sdpa=float(f"{relative_error:.2e}"),
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,4,16,64,256")
@@ -146,7 +228,16 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="fp8: an E4M3 cache read with the scales at 1")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--replays", type=int, default=30)
+    parser.add_argument("--prefill", action="store_true", help="prefill-chunk attention instead of decode")
+    parser.add_argument("--prefill-contexts", default="0,512,1024,2048,4096")
     args = parser.parse_args()
+    if args.prefill:
+        emit(dict(bench="device", device=torch.cuda.get_device_name()))
+        for context in map(int, args.prefill_contexts.split(",")):
+            emit(measure_prefill([context] * PREFILL_CHUNKS, f"{PREFILL_CHUNKS} x {PREFILL_CHUNK} after {context}", args))
+        mixed = [i * 256 for i in range(PREFILL_CHUNKS)]
+        emit(measure_prefill(mixed, f"{PREFILL_CHUNKS} x {PREFILL_CHUNK} after 0..{mixed[-1]}", args))
+        return
 
     copy_bytes_per_second = copy_bandwidth()
     emit(dict(bench="device_copy", device=torch.cuda.get_device_name(), bytes=2 << 30, GB_s=round(copy_bytes_per_second / 1e9, 1)))

@@ -28,19 +28,22 @@ KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16"}
 WARPS_M_CHOICES = (1, 2, 4)  # query row groups of 16 per thread block (4 warps in all)
 THREADS = 128
 KV_TILE = 64
+# K/V tiles in the cp.async ring of a thread block, by its warp layout
+# (WARPS_M): decodes do little math per byte and want more bytes in flight;
+# prefill chunks do more and want more resident blocks.
+PIPELINE_STAGES = {1: 2, 2: 2, 4: 2}
 # A context is split across thread blocks (never into pieces shorter than
-# MIN_SPLIT_TOKENS): a batch that fits in one wave of resident blocks is split
-# until about BLOCKS_PER_MULTIPROCESSOR blocks run on every multiprocessor,
-# all at once; a larger one until there are TARGET_WAVES waves, so that the
-# last, partial wave costs little.
-BLOCKS_PER_MULTIPROCESSOR = 2
-TARGET_WAVES = 4
-MIN_SPLIT_TOKENS = 128
+# MIN_SPLIT_TOKENS) only while the blocks still fit in one wave of resident
+# blocks: measured on an H200 (docs/PERFORMANCE.md, split sweep), a second
+# wave of shorter blocks, with their fixed costs and the combine pass, never
+# paid for itself.
+MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
 
 
 def attention_kernel_name(dtype: torch.dtype, head_dim: int, warps_m: int, fp8_cache: bool = False) -> str:
-    return f"paged_attention_kernel<{KERNEL_TYPES[dtype]}, {head_dim}, {warps_m}, {'true' if fp8_cache else 'false'}>"
+    stages = PIPELINE_STAGES[warps_m]
+    return f"paged_attention_kernel<{KERNEL_TYPES[dtype]}, {head_dim}, {warps_m}, {stages}, {'true' if fp8_cache else 'false'}>"
 
 
 def fp8_cache_kernel_name(dtype: torch.dtype) -> str:
@@ -81,11 +84,14 @@ def _check_fp8_cache(cache: torch.Tensor, dtype: torch.dtype) -> bool:
     return True
 
 
-def attention_shared_bytes(head_dim: int, warps_m: int) -> int:
+def attention_shared_bytes(head_dim: int, warps_m: int, fp8_cache: bool = False) -> int:
     """Dynamic shared memory of one attention block; mirrors AttentionShape in
-    paged_attention.cu: two K+V stages of padded rows, reused by the epilogue."""
+    paged_attention.cu: the ring of K+V stages of padded rows (E4M3 rows and
+    one widened 16-bit tile for an FP8 cache), reused by the epilogue."""
     warps_n = 4 // warps_m
-    pipeline = 2 * 2 * KV_TILE * (head_dim + 8) * 2
+    widened_tile = 2 * KV_TILE * (head_dim + 8) * 2
+    staged_tile = 2 * KV_TILE * (head_dim + 16) if fp8_cache else widened_tile
+    pipeline = PIPELINE_STAGES[warps_m] * staged_tile + (widened_tile if fp8_cache else 0)
     epilogue = warps_n * 16 * warps_m * (head_dim + 2) * 4
     return max(pipeline, epilogue)
 
@@ -157,21 +163,13 @@ def choose_warps_m(max_query_len: int, group: int) -> int:
     return next((warps_m for warps_m in WARPS_M_CHOICES if rows <= 16 * warps_m), WARPS_M_CHOICES[-1])
 
 
-def choose_num_splits(busy_blocks: int, max_seq_len: int, resident_blocks: int, multiprocessors: int) -> int:
+def choose_num_splits(busy_blocks: int, max_seq_len: int, resident_blocks: int) -> int:
     """How many thread blocks share one sequence's context (flash-decoding),
-    given how many blocks run at once on the device.
-
-    Measured on an H100 (docs/PERFORMANCE.md): a small batch runs fastest
-    with every block resident at once and about two per multiprocessor (more
-    splits add partial results to combine and shorten each block's K/V
-    stream below what hides its latency); a batch of more blocks than fit at
-    once wants several waves, or its second, mostly empty wave costs as much
-    as the first."""
-    busy_blocks = max(1, busy_blocks)
-    if busy_blocks <= resident_blocks:
-        wanted = min(math.ceil(BLOCKS_PER_MULTIPROCESSOR * multiprocessors / busy_blocks), resident_blocks // busy_blocks)
-    else:
-        wanted = math.ceil(TARGET_WAVES * resident_blocks / busy_blocks)
+    given busy_blocks (sequence, KV head) pairs and the blocks that run at
+    once on the device: as many as fill one wave. max_seq_len is a bound
+    (a CUDA graph is captured for the longest context), so no count depends
+    on it beyond the shortest piece."""
+    wanted = resident_blocks // max(1, busy_blocks)
     return max(1, min(wanted, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
@@ -181,16 +179,14 @@ class AttentionKernel:
 
     kernel: Any
     shared_bytes: int
-    # Blocks that run at once on the device, and its multiprocessors.
-    resident_blocks: int
-    multiprocessors: int
+    resident_blocks: int  # blocks that run at once on the device
 
 
 def attention_kernel(dtype: torch.dtype, head_dim: int, warps_m: int, device: torch.device, fp8_cache: bool = False) -> AttentionKernel:
-    shared_bytes = attention_shared_bytes(head_dim, warps_m)
+    shared_bytes = attention_shared_bytes(head_dim, warps_m, fp8_cache)
     kernel = loader.get_kernel(ATTENTION_SOURCE, attention_kernel_name(dtype, head_dim, warps_m, fp8_cache), shared_bytes)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return AttentionKernel(kernel, shared_bytes, loader.resident_blocks(kernel, THREADS, shared_bytes, index), loader.multiprocessor_count(index))
+    return AttentionKernel(kernel, shared_bytes, loader.resident_blocks(kernel, THREADS, shared_bytes, index))
 
 
 def paged_attention(
@@ -224,6 +220,8 @@ def paged_attention(
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads")
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
+    if block_size & (block_size - 1):
+        raise ValueError(f"the cache's block size must be a power of two, got {block_size}")
     # Query fragments are read as pairs of elements.
     if query.stride(2) != 1 or query.stride(0) % 2 or query.stride(1) % 2 or query.data_ptr() % 4:
         query = query.contiguous()
@@ -243,12 +241,12 @@ def paged_attention(
     group = num_heads // num_kv_heads
     warps_m = choose_warps_m(max_query_len, group)
     tile_tokens = 16 * warps_m // group
-    grid_tiles = num_tokens // tile_tokens + num_seqs
-    busy_tiles = num_seqs if max_query_len <= tile_tokens else grid_tiles
+    single_tile = max_query_len <= tile_tokens
+    grid_tiles = num_seqs if single_tile else num_tokens // tile_tokens + num_seqs
     attention = attention_kernel(query.dtype, head_dim, warps_m, query.device, fp8)
     # A block streams at most the window (plus its own query rows) of K/V.
     streamed = min(max_seq_len, sliding_window + tile_tokens) if sliding_window > 0 else max_seq_len
-    num_splits = choose_num_splits(busy_tiles * num_kv_heads, streamed, attention.resident_blocks, attention.multiprocessors)
+    num_splits = choose_num_splits(grid_tiles * num_kv_heads, streamed, attention.resident_blocks)
     if num_splits > 1:
         partial_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
         partial_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
@@ -277,8 +275,9 @@ def paged_attention(
             np.int32(num_tokens),
             np.int32(num_kv_heads),
             np.int32(group),
-            np.int32(block_size),
+            np.int32(block_size.bit_length() - 1),
             np.int32(sliding_window),
+            np.int32(single_tile),
             # An FP8 cache holds K / k_scale and V / v_scale: the scales go into the scores and the output.
             np.float32(scale * math.log2(math.e) * (k_scale if fp8 else 1.0)),
             np.float32(v_scale if fp8 else 1.0),

@@ -10,7 +10,8 @@
 // warps share one query row group and split the tokens; prefill chunks use
 // 4 x 1. Q.K^T and P.V run on tensor cores (mma.sync m16n8k16, fp32
 // accumulation) with an online softmax in registers (FlashAttention-2); K/V
-// tiles stream into shared memory through cp.async, two stages deep.
+// tiles stream into shared memory through a ring of STAGES cp.async stages,
+// so STAGES - 1 tiles are in flight while one is computed.
 //
 // With a sliding window (sliding_window > 0) a query at position p sees only
 // the keys at p - sliding_window + 1 .. p, and a block starts its K/V stream at
@@ -22,11 +23,11 @@
 // its log-sum-exp, which combine_splits_kernel merges. With one split the
 // kernel writes the output.
 //
-// An FP8 cache (FP8_CACHE: E4M3 elements, kernels/reference.py) is read a
-// tile ahead into registers (half the bytes of a 16-bit tile), widened to
-// 16 bits and stored into the same shared-memory tiles after the current
-// tile's math, so the tensor-core loop is unchanged: the keys' scale is folded
-// into scale_log2 and the values' into the output (v_scale). Needs sm_89+.
+// An FP8 cache (FP8_CACHE: E4M3 elements, kernels/reference.py) streams
+// through the same ring as bytes (half a 16-bit tile); the tile about to be
+// computed is widened to fp16 in shared memory, and the tensor-core loop runs
+// in fp16 (MathType): the keys' scale is folded into scale_log2 and the
+// values' into the output (v_scale). Needs sm_89+.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
 // tests, so it includes no headers.
@@ -36,17 +37,33 @@ typedef unsigned int u32;
 
 #define PW_NEG_INF (__int_as_float(0xff800000))
 
+struct Fp16 {
+    static __device__ __forceinline__ u32 pack(float lo, float hi) {
+        u32 packed;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+        return packed;
+    }
+    static __device__ __forceinline__ u32 to_f16x2(u32 pair) { return pair; }
+    static __device__ __forceinline__ void mma(float (&acc)[4], const u32 (&a)[4], const u32 b0, const u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
 struct Bf16 {
     static __device__ __forceinline__ u32 pack(float lo, float hi) {
         u32 packed;
         asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
         return packed;
     }
-    // Exact: every fp16 value that an E4M3 one widens to is a bf16 value.
-    static __device__ __forceinline__ u32 from_f16x2(u32 pair) {
-        float lo, hi;
-        asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }" : "=f"(lo), "=f"(hi) : "r"(pair));
-        return pack(lo, hi);
+    // A pair of bf16 values as fp16: exact from 2^-14 to 65504, the rare
+    // larger magnitude saturated to +-65504 rather than made infinite.
+    static __device__ __forceinline__ u32 to_f16x2(u32 pair) {
+        const float lo = fminf(fmaxf(__uint_as_float(pair << 16), -65504.f), 65504.f);
+        const float hi = fminf(fmaxf(__uint_as_float(pair & 0xffff0000u), -65504.f), 65504.f);
+        return Fp16::pack(lo, hi);
     }
     static __device__ __forceinline__ void mma(float (&acc)[4], const u32 (&a)[4], const u32 b0, const u32 b1) {
         asm volatile(
@@ -56,34 +73,25 @@ struct Bf16 {
     }
 };
 
-struct Fp16 {
-    static __device__ __forceinline__ u32 pack(float lo, float hi) {
-        u32 packed;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
-        return packed;
-    }
-    static __device__ __forceinline__ u32 from_f16x2(u32 pair) { return pair; }
-    static __device__ __forceinline__ void mma(float (&acc)[4], const u32 (&a)[4], const u32 b0, const u32 b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-};
 
 // Four E4M3 elements (one 32-bit word, element 0 in the low byte) as four
-// 16-bit elements of T (two words, the same order); exact.
-template <typename T>
+// fp16 elements (two words, the same order); exact, one instruction a pair.
 __device__ __forceinline__ uint2 widen_e4m3x4(u32 word) {
 #if __CUDA_ARCH__ >= 890
     u32 lo, hi;
     asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }" : "=r"(lo), "=r"(hi) : "r"(word));
-    return make_uint2(T::from_f16x2(lo), T::from_f16x2(hi));
+    return make_uint2(lo, hi);
 #else
     __trap();  // cuda_ops launches FP8 caches only on sm_89 and newer
     return make_uint2(0u, 0u);
 #endif
 }
+
+// The tensor cores' input type: an FP8 cache widens to fp16 in one
+// instruction a pair (to bf16 it would take four), so with one the queries,
+// keys, probabilities and values all go through fp16 MMAs.
+template <typename T, bool FP8_CACHE> struct MathType { using type = T; };
+template <typename T> struct MathType<T, true> { using type = Fp16; };
 
 __device__ __forceinline__ u32 shared_address(const void* pointer) {
     u32 address;
@@ -113,19 +121,35 @@ __device__ __forceinline__ void load_matrix_x4_transposed(u32 (&fragment)[4], co
 constexpr int KV_TILE = 64;        // K/V tokens a thread block stages per iteration
 constexpr int THREADS = 128;
 
-template <int HEAD_DIM, int WARPS_M>
+template <int HEAD_DIM, int WARPS_M, int STAGES, bool FP8_CACHE>
 struct AttentionShape {
     static constexpr int WARPS_N = 4 / WARPS_M;
     static constexpr int ROWS = 16 * WARPS_M;              // packed (token, head) rows per block
     static constexpr int WARP_TOKENS = KV_TILE / WARPS_N;  // K/V tokens each warp takes per tile
     static constexpr int ROW_STRIDE = HEAD_DIM + 8;        // padded: conflict-free fragment loads
-    static constexpr int STAGE_ELEMS = 2 * KV_TILE * ROW_STRIDE;  // K then V
-    static constexpr int PIPELINE_BYTES = 2 * STAGE_ELEMS * 2;
+    static constexpr int TILE_ELEMS = 2 * KV_TILE * ROW_STRIDE;  // K then V, 16-bit
+    // A staged tile holds the cache's bytes as they are: the 16-bit tile
+    // itself, or E4M3 rows (padded by 16 bytes) that are widened into one
+    // 16-bit tile before the math.
+    static constexpr int ELEMENT_BYTES = FP8_CACHE ? 1 : 2;
+    static constexpr int STAGED_ROW_BYTES = FP8_CACHE ? HEAD_DIM + 16 : ROW_STRIDE * 2;
+    static constexpr int STAGE_BYTES = 2 * KV_TILE * STAGED_ROW_BYTES;
+    static constexpr int WIDENED_BYTES = FP8_CACHE ? TILE_ELEMS * 2 : 0;
+    static constexpr int PIPELINE_BYTES = STAGES * STAGE_BYTES + WIDENED_BYTES;
     static constexpr int EPILOGUE_BYTES = WARPS_N * ROWS * (HEAD_DIM + 2) * 4;
     static constexpr int SHARED_BYTES = PIPELINE_BYTES > EPILOGUE_BYTES ? PIPELINE_BYTES : EPILOGUE_BYTES;
+    // Each thread copies LOAD_CHUNKS 16-byte chunks of K (and as many of V)
+    // per tile, all at the same offset in their rows: rows r, r + ROW_STEP, ...
+    static constexpr int CHUNKS_PER_ROW = HEAD_DIM * ELEMENT_BYTES / 16;
+    static constexpr int LOAD_CHUNKS = KV_TILE * CHUNKS_PER_ROW / THREADS;
+    static constexpr int ROW_STEP = THREADS / CHUNKS_PER_ROW;
 };
 
-template <typename T, int HEAD_DIM, int WARPS_M, bool FP8_CACHE>
+// STAGES K/V tiles in flight (cp.async ring); the block-table entries a tile
+// needs are read one tile before its copies are issued, so a page walk never
+// waits on its own lookup. single_tile: every sequence's query rows fit in
+// one tile (decode steps), so block x is sequence x.
+template <typename T, int HEAD_DIM, int WARPS_M, int STAGES, bool FP8_CACHE>
 __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     u16* __restrict__ out,              // [num_tokens, num_heads, HEAD_DIM], written when gridDim.z == 1
     float* __restrict__ partial_out,    // [gridDim.z, num_tokens, num_heads, HEAD_DIM]
@@ -134,10 +158,12 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     const void* __restrict__ key_cache, const void* __restrict__ value_cache,  // u16, or E4M3 bytes with FP8_CACHE
     const int* __restrict__ block_tables, int block_table_stride,
     const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
-    int num_seqs, int num_tokens, int num_kv_heads, int group, int block_size, int sliding_window,
+    int num_seqs, int num_tokens, int num_kv_heads, int group, int block_size_log2, int sliding_window,
+    int single_tile,
     float scale_log2,  // times k_scale for an FP8 cache
     float v_scale) {   // 1 for a 16-bit cache
-    using Shape = AttentionShape<HEAD_DIM, WARPS_M>;
+    using Shape = AttentionShape<HEAD_DIM, WARPS_M, STAGES, FP8_CACHE>;
+    using M = typename MathType<T, FP8_CACHE>::type;
     constexpr int WARPS_N = Shape::WARPS_N;
     constexpr int ROWS = Shape::ROWS;
     constexpr int WARP_TOKENS = Shape::WARP_TOKENS;
@@ -146,11 +172,11 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     constexpr int PV_STEPS = WARP_TOKENS / 16;
     constexpr int QK_STEPS = HEAD_DIM / 16;
     constexpr int D_TILES = HEAD_DIM / 8;
-    constexpr int CHUNKS_PER_ROW = HEAD_DIM / 8;  // 8-element chunks of one token's head (16 bytes in shared memory)
-    constexpr int FP8_CHUNKS = FP8_CACHE ? KV_TILE * CHUNKS_PER_ROW / THREADS : 1;  // per thread and tile
+    constexpr int LOAD_CHUNKS = Shape::LOAD_CHUNKS;
+    static_assert(STAGES >= 2, "the ring needs a stage in flight beside the one computed");
 
     extern __shared__ uint4 shared_raw[];
-    u16* shared = reinterpret_cast<u16*>(shared_raw);
+    unsigned char* shared = reinterpret_cast<unsigned char*>(shared_raw);
 
     const int num_heads = num_kv_heads * group;
     const int tile_tokens = ROWS / group;  // query tokens per block
@@ -158,20 +184,23 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     const int split = blockIdx.z;
     const int num_splits = gridDim.z;
 
-    // Block x covers tile (x - first_tile(s)) of the sequence s whose
-    // first_tile(s) = query_start_loc[s] / tile_tokens + s is the last <= x;
-    // this bounds the grid by num_tokens / tile_tokens + num_seqs.
-    int lo = 0, hi = num_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (query_start_loc[mid] / tile_tokens + mid <= (int)blockIdx.x) lo = mid; else hi = mid - 1;
+    // Otherwise block x covers tile (x - first_tile(s)) of the sequence s
+    // whose first_tile(s) = query_start_loc[s] / tile_tokens + s is the last
+    // <= x; this bounds the grid by num_tokens / tile_tokens + num_seqs.
+    int seq = blockIdx.x;
+    if (!single_tile) {
+        int lo = 0, hi = num_seqs - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (query_start_loc[mid] / tile_tokens + mid <= (int)blockIdx.x) lo = mid; else hi = mid - 1;
+        }
+        seq = lo;
     }
-    const int seq = lo;
     const int query_start = query_start_loc[seq];
     const int query_len = query_start_loc[seq + 1] - query_start;
-    const int first_token = ((int)blockIdx.x - (query_start / tile_tokens + seq)) * tile_tokens;
-    if (first_token >= query_len) return;
     const int context_len = seq_lens[seq];
+    const int first_token = single_tile ? 0 : ((int)blockIdx.x - (query_start / tile_tokens + seq)) * tile_tokens;
+    if (first_token >= query_len) return;
     const int tokens_here = min(tile_tokens, query_len - first_token);
     const int first_position = context_len - query_len + first_token;
     const int kv_end = first_position + tokens_here;  // the last query row attends up to here
@@ -185,7 +214,58 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     const int warp_m = warp % WARPS_M, warp_n = warp / WARPS_M;
     const int g = lane >> 2, t = lane & 3;
 
-    // This thread's two query rows (fragment rows g and g + 8) and the first key each sees.
+    // The K/V copy: this thread's chunks sit in rows first_row + i * ROW_STEP
+    // of a tile, at byte offset chunk_byte of the row.
+    const int* block_table = block_tables + (long long)seq * block_table_stride;
+    const long long slot_bytes = (long long)num_kv_heads * HEAD_DIM * Shape::ELEMENT_BYTES;
+    const int first_row = threadIdx.x / Shape::CHUNKS_PER_ROW;
+    const int chunk_byte = threadIdx.x % Shape::CHUNKS_PER_ROW * 16;
+    const long long head_byte = (long long)kv_head * HEAD_DIM * Shape::ELEMENT_BYTES + chunk_byte;
+    const int block_mask = (1 << block_size_log2) - 1;
+
+    // The cache block of each of this thread's rows of the tile at tile_start (-1 past the split).
+    auto look_up_blocks = [&](int (&blocks)[LOAD_CHUNKS], int tile_start) {
+#pragma unroll
+        for (int i = 0; i < LOAD_CHUNKS; ++i) {
+            const int token = tile_start + first_row + i * Shape::ROW_STEP;
+            blocks[i] = token < kv_stop ? block_table[token >> block_size_log2] : -1;
+        }
+    };
+    auto copy_tile = [&](int stage, int tile_start, const int (&blocks)[LOAD_CHUNKS]) {
+        unsigned char* key_stage = shared + stage * Shape::STAGE_BYTES;
+        unsigned char* value_stage = key_stage + KV_TILE * Shape::STAGED_ROW_BYTES;
+#pragma unroll
+        for (int i = 0; i < LOAD_CHUNKS; ++i) {
+            const int row = first_row + i * Shape::ROW_STEP;
+            const bool inside = blocks[i] >= 0;
+            const long long offset =
+                inside ? (((long long)blocks[i] << block_size_log2) + ((tile_start + row) & block_mask)) * slot_bytes + head_byte : 0;
+            const int destination = row * Shape::STAGED_ROW_BYTES + chunk_byte;
+            copy_async_16(key_stage + destination, static_cast<const unsigned char*>(key_cache) + offset, inside);
+            copy_async_16(value_stage + destination, static_cast<const unsigned char*>(value_cache) + offset, inside);
+        }
+    };
+
+    // Prologue: the first STAGES - 1 tiles in flight (one commit group per
+    // tile, empty past the end, so the wait below counts uniformly), then the
+    // blocks of the next tile to copy.
+    int blocks[LOAD_CHUNKS];
+    {
+        int first_blocks[STAGES - 1][LOAD_CHUNKS];
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < num_tiles) look_up_blocks(first_blocks[s], kv_begin + s * KV_TILE);
+        }
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < num_tiles) copy_tile(s, kv_begin + s * KV_TILE, first_blocks[s]);
+            copy_async_commit();
+        }
+        if (STAGES - 1 < num_tiles) look_up_blocks(blocks, kv_begin + (STAGES - 1) * KV_TILE);
+    }
+
+    // This thread's two query rows (fragment rows g and g + 8) and the first
+    // key each sees; read while the first tiles are in flight.
     int position[2], window_start[2];
     u32 q_fragment[QK_STEPS][4];
 #pragma unroll
@@ -199,8 +279,10 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
                            (long long)(kv_head * group + row % group) * query_head_stride;
 #pragma unroll
         for (int step = 0; step < QK_STEPS; ++step) {
-            q_fragment[step][half] = valid ? *reinterpret_cast<const u32*>(q_row + step * 16 + 2 * t) : 0u;
-            q_fragment[step][half + 2] = valid ? *reinterpret_cast<const u32*>(q_row + step * 16 + 8 + 2 * t) : 0u;
+            const u32 low = valid ? *reinterpret_cast<const u32*>(q_row + step * 16 + 2 * t) : 0u;
+            const u32 high = valid ? *reinterpret_cast<const u32*>(q_row + step * 16 + 8 + 2 * t) : 0u;
+            q_fragment[step][half] = FP8_CACHE ? T::to_f16x2(low) : low;
+            q_fragment[step][half + 2] = FP8_CACHE ? T::to_f16x2(high) : high;
         }
     }
 
@@ -210,80 +292,39 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     float row_max[2] = {PW_NEG_INF, PW_NEG_INF};
     float row_sum[2] = {0.f, 0.f};
 
-    const int* block_table = block_tables + (long long)seq * block_table_stride;
-    const long long slot_stride = (long long)num_kv_heads * HEAD_DIM;
-
-    auto load_tile = [&](int stage, int tile_start) {
-        u16* key_stage = shared + stage * Shape::STAGE_ELEMS;
-        u16* value_stage = key_stage + KV_TILE * ROW_STRIDE;
-#pragma unroll
-        for (int chunk = threadIdx.x; chunk < KV_TILE * CHUNKS_PER_ROW; chunk += THREADS) {
-            const int row = chunk / CHUNKS_PER_ROW, part = chunk % CHUNKS_PER_ROW;
-            const int token = tile_start + row;
-            const bool inside = token < kv_stop;
-            long long offset = 0;
-            if (inside) {
-                const int block = block_table[token / block_size];
-                offset = ((long long)block * block_size + token % block_size) * slot_stride + kv_head * HEAD_DIM + part * 8;
-            }
-            copy_async_16(key_stage + row * ROW_STRIDE + part * 8, static_cast<const u16*>(key_cache) + offset, inside);
-            copy_async_16(value_stage + row * ROW_STRIDE + part * 8, static_cast<const u16*>(value_cache) + offset, inside);
-        }
-        copy_async_commit();
-    };
-
-    // FP8: this thread's chunks of the next tile, 8 E4M3 bytes each (zeros past the split).
-    uint2 key_fp8[FP8_CHUNKS], value_fp8[FP8_CHUNKS];
-    auto fetch_fp8_tile = [&](int tile_start) {
-#pragma unroll
-        for (int i = 0; i < FP8_CHUNKS; ++i) {
-            const int chunk = threadIdx.x + i * THREADS;
-            const int row = chunk / CHUNKS_PER_ROW, part = chunk % CHUNKS_PER_ROW;
-            const int token = tile_start + row;
-            key_fp8[i] = value_fp8[i] = make_uint2(0u, 0u);
-            if (token < kv_stop) {
-                const int block = block_table[token / block_size];
-                const long long offset = ((long long)block * block_size + token % block_size) * slot_stride + kv_head * HEAD_DIM + part * 8;
-                key_fp8[i] = *reinterpret_cast<const uint2*>(static_cast<const unsigned char*>(key_cache) + offset);
-                value_fp8[i] = *reinterpret_cast<const uint2*>(static_cast<const unsigned char*>(value_cache) + offset);
-            }
-        }
-    };
-    auto store_fp8_tile = [&](int stage) {
-        u16* key_stage = shared + stage * Shape::STAGE_ELEMS;
-        u16* value_stage = key_stage + KV_TILE * ROW_STRIDE;
-#pragma unroll
-        for (int i = 0; i < FP8_CHUNKS; ++i) {
-            const int chunk = threadIdx.x + i * THREADS;
-            const int row = chunk / CHUNKS_PER_ROW, part = chunk % CHUNKS_PER_ROW;
-            const uint2 key_lo = widen_e4m3x4<T>(key_fp8[i].x), key_hi = widen_e4m3x4<T>(key_fp8[i].y);
-            const uint2 value_lo = widen_e4m3x4<T>(value_fp8[i].x), value_hi = widen_e4m3x4<T>(value_fp8[i].y);
-            *reinterpret_cast<uint4*>(key_stage + row * ROW_STRIDE + part * 8) = make_uint4(key_lo.x, key_lo.y, key_hi.x, key_hi.y);
-            *reinterpret_cast<uint4*>(value_stage + row * ROW_STRIDE + part * 8) = make_uint4(value_lo.x, value_lo.y, value_hi.x, value_hi.y);
-        }
-    };
-
-    if (num_tiles > 0) {
-        if constexpr (FP8_CACHE) {
-            fetch_fp8_tile(kv_begin);
-            store_fp8_tile(0);
-        } else {
-            load_tile(0, kv_begin);
-        }
-    }
+    u16* const widened = reinterpret_cast<u16*>(shared + STAGES * Shape::STAGE_BYTES);  // FP8_CACHE only
     for (int tile = 0; tile < num_tiles; ++tile) {
         const int tile_start = kv_begin + tile * KV_TILE;
-        if constexpr (FP8_CACHE) {
-            if (tile + 1 < num_tiles) fetch_fp8_tile(tile_start + KV_TILE);  // in flight during this tile's math
-        } else if (tile + 1 < num_tiles) {
-            load_tile((tile + 1) & 1, tile_start + KV_TILE);
-            copy_async_wait<1>();
-        } else {
-            copy_async_wait<0>();
+        copy_async_wait<STAGES - 2>();  // this thread's copies of `tile` have landed
+        __syncthreads();                // everyone's have, and the stage refilled next is no longer read
+        const int ahead = tile + STAGES - 1;
+        if (ahead < num_tiles) {
+            copy_tile(ahead % STAGES, kv_begin + ahead * KV_TILE, blocks);
+            if (ahead + 1 < num_tiles) look_up_blocks(blocks, kv_begin + (ahead + 1) * KV_TILE);
         }
-        __syncthreads();
+        copy_async_commit();
 
-        const u16* keys = shared + (tile & 1) * Shape::STAGE_ELEMS + warp_n * WARP_TOKENS * ROW_STRIDE;
+        const unsigned char* stage = shared + (tile % STAGES) * Shape::STAGE_BYTES;
+        const u16* tile_keys;
+        if constexpr (FP8_CACHE) {
+            // Widen the staged E4M3 rows into the 16-bit tile, 16 elements a chunk.
+            constexpr int CHUNKS = 2 * KV_TILE * Shape::CHUNKS_PER_ROW;
+            for (int chunk = threadIdx.x; chunk < CHUNKS; chunk += THREADS) {
+                const int row = chunk / Shape::CHUNKS_PER_ROW, part = chunk % Shape::CHUNKS_PER_ROW;
+                const uint4 bytes = *reinterpret_cast<const uint4*>(stage + row * Shape::STAGED_ROW_BYTES + part * 16);
+                const uint2 a = widen_e4m3x4(bytes.x), b = widen_e4m3x4(bytes.y);
+                const uint2 c = widen_e4m3x4(bytes.z), d = widen_e4m3x4(bytes.w);
+                uint4* target = reinterpret_cast<uint4*>(widened + row * ROW_STRIDE + part * 16);
+                target[0] = make_uint4(a.x, a.y, b.x, b.y);
+                target[1] = make_uint4(c.x, c.y, d.x, d.y);
+            }
+            __syncthreads();
+            tile_keys = widened;
+        } else {
+            tile_keys = reinterpret_cast<const u16*>(stage);
+        }
+
+        const u16* keys = tile_keys + warp_n * WARP_TOKENS * ROW_STRIDE;
         const u16* values = keys + KV_TILE * ROW_STRIDE;
         const int warp_start = tile_start + warp_n * WARP_TOKENS;
 
@@ -295,7 +336,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
 #pragma unroll
             for (int n = 0; n < S_TILES; ++n) {
                 const u16* key_row = keys + (n * 8 + g) * ROW_STRIDE + step * 16 + 2 * t;
-                T::mma(score[n], q_fragment[step], *reinterpret_cast<const u32*>(key_row),
+                M::mma(score[n], q_fragment[step], *reinterpret_cast<const u32*>(key_row),
                        *reinterpret_cast<const u32*>(key_row + 8));
             }
         }
@@ -344,21 +385,19 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
 #pragma unroll
         for (int step = 0; step < PV_STEPS; ++step) {
             const u32 p_fragment[4] = {
-                T::pack(score[2 * step][0], score[2 * step][1]), T::pack(score[2 * step][2], score[2 * step][3]),
-                T::pack(score[2 * step + 1][0], score[2 * step + 1][1]), T::pack(score[2 * step + 1][2], score[2 * step + 1][3])};
+                M::pack(score[2 * step][0], score[2 * step][1]), M::pack(score[2 * step][2], score[2 * step][3]),
+                M::pack(score[2 * step + 1][0], score[2 * step + 1][1]), M::pack(score[2 * step + 1][2], score[2 * step + 1][3])};
 #pragma unroll
             for (int d = 0; d < D_TILES; d += 2) {
                 u32 v_fragment[4];
                 load_matrix_x4_transposed(v_fragment, values + (step * 16 + (lane & 15)) * ROW_STRIDE + (d + (lane >> 4)) * 8);
-                T::mma(acc[d], p_fragment, v_fragment[0], v_fragment[1]);
-                T::mma(acc[d + 1], p_fragment, v_fragment[2], v_fragment[3]);
+                M::mma(acc[d], p_fragment, v_fragment[0], v_fragment[1]);
+                M::mma(acc[d + 1], p_fragment, v_fragment[2], v_fragment[3]);
             }
         }
-        if constexpr (FP8_CACHE) {
-            if (tile + 1 < num_tiles) store_fp8_tile((tile + 1) & 1);  // the stage read in the previous iteration
-        }
-        __syncthreads();  // the next iteration's prefetch overwrites this stage
     }
+    copy_async_wait<0>();
+    __syncthreads();  // the epilogue reuses the pipeline's shared memory
 
     // Epilogue: each warp leaves (max, sum, unnormalised output) per row in
     // shared memory; the block merges the WARPS_N slices of every row.
@@ -367,7 +406,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 1);
         row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 2);
     }
-    float* merge_out = reinterpret_cast<float*>(shared);                  // [WARPS_N][ROWS][HEAD_DIM]
+    float* merge_out = reinterpret_cast<float*>(shared_raw);                  // [WARPS_N][ROWS][HEAD_DIM]
     float* merge_max = merge_out + WARPS_N * ROWS * HEAD_DIM;             // [WARPS_N][ROWS]
     float* merge_sum = merge_max + WARPS_N * ROWS;                        // [WARPS_N][ROWS]
 #pragma unroll

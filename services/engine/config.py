@@ -23,7 +23,7 @@ class EngineConfig(ServiceConfig):
         "auto", "Compute and KV cache dtype; auto is float32 on the CPU and bfloat16 on a GPU.", choices=["auto", "float32", "bfloat16", "float16"]
     )
     max_model_len: int | None = option(None, "Longest sequence (prompt + output) in tokens; unset: the model's context length.")
-    block_size: int = option(16, "Tokens per KV cache block.")
+    block_size: int = option(16, "Tokens per KV cache block, a power of two.")
     max_num_seqs: int = option(256, "Most sequences in one step.")
     max_queue_len: int = option(
         1024, "Most requests queued behind a full running batch (--max-num-seqs); past it new ones are refused with RESOURCE_EXHAUSTED (HTTP 429) instead of piling up."

@@ -101,6 +101,12 @@ def test_kv_cache_memory_sizes_the_cpu_cache_and_num_kv_blocks_wins(engine_model
         make_engine(engine_model, num_kv_blocks=None, kv_cache_memory=per_block - 1)
 
 
+def test_a_block_size_that_is_not_a_power_of_two_is_refused(engine_model) -> None:
+    with pytest.raises(ValueError, match="--block-size must be a power of two, got 12"):
+        make_engine(engine_model, block_size=12)
+    assert make_engine(engine_model, block_size=8).block_size == 8
+
+
 def test_default_token_budget_is_2048_on_the_cpu(engine_model) -> None:
     assert make_engine(engine_model).info.max_num_batched_tokens == CPU_MAX_NUM_BATCHED_TOKENS == 2048
     # The GPU default is picked inline in EngineCore.__init__ (no pure function to call without a GPU).

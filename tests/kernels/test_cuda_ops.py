@@ -144,7 +144,6 @@ def test_decode_kernels_fit_the_device_as_measured() -> None:
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
     for head_dim in cuda_ops.SUPPORTED_HEAD_DIMS:
         kernel = cuda_ops.attention_kernel(torch.bfloat16, head_dim, 1, device)
-        assert kernel.multiprocessors == multiprocessors
         assert multiprocessors <= kernel.resident_blocks <= multiprocessors * 2048 // cuda_ops.THREADS
         by_shared = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor // kernel.shared_bytes
         assert kernel.resident_blocks <= multiprocessors * by_shared

@@ -1,33 +1,69 @@
-"""The context-split rule of the GPU attention (kernels/cuda_ops.py), which is
-plain arithmetic and runs on the CPU, at an H100's figures: 132
-multiprocessors, 396 resident decode blocks at head_dim 128, 660 at 64."""
+"""The context-split rule and the pipeline sizes of the GPU attention
+(kernels/cuda_ops.py), which are plain arithmetic and run on the CPU, at an
+H200's figures for head_dim 128 decodes: 264 resident blocks (two per
+multiprocessor)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pagewire.kernels.cuda_ops import MAX_SPLITS, MIN_SPLIT_TOKENS, TARGET_WAVES, choose_num_splits
+from pagewire.kernels.cuda_ops import (
+    KV_TILE,
+    MAX_SPLITS,
+    MIN_SPLIT_TOKENS,
+    PIPELINE_STAGES,
+    attention_shared_bytes,
+    choose_num_splits,
+)
 
-MULTIPROCESSORS = 132
-
-
-@pytest.mark.parametrize("resident", [396, 660])
-@pytest.mark.parametrize("busy", [3, 8, 32, 128, 384])
-def test_a_batch_that_fits_in_one_wave_stays_in_one_wave(resident: int, busy: int) -> None:
-    splits = choose_num_splits(busy, 1 << 20, resident, MULTIPROCESSORS)
-    assert busy * splits <= resident
-    # ... and fills the device about twice over, or as far as residency allows.
-    assert busy * splits >= min(2 * MULTIPROCESSORS, resident - busy + 1) or splits == MAX_SPLITS
+RESIDENT = 264
 
 
-@pytest.mark.parametrize(("resident", "busy"), [(396, 512), (396, 1024), (660, 768), (660, 1024)])
-def test_a_batch_past_one_wave_is_split_into_several(resident: int, busy: int) -> None:
-    splits = choose_num_splits(busy, 1 << 20, resident, MULTIPROCESSORS)
-    assert splits > 1 and busy * splits >= TARGET_WAVES * resident
+@pytest.mark.parametrize("busy", [1, 8, 32, 128])
+def test_a_small_batch_is_split_to_fill_one_wave(busy: int) -> None:
+    splits = choose_num_splits(busy, 4096, RESIDENT)
+    assert splits > 1 and busy * splits <= RESIDENT
 
 
-def test_large_batches_and_short_contexts_are_not_split() -> None:
-    assert choose_num_splits(256 * 8, 8192, 396, MULTIPROCESSORS) == 1
-    assert choose_num_splits(8, MIN_SPLIT_TOKENS - 1, 396, MULTIPROCESSORS) == 1
-    # No piece shorter than MIN_SPLIT_TOKENS, however idle the device.
-    assert choose_num_splits(1, 4 * MIN_SPLIT_TOKENS, 396, MULTIPROCESSORS) == 4
+@pytest.mark.parametrize(("busy", "context"), [(RESIDENT // 2 + 1, 4096), (512, 4096), (512, 512), (2048, 512), (2048, 1 << 17)])
+def test_a_batch_that_fills_the_device_is_left_whole(busy: int, context: int) -> None:
+    assert choose_num_splits(busy, context, RESIDENT) == 1
+
+
+def test_no_piece_is_shorter_than_the_minimum_and_no_count_past_the_maximum() -> None:
+    assert choose_num_splits(8, MIN_SPLIT_TOKENS - 1, RESIDENT) == 1
+    assert choose_num_splits(1, 4 * MIN_SPLIT_TOKENS, RESIDENT) == 4
+    assert choose_num_splits(1, 1 << 20, RESIDENT) == MAX_SPLITS
+
+
+def test_the_counts_the_h200_sweep_found_fastest() -> None:
+    """docs/PERFORMANCE.md, split sweep (Llama-3.1-8B heads: 8 KV heads)."""
+    assert choose_num_splits(64 * 8, 4096, RESIDENT) == 1
+    assert choose_num_splits(64 * 8, 512, RESIDENT) == 1
+    assert choose_num_splits(16 * 8, 512, RESIDENT) == 2
+    assert choose_num_splits(1 * 8, 4096, RESIDENT) == 16
+
+
+HOPPER_SHARED_PER_BLOCK = 227 * 1024
+HOPPER_SHARED_PER_MULTIPROCESSOR = 228 * 1024
+
+
+@pytest.mark.parametrize("fp8_cache", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("warps_m", [1, 2, 4])
+def test_every_pipeline_fits_a_multiprocessor_twice(warps_m: int, head_dim: int, fp8_cache: bool) -> None:
+    """Each layout's ring of K/V stages fits the shared memory of one block,
+    and two blocks share a multiprocessor (one block's barrier waits are
+    covered by the other's copies and math)."""
+    shared = attention_shared_bytes(head_dim, warps_m, fp8_cache)
+    assert 2 * (shared + 1024) <= HOPPER_SHARED_PER_MULTIPROCESSOR  # 1 KiB reserved per block
+    assert shared <= HOPPER_SHARED_PER_BLOCK
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_an_fp8_stage_takes_half_the_bytes_and_one_widened_tile_beside_the_ring(head_dim: int) -> None:
+    stages = PIPELINE_STAGES[1]
+    bf16, fp8 = attention_shared_bytes(head_dim, 1), attention_shared_bytes(head_dim, 1, fp8_cache=True)
+    widened_tile = bf16 // stages
+    assert fp8 - widened_tile == stages * 2 * KV_TILE * (head_dim + 16)
+    assert fp8 - widened_tile < bf16 * 0.6

@@ -107,6 +107,9 @@ class ModelExecutor:
             value = getattr(config, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if config.block_size & (config.block_size - 1):
+            # The GPU attention kernel finds a token's slot with shifts and masks.
+            raise ValueError(f"--block-size must be a power of two, got {config.block_size}")
         self.workers = start_tensor_parallel(config, loaded)
         try:
             self._build(config, loaded or load_engine_model(config))
