@@ -29,8 +29,9 @@ WARPS_M_CHOICES = (1, 2, 4)  # query row groups of 16 per thread block (4 warps 
 THREADS = 128
 KV_TILE = 64
 # K/V tiles in the cp.async ring of a thread block, by its warp layout
-# (WARPS_M): decodes do little math per byte and want more bytes in flight;
-# prefill chunks do more and want more resident blocks.
+# (WARPS_M). Two for every layout as measured on an H200 (docs/PERFORMANCE.md):
+# a third or fourth stage costs the shared memory of a resident block and
+# gained nothing for decodes or prefill chunks.
 PIPELINE_STAGES = {1: 2, 2: 2, 4: 2}
 # A context is split across thread blocks (never into pieces shorter than
 # MIN_SPLIT_TOKENS) only while the blocks still fit in one wave of resident
