@@ -188,10 +188,10 @@ def measure_prefill(contexts: list[int], label: str, args: argparse.Namespace) -
     queries = [query[i * PREFILL_CHUNK : (i + 1) * PREFILL_CHUNK].transpose(0, 1).unsqueeze(0) for i in range(len(contexts))]
     if len(set(contexts)) == 1:  # one batched call
         batched = (torch.cat(queries), torch.cat(keys), torch.cat(values))
-        masks = [causal_lower_right(PREFILL_CHUNK, seq_lens_list[0])]
+        mask = causal_lower_right(PREFILL_CHUNK, seq_lens_list[0])
 
         def sdpa_calls() -> list[torch.Tensor]:
-            return [F.scaled_dot_product_attention(*batched, attn_mask=masks[0], scale=scale)]
+            return [F.scaled_dot_product_attention(*batched, attn_mask=mask, scale=scale)]
     else:
         masks = [causal_lower_right(PREFILL_CHUNK, n) for n in seq_lens_list]
 
