@@ -1,4 +1,4 @@
-"""The context-split rule and the pipeline sizes of the GPU attention
+"""The context-split rule, the pipeline sizes and the block-size check of the GPU attention
 (kernels/cuda_ops.py), which are plain arithmetic and run on the CPU, at an
 H200's figures for head_dim 128 decodes: 264 resident blocks (two per
 multiprocessor)."""
@@ -6,6 +6,7 @@ multiprocessor)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pagewire.kernels.cuda_ops import (
     KV_TILE,
@@ -14,6 +15,7 @@ from pagewire.kernels.cuda_ops import (
     PIPELINE_STAGES,
     attention_shared_bytes,
     choose_num_splits,
+    paged_attention,
 )
 
 RESIDENT = 264
@@ -67,3 +69,12 @@ def test_an_fp8_stage_takes_half_the_bytes_and_one_widened_tile_beside_the_ring(
     widened_tile = bf16 // stages
     assert fp8 - widened_tile == stages * 2 * KV_TILE * (head_dim + 16)
     assert fp8 - widened_tile < bf16 * 0.6
+
+
+def test_a_cache_whose_block_size_is_not_a_power_of_two_is_refused_before_any_launch() -> None:
+    """The kernel finds a token's slot with shifts and masks; the check needs no GPU."""
+    query = torch.zeros(1, 32, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 12, 8, 128, dtype=torch.bfloat16)
+    one = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block size must be a power of two, got 12"):
+        paged_attention(query, cache, cache, torch.zeros(1, 1, dtype=torch.int32), one, torch.tensor([0, 1]), 0.1)
