@@ -38,6 +38,8 @@ READINESS_POLL_S = 0.2
 # all (it notices should_exit within 0.1 s, then pauses 0.1 s before waiting).
 REST_CANCEL_S = 1
 REST_EXIT_S = REST_CANCEL_S + 1.0
+# Seconds an idle REST connection stays open.
+REST_KEEP_ALIVE_S = 75
 SHUTTING_DOWN = "the gateway is shutting down; send new requests to another replica or retry after it restarts"
 
 
@@ -243,6 +245,10 @@ async def _serve_one(config: GatewayConfig, place: WorkerPlace | None) -> int:
             lifespan="off",
             # The grace period is spent in _drain already.
             timeout_graceful_shutdown=REST_CANCEL_S,
+            # Longer than clients keep an idle connection (httpx and so the
+            # openai client: 5 s; load balancers: 60 s), so the server never
+            # closes one just as a client sends on it.
+            timeout_keep_alive=REST_KEEP_ALIVE_S,
             **(tls.uvicorn_options() if tls else {}),
         )
     )

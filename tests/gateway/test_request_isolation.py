@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -249,6 +250,19 @@ def test_json_with_a_utf_8_charset_is_accepted(rest: httpx.Client) -> None:
     body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
     for content_type in ("application/json; charset=utf-8", "Application/JSON;charset=\"UTF-8\""):
         assert rest.post("/v1/completions", content=body, headers={"content-type": content_type}).status_code == 200
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry(cluster: Cluster) -> None:
+    """httpx (and so the openai client) keeps an idle connection for 5 s; a
+    server that closed it at the same moment would race the client's next
+    request on it. After 6 idle seconds the same connection still answers."""
+    host, port = httpx.URL(cluster.rest_url).host, httpx.URL(cluster.rest_url).port
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, port), timeout=WAIT_S) as connection:
+        for pause_s in (0, 6):
+            time.sleep(pause_s)
+            connection.sendall(request)
+            assert connection.recv(4096).startswith(b"HTTP/1.1 200")
 
 
 # --- a client that goes away ------------------------------------------------------
