@@ -109,11 +109,9 @@ def measure(batch: int, context: int, args: argparse.Namespace, copy_bytes_per_s
         bench="decode_attention", batch=batch, context=context, num_heads=num_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, block_size=block_size, kv_bytes=kv_bytes, rotated_copies=copies,
     )  # fmt: skip
-    kernel = cuda_ops.attention_kernel(dtype, head_dim, cuda_ops.choose_warps_m(1, num_heads // num_kv_heads), query.device, fp8)
-    record.update(
-        resident_blocks=kernel.resident_blocks,
-        num_splits=cuda_ops.choose_num_splits(batch * num_kv_heads, context, kernel.resident_blocks),
-    )
+    warps_m = cuda_ops.choose_warps_m(1, num_heads // num_kv_heads)
+    kernel, num_splits = cuda_ops.plan_attention(dtype, head_dim, warps_m, query.device, fp8, batch * num_kv_heads, context)
+    record.update(resident_blocks=kernel.resident_blocks, num_splits=num_splits)
     seconds = time_graph([lambda c=c: paged(c) for c in range(copies)], args.replays)
     record.update(
         pagewire_us=round(seconds * 1e6, 2),

@@ -40,6 +40,14 @@ PIPELINE_STAGES = {1: 2, 2: 2, 4: 2}
 # paid for itself.
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
+# More blocks than one wave: a short last wave leaves most multiprocessors
+# idle while it runs, so fewer blocks per multiprocessor (shared memory padded
+# at launch) are chosen where they fill the waves evenly: at least
+# MIN_FILL_GAIN more of the waves' slots. From EVEN_WAVES_FROM waves on, the
+# scheduler's backfill hides the last wave and the most blocks win. Both from
+# the occupancy sweep on an H200 (docs/PERFORMANCE.md).
+EVEN_WAVES_FROM = 4
+MIN_FILL_GAIN = 0.05
 
 
 def attention_kernel_name(dtype: torch.dtype, head_dim: int, warps_m: int, fp8_cache: bool = False) -> str:
@@ -87,12 +95,11 @@ def _check_fp8_cache(cache: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def attention_shared_bytes(head_dim: int, warps_m: int, fp8_cache: bool = False) -> int:
     """Dynamic shared memory of one attention block; mirrors AttentionShape in
-    paged_attention.cu: the ring of K+V stages of padded rows (E4M3 rows and
-    one widened 16-bit tile for an FP8 cache), reused by the epilogue."""
+    paged_attention.cu: the ring of K+V stages of padded rows (E4M3 rows for
+    an FP8 cache), reused by the epilogue."""
     warps_n = 4 // warps_m
-    widened_tile = 2 * KV_TILE * (head_dim + 8) * 2
-    staged_tile = 2 * KV_TILE * (head_dim + 16) if fp8_cache else widened_tile
-    pipeline = PIPELINE_STAGES[warps_m] * staged_tile + (widened_tile if fp8_cache else 0)
+    staged_tile = 2 * KV_TILE * ((head_dim + 16) if fp8_cache else (head_dim + 8) * 2)
+    pipeline = PIPELINE_STAGES[warps_m] * staged_tile
     epilogue = warps_n * 16 * warps_m * (head_dim + 2) * 4
     return max(pipeline, epilogue)
 
@@ -174,6 +181,22 @@ def choose_num_splits(busy_blocks: int, max_seq_len: int, resident_blocks: int) 
     return max(1, min(wanted, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
+def choose_blocks_per_multiprocessor(busy_blocks: int, multiprocessors: int, most: int) -> int:
+    """How many of busy_blocks thread blocks share a multiprocessor, at most
+    `most` (what registers and shared memory allow): the most, unless the
+    blocks take between one and EVEN_WAVES_FROM waves and fewer per
+    multiprocessor fill those waves' slots by MIN_FILL_GAIN more."""
+
+    def fill(per_multiprocessor: int) -> float:
+        waves = busy_blocks / (per_multiprocessor * multiprocessors)
+        return waves / math.ceil(waves)
+
+    if not most * multiprocessors < busy_blocks < EVEN_WAVES_FROM * most * multiprocessors:
+        return most
+    fewer = max(range(most - 1, 0, -1), key=fill, default=most)  # the first best: the most blocks
+    return fewer if fill(fewer) >= fill(most) + MIN_FILL_GAIN else most
+
+
 @dataclass(frozen=True)
 class AttentionKernel:
     """The attention kernel of one launch shape and how it fits the device."""
@@ -181,13 +204,41 @@ class AttentionKernel:
     kernel: Any
     shared_bytes: int
     resident_blocks: int  # blocks that run at once on the device
+    multiprocessors: int
+
+    @property
+    def blocks_per_multiprocessor(self) -> int:
+        return self.resident_blocks // self.multiprocessors
 
 
-def attention_kernel(dtype: torch.dtype, head_dim: int, warps_m: int, device: torch.device, fp8_cache: bool = False) -> AttentionKernel:
-    shared_bytes = attention_shared_bytes(head_dim, warps_m, fp8_cache)
-    kernel = loader.get_kernel(ATTENTION_SOURCE, attention_kernel_name(dtype, head_dim, warps_m, fp8_cache), shared_bytes)
+def attention_kernel(
+    dtype: torch.dtype, head_dim: int, warps_m: int, device: torch.device, fp8_cache: bool = False, blocks_per_multiprocessor: int = 0
+) -> AttentionKernel:
+    """The kernel and its launch's shared memory: what the pipeline needs,
+    or more where blocks_per_multiprocessor limits how many share one."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return AttentionKernel(kernel, shared_bytes, loader.resident_blocks(kernel, THREADS, shared_bytes, index))
+    shared_bytes = attention_shared_bytes(head_dim, warps_m, fp8_cache)
+    if blocks_per_multiprocessor:
+        shared_bytes = max(shared_bytes, loader.shared_bytes_limiting_residency(blocks_per_multiprocessor, index))
+    kernel = loader.get_kernel(ATTENTION_SOURCE, attention_kernel_name(dtype, head_dim, warps_m, fp8_cache), shared_bytes)
+    resident = loader.resident_blocks(kernel, THREADS, shared_bytes, index)
+    return AttentionKernel(kernel, shared_bytes, resident, loader.multiprocessor_count(index))
+
+
+def plan_attention(
+    dtype: torch.dtype, head_dim: int, warps_m: int, device: torch.device, fp8_cache: bool, busy_blocks: int, streamed_tokens: int
+) -> tuple[AttentionKernel, int]:
+    """The kernel (with its occupancy) and the number of context splits for
+    busy_blocks (query tile, KV head) pairs that stream at most
+    streamed_tokens of K/V each."""
+    natural = attention_kernel(dtype, head_dim, warps_m, device, fp8_cache)
+    num_splits = choose_num_splits(busy_blocks, streamed_tokens, natural.resident_blocks)
+    per_multiprocessor = choose_blocks_per_multiprocessor(
+        busy_blocks * num_splits, natural.multiprocessors, natural.blocks_per_multiprocessor
+    )
+    if per_multiprocessor == natural.blocks_per_multiprocessor:
+        return natural, num_splits
+    return attention_kernel(dtype, head_dim, warps_m, device, fp8_cache, per_multiprocessor), num_splits
 
 
 def paged_attention(
@@ -244,10 +295,9 @@ def paged_attention(
     tile_tokens = 16 * warps_m // group
     single_tile = max_query_len <= tile_tokens
     grid_tiles = num_seqs if single_tile else num_tokens // tile_tokens + num_seqs
-    attention = attention_kernel(query.dtype, head_dim, warps_m, query.device, fp8)
     # A block streams at most the window (plus its own query rows) of K/V.
     streamed = min(max_seq_len, sliding_window + tile_tokens) if sliding_window > 0 else max_seq_len
-    num_splits = choose_num_splits(grid_tiles * num_kv_heads, streamed, attention.resident_blocks)
+    attention, num_splits = plan_attention(query.dtype, head_dim, warps_m, query.device, fp8, grid_tiles * num_kv_heads, streamed)
     if num_splits > 1:
         partial_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
         partial_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
@@ -257,7 +307,7 @@ def paged_attention(
     loader.launch(
         attention.kernel,
         query.device,
-        (grid_tiles, num_kv_heads, num_splits),
+        (grid_tiles * num_kv_heads, num_splits),
         (THREADS,),
         (
             _pointer(out),

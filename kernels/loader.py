@@ -74,6 +74,13 @@ REGISTER_ALLOCATION_UNIT = 256
 RESERVED_SHARED_BYTES_PER_BLOCK = 1024
 
 
+def shared_bytes_limiting_residency(blocks_per_multiprocessor: int, device_index: int) -> int:
+    """Dynamic shared memory per block that lets at most this many blocks
+    share a multiprocessor."""
+    per_multiprocessor = _device_attributes(device_index)["MaxSharedMemoryPerMultiprocessor"]
+    return per_multiprocessor // blocks_per_multiprocessor - RESERVED_SHARED_BYTES_PER_BLOCK
+
+
 @functools.cache
 def resident_blocks(kernel: cupy.RawKernel, threads: int, shared_bytes: int, device_index: int) -> int:
     """How many blocks of `kernel` run at once on the whole device: the

@@ -17,17 +17,24 @@
 // the keys at p - sliding_window + 1 .. p, and a block starts its K/V stream at
 // the first key its first query row sees.
 //
-// Long contexts split across gridDim.z thread blocks (flash-decoding): each
+// Long contexts split across gridDim.y thread blocks (flash-decoding): each
 // sequence divides its own context (from where the window starts) into
-// gridDim.z pieces, and every block writes a normalised partial output plus
+// gridDim.y pieces, and every block writes a normalised partial output plus
 // its log-sum-exp, which combine_splits_kernel merges. With one split the
 // kernel writes the output.
 //
 // An FP8 cache (FP8_CACHE: E4M3 elements, kernels/reference.py) streams
-// through the same ring as bytes (half a 16-bit tile); the tile about to be
-// computed is widened to fp16 in shared memory, and the tensor-core loop runs
-// in fp16 (MathType): the keys' scale is folded into scale_log2 and the
-// values' into the output (v_scale). Needs sm_89+.
+// through the same ring as bytes (half a 16-bit tile) and is widened to fp16
+// in registers as the fragments are read, so it costs no extra pass over
+// shared memory; the tensor-core loop runs in fp16 (MathType): the keys'
+// scale is folded into scale_log2 and the values' into the output (v_scale).
+// Two orders make byte fragments cheap. Q.K^T sums over the head dimension in
+// any order, so each thread's k16 fragment takes four adjacent dimensions
+// (one 32-bit read of a key row) and its queries the same four. P.V reads V
+// with ldmatrix.trans over byte pairs, which hands a thread two tokens of
+// two adjacent dimensions; a byte permute splits them into the fragments of
+// two n8 tiles, so each accumulator tile holds every other dimension
+// (fp8_accumulator_dim). Needs sm_89+.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
 // tests, so it includes no headers.
@@ -87,6 +94,21 @@ __device__ __forceinline__ uint2 widen_e4m3x4(u32 word) {
 #endif
 }
 
+// Bytes of two words picked by a byte-permute selector (prmt.b32).
+__device__ __forceinline__ u32 permute_bytes(u32 low, u32 high, u32 selector) {
+    u32 result;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(result) : "r"(low), "r"(high), "r"(selector));
+    return result;
+}
+
+// The head dimension of element `e` (0, 1) of accumulator tile `d` in the
+// P.V loop over an FP8 cache: tiles come in fours per 32 dimensions, the
+// even dimensions of the first 16 (tile 0), the odd ones (tile 1), then the
+// same for the next 16 (tiles 2, 3); column c of a tile is pair c.
+__device__ __forceinline__ int fp8_accumulator_dim(int d, int t, int e) {
+    return (d >> 2) * 32 + ((d >> 1) & 1) * 16 + 4 * t + 2 * e + (d & 1);
+}
+
 // The tensor cores' input type: an FP8 cache widens to fp16 in one
 // instruction a pair (to bf16 it would take four), so with one the queries,
 // keys, probabilities and values all go through fp16 MMAs.
@@ -111,6 +133,14 @@ __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.com
 template <int PENDING>
 __device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(PENDING)); }
 
+// Four 8 x 8 matrices of 16-bit elements, rows addressed by lanes 0-7, 8-15,
+// 16-23, 24-31: thread (g, t) receives row g, elements 2t and 2t + 1 of each.
+__device__ __forceinline__ void load_matrix_x4(u32 (&fragment)[4], const void* row_address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
+                 : "r"(shared_address(row_address)));
+}
+
 // B fragments of two adjacent n8 tiles for P.V, read from V stored [token][dim].
 __device__ __forceinline__ void load_matrix_x4_transposed(u32 (&fragment)[4], const void* row_address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -127,15 +157,12 @@ struct AttentionShape {
     static constexpr int ROWS = 16 * WARPS_M;              // packed (token, head) rows per block
     static constexpr int WARP_TOKENS = KV_TILE / WARPS_N;  // K/V tokens each warp takes per tile
     static constexpr int ROW_STRIDE = HEAD_DIM + 8;        // padded: conflict-free fragment loads
-    static constexpr int TILE_ELEMS = 2 * KV_TILE * ROW_STRIDE;  // K then V, 16-bit
-    // A staged tile holds the cache's bytes as they are: the 16-bit tile
-    // itself, or E4M3 rows (padded by 16 bytes) that are widened into one
-    // 16-bit tile before the math.
+    // A staged tile holds the cache's bytes as they are: 16-bit rows, or
+    // E4M3 rows padded by 16 bytes (conflict-free 32-bit and ldmatrix reads).
     static constexpr int ELEMENT_BYTES = FP8_CACHE ? 1 : 2;
     static constexpr int STAGED_ROW_BYTES = FP8_CACHE ? HEAD_DIM + 16 : ROW_STRIDE * 2;
     static constexpr int STAGE_BYTES = 2 * KV_TILE * STAGED_ROW_BYTES;
-    static constexpr int WIDENED_BYTES = FP8_CACHE ? TILE_ELEMS * 2 : 0;
-    static constexpr int PIPELINE_BYTES = STAGES * STAGE_BYTES + WIDENED_BYTES;
+    static constexpr int PIPELINE_BYTES = STAGES * STAGE_BYTES;
     static constexpr int EPILOGUE_BYTES = WARPS_N * ROWS * (HEAD_DIM + 2) * 4;
     static constexpr int SHARED_BYTES = PIPELINE_BYTES > EPILOGUE_BYTES ? PIPELINE_BYTES : EPILOGUE_BYTES;
     // Each thread copies LOAD_CHUNKS 16-byte chunks of K (and as many of V)
@@ -151,9 +178,9 @@ struct AttentionShape {
 // one tile (decode steps), so block x is sequence x.
 template <typename T, int HEAD_DIM, int WARPS_M, int STAGES, bool FP8_CACHE>
 __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
-    u16* __restrict__ out,              // [num_tokens, num_heads, HEAD_DIM], written when gridDim.z == 1
-    float* __restrict__ partial_out,    // [gridDim.z, num_tokens, num_heads, HEAD_DIM]
-    float* __restrict__ partial_lse,    // [gridDim.z, num_tokens, num_heads], log2 domain
+    u16* __restrict__ out,              // [num_tokens, num_heads, HEAD_DIM], written when gridDim.y == 1
+    float* __restrict__ partial_out,    // [gridDim.y, num_tokens, num_heads, HEAD_DIM]
+    float* __restrict__ partial_lse,    // [gridDim.y, num_tokens, num_heads], log2 domain
     const u16* __restrict__ query, long long query_token_stride, long long query_head_stride,
     const void* __restrict__ key_cache, const void* __restrict__ value_cache,  // u16, or E4M3 bytes with FP8_CACHE
     const int* __restrict__ block_tables, int block_table_stride,
@@ -171,6 +198,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     constexpr int S_TILES = WARP_TOKENS / 8;   // n8 tiles of scores per warp
     constexpr int PV_STEPS = WARP_TOKENS / 16;
     constexpr int QK_STEPS = HEAD_DIM / 16;
+    constexpr int KEY_STEPS = FP8_CACHE ? 4 : 2;  // k16 steps of key fragments per ldmatrix.x4
     constexpr int D_TILES = HEAD_DIM / 8;
     constexpr int LOAD_CHUNKS = Shape::LOAD_CHUNKS;
     static_assert(STAGES >= 2, "the ring needs a stage in flight beside the one computed");
@@ -180,26 +208,31 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
 
     const int num_heads = num_kv_heads * group;
     const int tile_tokens = ROWS / group;  // query tokens per block
-    const int kv_head = blockIdx.y;
-    const int split = blockIdx.z;
-    const int num_splits = gridDim.z;
+    // KV heads vary fastest along x: the blocks of one tile's heads run
+    // side by side and together read whole cache slots (every head of a
+    // token is adjacent), not one head's slice of each.
+    const int kv_head = blockIdx.x % num_kv_heads;
+    const int tile_index = blockIdx.x / num_kv_heads;
+    const int split = blockIdx.y;
+    const int num_splits = gridDim.y;
 
-    // Otherwise block x covers tile (x - first_tile(s)) of the sequence s
-    // whose first_tile(s) = query_start_loc[s] / tile_tokens + s is the last
-    // <= x; this bounds the grid by num_tokens / tile_tokens + num_seqs.
-    int seq = blockIdx.x;
+    // Otherwise tile_index covers tile (tile_index - first_tile(s)) of the
+    // sequence s whose first_tile(s) = query_start_loc[s] / tile_tokens + s
+    // is the last <= tile_index; this bounds the tiles by
+    // num_tokens / tile_tokens + num_seqs.
+    int seq = tile_index;
     if (!single_tile) {
         int lo = 0, hi = num_seqs - 1;
         while (lo < hi) {
             const int mid = (lo + hi + 1) >> 1;
-            if (query_start_loc[mid] / tile_tokens + mid <= (int)blockIdx.x) lo = mid; else hi = mid - 1;
+            if (query_start_loc[mid] / tile_tokens + mid <= tile_index) lo = mid; else hi = mid - 1;
         }
         seq = lo;
     }
     const int query_start = query_start_loc[seq];
     const int query_len = query_start_loc[seq + 1] - query_start;
     const int context_len = seq_lens[seq];
-    const int first_token = single_tile ? 0 : ((int)blockIdx.x - (query_start / tile_tokens + seq)) * tile_tokens;
+    const int first_token = single_tile ? 0 : (tile_index - (query_start / tile_tokens + seq)) * tile_tokens;
     if (first_token >= query_len) return;
     const int tokens_here = min(tile_tokens, query_len - first_token);
     const int first_position = context_len - query_len + first_token;
@@ -279,8 +312,11 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
                            (long long)(kv_head * group + row % group) * query_head_stride;
 #pragma unroll
         for (int step = 0; step < QK_STEPS; ++step) {
-            const u32 low = valid ? *reinterpret_cast<const u32*>(q_row + step * 16 + 2 * t) : 0u;
-            const u32 high = valid ? *reinterpret_cast<const u32*>(q_row + step * 16 + 8 + 2 * t) : 0u;
+            // An FP8 cache's key fragments hold dimensions 4t..4t+3 (see the top).
+            const int low_dim = step * 16 + (FP8_CACHE ? 4 * t : 2 * t);
+            const int high_dim = step * 16 + (FP8_CACHE ? 4 * t + 2 : 8 + 2 * t);
+            const u32 low = valid ? *reinterpret_cast<const u32*>(q_row + low_dim) : 0u;
+            const u32 high = valid ? *reinterpret_cast<const u32*>(q_row + high_dim) : 0u;
             q_fragment[step][half] = FP8_CACHE ? T::to_f16x2(low) : low;
             q_fragment[step][half + 2] = FP8_CACHE ? T::to_f16x2(high) : high;
         }
@@ -292,7 +328,6 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     float row_max[2] = {PW_NEG_INF, PW_NEG_INF};
     float row_sum[2] = {0.f, 0.f};
 
-    u16* const widened = reinterpret_cast<u16*>(shared + STAGES * Shape::STAGE_BYTES);  // FP8_CACHE only
     for (int tile = 0; tile < num_tiles; ++tile) {
         const int tile_start = kv_begin + tile * KV_TILE;
         copy_async_wait<STAGES - 2>();  // this thread's copies of `tile` have landed
@@ -304,40 +339,31 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         }
         copy_async_commit();
 
-        const unsigned char* stage = shared + (tile % STAGES) * Shape::STAGE_BYTES;
-        const u16* tile_keys;
-        if constexpr (FP8_CACHE) {
-            // Widen the staged E4M3 rows into the 16-bit tile, 16 elements a chunk.
-            constexpr int CHUNKS = 2 * KV_TILE * Shape::CHUNKS_PER_ROW;
-            for (int chunk = threadIdx.x; chunk < CHUNKS; chunk += THREADS) {
-                const int row = chunk / Shape::CHUNKS_PER_ROW, part = chunk % Shape::CHUNKS_PER_ROW;
-                const uint4 bytes = *reinterpret_cast<const uint4*>(stage + row * Shape::STAGED_ROW_BYTES + part * 16);
-                const uint2 a = widen_e4m3x4(bytes.x), b = widen_e4m3x4(bytes.y);
-                const uint2 c = widen_e4m3x4(bytes.z), d = widen_e4m3x4(bytes.w);
-                uint4* target = reinterpret_cast<uint4*>(widened + row * ROW_STRIDE + part * 16);
-                target[0] = make_uint4(a.x, a.y, b.x, b.y);
-                target[1] = make_uint4(c.x, c.y, d.x, d.y);
-            }
-            __syncthreads();
-            tile_keys = widened;
-        } else {
-            tile_keys = reinterpret_cast<const u16*>(stage);
-        }
-
-        const u16* keys = tile_keys + warp_n * WARP_TOKENS * ROW_STRIDE;
-        const u16* values = keys + KV_TILE * ROW_STRIDE;
+        // This warp's rows of the staged K and V tiles.
+        const unsigned char* keys = shared + (tile % STAGES) * Shape::STAGE_BYTES + warp_n * WARP_TOKENS * Shape::STAGED_ROW_BYTES;
+        const unsigned char* values = keys + KV_TILE * Shape::STAGED_ROW_BYTES;
         const int warp_start = tile_start + warp_n * WARP_TOKENS;
 
         float score[S_TILES][4];
 #pragma unroll
         for (int n = 0; n < S_TILES; ++n) score[n][0] = score[n][1] = score[n][2] = score[n][3] = 0.f;
+        // One ldmatrix hands each thread the key fragments of several k16
+        // steps: KEY_STEPS 16-byte column groups of the same eight key rows.
 #pragma unroll
-        for (int step = 0; step < QK_STEPS; ++step) {
+        for (int step = 0; step < QK_STEPS; step += KEY_STEPS) {
 #pragma unroll
             for (int n = 0; n < S_TILES; ++n) {
-                const u16* key_row = keys + (n * 8 + g) * ROW_STRIDE + step * 16 + 2 * t;
-                M::mma(score[n], q_fragment[step], *reinterpret_cast<const u32*>(key_row),
-                       *reinterpret_cast<const u32*>(key_row + 8));
+                u32 words[4];
+                load_matrix_x4(words, keys + (n * 8 + (lane & 7)) * Shape::STAGED_ROW_BYTES + (step * 16 * Shape::ELEMENT_BYTES + (lane >> 3) * 16));
+#pragma unroll
+                for (int k = 0; k < KEY_STEPS; ++k) {
+                    if constexpr (FP8_CACHE) {
+                        const uint2 key = widen_e4m3x4(words[k]);
+                        M::mma(score[n], q_fragment[step + k], key.x, key.y);
+                    } else {
+                        M::mma(score[n], q_fragment[step + k], words[2 * k], words[2 * k + 1]);
+                    }
+                }
             }
         }
 
@@ -387,12 +413,30 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
             const u32 p_fragment[4] = {
                 M::pack(score[2 * step][0], score[2 * step][1]), M::pack(score[2 * step][2], score[2 * step][3]),
                 M::pack(score[2 * step + 1][0], score[2 * step + 1][1]), M::pack(score[2 * step + 1][2], score[2 * step + 1][3])};
+            if constexpr (FP8_CACHE) {
+                // Lanes 0-15 address tokens 0-15 of bytes 0-15 of a 32-dimension
+                // group, lanes 16-31 bytes 16-31; each word holds tokens 2t, 2t+1
+                // of dimensions 2g, 2g+1, split into even and odd below.
 #pragma unroll
-            for (int d = 0; d < D_TILES; d += 2) {
-                u32 v_fragment[4];
-                load_matrix_x4_transposed(v_fragment, values + (step * 16 + (lane & 15)) * ROW_STRIDE + (d + (lane >> 4)) * 8);
-                M::mma(acc[d], p_fragment, v_fragment[0], v_fragment[1]);
-                M::mma(acc[d + 1], p_fragment, v_fragment[2], v_fragment[3]);
+                for (int d = 0; d < D_TILES; d += 4) {
+                    u32 pairs[4];
+                    load_matrix_x4_transposed(pairs, values + (step * 16 + (lane & 15)) * Shape::STAGED_ROW_BYTES + d * 8 + (lane >> 4) * 16);
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const uint2 even = widen_e4m3x4(permute_bytes(pairs[2 * half], pairs[2 * half + 1], 0x6420));
+                        const uint2 odd = widen_e4m3x4(permute_bytes(pairs[2 * half], pairs[2 * half + 1], 0x7531));
+                        M::mma(acc[d + 2 * half], p_fragment, even.x, even.y);
+                        M::mma(acc[d + 2 * half + 1], p_fragment, odd.x, odd.y);
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int d = 0; d < D_TILES; d += 2) {
+                    u32 v_fragment[4];
+                    load_matrix_x4_transposed(v_fragment, values + ((step * 16 + (lane & 15)) * ROW_STRIDE + (d + (lane >> 4)) * 8) * 2);
+                    M::mma(acc[d], p_fragment, v_fragment[0], v_fragment[1]);
+                    M::mma(acc[d + 1], p_fragment, v_fragment[2], v_fragment[3]);
+                }
             }
         }
     }
@@ -415,7 +459,12 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         float* out_row = merge_out + (warp_n * ROWS + row) * HEAD_DIM;
 #pragma unroll
         for (int d = 0; d < D_TILES; ++d) {
-            *reinterpret_cast<float2*>(out_row + d * 8 + 2 * t) = make_float2(acc[d][2 * half], acc[d][2 * half + 1]);
+            if constexpr (FP8_CACHE) {
+                out_row[fp8_accumulator_dim(d, t, 0)] = acc[d][2 * half];
+                out_row[fp8_accumulator_dim(d, t, 1)] = acc[d][2 * half + 1];
+            } else {
+                *reinterpret_cast<float2*>(out_row + d * 8 + 2 * t) = make_float2(acc[d][2 * half], acc[d][2 * half + 1]);
+            }
         }
         if (t == 0) {
             merge_max[warp_n * ROWS + row] = row_max[half];

@@ -149,6 +149,19 @@ def test_decode_kernels_fit_the_device_as_measured() -> None:
         assert kernel.resident_blocks <= multiprocessors * by_shared
 
 
+@pytest.mark.parametrize("blocks_per_multiprocessor", [1, 2])
+def test_fewer_blocks_per_multiprocessor_give_the_same_answer(blocks_per_multiprocessor: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The occupancy is a tuning choice made by padding the launch's shared
+    memory: it limits the resident blocks and leaves the output alone."""
+    device = torch.device("cuda")
+    kernel = cuda_ops.attention_kernel(torch.bfloat16, 128, 1, device, blocks_per_multiprocessor=blocks_per_multiprocessor)
+    assert kernel.blocks_per_multiprocessor == blocks_per_multiprocessor
+    monkeypatch.setattr(cuda_ops, "choose_blocks_per_multiprocessor", lambda *args: blocks_per_multiprocessor)
+    batch = make_batch([1] * 40, [37 * seq + 5 for seq in range(40)], 32, 8, 128, torch.bfloat16)
+    scale = 0.1
+    assert_attention_close(cuda_ops.paged_attention(*batch.attention_args(), scale), reference_attention(batch, scale))
+
+
 def test_paged_attention_accepts_a_strided_query_view() -> None:
     """The engine hands in q as a view of the fused qkv projection."""
     batch = make_batch([3, 1], [40, 77], 32, 8, 64, torch.bfloat16)

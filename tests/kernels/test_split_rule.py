@@ -1,7 +1,7 @@
 """The context-split rule, the pipeline sizes and the block-size check of the GPU attention
 (kernels/cuda_ops.py), which are plain arithmetic and run on the CPU, at an
-H200's figures for head_dim 128 decodes: 264 resident blocks (two per
-multiprocessor)."""
+H200's figures: 132 multiprocessors, and for head_dim 128 decodes 396
+resident blocks (three per multiprocessor)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from pagewire.kernels.cuda_ops import (
     MIN_SPLIT_TOKENS,
     PIPELINE_STAGES,
     attention_shared_bytes,
+    choose_blocks_per_multiprocessor,
     choose_num_splits,
     paged_attention,
 )
 
-RESIDENT = 264
+MULTIPROCESSORS = 132
+RESIDENT = 3 * MULTIPROCESSORS
 
 
 @pytest.mark.parametrize("busy", [1, 8, 32, 128])
@@ -46,6 +48,28 @@ def test_the_counts_the_h200_sweep_found_fastest() -> None:
     assert choose_num_splits(1 * 8, 4096, RESIDENT) == 16
 
 
+@pytest.mark.parametrize("busy", [1, RESIDENT, 4 * RESIDENT, 2048 * 8])
+def test_one_wave_or_many_keep_the_most_blocks_per_multiprocessor(busy: int) -> None:
+    assert choose_blocks_per_multiprocessor(busy, MULTIPROCESSORS, 3) == 3
+
+
+def test_a_short_second_wave_is_evened_out_with_fewer_blocks_per_multiprocessor() -> None:
+    """64 sequences x 8 KV heads take 1.29 waves at three blocks per
+    multiprocessor and 1.94 at two (docs/PERFORMANCE.md, occupancy sweep)."""
+    assert choose_blocks_per_multiprocessor(64 * 8, MULTIPROCESSORS, 3) == 2
+
+
+@pytest.mark.parametrize(("busy", "most", "chosen"), [(256 * 3, 5, 3), (256 * 8, 5, 4), (256 * 8, 3, 3)])
+def test_the_most_blocks_that_fill_the_waves_evenly(busy: int, most: int, chosen: int) -> None:
+    """Ties go to more blocks per multiprocessor; four waves or more keep the most."""
+    assert choose_blocks_per_multiprocessor(busy, MULTIPROCESSORS, most) == chosen
+
+
+def test_a_fuller_last_wave_keeps_the_most_blocks() -> None:
+    """1.9 waves at three blocks a multiprocessor: fewer cannot fill them much better."""
+    assert choose_blocks_per_multiprocessor(int(RESIDENT * 1.9), MULTIPROCESSORS, 3) == 3
+
+
 HOPPER_SHARED_PER_BLOCK = 227 * 1024
 HOPPER_SHARED_PER_MULTIPROCESSOR = 228 * 1024
 
@@ -63,12 +87,15 @@ def test_every_pipeline_fits_a_multiprocessor_twice(warps_m: int, head_dim: int,
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_an_fp8_stage_takes_half_the_bytes_and_one_widened_tile_beside_the_ring(head_dim: int) -> None:
+def test_an_fp8_ring_holds_byte_rows_and_nothing_beside_them(head_dim: int) -> None:
+    """The E4M3 rows are widened in registers, so the ring is all there is:
+    K+V rows of head_dim bytes plus 16 of padding per stage, about half
+    the 16-bit ring."""
     stages = PIPELINE_STAGES[1]
     bf16, fp8 = attention_shared_bytes(head_dim, 1), attention_shared_bytes(head_dim, 1, fp8_cache=True)
-    widened_tile = bf16 // stages
-    assert fp8 - widened_tile == stages * 2 * KV_TILE * (head_dim + 16)
-    assert fp8 - widened_tile < bf16 * 0.6
+    assert bf16 == stages * 2 * KV_TILE * (head_dim + 8) * 2
+    assert fp8 == stages * 2 * KV_TILE * (head_dim + 16)
+    assert fp8 < bf16 * 0.6
 
 
 def test_a_cache_whose_block_size_is_not_a_power_of_two_is_refused_before_any_launch() -> None:
