@@ -34,9 +34,7 @@ def source_code(source: str) -> str:
 
 
 @functools.cache
-def get_kernel(source: str, name: str, max_dynamic_shared_bytes: int = 0) -> cupy.RawKernel:
-    """The kernel `name` (a template instantiation such as
-    "combine_splits_kernel<Bf16, 128>" or an extern "C" name) from kernels/<source>."""
+def _compiled_kernel(source: str, name: str) -> cupy.RawKernel:
     import cupy
 
     module = cupy.RawModule(
@@ -44,9 +42,24 @@ def get_kernel(source: str, name: str, max_dynamic_shared_bytes: int = 0) -> cup
         options=COMPILE_OPTIONS,
         name_expressions=[name] if "<" in name else None,
     )
-    kernel = module.get_function(name)
-    if max_dynamic_shared_bytes > 48 * 1024:  # beyond the default limit only on request
+    return module.get_function(name)
+
+
+# Dynamic shared memory a kernel may take per block beyond the default 48 KiB,
+# by (source, name). Every launch shape of a kernel shares one function, so
+# its limit only ever rises to the largest any launch asks for.
+_shared_limits: dict[tuple[str, str], int] = {}
+
+
+def get_kernel(source: str, name: str, max_dynamic_shared_bytes: int = 0) -> cupy.RawKernel:
+    """The kernel `name` (a template instantiation such as
+    "combine_splits_kernel<Bf16, 128>" or an extern "C" name) from
+    kernels/<source>, allowed at least max_dynamic_shared_bytes of dynamic
+    shared memory per block."""
+    kernel = _compiled_kernel(source, name)
+    if max_dynamic_shared_bytes > _shared_limits.get((source, name), 48 * 1024):
         kernel.max_dynamic_shared_size_bytes = max_dynamic_shared_bytes
+        _shared_limits[(source, name)] = max_dynamic_shared_bytes
     return kernel
 
 

@@ -149,17 +149,21 @@ def test_decode_kernels_fit_the_device_as_measured() -> None:
         assert kernel.resident_blocks <= multiprocessors * by_shared
 
 
-@pytest.mark.parametrize("blocks_per_multiprocessor", [1, 2])
-def test_fewer_blocks_per_multiprocessor_give_the_same_answer(blocks_per_multiprocessor: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fewer_blocks_per_multiprocessor_give_the_same_answer(head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The occupancy is a tuning choice made by padding the launch's shared
-    memory: it limits the resident blocks and leaves the output alone."""
+    memory: it limits the resident blocks and leaves the output alone, in
+    any order of launches (the kernel's shared memory limit only rises: a
+    launch asking for less must not lower it under one asking for more)."""
     device = torch.device("cuda")
-    kernel = cuda_ops.attention_kernel(torch.bfloat16, 128, 1, device, blocks_per_multiprocessor=blocks_per_multiprocessor)
-    assert kernel.blocks_per_multiprocessor == blocks_per_multiprocessor
-    monkeypatch.setattr(cuda_ops, "choose_blocks_per_multiprocessor", lambda *args: blocks_per_multiprocessor)
-    batch = make_batch([1] * 40, [37 * seq + 5 for seq in range(40)], 32, 8, 128, torch.bfloat16)
+    batch = make_batch([1] * 40, [37 * seq + 5 for seq in range(40)], 32, 8, head_dim, torch.bfloat16)
     scale = 0.1
-    assert_attention_close(cuda_ops.paged_attention(*batch.attention_args(), scale), reference_attention(batch, scale))
+    expected = reference_attention(batch, scale)
+    for blocks_per_multiprocessor in (1, 2, 1):
+        kernel = cuda_ops.attention_kernel(torch.bfloat16, head_dim, 1, device, blocks_per_multiprocessor=blocks_per_multiprocessor)
+        assert kernel.blocks_per_multiprocessor == blocks_per_multiprocessor
+        monkeypatch.setattr(cuda_ops, "choose_blocks_per_multiprocessor", lambda *args, chosen=blocks_per_multiprocessor: chosen)
+        assert_attention_close(cuda_ops.paged_attention(*batch.attention_args(), scale), expected)
 
 
 def test_paged_attention_accepts_a_strided_query_view() -> None:
