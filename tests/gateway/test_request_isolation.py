@@ -8,8 +8,8 @@ token ids hold on both doors."""
 from __future__ import annotations
 
 import json
+import http.client
 import multiprocessing
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -256,13 +256,20 @@ def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry(cluster: 
     """httpx (and so the openai client) keeps an idle connection for 5 s; a
     server that closed it at the same moment would race the client's next
     request on it. After 6 idle seconds the same connection still answers."""
-    host, port = httpx.URL(cluster.rest_url).host, httpx.URL(cluster.rest_url).port
-    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    with socket.create_connection((host, port), timeout=WAIT_S) as connection:
+    url = httpx.URL(cluster.rest_url)
+    connection = http.client.HTTPConnection(url.host, url.port, timeout=WAIT_S)
+    try:
         for pause_s in (0, 6):
             time.sleep(pause_s)
-            connection.sendall(request)
-            assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            assert response.status == 200 and not response.will_close, (pause_s, response.status, response.getheaders())
+            response.read()
+            if pause_s == 0:
+                opened = connection.sock
+        assert connection.sock is opened  # the same TCP connection both times
+    finally:
+        connection.close()
 
 
 # --- a client that goes away ------------------------------------------------------
