@@ -30,7 +30,8 @@
 // scale is folded into scale_log2 and the values' into the output (v_scale).
 // Two orders make byte fragments cheap. Q.K^T sums over the head dimension in
 // any order, so each thread's k16 fragment takes four adjacent dimensions
-// (one 32-bit read of a key row) and its queries the same four. P.V reads V
+// (the 32-bit word ldmatrix hands it from a key row) and its queries the
+// same four. P.V reads V
 // with ldmatrix.trans over byte pairs, which hands a thread two tokens of
 // two adjacent dimensions; a byte permute splits them into the fragments of
 // two n8 tiles, so each accumulator tile holds every other dimension
