@@ -31,11 +31,10 @@
 // Two orders make byte fragments cheap. Q.K^T sums over the head dimension in
 // any order, so each thread's k16 fragment takes four adjacent dimensions
 // (the 32-bit word ldmatrix hands it from a key row) and its queries the
-// same four. P.V reads V
-// with ldmatrix.trans over byte pairs, which hands a thread two tokens of
-// two adjacent dimensions; a byte permute splits them into the fragments of
-// two n8 tiles, so each accumulator tile holds every other dimension
-// (fp8_accumulator_dim). Needs sm_89+.
+// same four. P.V reads V with ldmatrix.trans over byte pairs, which hands a
+// thread two tokens of two adjacent dimensions; a byte permute splits them
+// into the fragments of two n8 tiles, so each accumulator tile holds every
+// other dimension (fp8_accumulator_dim). Needs sm_89+.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
 // tests, so it includes no headers.
@@ -176,7 +175,7 @@ struct AttentionShape {
 // STAGES K/V tiles in flight (cp.async ring); the block-table entries a tile
 // needs are read one tile before its copies are issued, so a page walk never
 // waits on its own lookup. single_tile: every sequence's query rows fit in
-// one tile (decode steps), so block x is sequence x.
+// one tile (decode steps), so tile_index is the sequence.
 template <typename T, int HEAD_DIM, int WARPS_M, int STAGES, bool FP8_CACHE>
 __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     u16* __restrict__ out,              // [num_tokens, num_heads, HEAD_DIM], written when gridDim.y == 1
