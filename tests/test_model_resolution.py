@@ -64,3 +64,14 @@ def test_a_cache_that_cannot_be_written_only_costs_the_conversion(tmp_path: Path
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
     tokenizer = load_hf_tokenizer(resolve_model(None))
     assert tokenizer.eos_token_id is not None
+
+
+def test_a_damaged_cached_tokenizer_is_converted_again_and_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    source = resolve_model(None)
+    cached = tokenizer_cache_directory(source)
+    cached.mkdir(parents=True)
+    (cached / "tokenizer.json").write_text("{not json")
+    tokenizer = load_hf_tokenizer(source)
+    assert tokenizer("Hello world")["input_ids"]
+    assert _behaviour(load_hf_tokenizer(source)) == _behaviour(tokenizer)  # the replaced files load

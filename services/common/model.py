@@ -88,7 +88,11 @@ def load_hf_tokenizer(source: ModelSource) -> Any:
         return AutoTokenizer.from_pretrained(str(source.directory))
     cached = tokenizer_cache_directory(source)
     if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except Exception as exc:  # files damaged outside pagewire: convert again and replace them
+            log.warning("the cached tokenizer does not load; converting the GGUF file again", directory=str(cached), reason=str(exc))
+            shutil.rmtree(cached, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(source.directory), **source.pretrained_kwargs())
     _store_converted_tokenizer(tokenizer, cached)
     return tokenizer
