@@ -28,16 +28,23 @@ KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16"}
 WARPS_M_CHOICES = (1, 2, 4)  # query row groups of 16 per thread block (4 warps in all)
 THREADS = 128
 KV_TILE = 64
-# K/V tiles in the cp.async ring of a thread block, by its warp layout
-# (WARPS_M). Two for every layout as measured on an H200 (docs/PERFORMANCE.md):
-# a third or fourth stage costs the shared memory of a resident block and
-# gained nothing for decodes or prefill chunks.
-PIPELINE_STAGES = {1: 2, 2: 2, 4: 2}
-# A context is split across thread blocks (never into pieces shorter than
-# MIN_SPLIT_TOKENS) only while the blocks still fit in one wave of resident
-# blocks: measured on an H200 (docs/PERFORMANCE.md, split sweep), a second
-# wave of shorter blocks, with their fixed costs and the combine pass, never
-# paid for itself.
+# K/V tiles in the cp.async ring of a thread block: two, and three for decodes
+# (WARPS_M 1) whose K/V rows are at most NARROW_ROW_BYTES (an FP8 cache, or
+# head_dim 64). Measured on an H200 (docs/PERFORMANCE.md): the third stage
+# paid for narrow-row decodes (FP8 64 x 4096: 168.6 -> 161.3 us; head_dim 64
+# at 256 x 512: 36.0 -> 34.6 and 80.3 -> 78.7 us) and for nothing else, where
+# it costs a 16-bit ring of head_dim 128 a resident block.
+PIPELINE_STAGES = 2
+NARROW_ROW_DECODE_STAGES = 3
+NARROW_ROW_BYTES = 128
+# A context is split across thread blocks (flash-decoding) to fill one wave
+# of resident blocks, in pieces of at least MIN_SPLIT_TOKENS; and where the
+# (sequence, KV head) pairs are fewer than the multiprocessors, further, to
+# one block per multiprocessor in pieces down to one K/V tile. Both measured
+# on an H200 (docs/PERFORMANCE.md, split sweeps): a second wave of shorter
+# blocks, with their fixed costs and the combine pass, never paid for itself;
+# at batch 1 x 512, eight pieces of 64 tokens took 8.7 us where two of 256
+# took 10.2.
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
 # More blocks than one wave: a short last wave leaves most multiprocessors
@@ -50,8 +57,14 @@ EVEN_WAVES_FROM = 4
 MIN_FILL_GAIN = 0.05
 
 
+def pipeline_stages(head_dim: int, warps_m: int, fp8_cache: bool = False) -> int:
+    """K/V tiles in flight in one block's cp.async ring."""
+    row_bytes = head_dim * (1 if fp8_cache else 2)
+    return NARROW_ROW_DECODE_STAGES if warps_m == 1 and row_bytes <= NARROW_ROW_BYTES else PIPELINE_STAGES
+
+
 def attention_kernel_name(dtype: torch.dtype, head_dim: int, warps_m: int, fp8_cache: bool = False) -> str:
-    stages = PIPELINE_STAGES[warps_m]
+    stages = pipeline_stages(head_dim, warps_m, fp8_cache)
     return f"paged_attention_kernel<{KERNEL_TYPES[dtype]}, {head_dim}, {warps_m}, {stages}, {'true' if fp8_cache else 'false'}>"
 
 
@@ -99,7 +112,7 @@ def attention_shared_bytes(head_dim: int, warps_m: int, fp8_cache: bool = False)
     an FP8 cache), reused by the epilogue."""
     warps_n = 4 // warps_m
     staged_tile = 2 * KV_TILE * ((head_dim + 16) if fp8_cache else (head_dim + 8) * 2)
-    pipeline = PIPELINE_STAGES[warps_m] * staged_tile
+    pipeline = pipeline_stages(head_dim, warps_m, fp8_cache) * staged_tile
     epilogue = warps_n * 16 * warps_m * (head_dim + 2) * 4
     return max(pipeline, epilogue)
 
@@ -171,14 +184,18 @@ def choose_warps_m(max_query_len: int, group: int) -> int:
     return next((warps_m for warps_m in WARPS_M_CHOICES if rows <= 16 * warps_m), WARPS_M_CHOICES[-1])
 
 
-def choose_num_splits(busy_blocks: int, max_seq_len: int, resident_blocks: int) -> int:
+def choose_num_splits(busy_blocks: int, max_seq_len: int, resident_blocks: int, multiprocessors: int) -> int:
     """How many thread blocks share one sequence's context (flash-decoding),
     given busy_blocks (sequence, KV head) pairs and the blocks that run at
-    once on the device: as many as fill one wave. max_seq_len is a bound
-    (a CUDA graph is captured for the longest context), so no count depends
-    on it beyond the shortest piece."""
-    wanted = resident_blocks // max(1, busy_blocks)
-    return max(1, min(wanted, max_seq_len // MIN_SPLIT_TOKENS, MAX_SPLITS))
+    once on the device: as many as fill one wave, or as many as give each
+    multiprocessor a block where that is more. max_seq_len is a bound (a CUDA
+    graph is captured for the longest context; the kernel never cuts a piece
+    shorter than a K/V tile), so no count depends on it beyond the shortest
+    piece."""
+    busy = max(1, busy_blocks)
+    filling_the_wave = min(resident_blocks // busy, max_seq_len // MIN_SPLIT_TOKENS)
+    one_per_multiprocessor = min(multiprocessors // busy, max_seq_len // KV_TILE)
+    return max(1, min(max(filling_the_wave, one_per_multiprocessor), MAX_SPLITS))
 
 
 def choose_blocks_per_multiprocessor(busy_blocks: int, multiprocessors: int, most: int) -> int:
@@ -232,7 +249,7 @@ def plan_attention(
     busy_blocks (query tile, KV head) pairs that stream at most
     streamed_tokens of K/V each."""
     natural = attention_kernel(dtype, head_dim, warps_m, device, fp8_cache)
-    num_splits = choose_num_splits(busy_blocks, streamed_tokens, natural.resident_blocks)
+    num_splits = choose_num_splits(busy_blocks, streamed_tokens, natural.resident_blocks, natural.multiprocessors)
     per_multiprocessor = choose_blocks_per_multiprocessor(
         busy_blocks * num_splits, natural.multiprocessors, natural.blocks_per_multiprocessor
     )

@@ -12,11 +12,13 @@ from pagewire.kernels.cuda_ops import (
     KV_TILE,
     MAX_SPLITS,
     MIN_SPLIT_TOKENS,
+    NARROW_ROW_DECODE_STAGES,
     PIPELINE_STAGES,
     attention_shared_bytes,
     choose_blocks_per_multiprocessor,
     choose_num_splits,
     paged_attention,
+    pipeline_stages,
 )
 
 MULTIPROCESSORS = 132
@@ -25,27 +27,44 @@ RESIDENT = 3 * MULTIPROCESSORS
 
 @pytest.mark.parametrize("busy", [1, 8, 32, 128])
 def test_a_small_batch_is_split_to_fill_one_wave(busy: int) -> None:
-    splits = choose_num_splits(busy, 4096, RESIDENT)
+    splits = choose_num_splits(busy, 4096, RESIDENT, MULTIPROCESSORS)
     assert splits > 1 and busy * splits <= RESIDENT
 
 
 @pytest.mark.parametrize(("busy", "context"), [(RESIDENT // 2 + 1, 4096), (512, 4096), (512, 512), (2048, 512), (2048, 1 << 17)])
 def test_a_batch_that_fills_the_device_is_left_whole(busy: int, context: int) -> None:
-    assert choose_num_splits(busy, context, RESIDENT) == 1
+    assert choose_num_splits(busy, context, RESIDENT, MULTIPROCESSORS) == 1
 
 
-def test_no_piece_is_shorter_than_the_minimum_and_no_count_past_the_maximum() -> None:
-    assert choose_num_splits(8, MIN_SPLIT_TOKENS - 1, RESIDENT) == 1
-    assert choose_num_splits(1, 4 * MIN_SPLIT_TOKENS, RESIDENT) == 4
-    assert choose_num_splits(1, 1 << 20, RESIDENT) == MAX_SPLITS
+def test_no_piece_is_shorter_than_a_tile_and_no_count_past_the_maximum() -> None:
+    assert choose_num_splits(8, KV_TILE - 1, RESIDENT, MULTIPROCESSORS) == 1
+    assert choose_num_splits(8, 4 * KV_TILE, RESIDENT, MULTIPROCESSORS) == 4
+    assert choose_num_splits(1, 1 << 20, RESIDENT, MULTIPROCESSORS) == MAX_SPLITS
+
+
+def test_pieces_shorter_than_the_minimum_only_while_multiprocessors_would_idle() -> None:
+    """Fewer (sequence, KV head) pairs than multiprocessors: split down to a
+    tile, one block per multiprocessor. Otherwise pieces keep MIN_SPLIT_TOKENS."""
+    assert choose_num_splits(33, 8 * KV_TILE, RESIDENT, MULTIPROCESSORS) == 4
+    assert choose_num_splits(133, 8 * KV_TILE, RESIDENT, MULTIPROCESSORS) == 2
+    assert choose_num_splits(133, MIN_SPLIT_TOKENS * 2 - 1, RESIDENT, MULTIPROCESSORS) == 1
 
 
 def test_the_counts_the_h200_sweep_found_fastest() -> None:
-    """docs/PERFORMANCE.md, split sweep (Llama-3.1-8B heads: 8 KV heads)."""
-    assert choose_num_splits(64 * 8, 4096, RESIDENT) == 1
-    assert choose_num_splits(64 * 8, 512, RESIDENT) == 1
-    assert choose_num_splits(16 * 8, 512, RESIDENT) == 2
-    assert choose_num_splits(1 * 8, 4096, RESIDENT) == 16
+    """docs/PERFORMANCE.md, split sweeps (Llama-3.1-8B heads: 8 KV heads)."""
+    assert choose_num_splits(64 * 8, 4096, RESIDENT, MULTIPROCESSORS) == 1
+    assert choose_num_splits(64 * 8, 512, RESIDENT, MULTIPROCESSORS) == 1
+    assert choose_num_splits(16 * 8, 512, RESIDENT, MULTIPROCESSORS) == 2
+    assert choose_num_splits(1 * 8, 4096, RESIDENT, MULTIPROCESSORS) == 16
+    assert choose_num_splits(1 * 8, 512, RESIDENT, MULTIPROCESSORS) == 8
+
+
+@pytest.mark.parametrize(("head_dim", "fp8_cache", "stages"), [(128, False, PIPELINE_STAGES), (128, True, NARROW_ROW_DECODE_STAGES), (64, False, NARROW_ROW_DECODE_STAGES)])
+def test_decodes_over_narrow_rows_keep_a_deeper_ring(head_dim: int, fp8_cache: bool, stages: int) -> None:
+    """A decode's ring (one query row group) deepens where K/V rows are 128
+    bytes or fewer; prefill chunks keep PIPELINE_STAGES."""
+    assert pipeline_stages(head_dim, 1, fp8_cache) == stages
+    assert pipeline_stages(head_dim, 4, fp8_cache) == PIPELINE_STAGES
 
 
 @pytest.mark.parametrize("busy", [1, RESIDENT, 4 * RESIDENT, 2048 * 8])
@@ -91,10 +110,9 @@ def test_an_fp8_ring_holds_byte_rows_and_nothing_beside_them(head_dim: int) -> N
     """The E4M3 rows are widened in registers, so the ring is all there is:
     K+V rows of head_dim bytes plus 16 of padding per stage, about half
     the 16-bit ring."""
-    stages = PIPELINE_STAGES[1]
-    bf16, fp8 = attention_shared_bytes(head_dim, 1), attention_shared_bytes(head_dim, 1, fp8_cache=True)
-    assert bf16 == stages * 2 * KV_TILE * (head_dim + 8) * 2
-    assert fp8 == stages * 2 * KV_TILE * (head_dim + 16)
+    bf16, fp8 = attention_shared_bytes(head_dim, 4), attention_shared_bytes(head_dim, 4, fp8_cache=True)
+    assert bf16 == PIPELINE_STAGES * 2 * KV_TILE * (head_dim + 8) * 2
+    assert fp8 == PIPELINE_STAGES * 2 * KV_TILE * (head_dim + 16)
     assert fp8 < bf16 * 0.6
 
 
