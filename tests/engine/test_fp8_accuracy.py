@@ -83,23 +83,39 @@ def test_fp8_accuracy_on_the_embedded_model(configuration, cpu_models, cpu_refer
     assert measured.top1 > min_top1, measured
 
 
+def _random_gpu_llama(directory, quantization: str) -> tuple[LoadedModel, LoadedModel]:
+    """A random Llama (head_dim 128, GQA) on the GPU in bfloat16: unquantized, and with `quantization`."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=None, tie_word_embeddings=False)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(directory)
+    source, cuda = resolve_model(str(directory)), torch.device("cuda")
+    return load_model(source, cuda, torch.bfloat16, quantization="none"), load_model(source, cuda, torch.bfloat16, quantization=quantization)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs a GPU with FP8 (sm_89+)")
 @pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
 def test_fp8_accuracy_on_the_gpu_kernels(configuration, tmp_path) -> None:
     """A random Llama (head_dim 128, GQA) in bfloat16 on the CUDA backend: the
     FP8 GEMMs on tensor cores and the FP8 cache kernels against bfloat16."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=None, tie_word_embeddings=False)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    source, cuda = resolve_model(str(tmp_path)), torch.device("cuda")
     quantization, kv_dtype = CONFIGURATIONS[configuration]
-    reference = load_model(source, cuda, torch.bfloat16, quantization="none")
-    model = load_model(source, cuda, torch.bfloat16, quantization=quantization)
+    reference, model = _random_gpu_llama(tmp_path, quantization)
     tokens = torch.randint(0, 1024, (POSITIONS,), generator=torch.Generator().manual_seed(1)).tolist()
     measured = agreement(sequence_logits(model, tokens, kv_dtype or torch.bfloat16), sequence_logits(reference, tokens, torch.bfloat16))
     # Random weights give nearly flat logits, where top-1 flips easily: the bound is on the error.
     # Measured on an H200: weights (0.129, 0.803), both (0.133, 0.797); the KV cache alone passed under 0.12.
+    assert measured.relative_error < 0.15, measured
+    assert measured.top1 > 0.75, measured
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs a GPU with FP8 (sm_89+)")
+def test_fp8_weights_one_token_a_forward_on_the_gpu(tmp_path) -> None:
+    """Decode-sized forwards (one token each) take the FP8 GEMV
+    (kernels/fp8_gemv.cu) instead of _scaled_mm: the same model and bounds as above."""
+    reference, model = _random_gpu_llama(tmp_path, "fp8")
+    tokens = torch.randint(0, 1024, (POSITIONS,), generator=torch.Generator().manual_seed(1)).tolist()
+    measured = agreement(sequence_logits(model, tokens, torch.bfloat16, chunk=1), sequence_logits(reference, tokens, torch.bfloat16))
     assert measured.relative_error < 0.15, measured
     assert measured.top1 > 0.75, measured
