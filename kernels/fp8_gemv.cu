@@ -12,7 +12,10 @@
 // accumulators stay in registers.
 //
 // Needs K % 16 == 0, 16-byte aligned rows and sm_89+ (cvt from e4m3).
-// Built by NVRTC at first use (kernels/loader.py); includes no headers.
+// Built by NVRTC at first use (kernels/loader.py); it includes only
+// kernels/grid_dependency.cuh.
+
+#include "grid_dependency.cuh"
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -37,6 +40,7 @@ __device__ __forceinline__ float dot8(const float* w, uint4 x) {
 template <int M>
 __global__ void __launch_bounds__(GEMV_WARPS * 32) fp8_gemv_kernel(
     u16* __restrict__ out, const u16* __restrict__ x, const unsigned char* __restrict__ weight, const float* __restrict__ scale, int n, int k) {
+    enter_dependent_grid();
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (row >= n) return;

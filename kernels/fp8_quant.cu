@@ -33,9 +33,11 @@
 // time and written 8 bytes at a time (VEC = 8); others one element at a time.
 //
 // Needs sm_89+ (cvt to e4m3). Built by NVRTC at first use (kernels/loader.py)
-// and by nvcc in the CPU tests; it includes only kernels/dtypes.cuh.
+// and by nvcc in the CPU tests; it includes only kernels/dtypes.cuh and
+// kernels/grid_dependency.cuh.
 
 #include "dtypes.cuh"
+#include "grid_dependency.cuh"
 
 typedef unsigned int u32;
 
@@ -88,6 +90,7 @@ template <typename T, int VEC, bool WARP_PER_ROW>
 __global__ void quantize_rows_kernel(
     unsigned char* __restrict__ q, float* __restrict__ scale, const u16* __restrict__ x,
     int rows, int hidden, long long x_stride, float inverse_max, float min_scale) {
+    enter_dependent_grid();
     static_assert(VEC == 1 || VEC == 8, "16-byte accesses or single elements");
     const int lane = threadIdx.x % 32;
     const int row = WARP_PER_ROW ? blockIdx.x * QUANT_WARPS + threadIdx.x / 32 : blockIdx.x;

@@ -13,9 +13,10 @@
 // and written 8 elements at a time (VEC = 8); the rest one at a time.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
-// tests; it includes only kernels/dtypes.cuh.
+// tests; it includes only kernels/dtypes.cuh and kernels/grid_dependency.cuh.
 
 #include "dtypes.cuh"
+#include "grid_dependency.cuh"
 
 // Rounded through the 16-bit type, as a torch op on 16-bit tensors rounds its result.
 template <typename T>
@@ -64,6 +65,7 @@ template <typename T, bool ADD_RESIDUAL, int VEC>
 __global__ void rms_norm_kernel(
     u16* __restrict__ out, u16* __restrict__ residual, const u16* __restrict__ x, const u16* __restrict__ weight,
     int hidden, long long x_stride, long long residual_stride, long long out_stride, float eps) {
+    enter_dependent_grid();
     __shared__ float scratch[32];
     const u16* x_row = x + blockIdx.x * x_stride;
     u16* residual_row = residual + blockIdx.x * residual_stride;
@@ -109,6 +111,7 @@ __global__ void rotary_embedding_kernel(
     const float* __restrict__ cos_table, const float* __restrict__ sin_table,
     int num_heads, int num_kv_heads, int head_dim,
     long long query_token_stride, long long query_head_stride, long long key_token_stride, long long key_head_stride) {
+    enter_dependent_grid();
     const int half = head_dim / 2;
     const int head = blockIdx.y;
     const float* cos_row = cos_table + positions[blockIdx.x] * head_dim;
@@ -128,6 +131,7 @@ __global__ void rotary_embedding_kernel(
 // Grid: (tokens, slices of the row), each thread VEC elements.
 template <typename T, int VEC>
 __global__ void silu_and_mul_kernel(u16* __restrict__ out, const u16* __restrict__ gate_up, int width, long long gate_up_stride) {
+    enter_dependent_grid();
     const int i = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
     if (i >= width) return;
     const u16* gate = gate_up + blockIdx.x * gate_up_stride;

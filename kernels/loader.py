@@ -8,15 +8,20 @@ need it."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import structlog
 import torch
 
 if TYPE_CHECKING:
     import cupy
+
+log = structlog.get_logger()
 
 KERNEL_DIR = Path(__file__).resolve().parent
 # The same flags build every source in the nvcc compile test, so what CI checks
@@ -121,10 +126,69 @@ def launch(
 ) -> None:
     """Launch on torch's current stream of `device`, so the kernel orders with
     torch's work and is recorded when that stream is being captured into a
-    CUDA graph."""
+    CUDA graph. On sm_90+ the launch is a programmatic dependent of the
+    kernel before it (kernels/grid_dependency.cuh: every kernel here first
+    waits for that one to finish); elsewhere an ordinary launch."""
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _external_stream(index, torch.cuda.current_stream(index).cuda_stream)
-    with cupy.cuda.Device(index), stream:
-        kernel(grid, block, args, shared_mem=shared_bytes)
+    stream_pointer = torch.cuda.current_stream(index).cuda_stream
+    with cupy.cuda.Device(index):
+        if _launch_programmatic(kernel, index, stream_pointer, grid, block, args, shared_bytes):
+            return
+        with _external_stream(index, stream_pointer):
+            kernel(grid, block, args, shared_mem=shared_bytes)
+
+
+# cuLaunchKernelEx's configuration (cuda.h: CUlaunchConfig, CUlaunchAttribute).
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+# Kernel arguments are numpy scalars of these types (what CuPy's launch takes too).
+_ARGUMENT_TYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32, np.float32: ctypes.c_float}
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_uint) for name in ("grid_x", "grid_y", "grid_z", "block_x", "block_y", "block_z", "shared_bytes")),
+        ("stream", ctypes.c_void_p),
+        ("attributes", ctypes.POINTER(_LaunchAttribute)),
+        ("num_attributes", ctypes.c_uint),
+    ]
+
+
+@functools.cache
+def _launch_kernel_ex(device_index: int) -> Any | None:
+    """The driver's cuLaunchKernelEx where `device_index` takes programmatic
+    launches (compute capability 9.0 and up), else None."""
+    if torch.cuda.get_device_capability(device_index) < (9, 0):
+        return None
+    try:
+        function = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    except (OSError, AttributeError):
+        log.info("this CUDA driver has no cuLaunchKernelEx: kernels launch the ordinary way")
+        return None
+    function.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _launch_programmatic(
+    kernel: cupy.RawKernel, device_index: int, stream_pointer: int, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...], shared_bytes: int
+) -> bool:
+    """Whether the kernel was launched as a programmatic dependent."""
+    launch_kernel_ex = _launch_kernel_ex(device_index)
+    if launch_kernel_ex is None:
+        return False
+    grid, block = (*grid, 1, 1)[:3], (*block, 1, 1)[:3]
+    attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attribute.value[0] = 1
+    config = _LaunchConfig(*grid, *block, shared_bytes, stream_pointer, ctypes.pointer(attribute), 1)
+    values = [_ARGUMENT_TYPES[type(arg)](arg) for arg in args]
+    pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(value) for value in values))
+    result = launch_kernel_ex(ctypes.byref(config), kernel.kernel.ptr, pointers, None)
+    if result != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {result}")
+    return True

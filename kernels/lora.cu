@@ -21,9 +21,10 @@
 // adds up while it loads the tile's rows into shared memory.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
-// tests; it includes only kernels/dtypes.cuh.
+// tests; it includes only kernels/dtypes.cuh and kernels/grid_dependency.cuh.
 
 #include "dtypes.cuh"
+#include "grid_dependency.cuh"
 
 constexpr int LORA_THREADS = 256;
 constexpr int LORA_TOKENS = 16;  // tokens per block
@@ -65,6 +66,7 @@ template <typename T>
 __global__ void __launch_bounds__(LORA_THREADS) lora_shrink_kernel(
     float* __restrict__ partial, const u16* __restrict__ x, const u16* __restrict__ lora_a, const long long* __restrict__ token_slots,
     int num_tokens, long long x_stride, int input_size, int num_parts, int num_slots, int rank, int k_per_split, int columns_per_block) {
+    enter_dependent_grid();
     __shared__ float staged[SHRINK_STAGE * LORA_TOKENS];  // x of the tile: [k][token]; at the end, partial sums: [token][thread]
     const int width = num_parts * rank;
     const int first = blockIdx.x * LORA_TOKENS;
@@ -118,6 +120,7 @@ template <typename T>
 __global__ void __launch_bounds__(LORA_THREADS) lora_expand_kernel(
     u16* __restrict__ out, const float* __restrict__ partial, const u16* __restrict__ lora_b, const long long* __restrict__ token_slots,
     int num_tokens, long long out_stride, int output_size, int num_splits, int rank, int width, int part1_start, int part2_start) {
+    enter_dependent_grid();
     extern __shared__ float shrunk[];  // [LORA_TOKENS][width]
     const int first = blockIdx.x * LORA_TOKENS;
     for (int e = threadIdx.x; e < LORA_TOKENS * width; e += LORA_THREADS) {

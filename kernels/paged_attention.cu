@@ -37,7 +37,9 @@
 // other dimension (fp8_accumulator_dim). Needs sm_89+.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
-// tests, so it includes no headers.
+// tests; it includes only kernels/grid_dependency.cuh.
+
+#include "grid_dependency.cuh"
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -189,6 +191,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     int single_tile,
     float scale_log2,  // times k_scale for an FP8 cache
     float v_scale) {   // 1 for a 16-bit cache
+    enter_dependent_grid();
     using Shape = AttentionShape<HEAD_DIM, WARPS_M, STAGES, FP8_CACHE>;
     using M = typename MathType<T, FP8_CACHE>::type;
     constexpr int WARPS_N = Shape::WARPS_N;
@@ -503,24 +506,30 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     }
 }
 
-// Merges the splits of every (token, head): out = sum_i 2^lse_i o_i / sum_i 2^lse_i.
+// Merges the splits of every (token, head): out = sum_i 2^lse_i o_i / sum_i 2^lse_i,
+// in one pass with a running maximum, so each split's loads are issued together
+// (unrolled) instead of the partials waiting for a first pass over the maxima.
 // Grid (num_tokens, num_heads), HEAD_DIM / 2 threads, two dims each.
 template <typename T, int HEAD_DIM>
 __global__ void combine_splits_kernel(u16* __restrict__ out, const float* __restrict__ partial_out,
                                       const float* __restrict__ partial_lse, int num_splits, int num_tokens) {
+    enter_dependent_grid();
     const long long row = (long long)blockIdx.x * gridDim.y + blockIdx.y;
     const long long split_stride = (long long)num_tokens * gridDim.y;
     const int dim = threadIdx.x * 2;
-    float merged_max = PW_NEG_INF;
-    for (int split = 0; split < num_splits; ++split) merged_max = fmaxf(merged_max, partial_lse[split * split_stride + row]);
-    const float base = merged_max == PW_NEG_INF ? 0.f : merged_max;
-    float total = 0.f, out0 = 0.f, out1 = 0.f;
+    float running_max = PW_NEG_INF, total = 0.f, out0 = 0.f, out1 = 0.f;
+#pragma unroll 4
     for (int split = 0; split < num_splits; ++split) {
-        const float weight = exp2f(partial_lse[split * split_stride + row] - base);
+        const float lse = partial_lse[split * split_stride + row];
         const float2 partial = *reinterpret_cast<const float2*>(partial_out + (split * split_stride + row) * HEAD_DIM + dim);
-        total += weight;
-        out0 += partial.x * weight;
-        out1 += partial.y * weight;
+        if (lse == PW_NEG_INF) continue;  // a split with no keys (past a short context)
+        const float new_max = fmaxf(running_max, lse);
+        const float rescale = exp2f(running_max - new_max);  // 0 while nothing is merged yet
+        const float weight = exp2f(lse - new_max);
+        total = total * rescale + weight;
+        out0 = out0 * rescale + partial.x * weight;
+        out1 = out1 * rescale + partial.y * weight;
+        running_max = new_max;
     }
     const float inverse = total > 0.f ? 1.f / total : 0.f;
     *reinterpret_cast<u32*>(out + row * HEAD_DIM + dim) = T::pack(out0 * inverse, out1 * inverse);

@@ -5,7 +5,9 @@
 // has its own kernel below.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
-// tests, so it includes no headers.
+// tests; it includes only kernels/grid_dependency.cuh.
+
+#include "grid_dependency.cuh"
 
 extern "C" __global__ void reshape_and_cache_kernel(
     const uint4* __restrict__ key, const uint4* __restrict__ value,
@@ -13,6 +15,7 @@ extern "C" __global__ void reshape_and_cache_kernel(
     const long long* __restrict__ slot_mapping,
     long long key_token_stride, long long value_token_stride,  // in 16-byte pieces
     int row_pieces) {                                          // 16-byte pieces per cache slot
+    enter_dependent_grid();
     const long long slot = slot_mapping[blockIdx.x];
     if (slot < 0) return;
     const uint4* key_row = key + blockIdx.x * key_token_stride;
@@ -72,6 +75,7 @@ __global__ void reshape_and_cache_fp8_kernel(
     long long key_token_stride, long long value_token_stride,  // in 8-element pieces
     int row_pieces,                                            // 8-element pieces per cache slot
     float k_scale, float v_scale) {
+    enter_dependent_grid();
     const long long slot = slot_mapping[blockIdx.x];
     if (slot < 0) return;
     const uint4* key_row = key + blockIdx.x * key_token_stride;

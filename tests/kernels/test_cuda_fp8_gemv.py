@@ -48,3 +48,29 @@ def test_fp8_linear_takes_the_gemv_for_decode_batches_and_scaled_mm_beyond() -> 
     torch.testing.assert_close(layer(x).float(), reference.fp8_weight_gemv(x, weight, scale).float(), rtol=2e-2, atol=1e-2)
     big = torch.randn(64, 4096, device="cuda").to(torch.bfloat16)
     torch.testing.assert_close(layer(big), fp8_linear_scaled_mm(big, weight, scale, None))
+
+
+def test_in_a_cuda_graph_the_gemv_reads_what_the_norm_before_it_wrote() -> None:
+    """The GEMV starts while the RMSNorm before it finishes (a programmatic
+    dependent launch on sm_90+) and waits for its output: captured in a CUDA
+    graph and replayed on new inputs, it matches the eager reference each time."""
+    from pagewire.kernels import cuda_layer_ops, layer_ops, loader
+
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert loader._launch_kernel_ex(torch.cuda.current_device()) is not None
+    _, weight, scale = _operands(1, 6144, 4096)
+    norm_weight = (torch.rand(4096, device="cuda") + 0.5).to(torch.bfloat16)
+    x = torch.zeros(1, 4096, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cuda_gemv.fp8_gemv(cuda_layer_ops.rms_norm(x, norm_weight, 1e-5), weight, scale)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_gemv.fp8_gemv(cuda_layer_ops.rms_norm(x, norm_weight, 1e-5), weight, scale)
+    for seed in range(3):
+        x.copy_(torch.randn(1, 4096, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)).to(torch.bfloat16))
+        graph.replay()
+        expected = reference.fp8_weight_gemv(layer_ops.rms_norm(x, norm_weight, 1e-5), weight, scale)
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=1e-2 * expected.float().abs().max().item())

@@ -5,6 +5,7 @@ not installed."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,6 +38,18 @@ def test_the_loader_pastes_in_every_header() -> None:
     for source in all_kernel_names():
         assert "#include" not in "\n".join(line for line in source_code(source).splitlines() if not line.lstrip().startswith("//"))
     assert source_code("lora.cu").count("struct Bf16") == 1
+
+
+def test_every_kernel_first_waits_for_the_kernel_before_it() -> None:
+    """The loader launches every kernel as a programmatic dependent (sm_90+),
+    so each must wait for its predecessor before touching memory: its body
+    opens with enter_dependent_grid()."""
+    for path in KERNEL_DIR.glob("*.cu"):
+        text = path.read_text()
+        kernels = list(re.finditer(r"__global__[^{]*?(\w+)\((?:[^()]|\([^()]*\))*\)\s*\{([^\n]*\n)(\s*\S[^\n]*)", text))
+        assert kernels, path.name
+        for kernel in kernels:
+            assert kernel.group(3).strip() == "enter_dependent_grid();", f"{path.name}: {kernel.group(1)} starts with {kernel.group(3).strip()!r}"
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
