@@ -126,15 +126,19 @@ def launch(
 ) -> None:
     """Launch on torch's current stream of `device`, so the kernel orders with
     torch's work and is recorded when that stream is being captured into a
-    CUDA graph. On sm_90+ the launch is a programmatic dependent of the
-    kernel before it (kernels/grid_dependency.cuh: every kernel here first
-    waits for that one to finish); elsewhere an ordinary launch."""
+    CUDA graph. Recorded into a graph on sm_90+, the launch is a
+    programmatic dependent of the kernel before it
+    (kernels/grid_dependency.cuh: every kernel here first waits for that one
+    to finish): a replayed decode step is a chain of short kernels whose
+    launch gaps that hides. Launched eagerly, the host's launch is the gap,
+    and CuPy's launch costs the host less than the driver call through
+    ctypes, so eager launches are ordinary ones."""
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream_pointer = torch.cuda.current_stream(index).cuda_stream
     with cupy.cuda.Device(index):
-        if _launch_programmatic(kernel, index, stream_pointer, grid, block, args, shared_bytes):
+        if torch.cuda.is_current_stream_capturing() and _launch_programmatic(kernel, index, stream_pointer, grid, block, args, shared_bytes):
             return
         with _external_stream(index, stream_pointer):
             kernel(grid, block, args, shared_mem=shared_bytes)
