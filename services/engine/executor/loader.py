@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from pagewire.services.engine.executor import parallel
 from pagewire.services.engine.executor.backend import KernelBackend, select_backend
 from pagewire.services.engine.executor.fp8_checkpoint import WeightStream, layer_format, read_checkpoint_quantization
 from pagewire.services.engine.executor.models.llama import LlamaForCausalLM, ModelConfig
+
+if TYPE_CHECKING:
+    from pagewire.services.engine.executor.gguf_file import GGUFFile
 
 log = get_logger("engine")
 
@@ -140,14 +143,6 @@ def _safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.parts[field.data[0]]
-    if field.types[0].name == "STRING":
-        return bytes(value).decode("utf-8")
-    return value.item() if value.size == 1 else value.tolist()
 
 
 # GGUF architectures read (llama.cpp writes Mistral and Mixtral as llama), and
@@ -155,43 +150,44 @@ def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
 
 
-def read_gguf_config(reader: Any) -> ModelConfig:
-    arch = _gguf_value(reader, "general.architecture")
+def read_gguf_config(reader: GGUFFile) -> ModelConfig:
+    meta = reader.metadata
+    arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(GGUF_ARCHITECTURES))})")
-    num_heads = _gguf_value(reader, f"{arch}.attention.head_count")
-    hidden = _gguf_value(reader, f"{arch}.embedding_length")
-    vocab = _gguf_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    num_heads = meta.get(f"{arch}.attention.head_count")
+    hidden = meta.get(f"{arch}.embedding_length")
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
     names = {t.name for t in reader.tensors}
-    num_layers = _gguf_value(reader, f"{arch}.block_count")
-    num_experts = _gguf_value(reader, f"{arch}.expert_count", 0)
+    num_layers = meta.get(f"{arch}.block_count")
+    num_experts = meta.get(f"{arch}.expert_count", 0)
     experts = {}
     if num_experts:
         # Layers without a router keep a dense MLP (Qwen3-MoE's mlp_only_layers).
         experts = dict(
             num_experts=num_experts,
-            num_experts_per_tok=_gguf_value(reader, f"{arch}.expert_used_count"),
-            moe_intermediate_size=_gguf_value(reader, f"{arch}.expert_feed_forward_length") or _gguf_value(reader, f"{arch}.feed_forward_length"),
-            norm_topk_prob=bool(_gguf_value(reader, f"{arch}.expert_weights_norm", True)),
+            num_experts_per_tok=meta.get(f"{arch}.expert_used_count"),
+            moe_intermediate_size=meta.get(f"{arch}.expert_feed_forward_length") or meta.get(f"{arch}.feed_forward_length"),
+            norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", True)),
             dense_layers=tuple(i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names),
         )
     return ModelConfig(
         architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=_gguf_value(reader, f"{arch}.feed_forward_length"),
+        intermediate_size=meta.get(f"{arch}.feed_forward_length"),
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=_gguf_value(reader, f"{arch}.attention.head_count_kv", num_heads),
+        num_kv_heads=meta.get(f"{arch}.attention.head_count_kv", num_heads),
         # Qwen3 gives its head size as key_length, apart from hidden / heads.
-        head_dim=_gguf_value(reader, f"{arch}.attention.key_length")
-        or _gguf_value(reader, f"{arch}.rope.dimension_count", hidden // num_heads),
-        rms_norm_eps=_gguf_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta=_gguf_value(reader, f"{arch}.rope.freq_base", 10000.0),
-        max_position_embeddings=_gguf_value(reader, f"{arch}.context_length", 4096),
+        head_dim=meta.get(f"{arch}.attention.key_length")
+        or meta.get(f"{arch}.rope.dimension_count", hidden // num_heads),
+        rms_norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
+        max_position_embeddings=meta.get(f"{arch}.context_length", 4096),
         tie_word_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
-        eos_token_ids=_as_id_tuple(_gguf_value(reader, "tokenizer.ggml.eos_token_id")),
+        eos_token_ids=_as_id_tuple(meta.get("tokenizer.ggml.eos_token_id")),
         qk_norm=GGUF_ARCHITECTURES[arch] in QK_NORM_ARCHITECTURES,
         **experts,
     )
@@ -223,7 +219,7 @@ def _undo_llama_cpp_rope_permutation(weight: torch.Tensor, num_heads: int) -> to
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _gguf_weights(reader: Any, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(reader: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf import dequantize
 
     for tensor in reader.tensors:
@@ -254,10 +250,10 @@ def cast_to_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 tensor.data = tensor.data.to(dtype)
 
 
-def _gguf_reader(source: ModelSource) -> Any:
-    from gguf import GGUFReader
+def _gguf_reader(source: ModelSource) -> GGUFFile:
+    from pagewire.services.engine.executor.gguf_file import GGUFFile
 
-    return GGUFReader(str(source.directory / source.gguf_file))
+    return GGUFFile(source.directory / source.gguf_file)
 
 
 def read_model_config(source: ModelSource) -> ModelConfig:
