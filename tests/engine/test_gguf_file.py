@@ -76,7 +76,7 @@ def test_a_file_that_is_not_gguf_or_is_cut_short_is_refused_naming_it(tmp_path: 
         GGUFFile(not_gguf)
     source = resolve_model(None)
     whole = (source.directory / source.gguf_file).read_bytes()
-    for cut in (len(whole) // 2, 100_000, 30):
+    for cut in (len(whole) // 2, 100_000, 30, 0):
         short = tmp_path / f"cut_{cut}.gguf"
         short.write_bytes(whole[:cut])
         with pytest.raises(ValueError, match=rf"cut_{cut}\.gguf is not a readable GGUF file"):

@@ -52,12 +52,12 @@ class GGUFFile:
     file."""
 
     def __init__(self, path: str | Path):
-        with open(path, "rb") as file:
-            self._buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         self._offset = 0
         self.metadata: dict[str, Any] = {}
         self.tensors: list[GGUFTensor] = []
         try:
+            with open(path, "rb") as file:
+                self._buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)  # ValueError when empty
             self._read()
         except (struct.error, ValueError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not a readable GGUF file: {error}") from error
