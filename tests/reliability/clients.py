@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -149,10 +150,11 @@ class HealthWatch:
                     pass
 
 
-def rest_client(base_url: str, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
-    """A client with no pool limit, so every request of a test is in flight at once."""
+def rest_client(base_url: str, headers: dict[str, str] | None = None, verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
+    """A client with no pool limit, so every request of a test is in flight
+    at once; `verify`: the TLS context that trusts an https server."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(60.0), headers=headers)
+    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=httpx.Timeout(60.0), headers=headers, verify=verify)
 
 
 async def metric_values(client: httpx.AsyncClient, name: str) -> list[float]:
@@ -164,6 +166,30 @@ async def metric_values(client: httpx.AsyncClient, name: str) -> list[float]:
             values.append(float(line.rsplit(" ", 1)[1]))
     return values
 
+
+
+# The storm's prompt, and max_tokens long enough that every stream is still
+# going when its client drops it.
+STORM_BODY = completion_body(max_tokens=400, prompt="Tell me a long story about a lighthouse keeper.")
+
+
+async def drop_streams(client: httpx.AsyncClient, clients: int, settle_timeout_s: float) -> tuple[list[StreamResult], list[float], list[float], float]:
+    """`clients` streaming completions at once, each dropped after its second
+    event; then /metrics polled until no request runs and no KV block is
+    held, or settle_timeout_s passes. Returns the streams' results, the last
+    pagewire_requests_running and pagewire_kv_cache_usage_ratio samples, and
+    the seconds it took to settle."""
+    results = await asyncio.gather(*(stream_completion(client, STORM_BODY, timeout_s=120.0, drop_after_events=2) for _ in range(clients)))
+    dropped_at = time.monotonic()
+    running: list[float] = []
+    kv_usage: list[float] = []
+    while time.monotonic() - dropped_at < settle_timeout_s:
+        running = await metric_values(client, "pagewire_requests_running")
+        kv_usage = await metric_values(client, "pagewire_kv_cache_usage_ratio")
+        if running and kv_usage and not any(running) and not any(kv_usage):
+            break
+        await asyncio.sleep(0.25)
+    return list(results), running, kv_usage, time.monotonic() - dropped_at
 
 @dataclass
 class GrpcResult:

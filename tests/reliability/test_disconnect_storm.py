@@ -5,12 +5,11 @@ and no KV block held, and the server still serves."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
 
-from tests.reliability.clients import Outcome, completion_body, metric_values, rest_client, stream_completion, tally
+from tests.reliability.clients import Outcome, completion_body, drop_streams, metric_values, rest_client, stream_completion, tally
 from tests.reliability.settings import MAX_NUM_SEQS, MAX_QUEUE_LEN
 from tests.support.harness import Cluster
 
@@ -19,19 +18,7 @@ SETTLE_TIMEOUT_S = 30.0
 
 async def _storm(cluster: Cluster, clients: int) -> dict[str, Any]:
     async with rest_client(cluster.rest_url) as client:
-        # Long enough (max_tokens) that every stream is still going when it is dropped.
-        body = completion_body(max_tokens=400, prompt="Tell me a long story about a lighthouse keeper.")
-        results = await asyncio.gather(*(stream_completion(client, body, timeout_s=120.0, drop_after_events=2) for _ in range(clients)))
-        dropped_at = time.monotonic()
-        running: list[float] = []
-        kv_usage: list[float] = []
-        while time.monotonic() - dropped_at < SETTLE_TIMEOUT_S:
-            running = await metric_values(client, "pagewire_requests_running")
-            kv_usage = await metric_values(client, "pagewire_kv_cache_usage_ratio")
-            if running and kv_usage and not any(running) and not any(kv_usage):
-                break
-            await asyncio.sleep(0.25)
-        settled_s = time.monotonic() - dropped_at
+        results, running, kv_usage, settled_s = await drop_streams(client, clients, SETTLE_TIMEOUT_S)
         after = await stream_completion(client, completion_body(max_tokens=4), timeout_s=60.0)
         cancelled = await metric_values(client, 'pagewire_requests_total{outcome="cancelled"}')
     counts = tally(list(results))
