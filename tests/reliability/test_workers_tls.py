@@ -15,7 +15,7 @@ import pytest
 
 from pagewire.services.common.grpc_utils import check_health
 from pagewire.services.common.tls import TlsFiles
-from tests.reliability.clients import Outcome, completion_body, StreamResult, drop_streams, metric_values, rest_client, stream_completion, tally
+from tests.reliability.clients import Outcome, StreamResult, completion_body, drop_streams, metric_values, rest_client, stream_completion, tally
 from tests.support.harness import LOOPBACK, READINESS_SERVICE, ServeProcess
 
 # Fresh connections a test spreads over the workers: all on one of two

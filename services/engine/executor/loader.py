@@ -143,8 +143,6 @@ def _safetensors_weights(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-
-
 # GGUF architectures read (llama.cpp writes Mistral and Mixtral as llama), and
 # the model types they are here.
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
