@@ -109,8 +109,8 @@ def measure(batch: int, context: int, args: argparse.Namespace, copy_bytes_per_s
         bench="decode_attention", batch=batch, context=context, num_heads=num_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, block_size=block_size, kv_bytes=kv_bytes, rotated_copies=copies,
     )  # fmt: skip
-    warps_m = cuda_ops.choose_warps_m(1, num_heads // num_kv_heads)
-    kernel, num_splits = cuda_ops.plan_attention(dtype, head_dim, warps_m, query.device, fp8, batch * num_kv_heads, context)
+    tile_rows = cuda_ops.choose_tile_rows(1, num_heads // num_kv_heads)
+    kernel, num_splits = cuda_ops.plan_attention(dtype, head_dim, tile_rows, query.device, fp8, batch * num_kv_heads, context)
     record.update(resident_blocks=kernel.resident_blocks, num_splits=num_splits)
     seconds = time_graph([lambda c=c: paged(c) for c in range(copies)], args.replays)
     record.update(

@@ -25,11 +25,13 @@ FP8_CACHE_DTYPE = torch.float8_e4m3fn
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16"}
-WARPS_M_CHOICES = (1, 2, 4)  # query row groups of 16 per thread block (4 warps in all)
+# Query rows (packed tokens x heads of a KV group) per thread block of 4 warps:
+# 8 computes transposed (paged_attention.cu), the others in 1, 2 or 4 warp rows of 16.
+TILE_ROWS_CHOICES = (8, 16, 32, 64)
 THREADS = 128
 KV_TILE = 64
 # K/V tiles in the cp.async ring of a thread block: two, and three for decodes
-# (WARPS_M 1) whose K/V rows are at most NARROW_ROW_BYTES (an FP8 cache, or
+# (one warp row, tile_rows <= 16) whose K/V rows are at most NARROW_ROW_BYTES (an FP8 cache, or
 # head_dim 64). Measured on an H200 (docs/PERFORMANCE.md): the third stage
 # paid for narrow-row decodes (FP8 64 x 4096: 168.6 -> 161.3 us; head_dim 64
 # at 256 x 512: 36.0 -> 34.6 and 80.3 -> 78.7 us) and for nothing else, where
@@ -57,15 +59,15 @@ EVEN_WAVES_FROM = 4
 MIN_FILL_GAIN = 0.05
 
 
-def pipeline_stages(head_dim: int, warps_m: int, fp8_cache: bool = False) -> int:
+def pipeline_stages(head_dim: int, tile_rows: int, fp8_cache: bool = False) -> int:
     """K/V tiles in flight in one block's cp.async ring."""
     row_bytes = head_dim * (1 if fp8_cache else 2)
-    return NARROW_ROW_DECODE_STAGES if warps_m == 1 and row_bytes <= NARROW_ROW_BYTES else PIPELINE_STAGES
+    return NARROW_ROW_DECODE_STAGES if tile_rows <= 16 and row_bytes <= NARROW_ROW_BYTES else PIPELINE_STAGES
 
 
-def attention_kernel_name(dtype: torch.dtype, head_dim: int, warps_m: int, fp8_cache: bool = False) -> str:
-    stages = pipeline_stages(head_dim, warps_m, fp8_cache)
-    return f"paged_attention_kernel<{KERNEL_TYPES[dtype]}, {head_dim}, {warps_m}, {stages}, {'true' if fp8_cache else 'false'}>"
+def attention_kernel_name(dtype: torch.dtype, head_dim: int, tile_rows: int, fp8_cache: bool = False) -> str:
+    stages = pipeline_stages(head_dim, tile_rows, fp8_cache)
+    return f"paged_attention_kernel<{KERNEL_TYPES[dtype]}, {head_dim}, {tile_rows}, {stages}, {'true' if fp8_cache else 'false'}>"
 
 
 def fp8_cache_kernel_name(dtype: torch.dtype) -> str:
@@ -83,7 +85,7 @@ def all_kernel_names() -> dict[str, list[str]]:
         for dtype in KERNEL_TYPES
         for head_dim in SUPPORTED_HEAD_DIMS
         for name in (
-            *(attention_kernel_name(dtype, head_dim, warps_m, fp8) for warps_m in WARPS_M_CHOICES for fp8 in (False, True)),
+            *(attention_kernel_name(dtype, head_dim, rows, fp8) for rows in TILE_ROWS_CHOICES for fp8 in (False, True)),
             combine_kernel_name(dtype, head_dim),
         )
     ]
@@ -106,14 +108,14 @@ def _check_fp8_cache(cache: torch.Tensor, dtype: torch.dtype) -> bool:
     return True
 
 
-def attention_shared_bytes(head_dim: int, warps_m: int, fp8_cache: bool = False) -> int:
+def attention_shared_bytes(head_dim: int, tile_rows: int, fp8_cache: bool = False) -> int:
     """Dynamic shared memory of one attention block; mirrors AttentionShape in
     paged_attention.cu: the ring of K+V stages of padded rows (E4M3 rows for
     an FP8 cache), reused by the epilogue."""
-    warps_n = 4 // warps_m
+    warps_n = 4 // max(1, tile_rows // 16)
     staged_tile = 2 * KV_TILE * ((head_dim + 16) if fp8_cache else (head_dim + 8) * 2)
-    pipeline = pipeline_stages(head_dim, warps_m, fp8_cache) * staged_tile
-    epilogue = warps_n * 16 * warps_m * (head_dim + 2) * 4
+    pipeline = pipeline_stages(head_dim, tile_rows, fp8_cache) * staged_tile
+    epilogue = warps_n * tile_rows * (head_dim + 2) * 4
     return max(pipeline, epilogue)
 
 
@@ -177,11 +179,12 @@ def reshape_and_cache(
     loader.launch(kernel, key.device, (num_tokens,), (min(THREADS, row_pieces),), (*args, *scales))
 
 
-def choose_warps_m(max_query_len: int, group: int) -> int:
-    """Fewest query row groups that hold a tile of the longest chunk: decodes
-    get 1 x 4 warps splitting the K/V tokens, long prefill chunks 4 x 1."""
+def choose_tile_rows(max_query_len: int, group: int) -> int:
+    """Fewest query rows per block that hold a tile of the longest chunk:
+    decodes get one row group (transposed up to 8 rows) with 4 warps
+    splitting the K/V tokens, long prefill chunks 4 row groups."""
     rows = max_query_len * group
-    return next((warps_m for warps_m in WARPS_M_CHOICES if rows <= 16 * warps_m), WARPS_M_CHOICES[-1])
+    return next((choice for choice in TILE_ROWS_CHOICES if rows <= choice), TILE_ROWS_CHOICES[-1])
 
 
 def choose_num_splits(busy_blocks: int, max_seq_len: int, resident_blocks: int, multiprocessors: int) -> int:
@@ -229,33 +232,33 @@ class AttentionKernel:
 
 
 def attention_kernel(
-    dtype: torch.dtype, head_dim: int, warps_m: int, device: torch.device, fp8_cache: bool = False, blocks_per_multiprocessor: int = 0
+    dtype: torch.dtype, head_dim: int, tile_rows: int, device: torch.device, fp8_cache: bool = False, blocks_per_multiprocessor: int = 0
 ) -> AttentionKernel:
     """The kernel and its launch's shared memory: what the pipeline needs,
     or more where blocks_per_multiprocessor limits how many share one."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    shared_bytes = attention_shared_bytes(head_dim, warps_m, fp8_cache)
+    shared_bytes = attention_shared_bytes(head_dim, tile_rows, fp8_cache)
     if blocks_per_multiprocessor:
         shared_bytes = max(shared_bytes, loader.shared_bytes_limiting_residency(blocks_per_multiprocessor, index))
-    kernel = loader.get_kernel(ATTENTION_SOURCE, attention_kernel_name(dtype, head_dim, warps_m, fp8_cache), shared_bytes)
+    kernel = loader.get_kernel(ATTENTION_SOURCE, attention_kernel_name(dtype, head_dim, tile_rows, fp8_cache), shared_bytes)
     resident = loader.resident_blocks(kernel, THREADS, shared_bytes, index)
     return AttentionKernel(kernel, shared_bytes, resident, loader.multiprocessor_count(index))
 
 
 def plan_attention(
-    dtype: torch.dtype, head_dim: int, warps_m: int, device: torch.device, fp8_cache: bool, busy_blocks: int, streamed_tokens: int
+    dtype: torch.dtype, head_dim: int, tile_rows: int, device: torch.device, fp8_cache: bool, busy_blocks: int, streamed_tokens: int
 ) -> tuple[AttentionKernel, int]:
     """The kernel (with its occupancy) and the number of context splits for
     busy_blocks (query tile, KV head) pairs that stream at most
     streamed_tokens of K/V each."""
-    natural = attention_kernel(dtype, head_dim, warps_m, device, fp8_cache)
+    natural = attention_kernel(dtype, head_dim, tile_rows, device, fp8_cache)
     num_splits = choose_num_splits(busy_blocks, streamed_tokens, natural.resident_blocks, natural.multiprocessors)
     per_multiprocessor = choose_blocks_per_multiprocessor(
         busy_blocks * num_splits, natural.multiprocessors, natural.blocks_per_multiprocessor
     )
     if per_multiprocessor == natural.blocks_per_multiprocessor:
         return natural, num_splits
-    return attention_kernel(dtype, head_dim, warps_m, device, fp8_cache, per_multiprocessor), num_splits
+    return attention_kernel(dtype, head_dim, tile_rows, device, fp8_cache, per_multiprocessor), num_splits
 
 
 def paged_attention(
@@ -285,7 +288,7 @@ def paged_attention(
         raise ValueError(f"paged_attention needs a bf16 or fp16 query and a cache of its dtype or FP8, got {query.dtype}/{key_cache.dtype}")
     if head_dim not in SUPPORTED_HEAD_DIMS or cache_head_dim != head_dim:
         raise ValueError(f"head_dim {head_dim} (cache {cache_head_dim}) is not one of {SUPPORTED_HEAD_DIMS}")
-    if num_heads % num_kv_heads or num_heads // num_kv_heads > 16 * WARPS_M_CHOICES[-1]:
+    if num_heads % num_kv_heads or num_heads // num_kv_heads > TILE_ROWS_CHOICES[-1]:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads")
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
@@ -308,13 +311,13 @@ def paged_attention(
         max_seq_len = int(seq_lens.max())
 
     group = num_heads // num_kv_heads
-    warps_m = choose_warps_m(max_query_len, group)
-    tile_tokens = 16 * warps_m // group
+    tile_rows = choose_tile_rows(max_query_len, group)
+    tile_tokens = tile_rows // group
     single_tile = max_query_len <= tile_tokens
     grid_tiles = num_seqs if single_tile else num_tokens // tile_tokens + num_seqs
     # A block streams at most the window (plus its own query rows) of K/V.
     streamed = min(max_seq_len, sliding_window + tile_tokens) if sliding_window > 0 else max_seq_len
-    attention, num_splits = plan_attention(query.dtype, head_dim, warps_m, query.device, fp8, grid_tiles * num_kv_heads, streamed)
+    attention, num_splits = plan_attention(query.dtype, head_dim, tile_rows, query.device, fp8, grid_tiles * num_kv_heads, streamed)
     if num_splits > 1:
         partial_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
         partial_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)

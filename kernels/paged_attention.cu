@@ -8,7 +8,10 @@
 // are read once per KV head. Warps are arranged WARPS_M (query rows, 16 each)
 // by WARPS_N (slices of each 64-token K/V tile): decodes use 1 x 4 so four
 // warps share one query row group and split the tokens; prefill chunks use
-// 4 x 1. Q.K^T and P.V run on tensor cores (mma.sync m16n8k16, fp32
+// 4 x 1. A tile of at most 8 rows (a decode of at most 8 query heads per KV
+// head) is computed transposed, S^T = K Q^T and O^T = V^T P^T, so its rows
+// fill the MMAs' n8 side instead of a quarter of their m16 side (see
+// AttentionShape). Q.K^T and P.V run on tensor cores (mma.sync m16n8k16, fp32
 // accumulation) with an online softmax in registers (FlashAttention-2); K/V
 // tiles stream into shared memory through a ring of STAGES cp.async stages,
 // so STAGES - 1 tiles are in flight while one is computed.
@@ -34,7 +37,8 @@
 // same four. P.V reads V with ldmatrix.trans over byte pairs, which hands a
 // thread two tokens of two adjacent dimensions; a byte permute splits them
 // into the fragments of two n8 tiles, so each accumulator tile holds every
-// other dimension (fp8_accumulator_dim). Needs sm_89+.
+// other dimension (fp8_accumulator_dim; transposed, the A fragments of two
+// m16 tiles, transposed_output_dim). Needs sm_89+.
 //
 // Built by NVRTC at first use (kernels/loader.py) and by nvcc in the CPU
 // tests; it includes only kernels/grid_dependency.cuh.
@@ -150,13 +154,28 @@ __device__ __forceinline__ void load_matrix_x4_transposed(u32 (&fragment)[4], co
                  : "r"(shared_address(row_address)));
 }
 
+// An 8 x 8 matrix of 16-bit elements transposed across the warp: thread
+// (g, t) holds row g, elements 2t and 2t + 1, before and after.
+__device__ __forceinline__ u32 transpose_matrix(u32 fragment) {
+    u32 result;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(result) : "r"(fragment));
+    return result;
+}
+
 constexpr int KV_TILE = 64;        // K/V tokens a thread block stages per iteration
 constexpr int THREADS = 128;
 
-template <int HEAD_DIM, int WARPS_M, int STAGES, bool FP8_CACHE>
+// ROWS packed (token, head) query rows per block. Up to 8 (decodes of at
+// most 8 query heads per KV head) the block computes transposed: K/V tokens
+// and head dimensions take the MMAs' m16 side and the query rows their n8
+// side, so no fragment carries empty rows; that halves the MMAs, the score
+// and output registers of a decode, and so lets more blocks share a
+// multiprocessor. More rows take the m16 side in WARPS_M groups of 16.
+template <int HEAD_DIM, int ROWS, int STAGES, bool FP8_CACHE>
 struct AttentionShape {
+    static constexpr bool TRANSPOSED = ROWS == 8;
+    static constexpr int WARPS_M = TRANSPOSED ? 1 : ROWS / 16;
     static constexpr int WARPS_N = 4 / WARPS_M;
-    static constexpr int ROWS = 16 * WARPS_M;              // packed (token, head) rows per block
     static constexpr int WARP_TOKENS = KV_TILE / WARPS_N;  // K/V tokens each warp takes per tile
     static constexpr int ROW_STRIDE = HEAD_DIM + 8;        // padded: conflict-free fragment loads
     // A staged tile holds the cache's bytes as they are: 16-bit rows, or
@@ -172,13 +191,38 @@ struct AttentionShape {
     static constexpr int CHUNKS_PER_ROW = HEAD_DIM * ELEMENT_BYTES / 16;
     static constexpr int LOAD_CHUNKS = KV_TILE * CHUNKS_PER_ROW / THREADS;
     static constexpr int ROW_STEP = THREADS / CHUNKS_PER_ROW;
+    // Score tiles per warp and tile: n8 tiles of keys, or transposed m16 ones.
+    static constexpr int S_TILES = WARP_TOKENS / (TRANSPOSED ? 16 : 8);
+    // Output tiles: n8 tiles of head dimensions, or transposed m16 ones.
+    static constexpr int D_TILES = HEAD_DIM / (TRANSPOSED ? 16 : 8);
 };
+
+// Where element e (0-3) of a thread's score or output accumulator tile sits:
+// which of the thread's two query rows it belongs to, and for a score, which
+// key of the tile; m16 x n8 accumulators hold (g, 2t), (g, 2t+1), (g+8, 2t),
+// (g+8, 2t+1), with query rows on the m side or (transposed) the n side.
+template <bool TRANSPOSED>
+__device__ __forceinline__ int accumulator_row(int e) { return TRANSPOSED ? e & 1 : e >> 1; }
+template <bool TRANSPOSED>
+__device__ __forceinline__ int accumulator_key(int n, int e, int g, int t) {
+    return TRANSPOSED ? n * 16 + g + 8 * (e >> 1) : n * 8 + 2 * t + (e & 1);
+}
+
+// The head dimension of transposed output tile d's element pair `upper`
+// (elements 0, 1 or 2, 3) at lane row g. A 16-bit cache: tile d holds
+// dimensions 16d + g and 16d + 8 + g. An FP8 cache (see the top): tiles
+// come in pairs per 32 dimensions, even dimensions (tile 2j) and odd ones
+// (2j + 1), the first 16 in the lower pair and the next 16 in the upper.
+template <bool FP8_CACHE>
+__device__ __forceinline__ int transposed_output_dim(int d, int upper, int g) {
+    return FP8_CACHE ? (d >> 1) * 32 + upper * 16 + 2 * g + (d & 1) : d * 16 + upper * 8 + g;
+}
 
 // STAGES K/V tiles in flight (cp.async ring); the block-table entries a tile
 // needs are read one tile before its copies are issued, so a page walk never
 // waits on its own lookup. single_tile: every sequence's query rows fit in
 // one tile (decode steps), so tile_index is the sequence.
-template <typename T, int HEAD_DIM, int WARPS_M, int STAGES, bool FP8_CACHE>
+template <typename T, int HEAD_DIM, int ROWS, int STAGES, bool FP8_CACHE>
 __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     u16* __restrict__ out,              // [num_tokens, num_heads, HEAD_DIM], written when gridDim.y == 1
     float* __restrict__ partial_out,    // [gridDim.y, num_tokens, num_heads, HEAD_DIM]
@@ -192,17 +236,21 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     float scale_log2,  // times k_scale for an FP8 cache
     float v_scale) {   // 1 for a 16-bit cache
     enter_dependent_grid();
-    using Shape = AttentionShape<HEAD_DIM, WARPS_M, STAGES, FP8_CACHE>;
+    using Shape = AttentionShape<HEAD_DIM, ROWS, STAGES, FP8_CACHE>;
     using M = typename MathType<T, FP8_CACHE>::type;
+    constexpr bool TRANSPOSED = Shape::TRANSPOSED;
+    constexpr int WARPS_M = Shape::WARPS_M;
     constexpr int WARPS_N = Shape::WARPS_N;
-    constexpr int ROWS = Shape::ROWS;
     constexpr int WARP_TOKENS = Shape::WARP_TOKENS;
     constexpr int ROW_STRIDE = Shape::ROW_STRIDE;
-    constexpr int S_TILES = WARP_TOKENS / 8;   // n8 tiles of scores per warp
+    constexpr int S_TILES = Shape::S_TILES;
+    constexpr int D_TILES = Shape::D_TILES;
     constexpr int PV_STEPS = WARP_TOKENS / 16;
     constexpr int QK_STEPS = HEAD_DIM / 16;
-    constexpr int KEY_STEPS = FP8_CACHE ? 4 : 2;  // k16 steps of key fragments per ldmatrix.x4
-    constexpr int D_TILES = HEAD_DIM / 8;
+    // k16 steps of key fragments per ldmatrix.x4. Its four 8 x 16-byte
+    // matrices cover two 16-byte column groups of keys 0-15 (transposed) or
+    // four of keys 0-7; a k16 step is 32 bytes of 16-bit keys, 16 of E4M3.
+    constexpr int KEY_STEPS = (TRANSPOSED ? 1 : 2) * (FP8_CACHE ? 2 : 1);
     constexpr int LOAD_CHUNKS = Shape::LOAD_CHUNKS;
     static_assert(STAGES >= 2, "the ring needs a stage in flight beside the one computed");
 
@@ -300,28 +348,36 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         if (STAGES - 1 < num_tiles) look_up_blocks(blocks, kv_begin + (STAGES - 1) * KV_TILE);
     }
 
-    // This thread's two query rows (fragment rows g and g + 8) and the first
-    // key each sees; read while the first tiles are in flight.
+    // The two query rows of this thread's accumulators (fragment rows g and
+    // g + 8, or transposed columns 2t and 2t + 1) and the first key each
+    // sees; and the query fragments, read while the first tiles are in
+    // flight: A fragments (rows g and g + 8), or transposed B fragments
+    // (row g alone), of dimensions 2t, 2t+1 and 2t+8, 2t+9 of each k16 step;
+    // for an FP8 cache 4t, 4t+1 and 4t+2, 4t+3, as its key fragments hold.
     int position[2], window_start[2];
-    u32 q_fragment[QK_STEPS][4];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
+        const int token = (TRANSPOSED ? 2 * t + half : warp_m * 16 + g + half * 8) / group;
+        position[half] = token < tokens_here ? first_position + token : -1;  // -1 masks every key
+        window_start[half] = sliding_window > 0 ? position[half] - sliding_window + 1 : 0;
+    }
+    constexpr int Q_HALVES = TRANSPOSED ? 1 : 2;
+    u32 q_fragment[QK_STEPS][2 * Q_HALVES];
+#pragma unroll
+    for (int half = 0; half < Q_HALVES; ++half) {
         const int row = warp_m * 16 + g + half * 8;
         const int token = row / group;
         const bool valid = token < tokens_here;
-        position[half] = valid ? first_position + token : -1;  // -1 masks every key
-        window_start[half] = sliding_window > 0 ? position[half] - sliding_window + 1 : 0;
         const u16* q_row = query + (long long)(query_start + first_token + (valid ? token : 0)) * query_token_stride +
                            (long long)(kv_head * group + row % group) * query_head_stride;
 #pragma unroll
         for (int step = 0; step < QK_STEPS; ++step) {
-            // An FP8 cache's key fragments hold dimensions 4t..4t+3 (see the top).
             const int low_dim = step * 16 + (FP8_CACHE ? 4 * t : 2 * t);
             const int high_dim = step * 16 + (FP8_CACHE ? 4 * t + 2 : 8 + 2 * t);
             const u32 low = valid ? *reinterpret_cast<const u32*>(q_row + low_dim) : 0u;
             const u32 high = valid ? *reinterpret_cast<const u32*>(q_row + high_dim) : 0u;
             q_fragment[step][half] = FP8_CACHE ? T::to_f16x2(low) : low;
-            q_fragment[step][half + 2] = FP8_CACHE ? T::to_f16x2(high) : high;
+            q_fragment[step][half + Q_HALVES] = FP8_CACHE ? T::to_f16x2(high) : high;
         }
     }
 
@@ -350,17 +406,30 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         float score[S_TILES][4];
 #pragma unroll
         for (int n = 0; n < S_TILES; ++n) score[n][0] = score[n][1] = score[n][2] = score[n][3] = 0.f;
-        // One ldmatrix hands each thread the key fragments of several k16
-        // steps: KEY_STEPS 16-byte column groups of the same eight key rows.
+        // One ldmatrix hands each thread the key fragments of KEY_STEPS k16
+        // steps. Transposed, its matrices are keys 0-7 and 8-15 of two
+        // 16-byte column groups (A fragments); otherwise four column groups
+        // of the same eight keys (B fragments).
 #pragma unroll
         for (int step = 0; step < QK_STEPS; step += KEY_STEPS) {
 #pragma unroll
             for (int n = 0; n < S_TILES; ++n) {
                 u32 words[4];
-                load_matrix_x4(words, keys + (n * 8 + (lane & 7)) * Shape::STAGED_ROW_BYTES + (step * 16 * Shape::ELEMENT_BYTES + (lane >> 3) * 16));
+                if constexpr (TRANSPOSED) {
+                    load_matrix_x4(words, keys + (n * 16 + (lane & 7) + (lane & 8)) * Shape::STAGED_ROW_BYTES +
+                                              (step * 16 * Shape::ELEMENT_BYTES + (lane >> 4) * 16));
+                } else {
+                    load_matrix_x4(words, keys + (n * 8 + (lane & 7)) * Shape::STAGED_ROW_BYTES + (step * 16 * Shape::ELEMENT_BYTES + (lane >> 3) * 16));
+                }
 #pragma unroll
                 for (int k = 0; k < KEY_STEPS; ++k) {
-                    if constexpr (FP8_CACHE) {
+                    if constexpr (TRANSPOSED && FP8_CACHE) {
+                        const uint2 low = widen_e4m3x4(words[2 * k]), high = widen_e4m3x4(words[2 * k + 1]);
+                        const u32 key[4] = {low.x, high.x, low.y, high.y};
+                        M::mma(score[n], key, q_fragment[step + k][0], q_fragment[step + k][1]);
+                    } else if constexpr (TRANSPOSED) {
+                        M::mma(score[n], words, q_fragment[step][0], q_fragment[step][1]);
+                    } else if constexpr (FP8_CACHE) {
                         const uint2 key = widen_e4m3x4(words[k]);
                         M::mma(score[n], q_fragment[step + k], key.x, key.y);
                     } else {
@@ -376,8 +445,8 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         for (int n = 0; n < S_TILES; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int key_token = warp_start + n * 8 + 2 * t + (e & 1);
-                const int half = e >> 1;
+                const int key_token = warp_start + accumulator_key<TRANSPOSED>(n, e, g, t);
+                const int half = accumulator_row<TRANSPOSED>(e);
                 const bool allowed = key_token < kv_stop && key_token <= position[half] && key_token >= window_start[half];
                 score[n][e] = allowed ? score[n][e] * scale_log2 : PW_NEG_INF;
                 tile_max[half] = fmaxf(tile_max[half], score[n][e]);
@@ -386,8 +455,11 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         float base[2], rescale[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
-            tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
+            // A row's keys spread over the lanes of one g (t = 0-3), or transposed of one t.
+#pragma unroll
+            for (int mask = TRANSPOSED ? 4 : 1; mask < (TRANSPOSED ? 32 : 4); mask <<= 1) {
+                tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], mask));
+            }
             base[half] = tile_max[half] == PW_NEG_INF ? 0.f : tile_max[half];  // rows with nothing yet stay 0
             rescale[half] = exp2f(row_max[half] - base[half]);
             row_max[half] = tile_max[half];
@@ -395,50 +467,82 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         }
 #pragma unroll
         for (int d = 0; d < D_TILES; ++d) {
-            acc[d][0] *= rescale[0];
-            acc[d][1] *= rescale[0];
-            acc[d][2] *= rescale[1];
-            acc[d][3] *= rescale[1];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[d][e] *= rescale[accumulator_row<TRANSPOSED>(e)];
         }
 #pragma unroll
         for (int n = 0; n < S_TILES; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                score[n][e] = exp2f(score[n][e] - base[e >> 1]);
-                row_sum[e >> 1] += score[n][e];
+                score[n][e] = exp2f(score[n][e] - base[accumulator_row<TRANSPOSED>(e)]);
+                row_sum[accumulator_row<TRANSPOSED>(e)] += score[n][e];
             }
         }
 
-        // The score accumulators of two n8 tiles are exactly the A fragment
-        // of one k16 step of P.V.
 #pragma unroll
         for (int step = 0; step < PV_STEPS; ++step) {
-            const u32 p_fragment[4] = {
-                M::pack(score[2 * step][0], score[2 * step][1]), M::pack(score[2 * step][2], score[2 * step][3]),
-                M::pack(score[2 * step + 1][0], score[2 * step + 1][1]), M::pack(score[2 * step + 1][2], score[2 * step + 1][3])};
-            if constexpr (FP8_CACHE) {
-                // Lanes 0-15 address tokens 0-15 of bytes 0-15 of a 32-dimension
-                // group, lanes 16-31 bytes 16-31; each word holds tokens 2t, 2t+1
-                // of dimensions 2g, 2g+1, split into even and odd below.
+            if constexpr (TRANSPOSED) {
+                // O^T += V^T P^T: the probabilities of score tile `step`
+                // (keys g and g + 8, rows 2t, 2t+1) transposed into the B
+                // fragment (keys 2t, 2t+1 and 2t+8, 2t+9, row g); V^T's A
+                // fragments by ldmatrix.trans, matrices keys 0-7 and 8-15 of
+                // two 16-byte column groups.
+                const u32 p_low = transpose_matrix(M::pack(score[step][0], score[step][1]));
+                const u32 p_high = transpose_matrix(M::pack(score[step][2], score[step][3]));
+                if constexpr (FP8_CACHE) {
+                    // A word holds keys 2t, 2t+1 of dimensions 2g, 2g+1; the
+                    // even dimensions of 32 make one output tile, the odd ones the next.
 #pragma unroll
-                for (int d = 0; d < D_TILES; d += 4) {
-                    u32 pairs[4];
-                    load_matrix_x4_transposed(pairs, values + (step * 16 + (lane & 15)) * Shape::STAGED_ROW_BYTES + d * 8 + (lane >> 4) * 16);
+                    for (int d = 0; d < D_TILES; d += 2) {
+                        u32 pairs[4];
+                        load_matrix_x4_transposed(pairs, values + (step * 16 + (lane & 7) + (lane & 8)) * Shape::STAGED_ROW_BYTES + d * 16 + (lane >> 4) * 16);
 #pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        const uint2 even = widen_e4m3x4(permute_bytes(pairs[2 * half], pairs[2 * half + 1], 0x6420));
-                        const uint2 odd = widen_e4m3x4(permute_bytes(pairs[2 * half], pairs[2 * half + 1], 0x7531));
-                        M::mma(acc[d + 2 * half], p_fragment, even.x, even.y);
-                        M::mma(acc[d + 2 * half + 1], p_fragment, odd.x, odd.y);
+                        for (int odd = 0; odd < 2; ++odd) {
+                            const u32 selector = odd ? 0x7531 : 0x6420;
+                            const uint2 low = widen_e4m3x4(permute_bytes(pairs[0], pairs[1], selector));
+                            const uint2 high = widen_e4m3x4(permute_bytes(pairs[2], pairs[3], selector));
+                            const u32 value[4] = {low.x, high.x, low.y, high.y};
+                            M::mma(acc[d + odd], value, p_low, p_high);
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int d = 0; d < D_TILES; ++d) {
+                        u32 value[4];
+                        load_matrix_x4_transposed(value, values + (step * 16 + (lane & 7) + (lane >> 4) * 8) * Shape::STAGED_ROW_BYTES + (d * 16 + (lane & 8)) * 2);
+                        M::mma(acc[d], value, p_low, p_high);
                     }
                 }
             } else {
+                // The score accumulators of two n8 tiles are exactly the A
+                // fragment of one k16 step of P.V.
+                const u32 p_fragment[4] = {
+                    M::pack(score[2 * step][0], score[2 * step][1]), M::pack(score[2 * step][2], score[2 * step][3]),
+                    M::pack(score[2 * step + 1][0], score[2 * step + 1][1]), M::pack(score[2 * step + 1][2], score[2 * step + 1][3])};
+                if constexpr (FP8_CACHE) {
+                    // Lanes 0-15 address tokens 0-15 of bytes 0-15 of a 32-dimension
+                    // group, lanes 16-31 bytes 16-31; each word holds tokens 2t, 2t+1
+                    // of dimensions 2g, 2g+1, split into even and odd below.
 #pragma unroll
-                for (int d = 0; d < D_TILES; d += 2) {
-                    u32 v_fragment[4];
-                    load_matrix_x4_transposed(v_fragment, values + ((step * 16 + (lane & 15)) * ROW_STRIDE + (d + (lane >> 4)) * 8) * 2);
-                    M::mma(acc[d], p_fragment, v_fragment[0], v_fragment[1]);
-                    M::mma(acc[d + 1], p_fragment, v_fragment[2], v_fragment[3]);
+                    for (int d = 0; d < D_TILES; d += 4) {
+                        u32 pairs[4];
+                        load_matrix_x4_transposed(pairs, values + (step * 16 + (lane & 15)) * Shape::STAGED_ROW_BYTES + d * 8 + (lane >> 4) * 16);
+#pragma unroll
+                        for (int half = 0; half < 2; ++half) {
+                            const uint2 even = widen_e4m3x4(permute_bytes(pairs[2 * half], pairs[2 * half + 1], 0x6420));
+                            const uint2 odd = widen_e4m3x4(permute_bytes(pairs[2 * half], pairs[2 * half + 1], 0x7531));
+                            M::mma(acc[d + 2 * half], p_fragment, even.x, even.y);
+                            M::mma(acc[d + 2 * half + 1], p_fragment, odd.x, odd.y);
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int d = 0; d < D_TILES; d += 2) {
+                        u32 v_fragment[4];
+                        load_matrix_x4_transposed(v_fragment, values + ((step * 16 + (lane & 15)) * ROW_STRIDE + (d + (lane >> 4)) * 8) * 2);
+                        M::mma(acc[d], p_fragment, v_fragment[0], v_fragment[1]);
+                        M::mma(acc[d + 1], p_fragment, v_fragment[2], v_fragment[3]);
+                    }
                 }
             }
         }
@@ -450,26 +554,31 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     // shared memory; the block merges the WARPS_N slices of every row.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-        row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 1);
-        row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 2);
+#pragma unroll
+        for (int mask = TRANSPOSED ? 4 : 1; mask < (TRANSPOSED ? 32 : 4); mask <<= 1) {
+            row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], mask);
+        }
     }
     float* merge_out = reinterpret_cast<float*>(shared_raw);                  // [WARPS_N][ROWS][HEAD_DIM]
     float* merge_max = merge_out + WARPS_N * ROWS * HEAD_DIM;             // [WARPS_N][ROWS]
     float* merge_sum = merge_max + WARPS_N * ROWS;                        // [WARPS_N][ROWS]
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-        const int row = warp_m * 16 + g + half * 8;
+        const int row = TRANSPOSED ? 2 * t + half : warp_m * 16 + g + half * 8;
         float* out_row = merge_out + (warp_n * ROWS + row) * HEAD_DIM;
 #pragma unroll
         for (int d = 0; d < D_TILES; ++d) {
-            if constexpr (FP8_CACHE) {
+            if constexpr (TRANSPOSED) {
+                out_row[transposed_output_dim<FP8_CACHE>(d, 0, g)] = acc[d][half];
+                out_row[transposed_output_dim<FP8_CACHE>(d, 1, g)] = acc[d][2 + half];
+            } else if constexpr (FP8_CACHE) {
                 out_row[fp8_accumulator_dim(d, t, 0)] = acc[d][2 * half];
                 out_row[fp8_accumulator_dim(d, t, 1)] = acc[d][2 * half + 1];
             } else {
                 *reinterpret_cast<float2*>(out_row + d * 8 + 2 * t) = make_float2(acc[d][2 * half], acc[d][2 * half + 1]);
             }
         }
-        if (t == 0) {
+        if (TRANSPOSED ? g == 0 : t == 0) {
             merge_max[warp_n * ROWS + row] = row_max[half];
             merge_sum[warp_n * ROWS + row] = row_sum[half];
         }

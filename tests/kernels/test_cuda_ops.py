@@ -5,6 +5,7 @@ captured CUDA graph."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -15,7 +16,9 @@ from pagewire.kernels import cuda_ops, reference
 
 pytestmark = pytest.mark.gpu
 
-HEAD_LAYOUTS = [(32, 8), (9, 3), (32, 32)]  # (query heads, KV heads)
+# (query heads, KV heads): decodes of groups up to 8 take the transposed 8-row
+# tile (8 fills it), of 16 a row group of 16.
+HEAD_LAYOUTS = [(32, 8), (9, 3), (32, 32), (64, 8), (32, 2)]
 
 
 @dataclass
@@ -101,20 +104,23 @@ def test_paged_attention_matches_reference(kind: str, head_dim: int, num_heads: 
 @pytest.mark.parametrize("num_splits", [1, 3, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("chunk", [20, 2])
 def test_paged_attention_any_split_count(
-    num_splits: int, dtype: torch.dtype, block_size: int, monkeypatch: pytest.MonkeyPatch
+    chunk: int, num_splits: int, dtype: torch.dtype, block_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The split count is a tuning choice: every count gives the same answer,
-    also where a split gets no context at all."""
+    also where a split gets no context at all; with a 2-token chunk beside
+    the decodes, every tile is a transposed one of two tokens."""
     monkeypatch.setattr(cuda_ops, "choose_num_splits", lambda *args: num_splits)
-    batch = make_batch([1, 1, 20, 1], [3, 900, 260, 4099], 32, 8, 128, dtype, block_size=block_size, seed=num_splits)
+    batch = make_batch([1, 1, chunk, 1], [3, 900, 260, 4099], 32, 8, 128, dtype, block_size=block_size, seed=num_splits)
     scale = 0.1
     assert_attention_close(cuda_ops.paged_attention(*batch.attention_args(), scale), reference_attention(batch, scale))
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 @pytest.mark.parametrize("sliding_window", [1, 40, 300])
-def test_paged_attention_sliding_window(sliding_window: int, num_splits: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", sorted(BATCHES))
+def test_paged_attention_sliding_window(kind: str, sliding_window: int, num_splits: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each query sees only the last sliding_window keys, in decodes and in
     prefill chunks (whose rows' windows start at different keys), with the
     kernel's own split count and forced ones. Blocks wholly before every
@@ -122,7 +128,7 @@ def test_paged_attention_sliding_window(sliding_window: int, num_splits: int | N
     point at a block of NaNs, which would show if read."""
     if num_splits is not None:
         monkeypatch.setattr(cuda_ops, "choose_num_splits", lambda *args: num_splits)
-    query_lens, context_lens = BATCHES["mixed"]
+    query_lens, context_lens = BATCHES[kind]
     block_size = 16
     batch = make_batch(query_lens, context_lens, 32, 8, 128, torch.bfloat16, block_size=block_size)
     scale = 0.1
@@ -142,8 +148,8 @@ def test_decode_kernels_fit_the_device_as_measured() -> None:
     registers, not only shared memory, limit the decode layout."""
     device = torch.device("cuda")
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    for head_dim in cuda_ops.SUPPORTED_HEAD_DIMS:
-        kernel = cuda_ops.attention_kernel(torch.bfloat16, head_dim, 1, device)
+    for head_dim, tile_rows in itertools.product(cuda_ops.SUPPORTED_HEAD_DIMS, (8, 16)):
+        kernel = cuda_ops.attention_kernel(torch.bfloat16, head_dim, tile_rows, device)
         assert multiprocessors <= kernel.resident_blocks <= multiprocessors * 2048 // cuda_ops.THREADS
         by_shared = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor // kernel.shared_bytes
         assert kernel.resident_blocks <= multiprocessors * by_shared
@@ -160,7 +166,7 @@ def test_fewer_blocks_per_multiprocessor_give_the_same_answer(head_dim: int, mon
     scale = 0.1
     expected = reference_attention(batch, scale)
     for blocks_per_multiprocessor in (1, 2, 1):
-        kernel = cuda_ops.attention_kernel(torch.bfloat16, head_dim, 1, device, blocks_per_multiprocessor=blocks_per_multiprocessor)
+        kernel = cuda_ops.attention_kernel(torch.bfloat16, head_dim, cuda_ops.choose_tile_rows(1, 4), device, blocks_per_multiprocessor=blocks_per_multiprocessor)
         assert kernel.blocks_per_multiprocessor == blocks_per_multiprocessor
         monkeypatch.setattr(cuda_ops, "choose_blocks_per_multiprocessor", lambda *args, chosen=blocks_per_multiprocessor: chosen)
         assert_attention_close(cuda_ops.paged_attention(*batch.attention_args(), scale), expected)

@@ -17,6 +17,7 @@ from pagewire.kernels.cuda_ops import (
     attention_shared_bytes,
     choose_blocks_per_multiprocessor,
     choose_num_splits,
+    choose_tile_rows,
     paged_attention,
     pipeline_stages,
 )
@@ -59,12 +60,24 @@ def test_the_counts_the_h200_sweep_found_fastest() -> None:
     assert choose_num_splits(1 * 8, 512, RESIDENT, MULTIPROCESSORS) == 8
 
 
+@pytest.mark.parametrize(
+    ("max_query_len", "group", "rows"),
+    [(1, 4, 8), (1, 8, 8), (2, 4, 8), (1, 9, 16), (1, 16, 16), (3, 4, 16), (5, 4, 32), (512, 4, 64), (1, 64, 64)],
+)
+def test_a_tile_takes_the_fewest_query_rows_that_hold_the_longest_chunk(max_query_len: int, group: int, rows: int) -> None:
+    """Decodes of up to 8 query heads per KV head (and 2-token verify steps
+    of 4) take the transposed 8-row tile; longer chunks row groups of 16."""
+    assert choose_tile_rows(max_query_len, group) == rows
+
+
 @pytest.mark.parametrize(("head_dim", "fp8_cache", "stages"), [(128, False, PIPELINE_STAGES), (128, True, NARROW_ROW_DECODE_STAGES), (64, False, NARROW_ROW_DECODE_STAGES)])
 def test_decodes_over_narrow_rows_keep_a_deeper_ring(head_dim: int, fp8_cache: bool, stages: int) -> None:
-    """A decode's ring (one query row group) deepens where K/V rows are 128
-    bytes or fewer; prefill chunks keep PIPELINE_STAGES."""
-    assert pipeline_stages(head_dim, 1, fp8_cache) == stages
-    assert pipeline_stages(head_dim, 4, fp8_cache) == PIPELINE_STAGES
+    """A decode's ring (one query row group, transposed or not) deepens where
+    K/V rows are 128 bytes or fewer; prefill chunks keep PIPELINE_STAGES."""
+    assert pipeline_stages(head_dim, 8, fp8_cache) == stages
+    assert pipeline_stages(head_dim, 16, fp8_cache) == stages
+    assert pipeline_stages(head_dim, 32, fp8_cache) == PIPELINE_STAGES
+    assert pipeline_stages(head_dim, 64, fp8_cache) == PIPELINE_STAGES
 
 
 @pytest.mark.parametrize("busy", [1, RESIDENT, 4 * RESIDENT, 2048 * 8])
@@ -95,12 +108,12 @@ HOPPER_SHARED_PER_MULTIPROCESSOR = 228 * 1024
 
 @pytest.mark.parametrize("fp8_cache", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("warps_m", [1, 2, 4])
-def test_every_pipeline_fits_a_multiprocessor_twice(warps_m: int, head_dim: int, fp8_cache: bool) -> None:
+@pytest.mark.parametrize("tile_rows", [8, 16, 32, 64])
+def test_every_pipeline_fits_a_multiprocessor_twice(tile_rows: int, head_dim: int, fp8_cache: bool) -> None:
     """Each layout's ring of K/V stages fits the shared memory of one block,
     and two blocks share a multiprocessor (one block's barrier waits are
     covered by the other's copies and math)."""
-    shared = attention_shared_bytes(head_dim, warps_m, fp8_cache)
+    shared = attention_shared_bytes(head_dim, tile_rows, fp8_cache)
     assert 2 * (shared + 1024) <= HOPPER_SHARED_PER_MULTIPROCESSOR  # 1 KiB reserved per block
     assert shared <= HOPPER_SHARED_PER_BLOCK
 
@@ -110,7 +123,7 @@ def test_an_fp8_ring_holds_byte_rows_and_nothing_beside_them(head_dim: int) -> N
     """The E4M3 rows are widened in registers, so the ring is all there is:
     K+V rows of head_dim bytes plus 16 of padding per stage, about half
     the 16-bit ring."""
-    bf16, fp8 = attention_shared_bytes(head_dim, 4), attention_shared_bytes(head_dim, 4, fp8_cache=True)
+    bf16, fp8 = attention_shared_bytes(head_dim, 64), attention_shared_bytes(head_dim, 64, fp8_cache=True)
     assert bf16 == PIPELINE_STAGES * 2 * KV_TILE * (head_dim + 8) * 2
     assert fp8 == PIPELINE_STAGES * 2 * KV_TILE * (head_dim + 16)
     assert fp8 < bf16 * 0.6
