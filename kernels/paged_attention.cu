@@ -354,10 +354,14 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     // flight: A fragments (rows g and g + 8), or transposed B fragments
     // (row g alone), of dimensions 2t, 2t+1 and 2t+8, 2t+9 of each k16 step;
     // for an FP8 cache 4t, 4t+1 and 4t+2, 4t+3, as its key fragments hold.
+    auto accumulator_query_row = [&](int half) { return TRANSPOSED ? 2 * t + half : warp_m * 16 + g + half * 8; };
+    // A row's keys spread over the lanes of one g (t = 0-3: xor masks 1, 2),
+    // or transposed over those of one t (g = 0-7: masks 4, 8, 16).
+    constexpr int ROW_LANE_MASK_FIRST = TRANSPOSED ? 4 : 1, ROW_LANE_MASK_END = TRANSPOSED ? 32 : 4;
     int position[2], window_start[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-        const int token = (TRANSPOSED ? 2 * t + half : warp_m * 16 + g + half * 8) / group;
+        const int token = accumulator_query_row(half) / group;
         position[half] = token < tokens_here ? first_position + token : -1;  // -1 masks every key
         window_start[half] = sliding_window > 0 ? position[half] - sliding_window + 1 : 0;
     }
@@ -455,9 +459,8 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         float base[2], rescale[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            // A row's keys spread over the lanes of one g (t = 0-3), or transposed of one t.
 #pragma unroll
-            for (int mask = TRANSPOSED ? 4 : 1; mask < (TRANSPOSED ? 32 : 4); mask <<= 1) {
+            for (int mask = ROW_LANE_MASK_FIRST; mask < ROW_LANE_MASK_END; mask <<= 1) {
                 tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], mask));
             }
             base[half] = tile_max[half] == PW_NEG_INF ? 0.f : tile_max[half];  // rows with nothing yet stay 0
@@ -555,7 +558,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
 #pragma unroll
-        for (int mask = TRANSPOSED ? 4 : 1; mask < (TRANSPOSED ? 32 : 4); mask <<= 1) {
+        for (int mask = ROW_LANE_MASK_FIRST; mask < ROW_LANE_MASK_END; mask <<= 1) {
             row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], mask);
         }
     }
@@ -564,7 +567,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     float* merge_sum = merge_max + WARPS_N * ROWS;                        // [WARPS_N][ROWS]
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-        const int row = TRANSPOSED ? 2 * t + half : warp_m * 16 + g + half * 8;
+        const int row = accumulator_query_row(half);
         float* out_row = merge_out + (warp_n * ROWS + row) * HEAD_DIM;
 #pragma unroll
         for (int d = 0; d < D_TILES; ++d) {
