@@ -30,12 +30,14 @@ from benchmarks import hf_peer
 from benchmarks.throughput import SHAPES, add_workload_arguments, emit, engine_config, random_model, run_engine, warm_up_prompts
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.common.model import load_hf_tokenizer, resolve_model
+from pagewire.services.engine.config import grammar_workers
 from pagewire.services.engine.executor.loader import resolve_dtype
 from pagewire.services.engine.executor.model_executor import create_engine_core
 from pagewire.services.tokenizer.grammar import GrammarCompiler
 from pagewire.v1 import common_pb2
 
 SHAPE = "smollm2-135m"
+WORKER_START_TIMEOUT_S = 300
 
 
 def schema(min_items: int) -> dict:
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--min-items", type=int, default=128, help="the schema's shortest array: past what --output-len tokens can hold")
     parser.add_argument("--model", default="", help="where the tokenizer comes from: a HF directory (its tokenizer files and config.json "
                         "suffice) or a .gguf; default: the embedded model")
+    parser.add_argument("--grammar-workers", type=int, default=None, help="the engine's --grammar-workers (default: its own for this host)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a cheap check of the benchmark itself")
     args = parser.parse_args()
     configure_logging("warning", "console", service="benchmark")
@@ -59,17 +62,19 @@ def main() -> None:
     grammar = GrammarCompiler(tokenizer).compile(common_pb2.Constraint(json_schema=json.dumps(schema(args.min_items))))
 
     # The engine's matchers load the same tokenizer.
-    config = dataclasses.replace(engine_config(args), model=args.model)
+    config = dataclasses.replace(engine_config(args), model=args.model, grammar_workers=args.grammar_workers)
     loaded = random_model(SHAPE, resolve_dtype(config.dtype, device), config.max_model_len, device)
     # The tokenizer's end of sequence, where a complete answer may stop.
     loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, eos_token_ids=(tokenizer.eos_token_id,)))
     core = create_engine_core(config, loaded)
+    # A server's steady state: every grammar worker up before the first measured request.
+    core.executor.grammars.start_workers(wait_s=WORKER_START_TIMEOUT_S)
     measured = {
         "unconstrained": hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=0),
         "json_schema": hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=1),
     }
     warm = warm_up_prompts(measured["unconstrained"] + measured["json_schema"], args, vocab_size)
-    workload = dict(shape=SHAPE, requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len,
+    workload = dict(shape=SHAPE, requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len, grammar_workers=grammar_workers(config),
                     device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")  # fmt: skip
     results = {}
     for mode, prompts in measured.items():

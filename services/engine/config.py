@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagewire.services.common.config import ServiceConfig, option
+from pagewire.services.common.config import ServiceConfig, available_cores, option
 
 CPU_MAX_NUM_BATCHED_TOKENS = 2048
 GPU_MAX_NUM_BATCHED_TOKENS = 8192
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+MAX_DEFAULT_GRAMMAR_WORKERS = 8
+# Hosts with fewer cores fill the grammar masks in the step thread by default:
+# a worker would take its core from the forward pass.
+MIN_CORES_FOR_GRAMMAR_WORKERS = 4
 
 
 @dataclass
@@ -73,6 +77,12 @@ class EngineConfig(ServiceConfig):
         "auto picks dense while the slots' columns are few (see services/engine/executor/layers/lora.py).",
         choices=["auto", "dense", "gathered"],
     )
+    grammar_workers: int | None = option(
+        None,
+        "Processes that hold the structured-output matchers and fill a step's masks while the step thread goes on; 0 fills them in "
+        f"the step thread. Unset: half the cores, at most {MAX_DEFAULT_GRAMMAR_WORKERS}, on hosts of {MIN_CORES_FOR_GRAMMAR_WORKERS} "
+        "cores or more, else 0.",
+    )
     seed: int = option(0, "Seed of the random generator shared by requests that give no seed of their own.")
     speculative_method: str = option(
         "none",
@@ -87,3 +97,13 @@ class EngineConfig(ServiceConfig):
     num_speculative_tokens: int = option(4, "Most tokens proposed per sequence and step (k); the verify pass computes k + 1 positions.")
     ngram_max: int = option(4, "Longest suffix (in tokens) that prompt lookup tries to match first.")
     ngram_min: int = option(2, "Shortest suffix that prompt lookup accepts as a match.")
+
+
+def grammar_workers(config: EngineConfig) -> int:
+    """--grammar-workers, or its default for this host's cores."""
+    if config.grammar_workers is not None:
+        if config.grammar_workers < 0:
+            raise ValueError(f"--grammar-workers must be 0 or more, got {config.grammar_workers}")
+        return config.grammar_workers
+    cores = available_cores()
+    return min(MAX_DEFAULT_GRAMMAR_WORKERS, cores // 2) if cores >= MIN_CORES_FOR_GRAMMAR_WORKERS else 0

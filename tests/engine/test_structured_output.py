@@ -1,7 +1,8 @@
 """Structured output on the engine with the embedded model: constrained
 outputs are in their grammar's language and end with it, the unconstrained
 requests of the same batch are unchanged, and the matcher follows its
-sequence through preemption, aborts and an engine that speculates."""
+sequence through preemption, aborts and an engine that speculates, in the
+step thread and in worker processes alike."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from xgrammar.contrib.hf import LogitsProcessor
 from pagewire.services.common.errors import RequestError
 from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
-from pagewire.services.engine.executor.grammar import GrammarMatchers, apply_token_bitmask
+from pagewire.services.engine.executor.grammar import apply_token_bitmask
+from pagewire.services.engine.executor.grammar_pool import GrammarMatchers
 from pagewire.services.tokenizer.grammar import GrammarCompiler
 from pagewire.v1 import common_pb2
 from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
@@ -67,7 +69,7 @@ def _run_constrained(core, prompts: list[list[int]], grammars: list[str], hf_tok
         core.add_request(f"c{i}", prompt, sampling, compiled_grammar=grammar)
     outputs = run_all(core)
     assert all(outputs[f"c{i}"][-1].finish_reason is FinishReason.STOP for i in range(len(grammars)))
-    assert not core.executor.grammars._sequences
+    assert not len(core.executor.grammars)
     return [hf_tokenizer.decode(tokens_of(outputs[f"c{i}"]), skip_special_tokens=True) for i in range(len(grammars))]
 
 
@@ -115,21 +117,22 @@ def test_overlap_leaves_sampled_constrained_outputs_unchanged(engine_model, chat
 
 def test_a_constrained_step_is_launched_before_the_tokens_before_it_are_read_back(engine_model, chat_prompts, grammars) -> None:  # type: ignore[no-untyped-def]
     """Overlapped, the device runs step N+1's forward pass while the host
-    reads step N's tokens and feeds them to the matchers; only N+1's
-    sampling waits for its mask."""
+    reads step N's tokens and starts N+1's masks; N+1's sampling waits for
+    them only after the host has scheduled step N+2."""
     core = make_engine(engine_model)
     events: list[str] = []
-    executor, matchers = core.executor, core.executor.grammars
-    launch, advance, fill = executor.launch, executor.grammar_advance, matchers.fill
+    scheduler, executor, matchers = core.scheduler, core.executor, core.executor.grammars
+    schedule, launch, start, fill = scheduler.schedule, executor.launch, matchers.start, matchers.fill
+    scheduler.schedule = lambda proposals: (events.append("schedule"), schedule(proposals))[1]
     executor.launch = lambda scheduled: (events.append("launch"), launch(scheduled))[1]
-    executor.grammar_advance = lambda rows: (events.append("advance"), advance(rows))[1]
+    matchers.start = lambda rows: (events.append("start"), start(rows))[1]
     matchers.fill = lambda rows: (events.append("fill"), fill(rows))[1]
     core.add_request("c", chat_prompts[0], greedy(8), compiled_grammar=grammars[0])
     outputs = run_all(core)
     assert len(tokens_of(outputs["c"])) == 8
-    # The prefill, then each step: launch N+1, take in N's token, fill N+1's mask.
-    assert events[:2] == ["launch", "fill"]
-    assert events[2:8] == ["launch", "advance", "fill"] * 2
+    # The prefill, then each call: schedule N+2, sample N+1, launch N+2, read N+1 back, start N+2's mask.
+    assert events[:3] == ["schedule", "launch", "start"]
+    assert events[3:11] == ["schedule", "fill", "launch", "start"] * 2
 
 
 def test_preemption_keeps_the_matcher_in_step(engine_model, chat_prompts, grammars, hf_tokenizer, alone) -> None:  # type: ignore[no-untyped-def]
@@ -156,7 +159,7 @@ def test_abort_frees_the_matcher(engine_model, chat_prompts, grammars) -> None: 
     core.abort("c")
     outputs = run_all(core)
     assert outputs["c"][-1].finish_reason is FinishReason.CANCELLED
-    assert not core.executor.grammars._sequences
+    assert not len(core.executor.grammars)
     assert_no_leaks(core)
 
 
@@ -254,32 +257,69 @@ def test_the_bitmask_masks_on_the_gpu_as_on_the_host() -> None:
         assert torch.equal(apply_token_bitmask(logits.cuda(), bitmask, rows).cpu(), apply_token_bitmask(logits, bitmask, rows))
 
 
-def test_a_batched_advance_leaves_each_matcher_where_following_one_by_one_does(grammars, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
-    """A step's rows: one token ahead (batched), several ahead, rewound, a
-    token the grammar refuses, and a sequence behind a stop token; the
-    batch and follow() one row at a time end in the same states."""
+def _with_ready_workers(matchers: GrammarMatchers) -> GrammarMatchers:
+    matchers.start_workers(wait_s=120)
+    return matchers
+
+
+def test_worker_processes_give_the_outputs_of_the_step_thread(engine_model, chat_prompts, grammars, hf_tokenizer, alone) -> None:  # type: ignore[no-untyped-def]
+    """Every kind of grammar in two worker processes, through preemption
+    (recompute replays) and an abort, with a second engine's requests."""
+    prompts, kinds = [chat_prompts[0], chat_prompts[0], chat_prompts[1], chat_prompts[1]], [grammars[0], grammars[0], grammars[1], grammars[1]]
+    core = make_engine(
+        engine_model, block_size=4, num_kv_blocks=sum(cdiv(len(p), 4) for p in prompts) + 8, enable_prefix_caching=False, grammar_workers=2
+    )
+    _with_ready_workers(core.executor.grammars)
+    assert _run_constrained(core, prompts, kinds, hf_tokenizer) == [alone[0], alone[0], alone[1], alone[1]]
+    assert core.stats().num_preemptions > 0
+    core = make_engine(engine_model, grammar_workers=2)
+    _with_ready_workers(core.executor.grammars)
+    core.add_request("gone", chat_prompts[0], greedy(MAX_TOKENS), compiled_grammar=grammars[0])
+    for _ in range(3):
+        core.step()
+    core.abort("gone")
+    assert _run_constrained(core, chat_prompts, grammars, hf_tokenizer) == alone
+    assert_no_leaks(core)
+    core.executor.close()
+
+
+def test_a_worker_shard_writes_the_masks_the_step_thread_does(grammars, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Rows one token ahead, several ahead, rewound, a token the grammar
+    refuses and one behind its stop token: a worker process and the step
+    thread bring their matchers to the same states, and a grammar that has
+    ended or been broken allows only its stop tokens."""
     stop = (hf_tokenizer.eos_token_id,)
     choice = hf_tokenizer(f"{CHOICES[0]}", add_special_tokens=False)["input_ids"]
     person = hf_tokenizer('{"name": "Ann", "age": 3', add_special_tokens=False)["input_ids"]
+    earlier = {"ahead-one": person[:2], "ahead-many": person[:1], "rewound": person[:4], "refused": choice[:1], "after-stop": choice}
     stepped: dict[str, list[int]] = {
         "ahead-one": person[:3], "ahead-many": person[:5], "rewound": person[:2], "refused": choice[:1] + [hf_tokenizer("}")["input_ids"][0]],
-        "after-stop": choice + list(stop) + choice[:1],
+        "after-stop": choice + list(stop),
     }  # fmt: skip
-    earlier = {"ahead-one": person[:2], "ahead-many": person[:1], "rewound": person[:4], "refused": choice[:1], "after-stop": choice + list(stop)}
     grammar_of = {name: grammars[3] if name in ("refused", "after-stop") else grammars[0] for name in stepped}
-    ends = []
-    for batched in (True, False):
-        matchers = GrammarMatchers("")
+    masks = []
+    for workers in (0, 1):
+        matchers = _with_ready_workers(GrammarMatchers("", 8, workers))
         for name, grammar in grammar_of.items():
             matchers.add(name, grammar, stop)
-            matchers.terminated(name, earlier[name])
-        rows = list(stepped.items())
-        if batched:
-            matchers.advance(rows)
-        else:
-            for name, output in rows:
-                matchers.terminated(name, output)
-        ends.append({name: (list(state.accepted), state.broken, state.matcher.is_terminated()) for name, state in matchers._sequences.items()})
-    assert ends[0] == ends[1]
-    assert ends[0]["ahead-one"][0] == person[:3] and ends[0]["rewound"][0] == person[:2]
-    assert ends[0]["refused"][1] and ends[0]["after-stop"][1]
+        fills = [matchers.fill(list(earlier.items())).clone(), matchers.fill(list(stepped.items())).clone()]
+        masks.append(fills)
+        assert len(matchers) == len(grammar_of)
+        matchers.close()
+    assert all(torch.equal(step, thread) for step, thread in zip(masks[0], masks[1]))
+    ahead_one, ahead_many, rewound, refused, after_stop = masks[0][1]
+    stop_only = torch.zeros_like(refused)
+    stop_only[stop[0] // 32] = 1 << (stop[0] % 32)
+    assert torch.equal(refused, stop_only) and torch.equal(after_stop, stop_only)
+    # The same grammar at the same prefix gives the same mask, whatever the path there.
+    assert torch.equal(rewound, masks[0][0][0])
+
+
+def test_a_grammar_worker_that_exits_fails_the_step_with_its_name(grammars, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    matchers = _with_ready_workers(GrammarMatchers("", 4, 1))
+    matchers.add("c", grammars[3], (hf_tokenizer.eos_token_id,))
+    matchers._workers[0].process.kill()
+    matchers._workers[0].process.wait()
+    with pytest.raises(RuntimeError, match=r"grammar worker 0 \(pid \d+\) exited"):
+        matchers.fill([("c", [])])
+    matchers.close()

@@ -53,6 +53,10 @@ class LaunchedStep(Protocol):
 
     sequences: list[Sequence]
 
+    def start_masks(self) -> None:
+        """Start filling the grammar masks of its constrained sequences, once
+        the step before has been read back."""
+
     def complete(self) -> None:
         """Queue the sampling where it waited for the host: a grammar's mask
         needs the tokens of the step before, read back meanwhile."""
@@ -72,13 +76,6 @@ class Executor(Protocol):
     def constrain(self, request_id: str, compiled_grammar: str, stop_token_ids: tuple[int, ...]) -> None:
         """Give the request a grammar (executor/grammar.py) that masks its
         tokens from now on; RequestError when it does not load."""
-
-    def grammar_advance(self, rows: list[tuple[str, list[int]]]) -> None:
-        """Let the grammars of these (request id, output tokens) take in their
-        new tokens, all at once (grammar_terminated would, one at a time)."""
-
-    def grammar_terminated(self, request_id: str, output_token_ids: list[int]) -> bool:
-        """Whether the grammar has ended after these output tokens."""
 
     def read_lora(self, name: str, path: str) -> object:
         """Read a LoRA adapter into host memory (any thread); RequestError when it cannot be served."""
@@ -331,12 +328,18 @@ class EngineCore:
         """Schedule and launch a step, then read back the tokens of the step
         before it: with async scheduling the device runs step N while the host
         schedules step N+1, and a request that finished in step N costs one
-        more step whose token is dropped."""
+        more step whose token is dropped. A step with constrained sequences
+        has its masks started once the step before is read back and its
+        sampling queued by the next call, after that call's scheduling, so
+        the masks are filled while the host schedules."""
         outputs, self._finished_outside_step = self._finished_outside_step, []
         self._expire_deadlines(outputs)
         if self._in_flight is not None and self._needs_history_on_host():
             outputs += self._read_back()
         scheduled = self.scheduler.schedule(self._propose())
+        if self._in_flight is not None:
+            # A constrained step's sampling, whose masks were started at the end of the last call.
+            self._in_flight.complete()
         launched = None
         if scheduled.scheduled:
             self.steps_total += 1
@@ -345,7 +348,7 @@ class EngineCore:
         if self._in_flight is not None:
             outputs += self._read_back()
         if launched is not None:
-            launched.complete()
+            launched.start_masks()
             for seq in launched.sequences:
                 seq.num_pending_tokens += 1
             self._in_flight = launched
@@ -360,7 +363,7 @@ class EngineCore:
         token), and one after a verify step, whose token count only the
         read-back tells. A step that masks by a grammar need not: its forward
         pass is launched first, and its sampling (complete()) only after the
-        read-back has taken the newest tokens into the matchers."""
+        read-back has brought the newest tokens to the host."""
         return any(seq.sampling.has_penalties or self._speculates(seq) for seq in self.scheduler.running)
 
     def _speculates(self, seq: Sequence) -> bool:
@@ -387,13 +390,6 @@ class EngineCore:
         launched, self._in_flight = self._in_flight, None
         assert launched is not None
         sampled = launched.resolve()
-        constrained = [
-            (seq.request_id, seq.output_token_ids + token_ids)
-            for seq, token_ids in zip(launched.sequences, sampled.token_ids)
-            if seq.constrained and seq.status is not SequenceStatus.FINISHED
-        ]
-        if constrained:
-            self.executor.grammar_advance(constrained)
         outputs = []
         for seq, token_ids, logprobs in zip(launched.sequences, sampled.token_ids, sampled.logprobs):
             seq.num_pending_tokens -= 1
@@ -432,10 +428,10 @@ class EngineCore:
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.sampling
-        if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+        # A grammar allows its stop tokens (EOS among them, ignore_eos or not)
+        # only once its output is complete, and ends there.
+        if (token_id in self.eos_token_ids and (seq.constrained or not params.ignore_eos)) or token_id in params.stop_token_ids:
             seq.matched_stop_token_id = token_id
-            return FinishReason.STOP
-        if seq.constrained and self.executor.grammar_terminated(seq.request_id, seq.output_token_ids):
             return FinishReason.STOP
         if params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens:
             return FinishReason.LENGTH

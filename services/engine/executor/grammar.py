@@ -3,18 +3,19 @@ sequence, and the mask of the tokens its grammar allows next.
 
 The tokenizer service compiles a request's constraint and the engine loads
 the serialized grammar against a TokenizerInfo of the same tokenizer, built
-here from the engine's own model on the first constrained request (the
+from the engine's own model on the first constrained request (the
 serialized form leaves the vocabulary out, so it needs one; a grammar
 compiled for another tokenizer fails to load and refuses its request).
 
-A matcher follows its sequence's output tokens rather than being told of
-each step: before a mask is filled or termination is read, it takes in the
-tokens the sequence gained since it last looked, and it rolls back (or
-starts over and replays) when the sequence holds fewer. So preemption
-(recompute keeps the output tokens), tokens dropped after a stop and
-anything else that moves the output leave it in step. Constrained
-sequences never speculate, so a step never holds unverified tokens of
-theirs.
+The matchers live in shards (GrammarShard), each in a worker process or in
+the step thread (executor/grammar_workers.py spreads the sequences over
+them). A matcher follows its sequence's output tokens rather than being
+told of each step: before its mask is filled it takes in the tokens the
+sequence gained since it last looked, and it rolls back (or starts over
+and replays) when the sequence holds fewer. So preemption (recompute keeps
+the output tokens), tokens dropped after a stop and anything else that
+moves the output leave it in step. Constrained sequences never speculate,
+so a step never holds unverified tokens of theirs.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from dataclasses import dataclass, field
 import torch
 import xgrammar
 
-from pagewire.services.common.config import available_cores
 from pagewire.services.common.errors import invalid_argument
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.model import load_hf_tokenizer, resolve_model
 from pagewire.services.engine.executor.host_copy import to_device
 
 log = get_logger("engine")
+
+# Serialized grammars a process keeps loaded (GrammarLoader).
+LOADED_GRAMMARS_KEPT = 32
 
 
 @dataclass
@@ -52,17 +55,6 @@ class SequenceGrammar:
         count = len(self.accepted)
         return len(output_token_ids) >= count and (count == 0 or output_token_ids[count - 1] == self.accepted[-1])
 
-    def one_token_ahead(self, output_token_ids: SequenceOf[int]) -> bool:
-        """The output is the accepted tokens and one more: a step's usual news."""
-        return not self.broken and len(output_token_ids) == len(self.accepted) + 1 and self._extends_accepted(output_token_ids)
-
-    def take(self, token: int, allowed: bool) -> None:
-        """The outcome of a token the matcher was given (alone or in a batch)."""
-        if allowed:
-            self.accepted.append(token)
-        else:
-            self.broken = True
-
     def follow(self, output_token_ids: SequenceOf[int]) -> None:
         """Take in the tokens past those accepted, after rewinding to the
         longest prefix the accepted tokens share with the output."""
@@ -76,7 +68,10 @@ class SequenceGrammar:
         for token in output_token_ids[len(self.accepted) :]:
             if self.broken:
                 return
-            self.take(token, not self.matcher.is_terminated() and self.matcher.accept_token(token))
+            if not self.matcher.is_terminated() and self.matcher.accept_token(token):
+                self.accepted.append(token)
+            else:
+                self.broken = True
 
     def _rewind(self, keep: int) -> None:
         """Back to the first `keep` accepted tokens: a rollback when the
@@ -96,13 +91,6 @@ class SequenceGrammar:
         return self.broken or self.matcher.is_terminated()
 
 
-def grammar_threads() -> int:
-    """Half the cores this process may run on. xgrammar's own default
-    halves the host's hardware threads, which in a container limited to a
-    few cores of a large host starts many more threads than there are cores."""
-    return max(1, available_cores() // 2)
-
-
 @functools.cache
 def tokenizer_info(model: str) -> xgrammar.TokenizerInfo:
     """The TokenizerInfo of a --model value, loaded once per process."""
@@ -110,75 +98,85 @@ def tokenizer_info(model: str) -> xgrammar.TokenizerInfo:
     return xgrammar.TokenizerInfo.from_huggingface(load_hf_tokenizer(resolve_model(model)))
 
 
-class GrammarMatchers:
-    """The matchers of the live constrained sequences, by request id; used
-    by the step thread only."""
+class GrammarLoader:
+    """Serialized grammars as CompiledGrammar objects, the most recent kept:
+    a server's requests mostly share a few schemas, and loading one costs a
+    millisecond that the step thread would otherwise pay per request."""
 
-    def __init__(self, model: str, threads: int = 0):
-        self._model = model
-        self._sequences: dict[str, SequenceGrammar] = {}
-        # Takes in a step's tokens and fills its masks on a pool of threads,
-        # outside the interpreter lock: each costs tens of microseconds a
-        # row, and a step may hold hundreds of rows.
-        self._batch = xgrammar.BatchGrammarMatcher(threads or grammar_threads())
+    def __init__(self, info: xgrammar.TokenizerInfo, kept: int = LOADED_GRAMMARS_KEPT):
+        self.info = info
+        self.load = functools.lru_cache(maxsize=kept)(self._load)
 
-    def tokenizer_info(self) -> xgrammar.TokenizerInfo:
-        return tokenizer_info(self._model)
-
-    def add(self, request_id: str, compiled_grammar: str, stop_token_ids: SequenceOf[int]) -> None:
-        """Load the request's grammar; INVALID_ARGUMENT when it does not load."""
+    def _load(self, compiled_grammar: str) -> xgrammar.CompiledGrammar:
+        """INVALID_ARGUMENT when the text does not load."""
         try:
-            grammar = xgrammar.CompiledGrammar.deserialize_json(compiled_grammar, self.tokenizer_info())
+            return xgrammar.CompiledGrammar.deserialize_json(compiled_grammar, self.info)
         except Exception as exc:  # xgrammar raises its own types and RuntimeError for a malformed text
             raise invalid_argument(
                 f"compiled_grammar does not load: {exc}; send the one the tokenizer service compiled for this model", field="compiled_grammar"
             ) from None
-        matcher = xgrammar.GrammarMatcher(grammar, override_stop_tokens=sorted(set(stop_token_ids)))
-        self._sequences[request_id] = SequenceGrammar(matcher)
+
+
+# A constrained row of a step, as its shard receives it: (request id, keep,
+# new tokens, bitmask row). The sequence's output is its first `keep` tokens
+# as last sent plus the new ones, and its next-token mask goes to that row of
+# the bitmask. A plain tuple: a step sends hundreds, and a tuple pickles
+# several times faster than a dataclass.
+ShardRow = tuple[str, int, list[int], int]
+
+
+class GrammarShard:
+    """The matchers of some of the constrained sequences, in a worker process
+    or in the step thread, and the masks of their rows in a bitmask that the
+    engine reads."""
+
+    def __init__(self, loader: GrammarLoader, bitmask: torch.Tensor):
+        self._loader = loader
+        self._bitmask = bitmask
+        self._sequences: dict[str, SequenceGrammar] = {}
+        self._outputs: dict[str, list[int]] = {}
+        self._stop_rows: dict[str, torch.Tensor] = {}
+
+    def add(self, request_id: str, compiled_grammar: str, stop_token_ids: SequenceOf[int]) -> None:
+        stops = sorted(set(stop_token_ids))
+        self._sequences[request_id] = SequenceGrammar(xgrammar.GrammarMatcher(self._loader.load(compiled_grammar), override_stop_tokens=stops))
+        self._outputs[request_id] = []
+        self._stop_rows[request_id] = token_row(stops, self._bitmask.shape[1])
 
     def forget(self, request_id: str) -> None:
         self._sequences.pop(request_id, None)
+        self._outputs.pop(request_id, None)
+        self._stop_rows.pop(request_id, None)
 
-    def advance(self, rows: list[tuple[str, SequenceOf[int]]]) -> None:
-        """follow() for each (request id, output tokens) of a step: the rows one
-        token ahead of their matcher (nearly all) in one call on xgrammar's
-        threads, accept_token being tens of microseconds a row; the rest one
-        by one."""
-        batch: list[tuple[SequenceGrammar, int]] = []
-        for request_id, output_token_ids in rows:
+    def step(self, rows: list[ShardRow]) -> None:
+        """Bring each row's matcher to its output and write its next-token mask.
+        A grammar that has ended (or been broken by a token it did not allow)
+        leaves only its stop tokens, so the core ends the sequence with the
+        next one rather than sampling it unconstrained."""
+        for request_id, keep, new_tokens, row in rows:
+            output = self._outputs[request_id]
+            del output[keep:]
+            output.extend(new_tokens)
             state = self._sequences[request_id]
-            if state.one_token_ahead(output_token_ids) and not state.matcher.is_terminated():
-                batch.append((state, output_token_ids[-1]))
+            state.follow(output)
+            if state.done:
+                if state.broken:
+                    log.warning("a token outside the grammar reached its matcher; the request ends", request_id=request_id)
+                self._bitmask[row] = self._stop_rows[request_id]
             else:
-                state.follow(output_token_ids)
-        if batch:
-            allowed = self._batch.batch_accept_token([state.matcher for state, _ in batch], [token for _, token in batch])
-            for (state, token), ok in zip(batch, allowed):
-                state.take(token, ok)
+                state.matcher.fill_next_token_bitmask(self._bitmask, row)
 
-    def terminated(self, request_id: str, output_token_ids: SequenceOf[int]) -> bool:
-        """Whether the sequence's grammar has ended (a stop token after a
-        complete output, or a token it did not allow)."""
-        state = self._sequences[request_id]
-        state.follow(output_token_ids)
-        if state.broken:
-            log.warning("a token outside the grammar reached its matcher; the request ends", request_id=request_id)
-        return state.done
+    def state(self, request_id: str) -> SequenceGrammar:
+        return self._sequences[request_id]
 
-    def fill(self, rows: list[tuple[str, SequenceOf[int]]]) -> torch.Tensor:
-        """[len(rows), words] int32 bitmask on the host, a row per (request
-        id, output tokens): bit t of a row set when token t may come next."""
-        bitmask = xgrammar.allocate_token_bitmask(len(rows), self.tokenizer_info().vocab_size)
-        self.advance(rows)
-        matchers, indices = [], []
-        for index, (request_id, _) in enumerate(rows):
-            state = self._sequences[request_id]
-            if not state.done:
-                matchers.append(state.matcher)
-                indices.append(index)
-        if matchers:
-            self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices)
-        return bitmask
+
+def token_row(token_ids: SequenceOf[int], words: int) -> torch.Tensor:
+    """A bitmask row (int32 words, bit t of word t // 32) allowing exactly token_ids."""
+    row = [0] * words
+    for token in token_ids:
+        if token < words * 32:
+            row[token >> 5] |= 1 << (token & 31)
+    return torch.tensor([word - (1 << 32) if word >= 1 << 31 else word for word in row], dtype=torch.int32)
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

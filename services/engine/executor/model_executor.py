@@ -11,12 +11,12 @@ import torch
 
 from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.common.model import resolve_model
-from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS, EngineConfig, grammar_workers
 from pagewire.services.engine.core.engine import EngineCore, ExecutorSpec
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
 from pagewire.services.engine.executor.draft import DraftProposer, draft_bytes_per_block, load_draft_model
-from pagewire.services.engine.executor.grammar import GrammarMatchers
+from pagewire.services.engine.executor.grammar_pool import GrammarMatchers
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors, kv_bytes_per_block
 from pagewire.services.engine.executor.layers.fp8 import FP8_DTYPE
 from pagewire.services.engine.executor.lora import LoraSlots
@@ -110,6 +110,7 @@ class ModelExecutor:
         if config.block_size & (config.block_size - 1):
             # The GPU attention kernel finds a token's slot with shifts and masks.
             raise ValueError(f"--block-size must be a power of two, got {config.block_size}")
+        self.grammars = GrammarMatchers(config.model, config.max_num_seqs, grammar_workers(config), config.log_level, config.log_format)
         self.workers = start_tensor_parallel(config, loaded)
         try:
             self._build(config, loaded or load_engine_model(config))
@@ -155,7 +156,6 @@ class ModelExecutor:
         kv_caches = allocate_kv_tensors(
             model_config.num_layers, num_blocks, config.block_size, model_config.num_kv_heads, model_config.head_dim, self.kv_dtype, loaded.device
         )
-        self.grammars = GrammarMatchers(config.model)
         self.sampler = Sampler(config.seed, loaded.device, self.grammars)
         sampler = self.sampler if self.workers is None else BroadcastingSampler(self.sampler)
         self.runner = make_runner(config, loaded, kv_caches, sampler, max_model_len, self.lora)
@@ -200,9 +200,10 @@ class ModelExecutor:
         return self.runner.launch(scheduled)
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (one device: nothing to do)."""
+        """Stop the tensor-parallel workers and the grammar workers, if any."""
         if self.workers is not None:
             self.workers.stop()
+        self.grammars.close()
 
     def read_lora(self, name: str, path: str) -> LoraAdapter:
         """Read an adapter into host memory, ready to add (RequestError when it
@@ -228,12 +229,6 @@ class ModelExecutor:
 
     def constrain(self, request_id: str, compiled_grammar: str, stop_token_ids: tuple[int, ...]) -> None:
         self.grammars.add(request_id, compiled_grammar, stop_token_ids)
-
-    def grammar_advance(self, rows: list[tuple[str, list[int]]]) -> None:
-        self.grammars.advance(rows)
-
-    def grammar_terminated(self, request_id: str, output_token_ids: list[int]) -> bool:
-        return self.grammars.terminated(request_id, output_token_ids)
 
 
 def create_engine_core(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore:

@@ -7,7 +7,8 @@ and gets logits at every one of those positions (a verify step).
 
 A step with a constrained sequence queues its sampling only when the core
 calls `complete()`: the grammar's mask needs the token of the step before,
-which the core reads back while this step's forward pass runs."""
+which the core reads back while this step's forward pass runs, and then
+has the masks started (`start_masks()`) while it schedules the next step."""
 
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ class LaunchedStep:
     def sample(self) -> DeviceSample:
         assert self._sample is not None, "a launched step's sampling was read before complete() queued it"
         return self._sample
+
+    def start_masks(self) -> None:
+        """Start filling the grammar masks of the constrained sequences, whose
+        output tokens the host holds now (the step before was read back)."""
+        if self._sample is None:
+            self.sampler.start_masks(sampling_rows(self.sequences))
 
     def complete(self) -> None:
         """Queue the sampling, if not yet done."""

@@ -1,8 +1,8 @@
 """Batched sampling over one step's logits [num_seqs, vocab].
 
 Order, per row: a constrained row's grammar masks the tokens it does not
-allow next (to -inf; the bitmask is filled on the host while the device
-still runs the forward pass); penalties on the raw logits; the row's
+allow next (to -inf; the bitmask is filled on the host, by the grammar
+workers, while the device still runs the forward pass); penalties on the raw logits; the row's
 logit_bias added; greedy rows take the argmax;
 the rest are divided by their temperature, then filtered by top-k, top-p and
 min-p (the order of HF transformers' warpers), then sampled. Logprobs are
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from pagewire.services.engine.core.sequence import SamplerOutput, SamplingParams, TokenLogprob
-from pagewire.services.engine.executor.grammar import GrammarMatchers, apply_token_bitmask
+from pagewire.services.engine.executor.grammar import apply_token_bitmask
+from pagewire.services.engine.executor.grammar_pool import GrammarMatchers
 from pagewire.services.engine.executor.host_copy import to_device
 
 
@@ -169,6 +170,14 @@ class Sampler:
             generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
             self.request_generators[request.request_id] = generator
         return generator
+
+    def start_masks(self, rows: list[SamplingRequest]) -> None:
+        """Start filling the masks of the constrained rows, whose outputs are
+        on the host now; sample() waits for them."""
+        constrained = [(r.request_id, r.output_token_ids) for r in rows if r.constrained]
+        if constrained:
+            assert self.grammars is not None, "a constrained row reached a sampler without grammars"
+            self.grammars.start(constrained)
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
         """Sample every row on the device without waiting for it; row_counts

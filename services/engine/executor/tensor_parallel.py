@@ -130,6 +130,9 @@ class BroadcastingSampler:
     def __init__(self, sampler: Sampler):
         self.sampler = sampler
 
+    def start_masks(self, rows: list[SamplingRequest]) -> None:
+        self.sampler.start_masks(rows)
+
     def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
         sample = self.sampler.sample(logits, rows, row_counts)
         parallel.broadcast_tensor(sample.token_ids)
