@@ -6,12 +6,13 @@ shapes' tokenizer is not on the machine). The schema (an object holding an
 array of at least --min-items strings) cannot be complete before the output
 length, so both modes generate exactly --output-len tokens per request.
 
-Warm-ups run both modes on prompts of their own; the two measured runs take
-two disjoint sets of random prompts, so neither hits the prefix cache (each
-record says so). Prints one JSON line per mode, then the ratio of output
-tokens per second.
+Warm-ups run both modes on prompts of their own; every measured run takes a
+set of random prompts of its own, so none hits the prefix cache (each
+record says so). Prints one JSON line per mode and round (--rounds: the
+modes in turn, which bounds the drift of a noisy host), then the ratio of
+output tokens per second over all rounds.
 
-    python -m benchmarks.structured_output [--requests 256] [--prompt-len 512] [--output-len 128]
+    python -m benchmarks.structured_output [--requests 256] [--prompt-len 512] [--output-len 128] [--rounds 1]
 
 A cheap check of the benchmark itself on a CPU:
 
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--model", default="", help="where the tokenizer comes from: a HF directory (its tokenizer files and config.json "
                         "suffice) or a .gguf; default: the embedded model")
     parser.add_argument("--grammar-workers", type=int, default=None, help="the engine's --grammar-workers (default: its own for this host)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the two modes in turn this many times (each run on prompts of its "
+                        "own), the ratio being of the rounds' totals: alternating bounds the drift of a noisy host")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a cheap check of the benchmark itself")
     args = parser.parse_args()
     configure_logging("warning", "console", service="benchmark")
@@ -69,24 +72,26 @@ def main() -> None:
     core = create_engine_core(config, loaded)
     # A server's steady state: every grammar worker up before the first measured request.
     core.executor.grammars.start_workers(wait_s=WORKER_START_TIMEOUT_S)
-    measured = {
-        "unconstrained": hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=0),
-        "json_schema": hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=1),
-    }
-    warm = warm_up_prompts(measured["unconstrained"] + measured["json_schema"], args, vocab_size)
+    modes = ("unconstrained", "json_schema")
+    # Every measured run takes prompts of its own, so none hits the prefix cache.
+    measured = {(round_index, mode): hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=2 * round_index + index)
+                for round_index in range(args.rounds) for index, mode in enumerate(modes)}  # fmt: skip
+    warm = warm_up_prompts([prompt for prompts in measured.values() for prompt in prompts], args, vocab_size)
     workload = dict(shape=SHAPE, requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len, grammar_workers=grammar_workers(config),
                     device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")  # fmt: skip
-    results = {}
-    for mode, prompts in measured.items():
+    totals = {mode: {"seconds": 0.0, "output_tokens": 0} for mode in modes}
+    for (round_index, mode), prompts in measured.items():
         mode_grammar = grammar if mode == "json_schema" else ""
         run_engine(core, warm, 8, compiled_grammar=mode_grammar)
-        results[mode] = run_engine(core, prompts, args.output_len, compiled_grammar=mode_grammar)
-        if results[mode]["output_tokens"] != args.requests * args.output_len:
-            raise SystemExit(f"{mode}: {results[mode]['output_tokens']} output tokens, expected {args.requests * args.output_len}")
-        emit(dict(bench="structured_output", mode=mode, **workload, **results[mode]))
-    ratio = results["json_schema"]["out_tok_s"] / results["unconstrained"]["out_tok_s"]
-    emit(dict(bench="structured_output_ratio", shape=SHAPE, constrained_over_unconstrained=round(ratio, 3)))
-
+        result = run_engine(core, prompts, args.output_len, compiled_grammar=mode_grammar)
+        if result["output_tokens"] != args.requests * args.output_len:
+            raise SystemExit(f"{mode}: {result['output_tokens']} output tokens, expected {args.requests * args.output_len}")
+        emit(dict(bench="structured_output", mode=mode, round=round_index, **workload, **result))
+        totals[mode]["seconds"] += result["seconds"]
+        totals[mode]["output_tokens"] += result["output_tokens"]
+    out_tok_s = {mode: total["output_tokens"] / total["seconds"] for mode, total in totals.items()}
+    emit(dict(bench="structured_output_ratio", shape=SHAPE, rounds=args.rounds, **{f"{mode}_out_tok_s": round(rate, 1) for mode, rate in out_tok_s.items()},
+              constrained_over_unconstrained=round(out_tok_s["json_schema"] / out_tok_s["unconstrained"], 3)))  # fmt: skip
 
 if __name__ == "__main__":
     main()

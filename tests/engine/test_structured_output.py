@@ -118,7 +118,8 @@ def test_overlap_leaves_sampled_constrained_outputs_unchanged(engine_model, chat
 def test_a_constrained_step_is_launched_before_the_tokens_before_it_are_read_back(engine_model, chat_prompts, grammars) -> None:  # type: ignore[no-untyped-def]
     """Overlapped, the device runs step N+1's forward pass while the host
     reads step N's tokens and starts N+1's masks; N+1's sampling waits for
-    them only after the host has scheduled step N+2."""
+    them only once the host has scheduled step N+2 and prepared its inputs,
+    within N+2's launch."""
     core = make_engine(engine_model)
     events: list[str] = []
     scheduler, executor, matchers = core.scheduler, core.executor, core.executor.grammars
@@ -130,9 +131,10 @@ def test_a_constrained_step_is_launched_before_the_tokens_before_it_are_read_bac
     core.add_request("c", chat_prompts[0], greedy(8), compiled_grammar=grammars[0])
     outputs = run_all(core)
     assert len(tokens_of(outputs["c"])) == 8
-    # The prefill, then each call: schedule N+2, sample N+1, launch N+2, read N+1 back, start N+2's mask.
+    # The prefill, then each call: schedule N+2, launch N+2 (sampling N+1 once N+2's inputs are
+    # prepared), read N+1 back, start N+2's mask.
     assert events[:3] == ["schedule", "launch", "start"]
-    assert events[3:11] == ["schedule", "fill", "launch", "start"] * 2
+    assert events[3:11] == ["schedule", "launch", "fill", "start"] * 2
 
 
 def test_preemption_keeps_the_matcher_in_step(engine_model, chat_prompts, grammars, hf_tokenizer, alone) -> None:  # type: ignore[no-untyped-def]
@@ -238,23 +240,40 @@ def test_the_bitmask_masks_as_xgrammar_does() -> None:
     full[[1, 3]] = bitmask
     expected = logits.clone()
     xgrammar.apply_token_bitmask_inplace(expected, full, indices=[1, 3])
-    assert torch.equal(apply_token_bitmask(logits, bitmask, [1, 3]), expected)
-    # Every row masked: the same, without the gather.
+    assert torch.equal(apply_token_bitmask(logits.clone(), bitmask, [1, 3]), expected)
+    # Every row masked: the same, without the gather; in place.
     every = logits.clone()
     xgrammar.apply_token_bitmask_inplace(every, full)
-    assert torch.equal(apply_token_bitmask(logits, full, [0, 1, 2, 3]), every)
+    masked = logits.clone()
+    assert apply_token_bitmask(masked, full, [0, 1, 2, 3]) is masked and torch.equal(masked, every)
     # A model vocabulary wider than the tokenizer's: the ids past it are masked.
     wide = apply_token_bitmask(torch.zeros(1, vocab + 40), torch.full((1, 4), -1, dtype=torch.int32), [0])
     assert torch.isinf(wide[0, 128:]).all() and not torch.isinf(wide[0, :128]).any()
 
 
 @pytest.mark.gpu
-def test_the_bitmask_masks_on_the_gpu_as_on_the_host() -> None:
+@pytest.mark.parametrize(("vocab", "words"), [(49152, 1536), (49152 + 40, 1536), (1000, 40), (70000, 2188)])
+def test_the_bitmask_kernel_masks_as_the_torch_reference(vocab: int, words: int) -> None:
+    """kernels/token_bitmask.cu against the host's torch path: a vocabulary
+    the mask covers exactly, one wider than the mask (its tail masked), one
+    narrower (the mask's bits past it ignored), across several blocks a row;
+    subsets of rows and every row; rows that allow nothing (left as they
+    are), also when only bits past the vocabulary are set."""
     generator = torch.Generator().manual_seed(1)
-    logits = torch.randn(8, 49152, generator=generator)
-    for rows in ([0, 4, 7], list(range(8))):
-        bitmask = torch.randint(-(2**31), 2**31 - 1, (len(rows), 1536), dtype=torch.int32, generator=generator)
-        assert torch.equal(apply_token_bitmask(logits.cuda(), bitmask, rows).cpu(), apply_token_bitmask(logits, bitmask, rows))
+    logits = torch.randn(8, vocab, generator=generator)
+    for rows in ([0, 4, 7], list(range(8)), [5]):
+        bitmask = torch.randint(-(2**31), 2**31 - 1, (len(rows), words), dtype=torch.int32, generator=generator)
+        bitmask[0] = 0
+        if words * 32 > vocab:
+            bitmask[-1] = 0
+            bitmask[-1, -1] = -(2**31)  # only the mask's last bit, past the vocabulary
+        expected = apply_token_bitmask(logits.clone(), bitmask, rows)
+        assert torch.equal(apply_token_bitmask(logits.cuda(), bitmask, rows).cpu(), expected)
+    # The registered (page-locked) host bitmask travels as it is.
+    pinned = torch.zeros(2, words, dtype=torch.int32, pin_memory=True)
+    pinned[1, 0] = 1
+    masked = apply_token_bitmask(logits[:2].cuda(), pinned, [0, 1]).cpu()
+    assert torch.equal(masked[0], logits[0]) and masked[1, 0] == logits[1, 0] and torch.isinf(masked[1, 1:]).all()
 
 
 def _with_ready_workers(matchers: GrammarMatchers) -> GrammarMatchers:

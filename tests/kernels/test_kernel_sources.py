@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pagewire.kernels import cuda_fp8_quant, cuda_gemv, cuda_layer_ops, cuda_lora, cuda_ops
+from pagewire.kernels import cuda_fp8_quant, cuda_gemv, cuda_layer_ops, cuda_lora, cuda_ops, cuda_token_bitmask
 from pagewire.kernels.loader import COMPILE_OPTIONS, KERNEL_DIR, source_code
 
 NVCC = shutil.which("nvcc")
@@ -26,6 +26,7 @@ def all_kernel_names() -> dict[str, list[str]]:
         cuda_gemv.SOURCE: cuda_gemv.kernel_names(),
         cuda_fp8_quant.SOURCE: cuda_fp8_quant.kernel_names(),
         cuda_lora.SOURCE: cuda_lora.kernel_names(),
+        cuda_token_bitmask.SOURCE: cuda_token_bitmask.kernel_names(),
     }
 
 

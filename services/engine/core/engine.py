@@ -57,10 +57,6 @@ class LaunchedStep(Protocol):
         """Start filling the grammar masks of its constrained sequences, once
         the step before has been read back."""
 
-    def complete(self) -> None:
-        """Queue the sampling where it waited for the host: a grammar's mask
-        needs the tokens of the step before, read back meanwhile."""
-
     def resolve(self) -> SamplerOutput: ...
 
 
@@ -329,17 +325,15 @@ class EngineCore:
         before it: with async scheduling the device runs step N while the host
         schedules step N+1, and a request that finished in step N costs one
         more step whose token is dropped. A step with constrained sequences
-        has its masks started once the step before is read back and its
-        sampling queued by the next call, after that call's scheduling, so
-        the masks are filled while the host schedules."""
+        has its masks started once the step before is read back, and its
+        sampling queued by the next call's launch once that call has
+        scheduled and prepared the next step's inputs (or by the read-back),
+        so the masks are filled while the host does both."""
         outputs, self._finished_outside_step = self._finished_outside_step, []
         self._expire_deadlines(outputs)
         if self._in_flight is not None and self._needs_history_on_host():
             outputs += self._read_back()
         scheduled = self.scheduler.schedule(self._propose())
-        if self._in_flight is not None:
-            # A constrained step's sampling, whose masks were started at the end of the last call.
-            self._in_flight.complete()
         launched = None
         if scheduled.scheduled:
             self.steps_total += 1
@@ -362,8 +356,8 @@ class EngineCore:
         one that proposes speculative tokens (the lookup needs the newest
         token), and one after a verify step, whose token count only the
         read-back tells. A step that masks by a grammar need not: its forward
-        pass is launched first, and its sampling (complete()) only after the
-        read-back has brought the newest tokens to the host."""
+        pass is launched first, and its sampling only after the read-back
+        has brought the newest tokens to the host."""
         return any(seq.sampling.has_penalties or self._speculates(seq) for seq in self.scheduler.running)
 
     def _speculates(self, seq: Sequence) -> bool:

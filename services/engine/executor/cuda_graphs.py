@@ -193,7 +193,6 @@ class CudaGraphRunner(ModelRunner):
                 tables[row, staged : len(table)] = table[staged:]
                 keys[row] = (seq, seq.num_preemptions, len(table))
         self.input_ids[:num_rows].copy_(staging.rows[0, :num_rows], non_blocking=True)
-        pending.fill(self.input_ids)
         self.positions[:num_rows].copy_(staging.rows[1, :num_rows], non_blocking=True)
         self.slot_mapping[:num_rows].copy_(staging.rows[2, :num_rows], non_blocking=True)
         if self.lora is not None:
@@ -207,6 +206,7 @@ class CudaGraphRunner(ModelRunner):
             query_start_loc[1 : num_seqs + 1] = np.cumsum([end - seq.num_computed_tokens for end, seq in zip(ends, sequences)])
             query_start_loc[num_seqs + 1 : size + 1] = num_tokens  # padding sequences: no query rows
             self.verify_query_start_loc[: size + 1].copy_(staging.query_start_loc[: size + 1], non_blocking=True)
+        pending.fill(self.input_ids)
         self.graphs[size, tokens_per_seq].replay()
         # Each sequence's rows are its proposals' and its next token's, in the order _sample takes them.
         return self._sample(sequences, self.logits[:num_tokens])

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import xgrammar
 
+from pagewire.kernels import cuda_token_bitmask
 from pagewire.services.common.errors import invalid_argument
 from pagewire.services.common.logging import get_logger
 from pagewire.services.common.model import load_hf_tokenizer, resolve_model
@@ -191,18 +192,20 @@ def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, row_indices: list[int]) -> torch.Tensor:
-    """`logits` with every token a row's bitmask leaves out set to -inf, on
-    the logits' device; ids past the bitmask (a model vocabulary padded
-    beyond the tokenizer's) are left out too. Rows not in row_indices are
-    unchanged. A row whose bitmask allows nothing (its grammar has ended) is
-    left as it is: the core ends that sequence."""
+    """`logits` with every token a row's bitmask leaves out set to -inf, in
+    place (the mask's i-th row masks row row_indices[i]); ids past the
+    bitmask (a model vocabulary padded beyond the tokenizer's) are left out
+    too. A row whose bitmask allows nothing (its grammar has ended) is left
+    as it is: the core ends that sequence. On a GPU one kernel
+    (kernels/token_bitmask.cu) does it; this is its reference."""
     device = logits.device
-    allowed = allowed_tokens(to_device(bitmask, torch.int32, device), logits.shape[-1])
+    if device.type == "cuda":
+        cuda_token_bitmask.apply_token_bitmask(logits, to_device(bitmask, torch.int32, device), to_device(row_indices, torch.int64, device))
+        return logits
+    allowed = allowed_tokens(bitmask, logits.shape[-1])
     allowed |= ~allowed.any(dim=1, keepdim=True)
     if len(row_indices) == logits.shape[0]:
-        return logits.masked_fill(~allowed, float("-inf"))
-    index = to_device(row_indices, torch.int64, device)
-    masked = logits.clone()
-    masked[index] = logits[index].masked_fill(~allowed, float("-inf"))
-    return masked
-
+        return logits.masked_fill_(~allowed, float("-inf"))
+    index = torch.tensor(row_indices, dtype=torch.int64)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return logits

@@ -42,6 +42,9 @@ from pagewire.services.engine.executor.grammar import GrammarLoader, GrammarShar
 
 log = get_logger("engine")
 
+# A constrained row of a step: its request id and output tokens.
+MaskRow = tuple[str, list[int]]
+
 WORKER_MODULE = "pagewire.services.engine.executor.grammar_pool"
 # A worker that has not answered a step by then is taken for hung.
 WORKER_REPLY_TIMEOUT_S = 60.0
@@ -52,7 +55,9 @@ WORKER_START_POLL_S = 0.05
 class WorkerSettings:
     """What a worker is sent first."""
 
-    tokenizer_info_json: str
+    # Files in shared memory (the message itself stays small, so sending it
+    # never waits for the worker to start).
+    tokenizer_info_path: str
     bitmask_path: str
     bitmask_rows: int
     bitmask_words: int
@@ -141,7 +146,7 @@ class LocalShard:
         pass
 
 
-@dataclass
+@dataclass(slots=True)
 class SentOutput:
     """What a sequence's shard has been sent of its output: how many tokens,
     and the newest (it stands for the prefix: an output only grows while
@@ -151,13 +156,14 @@ class SentOutput:
     count: int = 0
     last: int = -1
 
-    def row(self, request_id: str, output_token_ids: SequenceOf[int], row: int) -> ShardRow:
+    def row(self, request_id: str, output_token_ids: list[int], row: int) -> ShardRow:
         """The shard's row for this output, and the output taken as sent."""
-        extends = len(output_token_ids) >= self.count and (self.count == 0 or output_token_ids[self.count - 1] == self.last)
-        keep = self.count if extends else 0
-        self.count = len(output_token_ids)
-        self.last = output_token_ids[-1] if output_token_ids else -1
-        return (request_id, keep, list(output_token_ids[keep:]), row)
+        count, keep = len(output_token_ids), self.count
+        if keep and (count < keep or output_token_ids[keep - 1] != self.last):
+            keep = 0
+        self.count = count
+        self.last = output_token_ids[-1] if count else -1
+        return (request_id, keep, output_token_ids[keep:], row)
 
 
 class GrammarMatchers:
@@ -165,8 +171,13 @@ class GrammarMatchers:
     used by the step thread only. Starts its tokenizer and workers on the
     first constrained request."""
 
-    def __init__(self, model: str, max_rows: int, workers: int, log_level: str = "info", log_format: str = "auto"):
+    def __init__(self, model: str, max_rows: int, workers: int, log_level: str = "info", log_format: str = "auto", pin_memory: bool = False):
         self._model = model
+        # Page-locked, the masks travel to a GPU by DMA without a staging
+        # copy. That copy is done before the masks are next written: the
+        # engine reads a step's tokens back before it starts the next step's.
+        self._pin_memory = pin_memory
+        self._registered = False
         self._log = (log_level, log_format)
         self._max_rows = max_rows
         self._num_workers = workers
@@ -174,9 +185,10 @@ class GrammarMatchers:
         self._local: LocalShard | None = None
         self._workers: list[WorkerShard] = []
         self._bitmask = torch.empty(0, dtype=torch.int32)
-        self._bitmask_path = ""
-        # The rows of the started step: request id -> bitmask row.
-        self._started: dict[str, int] = {}
+        # The files the workers map or read at start; unlinked once they all have.
+        self._shared_paths: list[str] = []
+        # The request ids of the started step, in bitmask row order.
+        self._started: list[str] = []
 
     def __len__(self) -> int:
         """Constrained sequences held."""
@@ -199,24 +211,42 @@ class GrammarMatchers:
         self._loader = GrammarLoader(info)
         words = xgrammar.get_bitmask_shape(1, info.vocab_size)[1]
         if self._num_workers:
-            # A file in shared memory that every worker maps; unlinked once they all have.
-            handle, self._bitmask_path = tempfile.mkstemp(prefix="pagewire-grammar-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-            os.close(handle)
-            self._bitmask = torch.from_file(self._bitmask_path, shared=True, size=self._max_rows * words, dtype=torch.int32).view(self._max_rows, words)
-            settings = WorkerSettings(info.serialize_json(), self._bitmask_path, self._max_rows, words, *self._log)
+            bitmask_path, info_path = self._shared_file(b""), self._shared_file(info.serialize_json().encode())
+            self._bitmask = torch.from_file(bitmask_path, shared=True, size=self._max_rows * words, dtype=torch.int32).view(self._max_rows, words)
+            if self._pin_memory:
+                self._register_bitmask()
+            settings = WorkerSettings(info_path, bitmask_path, self._max_rows, words, *self._log)
             self._workers = [WorkerShard(index, settings) for index in range(self._num_workers)]
             log.info("grammar workers starting", workers=self._num_workers)
         else:
-            self._bitmask = torch.zeros(self._max_rows, words, dtype=torch.int32)
+            self._bitmask = torch.zeros(self._max_rows, words, dtype=torch.int32, pin_memory=self._pin_memory)
         return LocalShard(GrammarShard(self._loader, self._bitmask))
+
+    def _shared_file(self, content: bytes) -> str:
+        """A new file in shared memory holding content."""
+        handle, path = tempfile.mkstemp(prefix="pagewire-grammar-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        with os.fdopen(handle, "wb") as file:
+            file.write(content)
+        self._shared_paths.append(path)
+        return path
+
+    def _unlink_shared_files(self) -> None:
+        for path in self._shared_paths:
+            os.unlink(path)
+        self._shared_paths = []
+
+    def _register_bitmask(self) -> None:
+        error = torch.cuda.cudart().cudaHostRegister(self._bitmask.data_ptr(), self._bitmask.nbytes, 0)
+        self._registered = int(error) == 0
+        if not self._registered:
+            log.warning("the grammar bitmask could not be page-locked; its rows are staged for each copy to the GPU", cuda_error=str(error))
 
     def _shard_for_new_sequence(self) -> WorkerShard | LocalShard:
         self.start_workers()
         assert self._local is not None
         ready = [worker for worker in self._workers if worker.poll_ready()]
-        if self._bitmask_path and len(ready) == len(self._workers):
-            os.unlink(self._bitmask_path)
-            self._bitmask_path = ""
+        if self._shared_paths and len(ready) == len(self._workers):
+            self._unlink_shared_files()
         return min(ready, key=lambda worker: worker.sequences) if ready else self._local
 
     def add(self, request_id: str, compiled_grammar: str, stop_token_ids: SequenceOf[int]) -> None:
@@ -233,48 +263,55 @@ class GrammarMatchers:
             sent.shard.forget(request_id)
             sent.shard.sequences -= 1
 
-    def start(self, rows: list[tuple[str, SequenceOf[int]]]) -> None:
+    def start(self, rows: list[MaskRow]) -> None:
         """Start bringing these (request id, output tokens) rows' matchers to
         their outputs and writing their next masks, row i of the bitmask
         for the i-th; the workers' share runs while the caller goes on."""
         self.wait()
         if len(rows) > self._max_rows:
             raise RuntimeError(f"a step has {len(rows)} constrained rows, more than the {self._max_rows} the grammar bitmask holds")
-        by_shard: dict[int, tuple[WorkerShard | LocalShard, list[ShardRow]]] = {}
+        by_shard: dict[WorkerShard | LocalShard, list[ShardRow]] = {shard: [] for shard in self._shards()}
         for index, (request_id, output_token_ids) in enumerate(rows):
             sent = self._sent[request_id]
-            by_shard.setdefault(id(sent.shard), (sent.shard, []))[1].append(sent.row(request_id, output_token_ids, index))
-        # The workers' first, so they fill while the step thread writes its own share.
-        for shard, shard_rows in sorted(by_shard.values(), key=lambda item: isinstance(item[0], LocalShard)):
-            shard.step(shard_rows)
-        self._started = {request_id: index for index, (request_id, _) in enumerate(rows)}
+            by_shard[sent.shard].append(sent.row(request_id, output_token_ids, index))
+        # The workers' first (the local shard is last), so they fill while the step thread writes its own share.
+        for shard, shard_rows in by_shard.items():
+            if shard_rows:
+                shard.step(shard_rows)
+        self._started = [request_id for request_id, _ in rows]
+
+    def _shards(self) -> list[WorkerShard | LocalShard]:
+        assert self._local is not None
+        return [*self._workers, self._local]
 
     def wait(self) -> None:
         """Wait for the started step's masks."""
         for worker in self._workers:
             worker.wait()
 
-    def fill(self, rows: list[tuple[str, SequenceOf[int]]]) -> torch.Tensor:
+    def fill(self, rows: list[MaskRow]) -> torch.Tensor:
         """[len(rows), words] int32 bitmask on the host, a row per (request id,
         output tokens): bit t of a row set when token t may come next. The
         started step's masks serve the rows it started (a step's rows only
         lose sequences between start and fill, which end meanwhile)."""
-        if any(request_id not in self._started for request_id, _ in rows):
+        request_ids = [request_id for request_id, _ in rows]
+        if request_ids != self._started and not set(request_ids) <= set(self._started):
             self.start(rows)
         self.wait()
-        indices = [self._started[request_id] for request_id, _ in rows]
-        self._started = {}
-        if indices == list(range(len(rows))):
+        started, self._started = self._started, []
+        if request_ids == started:
             return self._bitmask[: len(rows)]
-        return self._bitmask[indices]
+        index_of = {request_id: index for index, request_id in enumerate(started)}
+        return self._bitmask[[index_of[request_id] for request_id in request_ids]]
 
     def close(self) -> None:
         for worker in self._workers:
             worker.close()
         self._workers = []
-        if self._bitmask_path:
-            os.unlink(self._bitmask_path)
-            self._bitmask_path = ""
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._bitmask.data_ptr())
+            self._registered = False
+        self._unlink_shared_files()
 
 
 def main() -> int:
@@ -287,7 +324,8 @@ def main() -> int:
     torch.set_num_threads(1)
     rows, words = settings.bitmask_rows, settings.bitmask_words
     bitmask = torch.from_file(settings.bitmask_path, shared=True, size=rows * words, dtype=torch.int32).view(rows, words)
-    shard = GrammarShard(GrammarLoader(xgrammar.TokenizerInfo.deserialize_json(settings.tokenizer_info_json)), bitmask)
+    with open(settings.tokenizer_info_path, encoding="utf-8") as info:
+        shard = GrammarShard(GrammarLoader(xgrammar.TokenizerInfo.deserialize_json(info.read())), bitmask)
     connection.send("ready")
     handlers = {"add": shard.add, "forget": shard.forget, "step": shard.step}
     while True:

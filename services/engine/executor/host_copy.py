@@ -13,4 +13,4 @@ def to_device(values: list | torch.Tensor, dtype: torch.dtype, device: torch.dev
     staged = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return staged
-    return staged.pin_memory().to(device, non_blocking=True)
+    return (staged if staged.is_pinned() else staged.pin_memory()).to(device, non_blocking=True)

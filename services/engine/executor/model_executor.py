@@ -110,7 +110,8 @@ class ModelExecutor:
         if config.block_size & (config.block_size - 1):
             # The GPU attention kernel finds a token's slot with shifts and masks.
             raise ValueError(f"--block-size must be a power of two, got {config.block_size}")
-        self.grammars = GrammarMatchers(config.model, config.max_num_seqs, grammar_workers(config), config.log_level, config.log_format)
+        on_gpu = (loaded.device if loaded is not None else resolve_device(config.device)).type == "cuda"
+        self.grammars = GrammarMatchers(config.model, config.max_num_seqs, grammar_workers(config), config.log_level, config.log_format, pin_memory=on_gpu)
         self.workers = start_tensor_parallel(config, loaded)
         try:
             self._build(config, loaded or load_engine_model(config))
@@ -196,6 +197,10 @@ class ModelExecutor:
 
     def launch(self, scheduled: list[ScheduledSequence]) -> LaunchedStep | None:
         if self.workers is not None:
+            # The ranks take the last step's sampled ids before this step's
+            # plan: on a CPU both travel over the one gloo group, in order.
+            if self.runner.last_launched is not None:
+                self.runner.last_launched.complete()
             self.workers.send(scheduled)
         return self.runner.launch(scheduled)
 

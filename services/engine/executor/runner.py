@@ -5,10 +5,12 @@ device: `launch` returns at once, and a token the host has not read back yet
 sequence with speculative proposals feeds them after its last known token
 and gets logits at every one of those positions (a verify step).
 
-A step with a constrained sequence queues its sampling only when the core
-calls `complete()`: the grammar's mask needs the token of the step before,
-which the core reads back while this step's forward pass runs, and then
-has the masks started (`start_masks()`) while it schedules the next step."""
+A step with a constrained sequence queues its sampling (`complete()`) only
+when the next step's inputs are prepared on the host, just before the
+device needs its tokens, or when the core reads it back: the grammar's mask
+needs the token of the step before, which the core reads back while this
+step's forward pass runs, and then has the masks started (`start_masks()`)
+while it schedules and prepares the next step."""
 
 from __future__ import annotations
 
@@ -63,10 +65,12 @@ class LaunchedStep:
         """Start filling the grammar masks of the constrained sequences, whose
         output tokens the host holds now (the step before was read back)."""
         if self._sample is None:
-            self.sampler.start_masks(sampling_rows(self.sequences))
+            self.sampler.start_masks([(s.request_id, s.output_token_ids) for s in self.sequences if s.constrained and s.status is not SequenceStatus.FINISHED])
 
+    @torch.inference_mode()
     def complete(self) -> None:
-        """Queue the sampling, if not yet done."""
+        """Queue the sampling, if not yet done (the logits are inference
+        tensors, which the grammar masks in place)."""
         if self._sample is None:
             assert self.logits is not None
             self._sample = self.sampler.sample(self.logits, sampling_rows(self.sequences), [len(s.spec_token_ids) + 1 for s in self.sequences])
@@ -92,14 +96,13 @@ def sampling_rows(sequences: list[Sequence]) -> list[SamplingRequest]:
 
 
 class PendingInputs:
-    """Input positions whose token the host does not know yet, and where each
-    lies in the previous launched step's sampled ids on the device."""
+    """Input positions whose token the host does not know yet: the previous
+    launched step samples them on the device."""
 
     def __init__(self, last: LaunchedStep | None):
-        self._rows = {id(seq): row for row, seq in zip(last.sample.last_rows, last.sequences)} if last is not None else {}
         self._last = last
         self.positions: list[int] = []
-        self.rows: list[int] = []
+        self._sequences: list[Sequence] = []
 
     def token(self, seq: Sequence, position: int, flat_index: int) -> int:
         """seq's token at position, or a placeholder recorded for fill()."""
@@ -107,13 +110,19 @@ class PendingInputs:
             return seq.token_at(position)
         # Only the newest sample can be unknown: older ones were read back before this step.
         self.positions.append(flat_index)
-        self.rows.append(self._rows[id(seq)])
+        self._sequences.append(seq)
         return 0
 
     def fill(self, input_ids: torch.Tensor) -> None:
+        """Write the pending tokens into input_ids on the device. Called once
+        the step's inputs are prepared on the host: a constrained previous
+        step queues its sampling here (complete()), having had its masks
+        filled meanwhile."""
         if self.positions and self._last is not None:
+            self._last.complete()
+            row_of = {id(seq): row for row, seq in zip(self._last.sample.last_rows, self._last.sequences)}
             device = input_ids.device
-            rows = torch.tensor(self.rows, dtype=torch.int64).to(device, non_blocking=True)
+            rows = torch.tensor([row_of[id(seq)] for seq in self._sequences], dtype=torch.int64).to(device, non_blocking=True)
             input_ids[torch.tensor(self.positions, dtype=torch.int64).to(device, non_blocking=True)] = self._last.sample.token_ids[rows]
 
 
@@ -168,14 +177,12 @@ class ModelRunner:
             max_query_len=max(item.num_new_tokens for item in scheduled),
             max_seq_len=max(seq_lens),
         )
-        device_input_ids = on_device(input_ids, torch.int64)
-        pending.fill(device_input_ids)
         lora_slots = None
         if self.lora is not None and any(item.seq.lora for item in scheduled):
             slots = self.lora_slots_of([item.seq for item in scheduled])
             lora_slots = on_device([slot for item, slot in zip(scheduled, slots) for _ in range(item.num_new_tokens)], torch.int64)
         return BatchInputs(
-            device_input_ids, on_device(positions, torch.int64), metadata, on_device(logits_indices, torch.int64), sampled, lora_slots
+            on_device(input_ids, torch.int64), on_device(positions, torch.int64), metadata, on_device(logits_indices, torch.int64), sampled, lora_slots
         )
 
     def lora_slots_of(self, sequences: list[Sequence]) -> list[int]:
@@ -194,6 +201,7 @@ class ModelRunner:
 
     def _launch(self, scheduled: list[ScheduledSequence], pending: PendingInputs) -> LaunchedStep | None:
         batch = self.prepare(scheduled, pending)
+        pending.fill(batch.input_ids)
         if self.lora is not None:
             self.lora.context.bind(batch.lora_slots)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)

@@ -27,7 +27,7 @@ import torch
 
 from pagewire.services.engine.core.sequence import SamplerOutput, SamplingParams, TokenLogprob
 from pagewire.services.engine.executor.grammar import apply_token_bitmask
-from pagewire.services.engine.executor.grammar_pool import GrammarMatchers
+from pagewire.services.engine.executor.grammar_pool import GrammarMatchers, MaskRow
 from pagewire.services.engine.executor.host_copy import to_device
 
 
@@ -171,13 +171,13 @@ class Sampler:
             self.request_generators[request.request_id] = generator
         return generator
 
-    def start_masks(self, rows: list[SamplingRequest]) -> None:
-        """Start filling the masks of the constrained rows, whose outputs are
-        on the host now; sample() waits for them."""
-        constrained = [(r.request_id, r.output_token_ids) for r in rows if r.constrained]
-        if constrained:
+    def start_masks(self, rows: list[MaskRow]) -> None:
+        """Start filling the masks of the constrained rows (those a step's
+        sample() gets, constrained), whose outputs are on the host now;
+        sample() waits for them."""
+        if rows:
             assert self.grammars is not None, "a constrained row reached a sampler without grammars"
-            self.grammars.start(constrained)
+            self.grammars.start(rows)
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
         """Sample every row on the device without waiting for it; row_counts

@@ -33,6 +33,7 @@ from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import Sequence, SequenceStatus
 from pagewire.services.engine.executor import parallel
+from pagewire.services.engine.executor.grammar_pool import MaskRow
 from pagewire.services.engine.executor.sampler import DeviceSample, Sampler, SamplingRequest
 
 log = get_logger("engine")
@@ -130,7 +131,7 @@ class BroadcastingSampler:
     def __init__(self, sampler: Sampler):
         self.sampler = sampler
 
-    def start_masks(self, rows: list[SamplingRequest]) -> None:
+    def start_masks(self, rows: list[MaskRow]) -> None:
         self.sampler.start_masks(rows)
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
