@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 
 import torch
 
 from benchmarks import hf_peer
-from benchmarks.throughput import SHAPES, add_workload_arguments, emit, engine_config, random_model, run_engine, warm_up_prompts
+from benchmarks.throughput import SHAPES, WARM_UP_SEED, add_workload_arguments, emit, engine_config, random_model, run_engine, warm_up_prompts
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.common.model import load_hf_tokenizer, resolve_model
 from pagewire.services.engine.config import grammar_workers
@@ -73,9 +74,10 @@ def main() -> None:
     # A server's steady state: every grammar worker up before the first measured request.
     core.executor.grammars.start_workers(wait_s=WORKER_START_TIMEOUT_S)
     modes = ("unconstrained", "json_schema")
-    # Every measured run takes prompts of its own, so none hits the prefix cache.
-    measured = {(round_index, mode): hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=2 * round_index + index)
-                for round_index in range(args.rounds) for index, mode in enumerate(modes)}  # fmt: skip
+    # Every measured run takes prompts of its own (the warm-up's seed left out), so none hits the prefix cache.
+    seeds = (seed for seed in itertools.count() if seed != WARM_UP_SEED)
+    measured = {(round_index, mode): hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=next(seeds))
+                for round_index in range(args.rounds) for mode in modes}  # fmt: skip
     warm = warm_up_prompts([prompt for prompts in measured.values() for prompt in prompts], args, vocab_size)
     workload = dict(shape=SHAPE, requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len, grammar_workers=grammar_workers(config),
                     device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")  # fmt: skip
