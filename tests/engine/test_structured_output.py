@@ -281,6 +281,21 @@ def _with_ready_workers(matchers: GrammarMatchers) -> GrammarMatchers:
     return matchers
 
 
+def test_the_first_constrained_requests_do_not_wait_for_the_workers(grammars, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Starting the workers returns at once (their first message is small:
+    the tokenizer travels in a file), and until they are up the step
+    thread's own shard serves new sequences, with the same masks."""
+    matchers = GrammarMatchers("", 4, 2)
+    stop = (hf_tokenizer.eos_token_id,)
+    matchers.add("early", grammars[0], stop)
+    assert not any(worker.ready for worker in matchers._workers) and matchers._sent["early"].shard is matchers._local
+    _with_ready_workers(matchers).add("late", grammars[0], stop)
+    assert matchers._sent["late"].shard in matchers._workers
+    masks = matchers.fill([("early", []), ("late", [])])
+    assert torch.equal(masks[0], masks[1]) and masks[0].any()
+    matchers.close()
+
+
 def test_worker_processes_give_the_outputs_of_the_step_thread(engine_model, chat_prompts, grammars, hf_tokenizer, alone) -> None:  # type: ignore[no-untyped-def]
     """Every kind of grammar in two worker processes, through preemption
     (recompute replays) and an abort, with a second engine's requests."""
