@@ -120,9 +120,21 @@ def serve_children(served: ServeProcess) -> dict[str, int]:
 
 
 def cpu_seconds(pids: Mapping[str, int]) -> dict[str, float]:
-    """CPU time (user + system) each process has used so far: where the host's work goes."""
-    times = {name: psutil.Process(pid).cpu_times() for name, pid in pids.items()}
-    return {name: t.user + t.system for name, t in times.items()}
+    """CPU time (user + system) each service has used so far, with its live
+    descendants' (the engine's core process, grammar, gateway and tokenizer
+    workers): where the host's work goes."""
+    return {name: _tree_cpu_seconds(psutil.Process(pid)) for name, pid in pids.items()}
+
+
+def _tree_cpu_seconds(root: psutil.Process) -> float:
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue  # it exited meanwhile
+        total += times.user + times.system
+    return total
 
 
 async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix: str, direct_to_engine: bool) -> StreamTimings:
