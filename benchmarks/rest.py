@@ -54,15 +54,14 @@ CLIENT_START_S = 3.0
 
 
 def front_door_pids(served: ServeProcess) -> dict[str, int]:
-    """The gateway and tokenizer processes of a serve, each gateway worker included."""
-    pids = {}
-    for name, pid in through_gateway.serve_children(served).items():
-        if name == "engine" or not psutil.pid_exists(pid):
-            continue
-        pids[name] = pid
-        for worker in psutil.Process(pid).children(recursive=True):
-            pids[f"{name}/{worker.pid}"] = worker.pid
-    return pids
+    """The gateway and tokenizer services of a serve (through_gateway.cpu_seconds
+    counts each one's workers with it)."""
+    return {name: pid for name, pid in through_gateway.serve_children(served).items() if name != "engine" and psutil.pid_exists(pid)}
+
+
+def process_count(pids: dict[str, int]) -> int:
+    """The processes of these services, their workers included."""
+    return sum(1 + len(psutil.Process(pid).children(recursive=True)) for pid in pids.values())
 
 
 def _rest_run(url: str, prompts: list[list[int]], output_len: int, stream: bool, client_processes: int) -> tuple[float, dict[str, dict]]:
@@ -109,7 +108,7 @@ def measure(served: ServeProcess, door: str, prompts: list[list[int]], args: arg
         **throughput.summarize(start, first_token, finished, tokens, seconds, args.output_len),
         engine_steps=stats_after.steps_total - stats_before.steps_total,
         prefix_cache_hit_tokens=stats_after.prefix_cache_hit_tokens - stats_before.prefix_cache_hit_tokens,
-        front_door_processes=len(pids), cpu_s_front_door=round(front_cpu, 2),
+        front_door_processes=process_count(pids), cpu_s_front_door=round(front_cpu, 2),
         cpu_us_per_token_front_door=round(front_cpu / tokens * 1e6, 1) if tokens else None,
     )  # fmt: skip
     if errors:
