@@ -285,7 +285,7 @@ def test_the_first_constrained_requests_do_not_wait_for_the_workers(grammars, hf
     """Starting the workers returns at once (their first message is small:
     the tokenizer travels in a file), and until they are up the step
     thread's own shard serves new sequences, with the same masks."""
-    matchers = GrammarMatchers("", 4, 2)
+    matchers = GrammarMatchers("", 4, 1)
     stop = (hf_tokenizer.eos_token_id,)
     matchers.add("early", grammars[0], stop)
     assert not any(worker.ready for worker in matchers._workers) and matchers._sent["early"].shard is matchers._local
