@@ -13,4 +13,7 @@ def to_device(values: list | torch.Tensor, dtype: torch.dtype, device: torch.dev
     staged = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return staged
-    return (staged if staged.is_pinned() else staged.pin_memory()).to(device, non_blocking=True)
+    # Only a tensor handed in can be pinned already (the grammar bitmask); a list never is.
+    if not (isinstance(values, torch.Tensor) and staged.is_pinned()):
+        staged = staged.pin_memory()
+    return staged.to(device, non_blocking=True)
