@@ -33,8 +33,8 @@ def emit(record: dict) -> None:
     sys.stdout.flush()
 
 
-def random_prompts(count: int, length: int, vocab_size: int) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(0)
+def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab_size - 10, (count, length), generator=generator).tolist()
 
 
@@ -80,14 +80,15 @@ def main() -> None:
     # Rounds repeat the same prompts: without this, later rounds would skip their prefill.
     config = EngineConfig(device="cpu", enable_prefix_caching=False)
     core = create_engine_core(config, load_engine_model(config))
-    prompts = random_prompts(args.requests, args.prompt_len, core.vocab_size)
+    prompts = random_prompts(args.requests, args.prompt_len, core.vocab_size, seed=0)
+    warm_up = random_prompts(2, args.prompt_len, core.vocab_size, seed=1)  # none of the measured ones
 
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(None)
     model = AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=torch.float32, **source.pretrained_kwargs()).eval()
-    run_pagewire(core, prompts[:2], 2)  # warm-up
-    run_hf(model, prompts[:2], 2, batch_size=2)
+    run_pagewire(core, warm_up, 2)
+    run_hf(model, warm_up, 2, batch_size=2)
     engine_times, hf_times = [], []
     for _ in range(args.repeat):
         seconds, engine_outputs = run_pagewire(core, prompts, args.output_len)
@@ -96,7 +97,7 @@ def main() -> None:
         hf_times.append(seconds)
     engine_rate, hf_rate = total_tokens / min(engine_times), total_tokens / min(hf_times)
     emit({"system": "pagewire", **workload, "seconds": round(min(engine_times), 3), "rounds_s": [round(t, 3) for t in engine_times],
-          "output_tokens_per_s": round(engine_rate, 1)})  # fmt: skip
+          "output_tokens_per_s": round(engine_rate, 1), "prefix_cache_hit_tokens": core.stats().prefix_cache_hit_tokens})  # fmt: skip
     emit({"system": "hf-generate-batched", **workload, "seconds": round(min(hf_times), 3), "rounds_s": [round(t, 3) for t in hf_times],
           "output_tokens_per_s": round(hf_rate, 1)})  # fmt: skip
     same = sum(engine_outputs[str(i)] == hf_outputs[i] for i in range(args.requests))
