@@ -22,9 +22,8 @@ import torch
 
 from benchmarks import hf_peer
 from benchmarks.attention import time_graph
-from benchmarks.throughput import SHAPES, add_fp8_arguments, emit, engine_config, free_gpu, random_model, run_engine
+from benchmarks.throughput import SHAPES, add_fp8_arguments, emit, engine_config, free_gpu, measured_engine, random_model, run_engine
 from pagewire.services.common.logging import configure_logging
-from pagewire.services.engine.executor.model_executor import create_engine_core
 
 READ_BYTES = 4 << 30
 
@@ -70,7 +69,7 @@ def main() -> None:
         )
         loaded = random_model(shape, torch.bfloat16, config.max_model_len, torch.device("cuda"), args.quantization)
         weights = weight_bytes(loaded.model)
-        core = create_engine_core(config, loaded)
+        core = measured_engine(config, loaded)
         for batch in batches:
             run_engine(core, hf_peer.prompts(batch, args.prompt_len, vocab, seed=100 + batch), 8)
             before = core.stats()

@@ -25,11 +25,10 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks import hf_peer
-from benchmarks.throughput import SHAPES, add_workload_arguments, emit, engine_config, free_gpu, random_model, run_engine, warm_up_prompts
+from benchmarks.throughput import SHAPES, add_workload_arguments, emit, engine_config, free_gpu, measured_engine, random_model, run_engine, warm_up_prompts
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.engine.executor.loader import resolve_dtype
 from pagewire.services.engine.executor.lora_adapter import TARGET_MODULES
-from pagewire.services.engine.executor.model_executor import create_engine_core
 
 # Standard deviation of the random adapter weights: B @ A stays a small change of each projection.
 ADAPTER_STD = 0.02
@@ -68,7 +67,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     prompts = hf_peer.prompts(args.requests, args.prompt_len, vocab_size)
     base_config = engine_config(args)
     dtype = resolve_dtype(base_config.dtype, device)
-    core = create_engine_core(base_config, random_model(shape, dtype, base_config.max_model_len, device))
+    core = measured_engine(base_config, random_model(shape, dtype, base_config.max_model_len, device))
     run_engine(core, warm_up_prompts(prompts, args, vocab_size), 8)
     base = run_engine(core, prompts, args.output_len)
     emit(dict(bench="lora", system="pagewire-base", **workload, num_kv_blocks=core.kv_cache.num_blocks, **base))
@@ -83,7 +82,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
         for kernel in args.lora_kernels.split(","):
             config = dataclasses.replace(base_config, lora=flags, max_loras=args.max_loras or args.adapters, max_lora_rank=args.rank, lora_kernel=kernel)
             # A fresh model: a LoRA engine wraps its model's projections in place.
-            core = create_engine_core(config, random_model(shape, dtype, base_config.max_model_len, device))
+            core = measured_engine(config, random_model(shape, dtype, base_config.max_model_len, device))
             run_engine(core, warm_up_prompts(prompts, args, vocab_size), 8, names)
             lora = run_engine(core, prompts, args.output_len, names)
             resolved = core.executor.lora.context.kernel

@@ -17,11 +17,10 @@ import argparse
 import torch
 
 from benchmarks import hf_peer
-from benchmarks.throughput import build_random, emit, free_gpu, run_engine
+from benchmarks.throughput import build_random, emit, free_gpu, measured_engine, run_engine
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.executor.loader import LoadedModel
-from pagewire.services.engine.executor.model_executor import create_engine_core
 from pagewire.services.engine.executor.models.llama import ModelConfig
 
 QWEN3_30B_A3B = dict(
@@ -70,7 +69,7 @@ def main() -> None:
                     output_len=args.output_len, device=torch.cuda.get_device_name())  # fmt: skip
     max_model_len = args.prompt_len + args.output_len
     config = EngineConfig(device="cuda", dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=256, gpu_memory_utilization=0.85)
-    core = create_engine_core(config, pagewire_model(max_model_len))
+    core = measured_engine(config, pagewire_model(max_model_len))
     run_engine(core, warm_up, 8)
     pagewire = run_engine(core, measured, args.output_len)
     emit(dict(workload, system="pagewire", num_kv_blocks=core.info.num_kv_blocks, **pagewire))

@@ -39,7 +39,6 @@ import torch
 from benchmarks import hf_peer, through_gateway, throughput
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.engine.executor.loader import resolve_dtype
-from pagewire.services.engine.executor.model_executor import create_engine_core
 from tests.support.harness import REPO, ServeProcess, child_environment, engine_stats
 
 # Prompt seeds of the measured runs: the in-process and gRPC runs share
@@ -125,7 +124,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     warm = throughput.warm_up_prompts([p for measured in prompts.values() for p in measured], args, vocab_size)
     config = throughput.engine_config(args)
     loaded = throughput.random_model(shape, resolve_dtype(config.dtype, device), config.max_model_len, device)
-    core = create_engine_core(config, loaded)
+    core = throughput.measured_engine(config, loaded)
     throughput.run_engine(core, warm, 8)
     in_process = throughput.run_engine(core, prompts[GRPC_SEED], args.output_len)
     throughput.emit(dict(bench="rest", system="pagewire", **workload, **in_process))

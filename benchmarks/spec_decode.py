@@ -36,13 +36,13 @@ from collections.abc import Callable
 import torch
 
 from benchmarks import hf_peer
-from benchmarks.throughput import SHAPES, emit, engine_config, free_gpu, random_model, run_engine
+from benchmarks.throughput import SHAPES, emit, engine_config, free_gpu, measured_engine, random_model, run_engine
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.engine import EngineCore
 from pagewire.services.engine.core.proposer import ProposalRequest
 from pagewire.services.engine.executor.loader import LoadedModel
-from pagewire.services.engine.executor.model_executor import ModelExecutor, create_engine_core
+from pagewire.services.engine.executor.model_executor import ModelExecutor
 
 
 @dataclasses.dataclass
@@ -142,7 +142,7 @@ def main() -> None:
                           device=device_name, num_speculative_tokens=k, async_scheduling=args.async_scheduling)  # fmt: skip
 
             outputs: dict[str, list[int]] = {}
-            core = create_engine_core(plain_config, loaded)
+            core = measured_engine(plain_config, loaded)
             plain = measure(core, warm, measured, args.output_len, outputs)
             del core
             free_gpu()
@@ -151,7 +151,7 @@ def main() -> None:
 
             speculating = dataclasses.replace(plain_config, speculative_method="ngram", num_speculative_tokens=k, ngram_min=1)
             for run in ("none-accepted", "all-accepted", "ngram"):
-                core = create_engine_core(speculating, loaded)
+                core = measured_engine(speculating, loaded)
                 if run != "ngram":
                     core.proposer = ReplayingProposer(continuations, args.prompt_len, k, vocab, wrong=run == "none-accepted")
                 verified: dict[str, list[int]] = {}

@@ -29,12 +29,12 @@ import json
 import torch
 
 from benchmarks import hf_peer
-from benchmarks.throughput import SHAPES, WARM_UP_SEED, add_workload_arguments, emit, engine_config, random_model, run_engine, warm_up_prompts
+from benchmarks.throughput import SHAPES, WARM_UP_SEED, add_workload_arguments, emit, engine_config, measured_engine, random_model, run_engine, warm_up_prompts
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.common.model import load_hf_tokenizer, resolve_model
 from pagewire.services.engine.config import grammar_workers
+from pagewire.services.engine.executor.grammar_pool import GrammarTimings
 from pagewire.services.engine.executor.loader import resolve_dtype
-from pagewire.services.engine.executor.model_executor import create_engine_core
 from pagewire.services.tokenizer.grammar import GrammarCompiler
 from pagewire.v1 import common_pb2
 
@@ -70,7 +70,7 @@ def main() -> None:
     loaded = random_model(SHAPE, resolve_dtype(config.dtype, device), config.max_model_len, device)
     # The tokenizer's end of sequence, where a complete answer may stop.
     loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, eos_token_ids=(tokenizer.eos_token_id,)))
-    core = create_engine_core(config, loaded)
+    core = measured_engine(config, loaded)
     # A server's steady state: every grammar worker up before the first measured request.
     core.executor.grammars.start_workers(wait_s=WORKER_START_TIMEOUT_S)
     modes = ("unconstrained", "json_schema")
@@ -85,7 +85,9 @@ def main() -> None:
     for (round_index, mode), prompts in measured.items():
         mode_grammar = grammar if mode == "json_schema" else ""
         run_engine(core, warm, 8, compiled_grammar=mode_grammar)
+        before = dataclasses.replace(core.executor.grammars.timings)
         result = run_engine(core, prompts, args.output_len, compiled_grammar=mode_grammar)
+        result.update(grammar_ms_per_step(before, core.executor.grammars.timings))
         if result["output_tokens"] != args.requests * args.output_len:
             raise SystemExit(f"{mode}: {result['output_tokens']} output tokens, expected {args.requests * args.output_len}")
         emit(dict(bench="structured_output", mode=mode, round=round_index, **workload, **result))
@@ -94,6 +96,13 @@ def main() -> None:
     out_tok_s = {mode: total["output_tokens"] / total["seconds"] for mode, total in totals.items()}
     emit(dict(bench="structured_output_ratio", shape=SHAPE, rounds=args.rounds, **{f"{mode}_out_tok_s": round(rate, 1) for mode, rate in out_tok_s.items()},
               constrained_over_unconstrained=round(out_tok_s["json_schema"] / out_tok_s["unconstrained"], 3)))  # fmt: skip
+
+def grammar_ms_per_step(before: GrammarTimings, after: GrammarTimings) -> dict[str, float]:
+    """The step thread's milliseconds a constrained step sending the rows and
+    waiting for the masks, and the slowest worker's own, over a run."""
+    steps = max(after.steps - before.steps, 1)
+    return {f"grammar_{name}_ms": round((getattr(after, f"{name}_s") - getattr(before, f"{name}_s")) * 1e3 / steps, 3) for name in ("start", "wait", "fill")}
+
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ caching, aborts in every state, deadlines, stop conditions, validation."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS
 from pagewire.services.engine.executor.kv_tensors import kv_bytes_per_block
+from pagewire.services.engine.executor.model_executor import freeze_long_lived_objects
 from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus
 from tests.engine.util import MAX_NEW_TOKENS, assert_no_leaks, greedy, make_engine, run_all, tokens_of
 
@@ -42,6 +44,20 @@ def test_preempted_requests_produce_the_unpreempted_output(engine_model, prompts
         # ignore_eos: HF stops at EOS, so compare up to it.
         assert tokens_of(outputs[f"r{i}"])[: len(expected)] == expected, f"request r{i}"
     assert_no_leaks(core)
+
+
+def test_a_frozen_engine_keeps_its_blocks_from_full_collections_and_still_serves(engine_model, prompts, hf_greedy) -> None:
+    # What the engine's process does once its core is built.
+    core = make_engine(engine_model, num_kv_blocks=2048)
+    freeze_long_lived_objects()
+    try:
+        collected = {id(o) for o in gc.get_objects()}
+        assert not any(id(block) in collected for block in core.kv_cache.pool.blocks)
+        core.add_request("r0", prompts[0], greedy(MAX_NEW_TOKENS))
+        assert tokens_of(run_all(core)["r0"]) == hf_greedy[0]
+        assert_no_leaks(core)
+    finally:
+        gc.unfreeze()
 
 
 def test_preemption_takes_the_newest_running_sequence_and_queues_it_first(engine_model, prompts, hf_greedy) -> None:

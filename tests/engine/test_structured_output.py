@@ -339,6 +339,9 @@ def test_a_worker_shard_writes_the_masks_the_step_thread_does(grammars, hf_token
         fills = [matchers.fill(list(earlier.items())).clone(), matchers.fill(list(stepped.items())).clone()]
         masks.append(fills)
         assert len(matchers) == len(grammar_of)
+        # Two steps sent; the workers' own fill time comes back with their masks.
+        assert matchers.timings.steps == 2 and matchers.timings.start_s > 0
+        assert (matchers.timings.fill_s > 0) == bool(workers)
         matchers.close()
     assert all(torch.equal(step, thread) for step, thread in zip(masks[0], masks[1]))
     ahead_one, ahead_many, rewound, refused, after_stop = masks[0][1]

@@ -45,7 +45,7 @@ def chain_root(salt: str) -> bytes | None:
     return hashlib.sha256(b"lora\0" + salt.encode()).digest() if salt else None
 
 
-@dataclass
+@dataclass(slots=True)
 class KVBlock:
     block_id: int
     ref_count: int = 0

@@ -65,6 +65,19 @@ class WorkerSettings:
     log_format: str
 
 
+@dataclass
+class GrammarTimings:
+    """Where a constrained step's grammar time goes, summed over steps."""
+
+    steps: int = 0
+    # The step thread sending the rows.
+    start_s: float = 0.0
+    # The step thread waiting for the masks.
+    wait_s: float = 0.0
+    # The slowest worker's own time, from receiving its rows to its reply.
+    fill_s: float = 0.0
+
+
 class WorkerShard:
     """A GrammarShard in a worker process."""
 
@@ -102,16 +115,20 @@ class WorkerShard:
         except OSError:
             raise self._exited() from None
 
-    def wait(self) -> None:
-        if self._reply_due:
-            self._reply_due = False
-            self._receive()
+    def wait(self) -> float:
+        """The worker's own seconds for the step sent, once it has answered (0.0 when none was)."""
+        if not self._reply_due:
+            return 0.0
+        self._reply_due = False
+        seconds = self._receive()
+        assert isinstance(seconds, float), f"{self.name} answered a step with {seconds!r}"
+        return seconds
 
-    def _receive(self) -> None:
+    def _receive(self) -> object:
         try:
             if not self.connection.poll(WORKER_REPLY_TIMEOUT_S):
                 raise RuntimeError(f"{self.name} did not answer within {WORKER_REPLY_TIMEOUT_S:.0f} s")
-            self.connection.recv()
+            return self.connection.recv()
         except (EOFError, OSError):
             raise self._exited() from None
 
@@ -142,8 +159,8 @@ class LocalShard:
     def step(self, rows: list[ShardRow]) -> None:
         self.shard.step(rows)
 
-    def wait(self) -> None:
-        pass
+    def wait(self) -> float:
+        return 0.0
 
 
 @dataclass(slots=True)
@@ -189,6 +206,7 @@ class GrammarMatchers:
         self._shared_paths: list[str] = []
         # The request ids of the started step, in bitmask row order.
         self._started: list[str] = []
+        self.timings = GrammarTimings()
 
     def __len__(self) -> int:
         """Constrained sequences held."""
@@ -268,6 +286,7 @@ class GrammarMatchers:
         their outputs and writing their next masks, row i of the bitmask
         for the i-th; the workers' share runs while the caller goes on."""
         self.wait()
+        began = time.perf_counter()
         if len(rows) > self._max_rows:
             raise RuntimeError(f"a step has {len(rows)} constrained rows, more than the {self._max_rows} the grammar bitmask holds")
         by_shard: dict[WorkerShard | LocalShard, list[ShardRow]] = {shard: [] for shard in self._shards()}
@@ -279,6 +298,8 @@ class GrammarMatchers:
             if shard_rows:
                 shard.step(shard_rows)
         self._started = [request_id for request_id, _ in rows]
+        self.timings.steps += 1
+        self.timings.start_s += time.perf_counter() - began
 
     def _shards(self) -> list[WorkerShard | LocalShard]:
         assert self._local is not None
@@ -286,8 +307,11 @@ class GrammarMatchers:
 
     def wait(self) -> None:
         """Wait for the started step's masks."""
-        for worker in self._workers:
-            worker.wait()
+        began = time.perf_counter()
+        fill_s = max((worker.wait() for worker in self._workers), default=0.0)
+        if fill_s:
+            self.timings.fill_s += fill_s
+            self.timings.wait_s += time.perf_counter() - began
 
     def fill(self, rows: list[MaskRow]) -> torch.Tensor:
         """[len(rows), words] int32 bitmask on the host, a row per (request id,
@@ -333,9 +357,10 @@ def main() -> int:
             kind, *args = connection.recv()
         except EOFError:
             return 0
+        began = time.perf_counter()
         handlers[kind](*args)
         if kind == "step":
-            connection.send("done")
+            connection.send(time.perf_counter() - began)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ does with torch and the device goes through here."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import torch
 
@@ -234,6 +235,18 @@ class ModelExecutor:
 
     def constrain(self, request_id: str, compiled_grammar: str, stop_token_ids: tuple[int, ...]) -> None:
         self.grammars.add(request_id, compiled_grammar, stop_token_ids)
+
+
+def freeze_long_lived_objects() -> None:
+    """Take every object alive now out of the cyclic garbage collector's
+    reach; called once an engine is built in a process that keeps it. The
+    block pool holds a Python object per KV block (hundreds of thousands on
+    a large GPU), and a full collection walks each one: on an H200 one took
+    0.3 s, a stall of every request in the middle of a step. Frozen objects
+    are still freed when their last reference goes; only a reference cycle
+    among them would stay (gc.unfreeze() hands them back)."""
+    gc.collect()
+    gc.freeze()
 
 
 def create_engine_core(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore:

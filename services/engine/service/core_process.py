@@ -45,7 +45,7 @@ def _child_main(config: EngineConfig, conn: Connection) -> None:
     # Ctrl-C reaches the whole process group; the server decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(config.log_level, config.log_format, service="engine")
-    from pagewire.services.engine.executor.model_executor import create_engine_core
+    from pagewire.services.engine.executor.model_executor import create_engine_core, freeze_long_lived_objects
 
     try:
         core = create_engine_core(config)
@@ -53,6 +53,7 @@ def _child_main(config: EngineConfig, conn: Connection) -> None:
         log.exception("engine core failed to load")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    freeze_long_lived_objects()
     send_lock = threading.Lock()
 
     def send(message: tuple[Any, ...]) -> None:
