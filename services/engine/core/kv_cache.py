@@ -132,7 +132,7 @@ class KVCacheManager:
         size = self.block_size
         for i in range(len(seq.block_hashes), num_full_blocks):
             parent = seq.block_hashes[i - 1] if i else chain_root(seq.prefix_salt)
-            seq.block_hashes.append(hash_block(parent, [seq.token_at(j) for j in range(i * size, (i + 1) * size)]))
+            seq.block_hashes.append(hash_block(parent, seq.token_slice(i * size, (i + 1) * size)))
 
     def cached_prefix(self, seq: Sequence) -> list[KVBlock]:
         """The longest run of cached blocks matching seq's leading full blocks.

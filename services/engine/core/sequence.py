@@ -167,6 +167,13 @@ class Sequence:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """The known tokens at positions [start, stop) (stop at most num_known_tokens)."""
+        n = len(self.prompt_token_ids)
+        if stop <= n:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:n] + self.output_token_ids[max(start - n, 0) : stop - n]
+
 
 @dataclass
 class RequestOutput:

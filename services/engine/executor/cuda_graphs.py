@@ -27,7 +27,7 @@ from pagewire.services.engine.executor.backend import AttentionMetadata
 from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.executor.loader import LoadedModel
 from pagewire.services.engine.executor.lora import LoraSlots
-from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, PendingInputs
+from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, PendingInputs, cache_slots
 from pagewire.services.engine.executor.sampler import Sampler
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import Sequence
@@ -172,7 +172,7 @@ class CudaGraphRunner(ModelRunner):
             ids.extend(seq.spec_token_ids)
             end = start + 1 + len(seq.spec_token_ids)
             positions.extend(range(start, end))
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            slots.extend(cache_slots(table, start, end, block_size))
             ends.append(end)
         num_tokens = len(ids)
         rows, seq_lens, tables = staging.rows.numpy(), staging.seq_lens.numpy(), staging.tables.numpy()

@@ -113,6 +113,14 @@ class PendingInputs:
         self._sequences.append(seq)
         return 0
 
+    def tokens(self, seq: Sequence, start: int, stop: int, flat_index: int) -> list[int]:
+        """seq's tokens at positions [start, stop), the one not known yet (if
+        any) as a placeholder recorded for fill(); flat_index is start's."""
+        known = min(stop, seq.num_known_tokens)
+        ids = seq.token_slice(start, known) if known > start else []
+        ids.extend(self.token(seq, position, flat_index + position - start) for position in range(max(start, known), stop))
+        return ids
+
     def fill(self, input_ids: torch.Tensor) -> None:
         """Write the pending tokens into input_ids on the device. Called once
         the step's inputs are prepared on the host: a constrained previous
@@ -124,6 +132,19 @@ class PendingInputs:
             device = input_ids.device
             rows = torch.tensor([row_of[id(seq)] for seq in self._sequences], dtype=torch.int64).to(device, non_blocking=True)
             input_ids[torch.tensor(self.positions, dtype=torch.int64).to(device, non_blocking=True)] = self._last.sample.token_ids[rows]
+
+
+def cache_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The KV cache slots of positions [start, end) of a sequence with this
+    block table, a range per block (a prefill chunk covers thousands)."""
+    if end - start == 1:  # a decode step's, once per sequence
+        return [block_table[start // block_size] * block_size + start % block_size]
+    slots: list[int] = []
+    for block in range(start // block_size, -(-end // block_size)):
+        first = block * block_size
+        base = block_table[block] * block_size - first
+        slots.extend(range(base + max(start, first), base + min(end, first + block_size)))
+    return slots
 
 
 class ModelRunner:
@@ -151,20 +172,17 @@ class ModelRunner:
             seq = item.seq
             drafts = seq.spec_token_ids
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
-            input_ids.extend(pending.token(seq, p, len(input_ids)) for p in range(start, end - len(drafts)))
+            input_ids.extend(pending.tokens(seq, start, end - len(drafts), len(input_ids)))
             input_ids.extend(drafts)
             positions.extend(range(start, end))
-            table = seq.block_table
-            slot_mapping.extend(table[p // size] * size + p % size for p in range(start, end))
+            slot_mapping.extend(cache_slots(seq.block_table, start, end, size))
             seq_lens.append(end)
             query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
             if item.completes_sequence:
                 logits_indices.extend(range(query_start_loc[-1] - 1 - len(drafts), query_start_loc[-1]))
                 sampled.append(seq)
         width = max(len(item.seq.block_table) for item in scheduled)
-        block_tables = torch.zeros(len(scheduled), width, dtype=torch.int32)
-        for row, item in enumerate(scheduled):
-            block_tables[row, : len(item.seq.block_table)] = torch.tensor(item.seq.block_table, dtype=torch.int32)
+        block_tables = torch.tensor([item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in scheduled], dtype=torch.int32)
 
         def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)

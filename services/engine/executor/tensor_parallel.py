@@ -68,6 +68,9 @@ class MirroredSequence:
     def token_at(self, index: int) -> int:
         return self.known[index - self.num_computed_tokens]
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        return self.known[start - self.num_computed_tokens : stop - self.num_computed_tokens]
+
 
 @dataclass
 class PlannedSequence:
@@ -97,7 +100,7 @@ class StepPlanner:
             seen[id(seq)] = (seq, serial)
             start = seq.num_computed_tokens
             inputs_end = min(start + item.num_new_tokens - len(seq.spec_token_ids), seq.num_known_tokens)
-            known = [seq.token_at(p) for p in range(start, inputs_end)]
+            known = seq.token_slice(start, inputs_end) if inputs_end > start else []
             mirror = MirroredSequence(seq.request_id, start, seq.num_tokens, seq.num_preemptions, list(seq.block_table), list(seq.spec_token_ids), known)
             planned.append(PlannedSequence(serial, item.num_new_tokens, mirror))
         self._last = seen
