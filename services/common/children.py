@@ -63,9 +63,10 @@ class Child:
 async def _relay_output(stream: asyncio.StreamReader, tail: collections.deque[str]) -> None:
     """Copy a child's output to ours, keeping its last lines."""
     while line := await stream.readline():
-        text = line.decode(errors="replace")
-        tail.append(text.rstrip("\n"))
-        sys.stderr.write(text)
+        text = line.decode(errors="replace").rstrip("\n")
+        tail.append(text)
+        # A last line without its newline must not run into our next record.
+        sys.stderr.write(text + "\n")
         sys.stderr.flush()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import multiprocessing
 import signal
@@ -86,6 +87,10 @@ def _child_main(config: EngineConfig, conn: Connection) -> None:
             stream = streams.pop(stream_id) if action == "close" else streams[stream_id]
             step_loop.submit(StreamCommand(action, stream))
     step_loop.stop()
+    # Frozen objects outlive the interpreter's last collection, and native
+    # libraries (triton's bindings) print each one they find alive at exit
+    # as a leak: hand them back first.
+    gc.unfreeze()
 
 
 class CoreProcess:
