@@ -101,6 +101,22 @@ def test_greedy_takes_the_argmax_and_logprobs_equal_log_softmax() -> None:
     assert logprobs[2].top == ()
 
 
+def test_an_all_greedy_batch_picks_what_a_mixed_batch_picks_for_its_greedy_rows() -> None:
+    # All greedy without logprobs takes a shorter path; non-finite logits included.
+    torch.manual_seed(4)
+    logits = torch.randn(4, VOCAB)
+    logits[1, 7] = float("nan")
+    logits[2, 9] = float("inf")
+    logits[3] = float("-inf")
+    logits[3, 11] = 0.0
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    greedy_rows = [_row(SamplingParams(temperature=0.0), request_id=f"g{i}") for i in range(4)]
+    alone, _ = _sample(sampler, logits.clone(), greedy_rows)
+    mixed, _ = _sample(sampler, torch.cat([logits, logits[:1]]), [*greedy_rows, _row(SamplingParams(temperature=0.7, seed=1), request_id="s")])
+    assert alone == mixed[:4]
+    assert alone[1] != 7 and alone[2] == 9 and alone[3] == 11
+
+
 def test_sampling_follows_the_distribution() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(4000, 1)
     rows = [_row(SamplingParams(temperature=1.0), request_id=str(i)) for i in range(4000)]

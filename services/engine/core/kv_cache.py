@@ -153,6 +153,8 @@ class KVCacheManager:
         """Give seq blocks for num_new_tokens more tokens, first adopting
         cached_blocks (a fresh sequence's prefix hits). False, with nothing
         changed, when the free blocks do not suffice."""
+        if not cached_blocks and seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * self.block_size:
+            return True  # room already: most decode steps of every sequence
         num_computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
         num_needed = self.blocks_for_tokens(num_computed + num_new_tokens) - len(seq.block_table) - len(cached_blocks)
         # Hits wholly before the window of the first query are not adopted at all.
@@ -210,6 +212,8 @@ class KVCacheManager:
         query sits at num_computed_tokens, or earlier by the proposals a verify
         step rejects, but never before the last known token. A registered
         block keeps its hash in the free queue, so the prefix cache stays."""
+        if not self.sliding_window:
+            return
         num_slid = self._num_slid_blocks(min(seq.num_computed_tokens, seq.num_known_tokens - 1))
         # Entries before the first slid one found walking back are slid already.
         for i in range(min(num_slid, len(seq.block_table)) - 1, -1, -1):

@@ -154,6 +154,12 @@ class DeviceSample:
         return out
 
 
+def finite(logits: torch.Tensor) -> torch.Tensor:
+    """A tiny temperature or penalty overflows logits to inf, and inf - inf
+    is NaN: every row kept finite, so argmax, softmax and logprobs stay sane."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+
+
 class Sampler:
     def __init__(self, seed: int, device: torch.device, grammars: GrammarMatchers | None = None):
         self.device = device
@@ -194,6 +200,11 @@ class Sampler:
         if any(p.logit_bias for p in params):
             logits = apply_logit_bias(logits, rows)
         verifies = any(r.draft_token_id is not None for r in rows)
+        if not verifies and all(p.greedy and p.logprobs is None for p in params):
+            # The common batch, served without building per-row parameters:
+            # what the general path computes for greedy rows (temperature 1).
+            chosen = finite(logits).argmax(dim=-1)
+            return self._to_host(chosen, params, row_counts, [], [chosen], False)
         # Greedy rows keep temperature 1 so their logprobs are the plain
         # distribution. Proposals (-1: none) ride along; float32 holds ids exactly.
         per_row = to_device(
@@ -206,9 +217,7 @@ class Sampler:
             self.device,
         )
         draft = per_row[:, 5].long() if verifies else None
-        # A tiny temperature or penalty overflows logits to inf, and inf - inf
-        # is NaN: keep every row finite so argmax, softmax and logprobs stay sane.
-        scaled = torch.nan_to_num(logits / per_row[:, 0:1], nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+        scaled = finite(logits / per_row[:, 0:1])
         chosen = scaled.argmax(dim=-1)
         accepted = None if draft is None else chosen == draft
         if not all(p.greedy for p in params):
