@@ -20,11 +20,12 @@ import time
 
 import torch
 
+from benchmarks.throughput import measured_engine
 from pagewire.services.common.logging import configure_logging
 from pagewire.services.common.model import resolve_model
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.engine import EngineCore
-from pagewire.services.engine.executor.model_executor import create_engine_core, load_engine_model
+from pagewire.services.engine.executor.model_executor import load_engine_model
 from pagewire.services.engine.core.sequence import SamplingParams
 
 
@@ -79,7 +80,7 @@ def main() -> None:
 
     # Rounds repeat the same prompts: without this, later rounds would skip their prefill.
     config = EngineConfig(device="cpu", enable_prefix_caching=False)
-    core = create_engine_core(config, load_engine_model(config))
+    core = measured_engine(config, load_engine_model(config))
     prompts = random_prompts(args.requests, args.prompt_len, core.vocab_size, seed=0)
     warm_up = random_prompts(2, args.prompt_len, core.vocab_size, seed=1)  # none of the measured ones
 

@@ -97,6 +97,7 @@ def main() -> None:
     emit(dict(bench="structured_output_ratio", shape=SHAPE, rounds=args.rounds, **{f"{mode}_out_tok_s": round(rate, 1) for mode, rate in out_tok_s.items()},
               constrained_over_unconstrained=round(out_tok_s["json_schema"] / out_tok_s["unconstrained"], 3)))  # fmt: skip
 
+
 def grammar_ms_per_step(before: GrammarTimings, after: GrammarTimings) -> dict[str, float]:
     """The step thread's milliseconds a constrained step sending the rows and
     waiting for the masks, and the slowest worker's own, over a run."""
