@@ -50,10 +50,12 @@ def make_runner(
 ) -> ModelRunner:
     """CUDA graphs for decode steps on a GPU, and for verify steps when the
     runner `verifies` speculative proposals (the target model's, not the
-    draft's), eager steps on the CPU; the same on every tensor-parallel rank."""
+    draft's), eager steps on the CPU over oneDNN-prepacked projections; the
+    same on every tensor-parallel rank."""
     if loaded.device.type == "cuda":
         verify_tokens = 1 + config.num_speculative_tokens if verifies and config.speculative_method else 1
         return CudaGraphRunner(loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len, lora, verify_tokens)
+    loaded.model.prepack_for_cpu()
     return ModelRunner(loaded, kv_caches, config.block_size, sampler, lora)
 
 

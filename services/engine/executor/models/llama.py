@@ -20,7 +20,7 @@ from torch import nn
 
 from pagewire.services.engine.executor.backend import AttentionMetadata, KernelBackend
 from pagewire.services.engine.executor.parallel import all_reduce, embedding, gather_vocab, vocab_shard
-from pagewire.services.engine.executor.layers.linear import linear
+from pagewire.services.engine.executor.layers.linear import PrepackedLinear, can_prepack, linear, prepack_projections
 from pagewire.services.engine.executor.layers.moe import MoE
 from pagewire.services.engine.executor.layers.norm import RMSNorm
 from pagewire.services.engine.executor.layers.rotary import RotaryEmbedding
@@ -215,9 +215,19 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits of the given rows (only those whose next token is sampled)."""
-        head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         normed, _ = self.model.norm(hidden)
-        return gather_vocab(F.linear(normed, head), self.config.vocab_size).float()
+        # A tied model has an lm_head module only once prepack_for_cpu gave it a packed copy of the embedding.
+        logits = self.lm_head(normed) if "lm_head" in self._modules else F.linear(normed, self.model.embed_tokens.weight)
+        return gather_vocab(logits, self.config.vocab_size).float()
+
+    def prepack_for_cpu(self) -> None:
+        """Every projection and the LM head through oneDNN over prepacked
+        weights (layers/linear.py), where this model's weights allow it. A
+        tied head gets a packed copy of the embedding, which keeps its own."""
+        embedding_weight = self.model.embed_tokens.weight
+        if "lm_head" not in self._modules and can_prepack(embedding_weight):
+            self.lm_head = PrepackedLinear(embedding_weight)
+        prepack_projections(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) in, stacking q/k/v and gate/up and
