@@ -4,7 +4,8 @@ prefill chunks and padding sequences, GQA and plain multi-head layouts, as
 one padded batch and split into groups past the padding budget, with and
 without a sliding window, over float32 and bfloat16 caches whose sequences
 own scattered or consecutive blocks; and the same results whether the
-scratch buffers it gathers into are kept between calls or not."""
+scratch buffers it gathers into are kept between calls or not; and a step's
+plan reused by its later layers only while their metadata is the same."""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def test_cpu_attention_matches_reference(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(cpu_attention, "MAX_PADDED_SCORES", padding_budget)
+    monkeypatch.setattr(cpu_attention, "_last_plan", cpu_attention._LastPlan())  # planned under this budget
     args = _step_args(*BATCHES[kind], block_size, num_heads, num_kv_heads, dtype, consecutive, seed=block_size + num_heads)
     torch.testing.assert_close(
         cpu_attention.paged_attention(*args, sliding_window=sliding_window), reference.paged_attention(*args, sliding_window=sliding_window), **TOLERANCES[dtype]
@@ -83,3 +85,47 @@ def test_scratch_buffers_carry_nothing_between_calls(kept_bytes: int, monkeypatc
     for seed, (query_lens, context_lens) in enumerate([BATCHES["decodes"], BATCHES["one-decode"]]):
         args = _step_args(query_lens, context_lens, 16, 9, 3, torch.bfloat16, consecutive=False, seed=seed)
         torch.testing.assert_close(cpu_attention.paged_attention(*args), reference.paged_attention(*args), **TOLERANCES[torch.bfloat16])
+
+
+def test_a_plan_serves_the_layers_of_its_step_and_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers of one step (the same metadata, other queries and caches) reuse
+    the first layer's plan; metadata changed in place, or equal metadata
+    from a new step, never gets a stale plan."""
+    monkeypatch.setattr(cpu_attention, "_last_plan", cpu_attention._LastPlan())
+    planned = []
+    real_plan = cpu_attention._plan
+    monkeypatch.setattr(cpu_attention, "_plan", lambda *args: planned.append(1) or real_plan(*args))
+    args = list(_step_args(*BATCHES["mixed"], 4, 9, 3, torch.float32, consecutive=False, seed=0))
+    with torch.inference_mode():
+        for layer in range(3):
+            layer_args = _step_args(*BATCHES["mixed"], 4, 9, 3, torch.float32, consecutive=False, seed=layer)
+            args[:3] = layer_args[:3]  # another layer: its own query and caches, the step's tables and lengths
+            torch.testing.assert_close(cpu_attention.paged_attention(*args), reference.paged_attention(*args), **TOLERANCES[torch.float32])
+        assert len(planned) == 1
+        args[4][0] -= 1  # in place: the first sequence's context one shorter
+        torch.testing.assert_close(cpu_attention.paged_attention(*args), reference.paged_attention(*args), **TOLERANCES[torch.float32])
+        assert len(planned) == 2
+        args[3] = args[3].clone()  # a new step with equal metadata plans nothing new, and needs nothing new
+        torch.testing.assert_close(cpu_attention.paged_attention(*args), reference.paged_attention(*args), **TOLERANCES[torch.float32])
+        assert len(planned) == 2
+        torch.testing.assert_close(
+            cpu_attention.paged_attention(*args, sliding_window=5), reference.paged_attention(*args, sliding_window=5), **TOLERANCES[torch.float32]
+        )
+        assert len(planned) == 3
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, reference.FP8_CACHE_DTYPE], ids=["float32", "bfloat16", "fp8"])
+@pytest.mark.parametrize("slots", [[5, 9, 0, 23], [5, -1, 0, 23]], ids=["all-real", "with-padding"])
+def test_cpu_cache_write_equals_reference(cache_dtype: torch.dtype, slots: list[int]) -> None:
+    """Rows that are views of a fused projection (as the model passes them),
+    written at scattered slots of a 16-bit, 32-bit or FP8 cache."""
+    generator = torch.Generator().manual_seed(0)
+    fused = torch.randn(len(slots), 2 * 3 * 8, generator=generator).to(torch.float32 if cache_dtype == torch.float32 else torch.bfloat16)
+    key, value = (part.view(len(slots), 3, 8) for part in fused.split(3 * 8, dim=-1))
+    written = []
+    for write in (cpu_attention.reshape_and_cache, reference.reshape_and_cache):
+        caches = [torch.full((6, 4, 3, 8), 7.0).to(cache_dtype) for _ in range(2)]
+        write(key, value, *caches, torch.tensor(slots), k_scale=0.5, v_scale=2.0)
+        written.append([c.view(torch.uint8) if c.dtype == reference.FP8_CACHE_DTYPE else c for c in caches])
+    for ours, theirs in zip(*written):
+        assert torch.equal(ours, theirs)
