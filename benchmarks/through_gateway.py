@@ -59,7 +59,8 @@ def write_model_dir(loaded: LoadedModel, directory: Path) -> None:
     for part, fused, index in STACKED_PARAMS:
         fused_parts.setdefault(fused, []).append((part, index))
     tensors = {}
-    for name, param in model.named_parameters():
+    # state_dict, not the parameters: the CPU runner's prepacked projections keep their values only there.
+    for name, param in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         fused = next((f for f in fused_parts if f".{f}." in name), None)

@@ -37,6 +37,8 @@ def test_prepacked_product_equals_f_linear(dtype, bias) -> None:
     with torch.inference_mode():
         for x in inputs:
             torch.testing.assert_close(layer(x), F.linear(x, weight, bias_values), **TOLERANCE[dtype])
+    state = layer.state_dict()  # the values unpacked, exactly
+    assert torch.equal(state["weight"], weight) and (not bias or torch.equal(state["bias"], bias_values))
 
 
 def test_prepacked_linear_refuses_what_onednn_does_not_compute() -> None:

@@ -44,7 +44,7 @@ class PrepackedLinear(nn.Module):
     """x @ weight.T + bias on the CPU through oneDNN, the weight held only in
     oneDNN's blocked layout. `weight` stays a parameter on the meta device,
     so its shape and dtype (which adapters and reports read) remain while its
-    values live once, in the packed copy."""
+    values live once, in the packed copy; state_dict() unpacks them."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -56,6 +56,11 @@ class PrepackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.packed.to_dense()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
 
 def prepack_projections(model: nn.Module) -> int:
