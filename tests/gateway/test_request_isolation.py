@@ -319,12 +319,17 @@ def test_an_overflowing_timeout_and_too_many_stop_token_ids_fail_alone(rest: htt
 
 # --- backpressure ---------------------------------------------------------------------
 
+# A stalled request must reach this before it has --max-buffered-output-bytes
+# waiting (at most half of SMALL_MESSAGE_BYTES): with 5 logprobs a token takes
+# about 100 bytes, so 16 KiB is about 160 tokens, where a 2-core CPU makes
+# about 33 in this time for each of the UNREAD_REQUESTS, and all of them
+# together leave about 3x SMALL_MESSAGE_BYTES waiting.
 READ_TIMEOUT_S = 3
 # Far less than the 1500 tokens of LONG_WITH_LOGPROBS take on a CPU.
 STALL_WAIT_S = 60
 # Less than what waits for a client that stops reading: it must be split.
 SMALL_MESSAGE_BYTES = 32 * 1024
-UNREAD_REQUESTS = 12
+UNREAD_REQUESTS = 32
 LONG_WITH_LOGPROBS = common_pb2.SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True, logprobs=20)
 
 
@@ -347,7 +352,7 @@ def test_a_generate_client_that_stops_reading_has_its_requests_aborted_and_other
     flags = ["--max-message-bytes", str(SMALL_MESSAGE_BYTES), "--client-read-timeout-s", str(READ_TIMEOUT_S)]
     # A client that takes no message over the limit, and whose window stays small.
     options = [("grpc.max_receive_message_length", SMALL_MESSAGE_BYTES), ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
-    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=300, ignore_eos=True, logprobs=20)
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=300, ignore_eos=True, logprobs=5)
     with gateway_of(cluster, tmp_path, *flags) as gateway, grpc.insecure_channel(gateway.address, options=options) as channel:
         stream = BidiStream(gateway_pb2_grpc.GenerationStub(channel), timeout_s=WAIT_S)
         for i in range(UNREAD_REQUESTS):
