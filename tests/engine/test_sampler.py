@@ -113,8 +113,27 @@ def test_an_all_greedy_batch_picks_what_a_mixed_batch_picks_for_its_greedy_rows(
     greedy_rows = [_row(SamplingParams(temperature=0.0), request_id=f"g{i}") for i in range(4)]
     alone, _ = _sample(sampler, logits.clone(), greedy_rows)
     mixed, _ = _sample(sampler, torch.cat([logits, logits[:1]]), [*greedy_rows, _row(SamplingParams(temperature=0.7, seed=1), request_id="s")])
-    assert alone == mixed[:4]
+    # All greedy, one row penalized: past the penalties, the greedy rows' path.
+    penalized = _row(SamplingParams(temperature=0.0, repetition_penalty=1.5), request_id="p", output=[3])
+    with_penalty, _ = _sample(sampler, torch.cat([logits, logits[:1]]), [*greedy_rows, penalized])
+    assert alone == mixed[:4] == with_penalty[:4]
     assert alone[1] != 7 and alone[2] == 9 and alone[3] == 11
+
+
+@pytest.mark.parametrize(
+    "params, plain",
+    [
+        (SamplingParams(temperature=0.0), True),
+        (SamplingParams(temperature=0.0, seed=3, top_k=5), True),  # greedy ignores what only sampling reads
+        (SamplingParams(temperature=0.7), False),
+        (SamplingParams(temperature=0.0, logprobs=0), False),
+        (SamplingParams(temperature=0.0, repetition_penalty=1.1), False),
+        (SamplingParams(temperature=0.0, presence_penalty=0.5), False),
+        (SamplingParams(temperature=0.0, logit_bias=((1, 2.0),)), False),
+    ],
+)
+def test_plain_greedy_means_the_argmax_of_untouched_logits(params: SamplingParams, plain: bool) -> None:
+    assert params.plain_greedy is plain
 
 
 def test_sampling_follows_the_distribution() -> None:

@@ -387,22 +387,27 @@ class EngineCore:
         outputs = []
         for seq, token_ids, logprobs in zip(launched.sequences, sampled.token_ids, sampled.logprobs):
             seq.num_pending_tokens -= 1
-            drafts, seq.spec_token_ids = seq.spec_token_ids, []
+            drafts = seq.spec_token_ids
             if drafts:
+                seq.spec_token_ids = []
                 self._count_acceptance(len(drafts), len(token_ids) - 1)
             if seq.status is SequenceStatus.FINISHED:
                 continue  # finished or aborted while its step ran: the tokens are dropped
-            output = self._new_output(seq, [])
-            reason = None
-            for token_id, logprob in zip(token_ids, logprobs or [None] * len(token_ids)):
-                seq.output_token_ids.append(token_id)
-                output.new_token_ids.append(token_id)
-                if logprob is not None:
-                    output.logprobs.append(logprob)
-                # A stop among accepted proposals ends the output there.
-                reason = self._stop_reason(seq, token_id)
-                if reason is not None:
-                    break
+            if len(token_ids) == 1 and not logprobs:  # most steps of most sequences: one token, no logprobs
+                output = self._new_output(seq, token_ids)
+                seq.output_token_ids.append(token_ids[0])
+                reason = self._stop_reason(seq, token_ids[0])
+            else:
+                output = self._new_output(seq, [])
+                for token_id, logprob in zip(token_ids, logprobs or [None] * len(token_ids)):
+                    seq.output_token_ids.append(token_id)
+                    output.new_token_ids.append(token_id)
+                    if logprob is not None:
+                        output.logprobs.append(logprob)
+                    # A stop among accepted proposals ends the output there.
+                    reason = self._stop_reason(seq, token_id)
+                    if reason is not None:
+                        break
             self.generation_tokens_total += len(output.new_token_ids)
             if reason is not None:
                 self._release(seq, reason)

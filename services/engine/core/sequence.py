@@ -4,6 +4,7 @@ and how much of it sits in the KV cache."""
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -56,6 +57,13 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @functools.cached_property
+    def plain_greedy(self) -> bool:
+        """The argmax of the logits as they come is all it takes: greedy, with
+        nothing that changes the logits first or asks for more than the token.
+        Asked of every request at every step, so computed once."""
+        return self.greedy and self.logprobs is None and not self.has_penalties and not self.logit_bias
 
     def problems(self) -> list[str]:
         """Human-readable reasons these values are out of range (empty when valid)."""

@@ -31,7 +31,7 @@ from pagewire.services.engine.executor.grammar_pool import GrammarMatchers, Mask
 from pagewire.services.engine.executor.host_copy import to_device
 
 
-@dataclass
+@dataclass(slots=True)
 class SamplingRequest:
     """One row of the step's logits and what it needs to be sampled."""
 
@@ -135,6 +135,8 @@ class DeviceSample:
         if self.ready is not None:
             self.ready.synchronize()
         token_ids = self.host[0].tolist()
+        if not self.logprob_rows and len(token_ids) == len(self.row_counts):  # a row per sequence: no proposals
+            return SamplerOutput([[token_id] for token_id in token_ids], [[] for _ in token_ids])
         accepted = self.host[-1].tolist() if self.verifies else []
         logprobs: dict[int, TokenLogprob] = {}
         if self.logprob_rows:
@@ -188,8 +190,10 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
         """Sample every row on the device without waiting for it; row_counts
         groups the rows by sequence (see DeviceSample), one each when None."""
-        params = [r.params for r in rows]
         row_counts = row_counts or [1] * len(rows)
+        if all(r.params.plain_greedy and r.draft_token_id is None and not r.constrained for r in rows):
+            return self._argmax(logits, row_counts)  # the common batch, in one pass over the rows
+        params = [r.params for r in rows]
         constrained = [i for i, r in enumerate(rows) if r.constrained]
         if constrained:
             assert self.grammars is not None, "a constrained row reached a sampler without grammars"
@@ -201,10 +205,7 @@ class Sampler:
             logits = apply_logit_bias(logits, rows)
         verifies = any(r.draft_token_id is not None for r in rows)
         if not verifies and all(p.greedy and p.logprobs is None for p in params):
-            # The common batch, served without building per-row parameters:
-            # what the general path computes for greedy rows (temperature 1).
-            chosen = finite(logits).argmax(dim=-1)
-            return self._to_host(chosen, params, row_counts, [], [chosen], False)
+            return self._argmax(logits, row_counts)
         # Greedy rows keep temperature 1 so their logprobs are the plain
         # distribution. Proposals (-1: none) ride along; float32 holds ids exactly.
         per_row = to_device(
@@ -237,6 +238,12 @@ class Sampler:
         if accepted is not None:
             on_device.append(accepted)
         return self._to_host(chosen, params, row_counts, wanted, on_device, verifies)
+
+    def _argmax(self, logits: torch.Tensor, row_counts: list[int]) -> DeviceSample:
+        """Greedy rows without logprobs or proposals, served without building
+        per-row parameters: what the general path computes for them (temperature 1)."""
+        chosen = finite(logits).argmax(dim=-1)
+        return self._to_host(chosen, [], row_counts, [], [chosen], False)
 
     def _to_host(
         self, chosen: torch.Tensor, params: list[SamplingParams], row_counts: list[int], wanted: list[int], on_device: list[torch.Tensor], verifies: bool
