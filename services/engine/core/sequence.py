@@ -54,15 +54,15 @@ class SamplingParams:
         # Below this a temperature only overflows the scaled logits; it means greedy.
         return self.temperature < 1e-5
 
-    @property
+    # Both asked of every running request at every step, so computed once.
+    @functools.cached_property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @functools.cached_property
     def plain_greedy(self) -> bool:
         """The argmax of the logits as they come is all it takes: greedy, with
-        nothing that changes the logits first or asks for more than the token.
-        Asked of every request at every step, so computed once."""
+        nothing that changes the logits first or asks for more than the token."""
         return self.greedy and self.logprobs is None and not self.has_penalties and not self.logit_bias
 
     def problems(self) -> list[str]:
