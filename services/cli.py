@@ -24,9 +24,19 @@ SERVICES = {
 }
 
 
+def installed_version() -> str:
+    """The installed distribution's version; run from a source tree (its
+    directories on PYTHONPATH, nothing installed), a note saying so, so that
+    every command still starts."""
+    try:
+        return importlib.metadata.version("pagewire")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run from a source tree)"
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser = argparse.ArgumentParser(prog="pagewire", description="pagewire: an LLM inference server of three gRPC services.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('pagewire')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules: dict[str, object] = {}
     for name, (module_name, summary) in SERVICES.items():

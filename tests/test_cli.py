@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pagewire.services.cli import SERVICES
+from pagewire.services.cli import SERVICES, build_parser, installed_version
 
 
 @pytest.mark.parametrize("command", [*SERVICES, "health"])
@@ -21,6 +21,18 @@ def test_version_is_the_installed_distributions() -> None:
     done = subprocess.run([sys.executable, "-m", "pagewire.services.cli", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"pagewire {importlib.metadata.version('pagewire')}"
+
+
+def test_a_source_tree_without_an_installed_distribution_still_builds_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine that runs the tree from PYTHONPATH, with nothing installed."""
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert "not installed" in installed_version()
+    parser, _ = build_parser()
+    assert parser.parse_args(["serve"]).command == "serve"
 
 
 def test_unknown_model_exits_with_an_actionable_message(tmp_path) -> None:
