@@ -4,7 +4,10 @@ a single point to plug in where every model picks them up."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pagewire.services.engine.executor.layers.fp8 import Fp8Linear
@@ -36,8 +39,24 @@ def linear(input_size: int, output_size: int, *, bias: bool = False, quantizatio
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
-    """Whether PrepackedLinear takes this weight: on the CPU, in a dtype oneDNN computes, with this torch built with it."""
-    return weight.device.type == "cpu" and weight.dtype in PREPACKED_DTYPES and torch.backends.mkldnn.is_available()
+    """Whether PrepackedLinear takes this weight: on the CPU, in a dtype oneDNN computes here."""
+    return weight.device.type == "cpu" and weight.dtype in PREPACKED_DTYPES and _onednn_computes(weight.dtype)
+
+
+@functools.cache
+def _onednn_computes(dtype: torch.dtype) -> bool:
+    """This torch's oneDNN reorders and multiplies in dtype on this CPU. Asked
+    once per dtype with a small product, so that a torch build or a CPU
+    where that path fails keeps torch's own GEMM instead of failing at start."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    weight, x = torch.ones(16, 16, dtype=dtype), torch.ones(2, 16, dtype=dtype)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PREPACK_ROWS_HINT)
+        product = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.equal(product, F.linear(x, weight)))
 
 
 class PrepackedLinear(nn.Module):
@@ -49,7 +68,7 @@ class PrepackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         if not can_prepack(weight):
-            raise ValueError(f"PrepackedLinear takes a CPU weight in {PREPACKED_DTYPES} with oneDNN available, got {weight.dtype} on {weight.device}")
+            raise ValueError(f"PrepackedLinear takes a CPU weight in {PREPACKED_DTYPES} that oneDNN computes here, got {weight.dtype} on {weight.device}")
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PREPACK_ROWS_HINT)
         self.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
