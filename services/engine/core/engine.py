@@ -358,8 +358,6 @@ class EngineCore:
         read-back tells. A step that masks by a grammar need not: its forward
         pass is launched first, and its sampling only after the read-back
         has brought the newest tokens to the host."""
-        if self.proposer is None:
-            return any(seq.sampling.has_penalties for seq in self.scheduler.running)
         return any(seq.sampling.has_penalties or self._speculates(seq) for seq in self.scheduler.running)
 
     def _speculates(self, seq: Sequence) -> bool:

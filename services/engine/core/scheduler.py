@@ -61,21 +61,19 @@ class Scheduler:
         blocks allow, or dropped (never preempting another sequence for them)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        kv_cache = self.kv_cache
-        windowed = bool(kv_cache.sliding_window)
+        proposals = proposals or {}
         for seq in list(self.running):
             if budget <= 0 or seq.status is not SequenceStatus.RUNNING:
                 break
-            if windowed:
-                kv_cache.release_slid_blocks(seq)
+            self.kv_cache.release_slid_blocks(seq)
             if seq.reached_length_limit:
                 continue  # its last token is still being read back; another step would only be dropped
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            drafts = proposals[seq.request_id][: budget - num_new] if proposals and seq.request_id in proposals else None
-            if drafts and kv_cache.allocate_slots(seq, num_new + len(drafts)):
+            drafts = proposals.get(seq.request_id, ())[: budget - num_new]  # an empty tuple slices to itself: no list per sequence
+            if drafts and self.kv_cache.allocate_slots(seq, num_new + len(drafts)):
                 seq.spec_token_ids = drafts
                 num_new += len(drafts)
-            elif not kv_cache.allocate_slots(seq, num_new) and not self._allocate_preempting(seq, num_new, out):
+            elif not self._allocate_preempting(seq, num_new, out):
                 break
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
