@@ -106,15 +106,19 @@ class StepLoop:
         # Set when a step raised: the core's state is unknown, so nothing more runs.
         self.error: BaseException | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Step on a thread of its own."""
+        self._thread = threading.Thread(target=self.run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the loop to stop after its step; wait for it when start() gave it a thread."""
         self._stopping.set()
         self.commands.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def submit(self, command: object) -> None:
         self.commands.put(command)
@@ -133,7 +137,8 @@ class StepLoop:
         self.submit(LoraCommand(name, path, lambda result: loop.call_soon_threadsafe(settle, done, result)))
         return await done
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Step on the calling thread until stop() or a failed step."""
         while not self._stopping.is_set():
             pending: dict[int, list[tuple[str, RequestOutput | RequestError]]] = {}
             try:

@@ -62,8 +62,26 @@ def _child_main(config: EngineConfig, conn: Connection) -> None:
             conn.send(message)
 
     step_loop = StepLoop(core, on_error=lambda exc: send(("error", f"{type(exc).__name__}: {exc}")))
-    step_loop.start()
+    commands = threading.Thread(target=_forward_commands, args=(conn, step_loop, send), name="engine-core-commands", daemon=True)
+    commands.start()
     send(("ready", core.info))
+    # Steps run on the thread that loaded the model. torch's CPU operators
+    # keep an OpenMP thread pool per calling thread; with a second pool
+    # libgomp sees more threads than cores and stops its workers spinning
+    # between operators, so each of a step's ~1,300 small operators waited
+    # on a wake-up (a tenth of every step on a 2-core CPU).
+    step_loop.run()
+    # After a failed step the server still asks for stats until it stops us.
+    commands.join()
+    # Frozen objects outlive the interpreter's last collection, and native
+    # libraries (triton's bindings) print each one they find alive at exit
+    # as a leak: hand them back first.
+    gc.unfreeze()
+
+
+def _forward_commands(conn: Connection, step_loop: StepLoop, send: Callable[[tuple[Any, ...]], None]) -> None:
+    """The server's messages, read off the pipe and queued for the step loop,
+    which stops when the server says so or goes away."""
     streams: dict[int, StreamState] = {}
     while True:
         try:
@@ -74,7 +92,7 @@ def _child_main(config: EngineConfig, conn: Connection) -> None:
         if kind == "stop":
             break
         if kind == "stats":
-            send(("stats", message[1], core.stats()))
+            send(("stats", message[1], step_loop.core.stats()))
         elif kind == "lora":
             _, ticket, name, path = message
             step_loop.submit(LoraCommand(name, path, lambda result, ticket=ticket: send(("lora", ticket, result))))
@@ -87,10 +105,6 @@ def _child_main(config: EngineConfig, conn: Connection) -> None:
             stream = streams.pop(stream_id) if action == "close" else streams[stream_id]
             step_loop.submit(StreamCommand(action, stream))
     step_loop.stop()
-    # Frozen objects outlive the interpreter's last collection, and native
-    # libraries (triton's bindings) print each one they find alive at exit
-    # as a leak: hand them back first.
-    gc.unfreeze()
 
 
 class CoreProcess:
