@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pagewire.services.engine.executor.sampler import Sampler, SamplingRequest, apply_penalties, filter_logits
+from pagewire.services.engine.executor.sampler import Sampler, SamplingRequest, apply_penalties, filter_logits, row_argmax
 from pagewire.services.engine.core.sequence import SamplingParams
 
 VOCAB = 64
@@ -199,3 +199,20 @@ def test_logit_bias_out_of_range_is_a_problem() -> None:
     assert SamplingParams(logit_bias=((1, 100.5),)).problems() == ["logit_bias values must be in [-100, 100], got 100.5 for token 1"]
     assert SamplingParams(logit_bias=tuple((i, 1.0) for i in range(301))).problems() == ["at most 300 logit_bias token ids are accepted, got 301"]
     assert SamplingParams(logit_bias=((1, -100.0),)).problems() == []
+
+
+@pytest.mark.parametrize("columns", [49152, 32000, 151936, 1000, 50257, 7])
+def test_row_argmax_equals_torch_argmax(columns: int) -> None:
+    # Ties across and within chunks, NaN (counted largest), infinities and an all -inf row.
+    generator = torch.Generator().manual_seed(columns)
+    rows = torch.randn(9, columns, generator=generator)
+    rows[1, [5, columns - 1]] = 50.0
+    rows[2, [columns - 2, columns - 1]] = 50.0
+    rows[3, columns // 2] = float("nan")
+    rows[3, 0] = 1e9
+    rows[4, [3, columns - 1]] = float("inf")
+    rows[5] = float("-inf")
+    rows[6] = rows[6].round()  # many ties
+    rows[7, -1] = float("nan")
+    assert torch.equal(row_argmax(rows), rows.argmax(dim=-1))
+    assert torch.equal(row_argmax(rows[:, : columns - 1]), rows[:, : columns - 1].argmax(dim=-1))

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from pagewire.kernels import cpu_attention, cuda_layer_ops, cuda_ops, layer_ops
+from pagewire.kernels import cpu_attention, cpu_layer_ops, cuda_layer_ops, cuda_ops
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,9 @@ def _backend(name: str, attention: ModuleType, layer: ModuleType) -> KernelBacke
     )  # fmt: skip
 
 
-# kernels/reference.py with the step's sequences attending in batched SDPA calls.
-CPU = _backend("cpu", cpu_attention, layer_ops)
+# kernels/reference.py with the step's sequences attending in batched SDPA calls,
+# and kernels/layer_ops.py in fewer operator calls.
+CPU = _backend("cpu", cpu_attention, cpu_layer_ops)
 CUDA_KERNELS = _backend("cuda-kernels", cuda_ops, cuda_layer_ops)
 
 

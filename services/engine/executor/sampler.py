@@ -20,7 +20,9 @@ accepted, the last row's token.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +164,31 @@ def finite(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
 
 
+@functools.cache
+def _chunk_width(columns: int) -> int | None:
+    """The divisor of columns nearest its square root (within 4x), which
+    balances row_argmax's two passes; None where there is none."""
+    root = math.isqrt(columns)
+    divisors = [w for w in range(max(16, root // 4), 4 * root + 1) if columns % w == 0]
+    return min(divisors, key=lambda w: abs(math.log(w / root)), default=None)
+
+
+def row_argmax(rows: torch.Tensor) -> torch.Tensor:
+    """rows.argmax(dim=-1) for [n, columns]: each row's first largest value
+    (NaN counting as largest, as torch counts it). On the CPU through the
+    largest value of each chunk of a row, then the first chunk holding the
+    row's largest and the first index within it: ATen's CPU argmax compares
+    one element at a time, and over 32 rows of 49k logits took 0.65 ms where
+    amax takes 0.04."""
+    width = _chunk_width(rows.shape[-1]) if rows.device.type == "cpu" and rows.dim() == 2 and rows.stride(-1) == 1 else None
+    if width is None:
+        return rows.argmax(dim=-1)
+    chunks = rows.view(rows.shape[0], -1, width)
+    best_chunk = chunks.amax(dim=-1).argmax(dim=-1)
+    within = chunks[torch.arange(rows.shape[0]), best_chunk].argmax(dim=-1)
+    return best_chunk * width + within
+
+
 class Sampler:
     def __init__(self, seed: int, device: torch.device, grammars: GrammarMatchers | None = None):
         self.device = device
@@ -219,7 +246,7 @@ class Sampler:
         )
         draft = per_row[:, 5].long() if verifies else None
         scaled = finite(logits / per_row[:, 0:1])
-        chosen = scaled.argmax(dim=-1)
+        chosen = row_argmax(scaled)
         accepted = None if draft is None else chosen == draft
         if not all(p.greedy for p in params):
             sampled, sampled_accepted = self._sample(scaled, rows, per_row, draft)
@@ -242,7 +269,7 @@ class Sampler:
     def _argmax(self, logits: torch.Tensor, row_counts: list[int]) -> DeviceSample:
         """Greedy rows without logprobs or proposals, served without building
         per-row parameters: what the general path computes for them (temperature 1)."""
-        chosen = finite(logits).argmax(dim=-1)
+        chosen = row_argmax(finite(logits))
         return self._to_host(chosen, [], row_counts, [], [chosen], False)
 
     def _to_host(
@@ -285,7 +312,7 @@ class Sampler:
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, generator in seeded:
             noise[i].exponential_(generator=generator)
-        sampled = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        sampled = row_argmax(probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny))
         if accepted is not None:
             sampled = torch.where(accepted, draft, sampled)
         return sampled, accepted
