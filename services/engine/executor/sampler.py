@@ -160,8 +160,10 @@ class DeviceSample:
 
 def finite(logits: torch.Tensor) -> torch.Tensor:
     """A tiny temperature or penalty overflows logits to inf, and inf - inf
-    is NaN: every row kept finite, so argmax, softmax and logprobs stay sane."""
-    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    is NaN: every row kept finite, so argmax, softmax and logprobs stay sane.
+    In place, so a CPU step does not stream a second copy of its logits
+    (6 MB for 32 rows of 49k) through memory."""
+    return torch.nan_to_num_(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
 
 
 @functools.cache
@@ -216,7 +218,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
         """Sample every row on the device without waiting for it; row_counts
-        groups the rows by sequence (see DeviceSample), one each when None."""
+        groups the rows by sequence (see DeviceSample), one each when None.
+        The logits are the sampler's from here on: it may overwrite them."""
         row_counts = row_counts or [1] * len(rows)
         if all(r.params.plain_greedy and r.draft_token_id is None and not r.constrained for r in rows):
             return self._argmax(logits, row_counts)  # the common batch, in one pass over the rows
