@@ -5,18 +5,38 @@ dies or cannot load says so instead of leaving streams waiting."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import pickle
 import queue
 import signal
 import threading
+from multiprocessing.reduction import ForkingPickler
 
 import pytest
-
 from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.engine.config import EngineConfig
-from pagewire.services.engine.service.core_process import CoreProcess, CoreProcessError
-from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
-from pagewire.services.engine.core.step_loop import AbortCommand, AddCommand, StreamBatch, StreamCommand, StreamState
+from pagewire.services.engine.core.engine import EngineLoad
+from pagewire.services.engine.core.sequence import (
+    FinishReason,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from pagewire.services.engine.core.step_loop import (
+    AbortCommand,
+    AddCommand,
+    StreamBatch,
+    StreamCommand,
+    StreamState,
+)
+from pagewire.services.engine.service.core_process import (
+    PLAIN_OUTPUT_FIELDS,
+    CoreProcess,
+    CoreProcessError,
+    PipeBatch,
+)
+
 from tests.engine.util import MAX_NEW_TOKENS
 
 CONFIG = EngineConfig(num_kv_blocks=128, max_model_len=512, max_num_batched_tokens=64)
@@ -114,3 +134,35 @@ def test_a_core_that_cannot_load_says_why() -> None:
     with pytest.raises(CoreProcessError, match="num-kv-blocks must be at least 1"):
         core.start()
     assert not core.process.is_alive()
+
+
+def test_a_batch_crosses_the_pipe_whole() -> None:
+    # Plain one-token updates travel as flat lists, the rest as they are: all come back equal, each request's in order.
+    updates: list[tuple[str, RequestOutput | RequestError]] = [
+        ("dup", RequestError(Refusal.INVALID_ARGUMENT, "request id 'dup' is already live")),
+        ("a", RequestOutput("1/0", [5])),
+        ("dup", RequestOutput("1/1", [6])),
+        ("first", RequestOutput("1/2", [7], num_prompt_tokens=12, num_cached_tokens=0, queue_time_s=0.01)),
+        ("end", RequestOutput("1/3", [2], finish_reason=FinishReason.STOP, matched_stop_token_id=2)),
+        ("lp", RequestOutput("1/4", [9], logprobs=[TokenLogprob(9, -0.5, ((9, -0.5), (3, -1.0)))])),
+        ("spec", RequestOutput("1/5", [1, 2, 3])),
+        ("cut", RequestOutput("1/6", [], finish_reason=FinishReason.CANCELLED)),
+        ("b", RequestOutput("1/7", [0])),
+    ]
+    batch = StreamBatch(updates, EngineLoad(num_running=7, num_waiting=1, kv_cache_usage=0.25))
+    packed = pickle.loads(ForkingPickler.dumps(PipeBatch.pack(batch)))
+    assert packed.plain_ids == ["a", "dup", "b"]
+    back = packed.unpack()
+    assert back.load == batch.load
+
+    def comparable(update: tuple[str, RequestOutput | RequestError]) -> tuple:
+        rid, item = update
+        return (rid, item) if isinstance(item, RequestOutput) else (rid, item.kind, item.message)
+
+    assert sorted(map(comparable, back.updates), key=repr) == sorted(map(comparable, updates), key=repr)
+    assert [comparable(u) for u in back.updates if u[0] == "dup"] == [comparable(updates[0]), comparable(updates[2])]
+
+
+def test_the_pipe_knows_every_field_of_an_output() -> None:
+    # A field RequestOutput gains must be checked before an update can travel as a bare token.
+    assert tuple(f.name for f in dataclasses.fields(RequestOutput)) == PLAIN_OUTPUT_FIELDS
