@@ -40,10 +40,14 @@ def packed(items: Iterable[M], max_bytes: int) -> Iterator[list[M]]:
     """The items in order, grouped so that each group's entries fit in
     max_bytes. An item that does not fit alone is a group of its own: the
     caller checks items before they get here."""
+    return packed_sized(((item, entry_bytes(item)) for item in items), max_bytes)
+
+
+def packed_sized(sized_items: Iterable[tuple[M, int]], max_bytes: int) -> Iterator[list[M]]:
+    """packed(), for items whose entry_bytes the caller has already taken."""
     group: list[M] = []
     size = 0
-    for item in items:
-        item_size = entry_bytes(item)
+    for item, item_size in sized_items:
         if group and size + item_size > max_bytes:
             yield group
             group, size = [], 0

@@ -22,7 +22,7 @@ from pagewire.services.common.errors import DuplicateRequestError, RequestError,
 from pagewire.services.common.grpc_utils import to_status
 from pagewire.services.common.limits import DEFAULT_MAX_MESSAGE_BYTES
 from pagewire.services.common.logging import get_logger
-from pagewire.services.common.message_size import entry_bytes, packed, too_large
+from pagewire.services.common.message_size import entry_bytes, packed_sized, too_large
 from pagewire.services.engine.core.engine import EngineInfo, EngineLoad, EngineStats
 from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplingParams
 from pagewire.services.engine.core.step_loop import AbortCommand, AddCommand, StreamBatch, StreamCommand, StreamState
@@ -168,8 +168,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 load = load_to_proto(batch.load)
                 # Each message holds the load beside as many updates as fit.
                 room = self.max_message_bytes - entry_bytes(load, LOAD_FIELD)
-                updates = [update for rid, item in batch.updates if (update := self._update(rid, item, room, failed, stream, step_loop)) is not None]
-                for group in packed(updates, room):
+                updates = [sized for rid, item in batch.updates if (sized := self._update(rid, item, room, failed, stream, step_loop)) is not None]
+                for group in packed_sized(updates, room):
                     yield engine_pb2.EngineStep(updates=group, load=load)
         finally:
             reader.cancel()
@@ -178,9 +178,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     @staticmethod
     def _update(
         rid: str, item: RequestOutput | RequestError, room: int, failed: set[str], stream: StreamState, step_loop: CoreHandle
-    ) -> engine_pb2.SequenceUpdate | None:
+    ) -> tuple[engine_pb2.SequenceUpdate, int] | None:
         """The item as an update that fits in `room` bytes, else the request's
-        failure (and its abort in the core); None when there is nothing to send."""
+        failure (and its abort in the core), with its entry_bytes; None when
+        there is nothing to send."""
         if isinstance(item, RequestError):
             update = update_from_error(rid, item)
         elif rid in failed:
@@ -190,16 +191,18 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         else:
             update = update_from_output(rid, item)
             size = entry_bytes(update)
-            if size > room:
-                # Only a request id nearly as large as a message, with logprobs, makes one.
-                if item.finish_reason is None:
-                    failed.add(rid)
-                    step_loop.submit(AbortCommand(stream.stream_id, rid))
-                update = update_from_error(rid, too_large("one step's update of this request", size, room))
-        if entry_bytes(update) > room:
+            if size <= room:
+                return update, size
+            # Only a request id nearly as large as a message, with logprobs, makes one.
+            if item.finish_reason is None:
+                failed.add(rid)
+                step_loop.submit(AbortCommand(stream.stream_id, rid))
+            update = update_from_error(rid, too_large("one step's update of this request", size, room))
+        size = entry_bytes(update)
+        if size > room:
             log.warning("update dropped: its request id leaves no room in a message", request_id_bytes=len(rid.encode()))
             return None
-        return update
+        return update, size
 
     async def _read_inputs(self, request_iterator: AsyncIterator[engine_pb2.EngineInput], stream: StreamState, step_loop: CoreHandle) -> None:
         try:
