@@ -385,7 +385,8 @@ class GatewayRequest(ChunkStream):
         """Hand a chunk out, unless the client has too much unread: then the
         request fails instead, and its last chunk goes out without output."""
         assert self._emit is not None
-        if (overflow := self._unread.overflow(chunk.ByteSize())) is not None:
+        size = chunk.ByteSize()
+        if (overflow := self._unread.overflow(size)) is not None:
             if not chunk.finish_reason:
                 self.fail(overflow)
                 return
@@ -395,7 +396,8 @@ class GatewayRequest(ChunkStream):
             if not chunk.error.code:
                 chunk.finish_reason = common_pb2.FINISH_REASON_ERROR
                 chunk.error.CopyFrom(overflow)
-        self._unread.handed_out(chunk.ByteSize())
+            size = chunk.ByteSize()
+        self._unread.handed_out(size)
         self._emit(chunk)
 
     def _finish(self, reason: int) -> None:
