@@ -23,6 +23,20 @@ def _sample(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRequest])
     return [t for (t,) in out.token_ids], [lp[0] if lp else None for lp in out.logprobs]
 
 
+def test_greedy_takes_what_sample_takes_for_plain_greedy_rows() -> None:
+    """The step's shortcut for a batch of plain greedy rows (no row of
+    parameters built) picks each row's first largest logit, as sample()
+    does, inf and NaN rows included."""
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(5))
+    logits[1, 7] = logits[1, 9] = 50.0  # a tie: the first wins
+    logits[2, 3] = math.inf
+    logits[3, :] = math.nan
+    rows = [_row(SamplingParams(temperature=0.0), f"r{i}") for i in range(6)]
+    greedy = Sampler(seed=0, device=torch.device("cpu")).greedy(logits.clone()).resolve()
+    assert greedy.token_ids == Sampler(seed=0, device=torch.device("cpu")).sample(logits.clone(), rows).resolve().token_ids
+    assert greedy.token_ids[:3] == [[int(logits[0].argmax())], [7], [3]]
+
+
 def _kept(logits: torch.Tensor) -> set[int]:
     return set(torch.nonzero(torch.isfinite(logits)).flatten().tolist())
 

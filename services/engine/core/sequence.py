@@ -95,6 +95,10 @@ class SamplingParams:
         return found
 
 
+# Plain greedy sampling: the argmax of the logits as they come.
+GREEDY = SamplingParams(temperature=0.0)
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int

@@ -28,15 +28,13 @@ from pagewire.services.common.model import resolve_model
 from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.core.proposer import ProposalRequest
 from pagewire.services.engine.core.scheduler import ScheduledSequence
-from pagewire.services.engine.core.sequence import SamplingParams
+from pagewire.services.engine.core.sequence import GREEDY
 from pagewire.services.engine.executor.kv_tensors import kv_bytes_per_block
 from pagewire.services.engine.executor.loader import LoadedModel, load_model
 from pagewire.services.engine.executor.runner import ModelRunner
 from pagewire.services.engine.executor.tensor_parallel import MirroredSequence
 
 log = get_logger("engine")
-
-GREEDY = SamplingParams(temperature=0.0)
 
 
 def load_draft_model(path: str, target: LoadedModel, max_model_len: int) -> LoadedModel:

@@ -26,9 +26,7 @@ from pagewire.services.engine.executor.loader import LoadedModel
 from pagewire.services.engine.executor.lora import LoraSlots
 from pagewire.services.engine.executor.sampler import DeviceSample, Sampler, SamplerOutput, SamplingRequest
 from pagewire.services.engine.core.scheduler import ScheduledSequence
-from pagewire.services.engine.core.sequence import SamplingParams, Sequence, SequenceStatus
-
-ENDED_ROW = SamplingParams(temperature=0.0)
+from pagewire.services.engine.core.sequence import GREEDY, Sequence, SequenceStatus
 
 
 @dataclass
@@ -74,7 +72,10 @@ class LaunchedStep:
         tensors, which the grammar masks in place)."""
         if self._sample is None:
             assert self.logits is not None
-            self._sample = self.sampler.sample(self.logits, sampling_rows(self.sequences), [len(s.spec_token_ids) + 1 for s in self.sequences])
+            if all(s.sampling.plain_greedy and not s.spec_token_ids and not s.constrained for s in self.sequences):
+                self._sample = self.sampler.greedy(self.logits)  # most steps: no row of parameters built per sequence
+            else:
+                self._sample = self.sampler.sample(self.logits, sampling_rows(self.sequences), [len(s.spec_token_ids) + 1 for s in self.sequences])
             self.logits = None
 
     def resolve(self) -> SamplerOutput:
@@ -90,7 +91,7 @@ def sampling_rows(sequences: list[Sequence]) -> list[SamplingRequest]:
     return [
         SamplingRequest(s.request_id, s.sampling, s.prompt_token_ids, s.output_token_ids, draft, s.constrained)
         if s.status is not SequenceStatus.FINISHED
-        else SamplingRequest(s.request_id, ENDED_ROW, [], [])
+        else SamplingRequest(s.request_id, GREEDY, [], [])
         for s in sequences
         for draft in [*s.spec_token_ids, None]
     ]

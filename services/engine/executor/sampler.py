@@ -222,7 +222,7 @@ class Sampler:
         The logits are the sampler's from here on: it may overwrite them."""
         row_counts = row_counts or [1] * len(rows)
         if all(r.params.plain_greedy and r.draft_token_id is None and not r.constrained for r in rows):
-            return self._argmax(logits, row_counts)  # the common batch, in one pass over the rows
+            return self._argmax(logits, row_counts)
         params = [r.params for r in rows]
         constrained = [i for i, r in enumerate(rows) if r.constrained]
         if constrained:
@@ -268,6 +268,11 @@ class Sampler:
         if accepted is not None:
             on_device.append(accepted)
         return self._to_host(chosen, params, row_counts, wanted, on_device, verifies)
+
+    def greedy(self, logits: torch.Tensor) -> DeviceSample:
+        """A row per sequence, each plain greedy (SamplingParams.plain_greedy,
+        no proposal, no grammar): what sample() computes for such rows."""
+        return self._argmax(logits, [1] * logits.shape[0])
 
     def _argmax(self, logits: torch.Tensor, row_counts: list[int]) -> DeviceSample:
         """Greedy rows without logprobs or proposals, served without building

@@ -31,7 +31,7 @@ import torch
 from pagewire.services.common.logging import get_logger
 from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.scheduler import ScheduledSequence
-from pagewire.services.engine.core.sequence import Sequence, SequenceStatus
+from pagewire.services.engine.core.sequence import GREEDY, SamplingParams, Sequence, SequenceStatus
 from pagewire.services.engine.executor import parallel
 from pagewire.services.engine.executor.grammar_pool import MaskRow
 from pagewire.services.engine.executor.sampler import DeviceSample, Sampler, SamplingRequest
@@ -45,7 +45,7 @@ WORKER_MODULE = "pagewire.services.engine.executor.tp_worker"
 class MirroredSequence:
     """The fields a runner reads of a sequence, for passes that serve no core
     Sequence: a worker's copy of rank 0's, or a draft model's pass. Workers
-    never sample, so there the sampling fields stay empty."""
+    never sample, so there the sampling fields stay as plain greedy ones."""
 
     request_id: str
     num_computed_tokens: int
@@ -54,7 +54,7 @@ class MirroredSequence:
     block_table: list[int]
     spec_token_ids: list[int]
     known: list[int]
-    sampling: Any = None
+    sampling: SamplingParams = GREEDY
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     constrained: bool = False
@@ -138,7 +138,13 @@ class BroadcastingSampler:
         self.sampler.start_masks(rows)
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
-        sample = self.sampler.sample(logits, rows, row_counts)
+        return self._broadcast(self.sampler.sample(logits, rows, row_counts))
+
+    def greedy(self, logits: torch.Tensor) -> DeviceSample:
+        return self._broadcast(self.sampler.greedy(logits))
+
+    @staticmethod
+    def _broadcast(sample: DeviceSample) -> DeviceSample:
         parallel.broadcast_tensor(sample.token_ids)
         return sample
 
@@ -150,8 +156,14 @@ class ReceivingSampler:
         self.device = device
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
-        token_ids = parallel.broadcast_tensor(torch.empty(len(rows), dtype=torch.int64, device=self.device))
-        return DeviceSample(token_ids, [], row_counts or [1] * len(rows), [], [], False, None)
+        return self._receive(row_counts or [1] * len(rows))
+
+    def greedy(self, logits: torch.Tensor) -> DeviceSample:
+        return self._receive([1] * logits.shape[0])
+
+    def _receive(self, row_counts: list[int]) -> DeviceSample:
+        token_ids = parallel.broadcast_tensor(torch.empty(sum(row_counts), dtype=torch.int64, device=self.device))
+        return DeviceSample(token_ids, [], row_counts, [], [], False, None)
 
 
 def _free_port() -> int:
