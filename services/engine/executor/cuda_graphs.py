@@ -27,7 +27,7 @@ from pagewire.services.engine.executor.backend import AttentionMetadata
 from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.executor.loader import LoadedModel
 from pagewire.services.engine.executor.lora import LoraSlots
-from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, PendingInputs, cache_slots
+from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, PendingInputs
 from pagewire.services.engine.executor.sampler import Sampler
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import Sequence
@@ -46,20 +46,74 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [*ladder, max_num_seqs]
 
 
-class _Staging:
+class GraphStaging:
     """Pinned host copies of a graph's inputs, filled with numpy and copied
-    asynchronously."""
+    asynchronously. Filling them is host work alone (tested on the CPU
+    against the eager runner's inputs)."""
 
-    def __init__(self, rows: int, seqs: int, max_blocks: int):
-        self.rows = torch.zeros(4, rows, dtype=torch.int64, pin_memory=True)  # ids, positions, cache slots, LoRA slots
-        self.seq_lens = torch.zeros(seqs, dtype=torch.int32, pin_memory=True)
-        self.query_start_loc = torch.zeros(seqs + 1, dtype=torch.int32, pin_memory=True)
-        self.tables = torch.zeros(seqs, max_blocks, dtype=torch.int32, pin_memory=True)
+    def __init__(self, rows: int, seqs: int, max_blocks: int, block_size: int, pin_memory: bool = True):
+        self.block_size = block_size
+        self.rows = torch.zeros(4, rows, dtype=torch.int64, pin_memory=pin_memory)  # ids, positions, cache slots, LoRA slots
+        self.seq_lens = torch.zeros(seqs, dtype=torch.int32, pin_memory=pin_memory)
+        self.query_start_loc = torch.zeros(seqs + 1, dtype=torch.int32, pin_memory=pin_memory)
+        self.tables = torch.zeros(seqs, max_blocks, dtype=torch.int32, pin_memory=pin_memory)
         # What each staged table row holds: (sequence, its preemptions, blocks).
         # A running sequence's table only grows, and is rebuilt only after a
         # preemption, so a row whose key matches needs at most its new tail.
         # The sequence object itself is the key: request ids may be reused.
         self.table_keys: list[tuple[Sequence, int, int] | None] = [None] * seqs
+
+    def stage(self, sequences: list[Sequence], pending: PendingInputs, size: int, tokens_per_seq: int, lora_slots: list[int] | None = None) -> int:
+        """Stage a step of `sequences`, each feeding its last token and its
+        proposals, for the graph of `size` sequences and tokens_per_seq rows
+        each: the sequences' rows packed first, then padding rows that write
+        no cache slot and use no adapter, and padding sequences without
+        context (or query rows). Returns the number of real rows. Written
+        over arrays rather than per sequence and row: this runs every decode
+        step, for hundreds of sequences."""
+        num_seqs, num_rows = len(sequences), size * tokens_per_seq
+        rows, seq_lens, tables = self.rows.numpy(), self.seq_lens.numpy(), self.tables.numpy()
+        self._stage_tables(sequences)
+        starts = np.fromiter((seq.num_computed_tokens for seq in sequences), np.int64, num_seqs)
+        if tokens_per_seq == 1:
+            counts, first_rows, seq_of_row = 1, np.arange(num_seqs), np.arange(num_seqs)
+            positions = starts
+        else:
+            counts = np.fromiter((1 + len(seq.spec_token_ids) for seq in sequences), np.int64, num_seqs)
+            first_rows = np.cumsum(counts) - counts
+            seq_of_row = np.repeat(np.arange(num_seqs), counts)
+            positions = starts[seq_of_row] + np.arange(len(seq_of_row)) - first_rows[seq_of_row]
+        num_tokens = len(positions)
+        rows[0, first_rows] = pending.next_tokens(sequences, starts, first_rows)
+        if tokens_per_seq > 1:
+            for seq, first in zip(sequences, first_rows.tolist()):
+                rows[0, first + 1 : first + 1 + len(seq.spec_token_ids)] = seq.spec_token_ids
+        rows[1, :num_tokens] = positions
+        slots = rows[2, :num_tokens]
+        slots[:] = tables[seq_of_row, positions // self.block_size]
+        slots *= self.block_size
+        slots += positions % self.block_size
+        rows[2:, num_tokens:num_rows] = -1  # padding rows: no cache write, no adapter ...
+        seq_lens[:num_seqs] = starts + counts
+        seq_lens[num_seqs:size] = 0  # ... and no context
+        if lora_slots is not None:
+            rows[3, :num_tokens] = np.repeat(lora_slots, counts)
+        if tokens_per_seq > 1:
+            query_start_loc = self.query_start_loc.numpy()
+            query_start_loc[0] = 0
+            query_start_loc[1 : num_seqs + 1] = first_rows + counts
+            query_start_loc[num_seqs + 1 : size + 1] = num_tokens  # padding sequences: no query rows
+        return num_tokens
+
+    def _stage_tables(self, sequences: list[Sequence]) -> None:
+        tables, keys = self.tables.numpy(), self.table_keys
+        for row, seq in enumerate(sequences):
+            table = seq.block_table
+            key = keys[row]
+            staged = key[2] if key is not None and key[0] is seq and key[1] == seq.num_preemptions else 0
+            if staged != len(table):
+                tables[row, staged : len(table)] = table[staged:]
+                keys[row] = (seq, seq.num_preemptions, len(table))
 
 
 class CudaGraphRunner(ModelRunner):
@@ -101,7 +155,7 @@ class CudaGraphRunner(ModelRunner):
         # Two sets of pinned staging, used in turn: while step N's copies may
         # still be queued behind step N-1, step N+1 fills the other set, whose
         # copies finished before step N-1's tokens were read back.
-        self.staging = [_Staging(rows, seqs, max_blocks), _Staging(rows, seqs, max_blocks)]
+        self.staging = [GraphStaging(rows, seqs, max_blocks, block_size), GraphStaging(rows, seqs, max_blocks, block_size)]
         self.num_graph_launches = 0
         self.num_verify_graph_launches = 0
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -157,41 +211,11 @@ class CudaGraphRunner(ModelRunner):
         if shape is None:
             return super()._launch(scheduled, pending)
         size, tokens_per_seq = shape
-        num_seqs, num_rows = len(scheduled), size * tokens_per_seq
+        num_rows = size * tokens_per_seq
         staging = self.staging[self.num_graph_launches % 2]
         self.num_graph_launches += 1
         sequences = [item.seq for item in scheduled]
-        block_size = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        ends: list[int] = []
-        for seq in sequences:
-            start, table = seq.num_computed_tokens, seq.block_table
-            ids.append(pending.token(seq, start, len(ids)))
-            ids.extend(seq.spec_token_ids)
-            end = start + 1 + len(seq.spec_token_ids)
-            positions.extend(range(start, end))
-            slots.extend(cache_slots(table, start, end, block_size))
-            ends.append(end)
-        num_tokens = len(ids)
-        rows, seq_lens, tables = staging.rows.numpy(), staging.seq_lens.numpy(), staging.tables.numpy()
-        rows[0, :num_tokens] = ids
-        rows[1, :num_tokens] = positions
-        rows[2, :num_tokens] = slots
-        rows[2:, num_tokens:num_rows] = -1  # padding rows: no cache write, no adapter ...
-        seq_lens[:num_seqs] = ends
-        seq_lens[num_seqs:size] = 0  # ... and no context
-        if self.lora is not None:
-            rows[3, :num_tokens] = [slot for slot, seq in zip(self.lora_slots_of(sequences), sequences) for _ in range(1 + len(seq.spec_token_ids))]
-        keys = staging.table_keys
-        for row, seq in enumerate(sequences):
-            table = seq.block_table
-            key = keys[row]
-            staged = key[2] if key is not None and key[0] is seq and key[1] == seq.num_preemptions else 0
-            if staged != len(table):
-                tables[row, staged : len(table)] = table[staged:]
-                keys[row] = (seq, seq.num_preemptions, len(table))
+        num_tokens = staging.stage(sequences, pending, size, tokens_per_seq, self.lora_slots_of(sequences) if self.lora is not None else None)
         self.input_ids[:num_rows].copy_(staging.rows[0, :num_rows], non_blocking=True)
         self.positions[:num_rows].copy_(staging.rows[1, :num_rows], non_blocking=True)
         self.slot_mapping[:num_rows].copy_(staging.rows[2, :num_rows], non_blocking=True)
@@ -201,10 +225,6 @@ class CudaGraphRunner(ModelRunner):
         self.block_tables[:size].copy_(staging.tables[:size], non_blocking=True)
         if tokens_per_seq > 1:
             self.num_verify_graph_launches += 1
-            query_start_loc = staging.query_start_loc.numpy()
-            query_start_loc[0] = 0
-            query_start_loc[1 : num_seqs + 1] = np.cumsum([end - seq.num_computed_tokens for end, seq in zip(ends, sequences)])
-            query_start_loc[num_seqs + 1 : size + 1] = num_tokens  # padding sequences: no query rows
             self.verify_query_start_loc[: size + 1].copy_(staging.query_start_loc[: size + 1], non_blocking=True)
         pending.fill(self.input_ids)
         self.graphs[size, tokens_per_seq].replay()

@@ -115,6 +115,24 @@ class PendingInputs:
         self._sequences.append(seq)
         return 0
 
+    def next_tokens(self, sequences: list[Sequence], starts: np.ndarray, flat_indices: np.ndarray) -> np.ndarray:
+        """Each sequence's token at its start position, a placeholder where
+        it is not known yet (recorded for fill()); flat_indices are the
+        positions' places in the step's input ids."""
+        known = np.fromiter((seq.num_known_tokens for seq in sequences), np.int64, len(sequences))
+        ids = np.zeros(len(sequences), np.int64)
+        is_known = starts < known
+        if not is_known.any():  # every step of a decode with overlapped scheduling
+            self.positions += flat_indices.tolist()
+            self._sequences += sequences
+            return ids
+        known_rows = np.flatnonzero(is_known)
+        ids[known_rows] = [sequences[i].token_at(position) for i, position in zip(known_rows.tolist(), starts[known_rows].tolist())]
+        unknown = np.flatnonzero(~is_known).tolist()
+        self.positions += flat_indices[unknown].tolist()
+        self._sequences += [sequences[i] for i in unknown]
+        return ids
+
     def tokens(self, seq: Sequence, start: int, stop: int, flat_index: int) -> list[int]:
         """seq's tokens at positions [start, stop), the one not known yet (if
         any) as a placeholder recorded for fill(); flat_index is start's."""
