@@ -1,13 +1,17 @@
 """The standard workload through every door of pagewire in one call: the
 engine in-process, then the same model behind `pagewire serve` through the
-public gRPC `Generate` stream, through REST streaming /v1/completions (SSE)
-and through REST non-streaming /v1/completions.
+public gRPC `Generate` stream (all requests on one stream, as one client
+multiplexes them, and spread over a stream per client process), through REST
+streaming /v1/completions (SSE) and through REST non-streaming
+/v1/completions.
 
 Workload: --requests requests (256) of --prompt-len random prompt ids (512),
 --output-len output tokens each (128), greedy, EOS ignored, all submitted at
-once; REST requests go as prompt token ids with ignore_eos, spread over
---client-processes asynchronous client processes (benchmarks/rest_client.py)
-so that the client is never the bottleneck. One warm-up on prompts of its own
+once. Except on the one-stream gRPC door, the requests are spread over
+--client-processes asynchronous client processes (benchmarks/rest_client.py,
+benchmarks/grpc_client.py) so that the client is never the bottleneck: a
+gRPC stream is served by one gateway worker, so only several streams (or
+connections) can use several. One warm-up on prompts of its own
 precedes the measured runs, and each run has prompts of its own, so none
 finds another's blocks in the prefix cache (each record says its hits).
 
@@ -44,10 +48,11 @@ from tests.support.harness import REPO, ServeProcess, child_environment, engine_
 # Prompt seeds of the measured runs: the in-process and gRPC runs share
 # throughput.py's, the REST runs have their own.
 GRPC_SEED = 1
+GRPC_STREAMS_SEED = 4
 REST_STREAM_SEED = 5
 REST_WHOLE_SEED = 6
 # Each served path and the seed of its own prompts.
-DOORS = {"grpc": GRPC_SEED, "rest_sse": REST_STREAM_SEED, "rest": REST_WHOLE_SEED}
+DOORS = {"grpc": GRPC_SEED, "grpc_streams": GRPC_STREAMS_SEED, "rest_sse": REST_STREAM_SEED, "rest": REST_WHOLE_SEED}
 # Seconds the client processes get to start before they all send at once.
 CLIENT_START_S = 3.0
 
@@ -63,15 +68,17 @@ def process_count(pids: dict[str, int]) -> int:
     return sum(1 + len(psutil.Process(pid).children(recursive=True)) for pid in pids.values())
 
 
-def _rest_run(url: str, prompts: list[list[int]], output_len: int, stream: bool, client_processes: int) -> tuple[float, dict[str, dict]]:
-    """Every prompt at once over REST: the common start instant and each request's record."""
+def _clients_run(client_module: str, work: dict, prompts: list[list[int]], client_processes: int) -> tuple[float, dict[str, dict]]:
+    """Every prompt at once from client processes of client_module, each
+    given `work` and its share of the prompts: the common start instant
+    and each request's record."""
     start_at = time.monotonic() + CLIENT_START_S
     shares = [{f"r{i}": prompts[i] for i in range(offset, len(prompts), client_processes)} for offset in range(client_processes)]
     clients = []
     for share in shares:
-        client = subprocess.Popen([sys.executable, "-m", "benchmarks.rest_client"], cwd=REPO, env=child_environment(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        client = subprocess.Popen([sys.executable, "-m", client_module], cwd=REPO, env=child_environment(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert client.stdin is not None
-        client.stdin.write(json.dumps({"url": url, "prompts": share, "output_len": output_len, "stream": stream, "start_at": start_at}))
+        client.stdin.write(json.dumps({**work, "prompts": share, "start_at": start_at}))
         client.stdin.close()
         clients.append(client)
     records: dict[str, dict] = {}
@@ -79,13 +86,13 @@ def _rest_run(url: str, prompts: list[list[int]], output_len: int, stream: bool,
         assert client.stdout is not None
         records |= json.loads(client.stdout.read())
         if client.wait() != 0:
-            raise RuntimeError(f"a REST client process exited with {client.returncode}")
+            raise RuntimeError(f"a client process ({client_module}) exited with {client.returncode}")
     return start_at, records
 
 
 def measure(served: ServeProcess, door: str, prompts: list[list[int]], args: argparse.Namespace) -> dict:
-    """One run of the workload through `door` ("grpc", "rest_sse" or
-    "rest"), with the engine's counters and the front door's CPU time."""
+    """One run of the workload through `door` (of DOORS), with the engine's
+    counters and the front door's CPU time."""
     pids = front_door_pids(served)
     stats_before, cpu_before = engine_stats(served.engine_target), through_gateway.cpu_seconds(pids)
     if door == "grpc":
@@ -94,7 +101,11 @@ def measure(served: ServeProcess, door: str, prompts: list[list[int]], args: arg
             timings.start, timings.first_token, timings.finished, timings.output_tokens, timings.seconds, timings.errors
         )  # fmt: skip
     else:
-        start, records = _rest_run(served.rest_url, prompts, args.output_len, door == "rest_sse", args.client_processes)
+        if door == "grpc_streams":
+            client_module, work = "benchmarks.grpc_client", {"target": served.grpc_target, "output_len": args.output_len}
+        else:
+            client_module, work = "benchmarks.rest_client", {"url": served.rest_url, "output_len": args.output_len, "stream": door == "rest_sse"}
+        start, records = _clients_run(client_module, work, prompts, args.client_processes)
         errors = [f"{rid}: {r['error']}" for rid, r in records.items() if "error" in r]
         finished = {rid: r["finished"] for rid, r in records.items() if "finished" in r}
         # Without a stream, a request's first token arrives with its last.
@@ -120,7 +131,7 @@ def benchmark_shape(shape: str, args: argparse.Namespace) -> None:
     vocab_size = throughput.SHAPES[shape]["vocab_size"]
     workload = dict(shape=shape, requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len,
                     device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")  # fmt: skip
-    prompts = {seed: hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=seed) for seed in (GRPC_SEED, REST_STREAM_SEED, REST_WHOLE_SEED)}
+    prompts = {seed: hf_peer.prompts(args.requests, args.prompt_len, vocab_size, seed=seed) for seed in DOORS.values()}
     warm = throughput.warm_up_prompts([p for measured in prompts.values() for p in measured], args, vocab_size)
     config = throughput.engine_config(args)
     loaded = throughput.random_model(shape, resolve_dtype(config.dtype, device), config.max_model_len, device)
@@ -161,7 +172,7 @@ def main() -> None:
     parser.add_argument("--gateway-workers", type=int, default=0, help="gateway processes of the served system (0: serve's default)")
     parser.add_argument("--tokenizer-workers", type=int, default=0, help="tokenizer processes of the served system (0: serve's default)")
     parser.add_argument("--doors", default=",".join(DOORS), help=f"the served paths measured, in order (of {', '.join(DOORS)})")
-    parser.add_argument("--client-processes", type=int, default=4, help="REST client processes the requests are spread over")
+    parser.add_argument("--client-processes", type=int, default=4, help="client processes the requests of every door but one-stream gRPC are spread over")
     parser.add_argument("--work-dir", default="", help="where the model directory is written (default: the system's temp dir)")
     parser.add_argument("--log-dir", default="", help="where `pagewire serve`'s log goes (default: beside the model, deleted)")
     args = parser.parse_args()

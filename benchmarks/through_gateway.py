@@ -31,6 +31,7 @@ from tests.support.harness import LOOPBACK, ServeProcess
 START_TIMEOUT_S = 480.0
 # Chunks of a whole step for every request come in one ServerMessage.
 MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
 @dataclass
@@ -138,18 +139,23 @@ def _tree_cpu_seconds(root: psutil.Process) -> float:
     return total
 
 
+def client_messages(request_ids: list[str], prompts: list[list[int]], output_len: int) -> list[gateway_pb2.ClientMessage]:
+    """The gateway's Generate requests of the workload: prompt token ids, greedy, EOS ignored."""
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    return [
+        gateway_pb2.ClientMessage(start=gateway_pb2.GenerateRequest(request_id=i, token_ids=gateway_pb2.TokenIds(ids=p), sampling=sampling))
+        for i, p in zip(request_ids, prompts)
+    ]  # fmt: skip
+
+
 async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix: str, direct_to_engine: bool) -> StreamTimings:
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     ids = [f"{prefix}{index}" for index in range(len(prompts))]
     if direct_to_engine:
         inputs: list = [engine_pb2.EngineInput(add=[engine_pb2.AddRequest(request_id=i, prompt_token_ids=p, sampling=sampling)]) for i, p in zip(ids, prompts)]
     else:
-        inputs = [
-            gateway_pb2.ClientMessage(start=gateway_pb2.GenerateRequest(request_id=i, token_ids=gateway_pb2.TokenIds(ids=p), sampling=sampling))
-            for i, p in zip(ids, prompts)
-        ]  # fmt: skip
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        inputs = client_messages(ids, prompts, output_len)
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         await channel.channel_ready()
         first_token: dict[str, float] = {}
         finished: dict[str, float] = {}

@@ -68,20 +68,21 @@ def test_gateway_overhead_benchmark_runs_the_public_path() -> None:
 
 @pytest.mark.slow
 def test_rest_benchmark_on_cpu_with_workers() -> None:
-    # benchmarks/rest.py: in-process, gRPC, REST streaming and REST whole
-    # responses in one call, the front door's CPU counted over every worker.
+    # benchmarks/rest.py: in-process, gRPC on one stream and on a stream per
+    # client process, REST streaming and REST whole responses in one call,
+    # the front door's CPU counted over every worker.
     command = [sys.executable, "-m", "benchmarks.rest", "--device", "cpu", "--shapes", "tiny", "--requests", "8", "--prompt-len", "32",
                "--output-len", "8", "--max-num-seqs", "8", "--gateway-workers", "2", "--tokenizer-workers", "2", "--client-processes", "2"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
     runs = {r["system"]: r for r in records if r["bench"] == "rest"}
-    assert set(runs) == {"pagewire", "pagewire-grpc", "pagewire-rest-sse", "pagewire-rest"}
+    assert set(runs) == {"pagewire", "pagewire-grpc", "pagewire-grpc-streams", "pagewire-rest-sse", "pagewire-rest"}
     for record in runs.values():
         assert record["output_tokens"] == 8 * 8 and "errors" not in record and record["prefix_cache_hit_tokens"] == 0
-    for door in ("grpc", "rest-sse", "rest"):
+    for door in ("grpc", "grpc-streams", "rest-sse", "rest"):
         # Two tokenizers, the supervising gateway and its two workers.
         assert runs[f"pagewire-{door}"]["front_door_processes"] == 5
         assert runs[f"pagewire-{door}"]["cpu_us_per_token_front_door"] > 0
     ratio = next(r for r in records if r["bench"] == "rest_ratio")
-    assert ratio["rest_sse_over_in_process"] > 0
+    assert ratio["rest_sse_over_in_process"] > 0 and ratio["grpc_streams_over_in_process"] > 0
