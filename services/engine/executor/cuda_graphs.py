@@ -27,7 +27,7 @@ from pagewire.services.engine.executor.backend import AttentionMetadata
 from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.executor.loader import LoadedModel
 from pagewire.services.engine.executor.lora import LoraSlots
-from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, PendingInputs
+from pagewire.services.engine.executor.runner import LaunchedStep, ModelRunner, PendingInputs, cache_slots, token_layout
 from pagewire.services.engine.executor.sampler import Sampler
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import Sequence
@@ -75,24 +75,19 @@ class GraphStaging:
         rows, seq_lens, tables = self.rows.numpy(), self.seq_lens.numpy(), self.tables.numpy()
         self._stage_tables(sequences)
         starts = np.fromiter((seq.num_computed_tokens for seq in sequences), np.int64, num_seqs)
-        if tokens_per_seq == 1:
+        if tokens_per_seq == 1:  # a decode step: a row per sequence, laid out without token_layout's passes
             counts, first_rows, seq_of_row = 1, np.arange(num_seqs), np.arange(num_seqs)
             positions = starts
         else:
             counts = np.fromiter((1 + len(seq.spec_token_ids) for seq in sequences), np.int64, num_seqs)
-            first_rows = np.cumsum(counts) - counts
-            seq_of_row = np.repeat(np.arange(num_seqs), counts)
-            positions = starts[seq_of_row] + np.arange(len(seq_of_row)) - first_rows[seq_of_row]
+            first_rows, seq_of_row, positions = token_layout(starts, counts)
         num_tokens = len(positions)
         rows[0, first_rows] = pending.next_tokens(sequences, starts, first_rows)
         if tokens_per_seq > 1:
             for seq, first in zip(sequences, first_rows.tolist()):
                 rows[0, first + 1 : first + 1 + len(seq.spec_token_ids)] = seq.spec_token_ids
         rows[1, :num_tokens] = positions
-        slots = rows[2, :num_tokens]
-        slots[:] = tables[seq_of_row, positions // self.block_size]
-        slots *= self.block_size
-        slots += positions % self.block_size
+        rows[2, :num_tokens] = cache_slots(tables, seq_of_row, positions, self.block_size)
         rows[2:, num_tokens:num_rows] = -1  # padding rows: no cache write, no adapter ...
         seq_lens[:num_seqs] = starts + counts
         seq_lens[num_seqs:size] = 0  # ... and no context

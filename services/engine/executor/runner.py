@@ -158,17 +158,19 @@ class PendingInputs:
             input_ids[torch.tensor(self.positions, dtype=torch.int64).to(device, non_blocking=True)] = sampled
 
 
-def cache_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """The KV cache slots of positions [start, end) of a sequence with this
-    block table, a range per block (a prefill chunk covers thousands)."""
-    if end - start == 1:  # a decode step's, once per sequence
-        return [block_table[start // block_size] * block_size + start % block_size]
-    slots: list[int] = []
-    for block in range(start // block_size, -(-end // block_size)):
-        first = block * block_size
-        base = block_table[block] * block_size - first
-        slots.extend(range(base + max(start, first), base + min(end, first + block_size)))
-    return slots
+def token_layout(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the tokens of a flattened batch come from: sequence i feeds
+    counts[i] tokens from position starts[i]. Returns each sequence's first
+    row, each row's sequence and each row's position."""
+    first_rows = np.cumsum(counts) - counts
+    seq_of_row = np.repeat(np.arange(len(counts)), counts)
+    return first_rows, seq_of_row, np.arange(len(seq_of_row)) + np.repeat(starts - first_rows, counts)
+
+
+def cache_slots(tables: np.ndarray, seq_of_row: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """The KV cache slot of each row's position, its sequence's block table
+    being row seq_of_row of tables."""
+    return tables[seq_of_row, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
 
 class ModelRunner:
@@ -184,48 +186,43 @@ class ModelRunner:
         self.last_launched: LaunchedStep | None = None
 
     def prepare(self, scheduled: list[ScheduledSequence], pending: PendingInputs) -> BatchInputs:
-        size = self.block_size
         input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        seq_lens: list[int] = []
-        query_start_loc = [0]
         logits_indices: list[int] = []
         sampled: list[Sequence] = []
-        for item in scheduled:
-            seq = item.seq
-            drafts = seq.spec_token_ids
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
-            input_ids.extend(pending.tokens(seq, start, end - len(drafts), len(input_ids)))
-            input_ids.extend(drafts)
-            positions.extend(range(start, end))
-            slot_mapping.extend(cache_slots(seq.block_table, start, end, size))
-            seq_lens.append(end)
-            query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
-            if item.completes_sequence:
-                logits_indices.extend(range(query_start_loc[-1] - 1 - len(drafts), query_start_loc[-1]))
-                sampled.append(seq)
         # Row by row into one array: torch.tensor over nested lists took 2.5x as long (256 tables of 40 blocks: 0.58 ms).
         tables = np.zeros((len(scheduled), max(len(item.seq.block_table) for item in scheduled)), dtype=np.int32)
         for row, item in enumerate(scheduled):
-            tables[row, : len(item.seq.block_table)] = item.seq.block_table
-        block_tables = torch.from_numpy(tables)
+            seq = item.seq
+            drafts = seq.spec_token_ids
+            start = seq.num_computed_tokens
+            input_ids.extend(pending.tokens(seq, start, start + item.num_new_tokens - len(drafts), len(input_ids)))
+            input_ids.extend(drafts)
+            tables[row, : len(seq.block_table)] = seq.block_table
+            if item.completes_sequence:
+                logits_indices.extend(range(len(input_ids) - 1 - len(drafts), len(input_ids)))
+                sampled.append(seq)
+        starts = np.fromiter((item.seq.num_computed_tokens for item in scheduled), np.int64, len(scheduled))
+        counts = np.fromiter((item.num_new_tokens for item in scheduled), np.int64, len(scheduled))
+        first_rows, seq_of_row, positions = token_layout(starts, counts)
+        seq_lens = starts + counts
 
-        def on_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        def on_device(values: np.ndarray | list[int], dtype: torch.dtype) -> torch.Tensor:
+            # Lists through numpy: torch.tensor over a list takes four times as long (8192 ids: 445 against 104 us).
+            if isinstance(values, list):
+                values = np.fromiter(values, np.int64, len(values))
+            return torch.from_numpy(values).to(self.device, dtype, non_blocking=True)
 
         metadata = AttentionMetadata(
-            slot_mapping=on_device(slot_mapping, torch.int64),
-            block_tables=block_tables.to(self.device, non_blocking=True),
+            slot_mapping=on_device(cache_slots(tables, seq_of_row, positions, self.block_size), torch.int64),
+            block_tables=on_device(tables, torch.int32),
             seq_lens=on_device(seq_lens, torch.int32),
-            query_start_loc=on_device(query_start_loc, torch.int32),
-            max_query_len=max(item.num_new_tokens for item in scheduled),
-            max_seq_len=max(seq_lens),
+            query_start_loc=on_device(np.append(first_rows, len(input_ids)), torch.int32),
+            max_query_len=int(counts.max()),
+            max_seq_len=int(seq_lens.max()),
         )
         lora_slots = None
         if self.lora is not None and any(item.seq.lora for item in scheduled):
-            slots = self.lora_slots_of([item.seq for item in scheduled])
-            lora_slots = on_device([slot for item, slot in zip(scheduled, slots) for _ in range(item.num_new_tokens)], torch.int64)
+            lora_slots = on_device(np.repeat(self.lora_slots_of([item.seq for item in scheduled]), counts), torch.int64)
         return BatchInputs(
             on_device(input_ids, torch.int64), on_device(positions, torch.int64), metadata, on_device(logits_indices, torch.int64), sampled, lora_slots
         )
