@@ -11,9 +11,11 @@ import random
 import numpy as np
 import pytest
 
+from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import SamplingParams, Sequence
 from pagewire.services.engine.executor.cuda_graphs import GraphStaging
 from pagewire.services.engine.executor.runner import PendingInputs
+from tests.engine.util import per_token_inputs
 
 BLOCK_SIZE = 4
 MAX_BLOCKS = 16
@@ -32,27 +34,10 @@ def _sequence(rng: random.Random, index: int, max_drafts: int) -> Sequence:
     return seq
 
 
-def _expected_rows(sequences: list[Sequence]) -> tuple[list[int], list[int], list[int], list[int]]:
-    """ids (0 where not read back), positions, slots, and the placeholders' rows."""
-    ids, positions, slots, unknown = [], [], [], []
-    for seq in sequences:
-        start = seq.num_computed_tokens
-        if start < seq.num_known_tokens:
-            ids.append(seq.token_at(start))
-        else:
-            unknown.append(len(ids))
-            ids.append(0)
-        ids.extend(seq.spec_token_ids)
-        for position in range(start, start + 1 + len(seq.spec_token_ids)):
-            positions.append(position)
-            slots.append(seq.block_table[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE)
-    return ids, positions, slots, unknown
-
-
 def _check(staging: GraphStaging, sequences: list[Sequence], size: int, tokens_per_seq: int, lora: list[int] | None) -> None:
     pending = PendingInputs(None)
     num_tokens = staging.stage(sequences, pending, size, tokens_per_seq, lora)
-    ids, positions, slots, unknown = _expected_rows(sequences)
+    ids, unknown, positions, slots = per_token_inputs([ScheduledSequence(seq, 1 + len(seq.spec_token_ids)) for seq in sequences], BLOCK_SIZE)
     rows = staging.rows.numpy()
     num_rows = size * tokens_per_seq
     assert num_tokens == len(ids)

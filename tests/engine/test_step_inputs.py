@@ -15,6 +15,7 @@ import torch
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import SamplingParams, Sequence
 from pagewire.services.engine.executor.runner import ModelRunner, PendingInputs, cache_slots, token_layout
+from tests.engine.util import per_token_inputs
 
 
 def per_token_slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -79,22 +80,13 @@ def test_the_eager_runner_prepares_a_mixed_step_as_the_per_token_reference() -> 
         scheduled.append(ScheduledSequence(seq, new))
     pending = PendingInputs(None)
     batch = runner.prepare(scheduled, pending)
-    ids, positions, slots, ends, starts, logits_rows, placeholders = [], [], [], [], [0], [], []
+    ids, placeholders, positions, slots = per_token_inputs(scheduled, block_size)
+    ends, starts, logits_rows = [], [0], []
     for item in scheduled:
-        seq, start = item.seq, item.seq.num_computed_tokens
-        for position in range(start, start + item.num_new_tokens - len(seq.spec_token_ids)):
-            if position < seq.num_known_tokens:
-                ids.append(seq.token_at(position))
-            else:
-                placeholders.append(len(ids))
-                ids.append(0)
-        ids.extend(seq.spec_token_ids)
-        positions.extend(range(start, start + item.num_new_tokens))
-        slots.extend(per_token_slots(seq.block_table, start, start + item.num_new_tokens, block_size))
-        ends.append(start + item.num_new_tokens)
+        ends.append(item.seq.num_computed_tokens + item.num_new_tokens)
         starts.append(starts[-1] + item.num_new_tokens)
         if item.completes_sequence:
-            logits_rows.extend(range(len(ids) - 1 - len(seq.spec_token_ids), len(ids)))
+            logits_rows.extend(range(starts[-1] - 1 - len(item.seq.spec_token_ids), starts[-1]))
     assert batch.input_ids.tolist() == ids and pending.positions == placeholders
     assert batch.positions.tolist() == positions
     assert batch.metadata.slot_mapping.tolist() == slots

@@ -6,6 +6,7 @@ from pagewire.services.engine.config import EngineConfig
 from pagewire.services.engine.core.engine import EngineCore
 from pagewire.services.engine.executor.model_executor import create_engine_core
 from pagewire.services.engine.executor.loader import LoadedModel
+from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import RequestOutput, SamplingParams
 
 # Output tokens per request in the engine tests, and in HF's greedy reference.
@@ -62,3 +63,23 @@ def mixed_sampling(max_tokens: int) -> list[SamplingParams]:
         SamplingParams(temperature=0.0, logprobs=3, max_tokens=max_tokens),
         SamplingParams(temperature=0.7, seed=13, presence_penalty=0.5, logprobs=2, max_tokens=max_tokens),
     ]
+
+
+def per_token_inputs(scheduled: list[ScheduledSequence], block_size: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """A step's input ids (0 where the token is not read back yet), the rows
+    of those placeholders, and each row's position and KV cache slot, worked
+    out one position at a time: the reference for the runners' staging."""
+    ids, placeholders, positions, slots = [], [], [], []
+    for item in scheduled:
+        seq, start = item.seq, item.seq.num_computed_tokens
+        for position in range(start, start + item.num_new_tokens - len(seq.spec_token_ids)):
+            if position < seq.num_known_tokens:
+                ids.append(seq.token_at(position))
+            else:
+                placeholders.append(len(ids))
+                ids.append(0)
+        ids.extend(seq.spec_token_ids)
+        for position in range(start, start + item.num_new_tokens):
+            positions.append(position)
+            slots.append(seq.block_table[position // block_size] * block_size + position % block_size)
+    return ids, placeholders, positions, slots
