@@ -49,7 +49,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class GraphStaging:
     """Pinned host copies of a graph's inputs, filled with numpy and copied
     asynchronously. Filling them is host work alone (tested on the CPU
-    against the eager runner's inputs)."""
+    against a per-token reference: tests/engine/test_graph_staging.py)."""
 
     def __init__(self, rows: int, seqs: int, max_blocks: int, block_size: int, pin_memory: bool = True):
         self.block_size = block_size
