@@ -21,6 +21,11 @@ def _add(request_id: str, tokens: int) -> engine_pb2.AddRequest:
 def test_entry_sizes_add_up_to_the_batch() -> None:
     results = [tokenizer_pb2.TokenizeResult(request_id=f"r{i}", token_ids=[7] * (i * 50)) for i in range(6)]
     assert sum(entry_bytes(r) for r in results) == tokenizer_pb2.TokenizedBatch(results=results).ByteSize()
+    # Around the one-byte length's edge, and under a field number with a two-byte tag.
+    for length in range(120, 136):
+        result = tokenizer_pb2.TokenizeResult(request_id="r" * length)
+        assert entry_bytes(result) == tokenizer_pb2.TokenizedBatch(results=[result]).ByteSize()
+        assert entry_bytes(result, field_number=16) == entry_bytes(result) + 1
 
 
 def test_packed_groups_fit_and_keep_the_order() -> None:

@@ -26,6 +26,9 @@ def _varint_bytes(value: int) -> int:
 def entry_bytes(item: Message, field_number: int = 1) -> int:
     """Bytes `item` takes as one entry of a repeated message field."""
     size = item.ByteSize()
+    # Most entries: a one-byte tag (fields 1-15) and a one-byte length.
+    if field_number < 16 and size < 128:
+        return size + 2
     return _varint_bytes(field_number << 3) + _varint_bytes(size) + size
 
 

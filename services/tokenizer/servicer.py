@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,7 +31,7 @@ from pagewire.services.common.grpc_utils import error_status, to_status
 from pagewire.services.common.limit_checks import check_stop_strings, check_tools
 from pagewire.services.common.limits import DEFAULT_MAX_MESSAGE_BYTES
 from pagewire.services.common.logging import get_logger
-from pagewire.services.common.message_size import entry_bytes, packed, too_large
+from pagewire.services.common.message_size import entry_bytes, packed_sized, too_large
 from pagewire.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from pagewire.services.tokenizer.detokenizer import IncrementalDetokenizer
 from pagewire.services.tokenizer.encoder import ChatTurn, PromptEncoder, ToolCallTurn, ToolSpec
@@ -130,7 +130,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 except queue.Empty:
                     break
             answered += len(results)
-            for group in packed(self._sendable(results), self.max_message_bytes):
+            for group in packed_sized(self._sendable((result, entry_bytes(result)) for result in results), self.max_message_bytes):
                 yield tokenizer_pb2.TokenizedBatch(results=group)
 
     def _encode_all(self, request_iterator: Iterator[tokenizer_pb2.TokenizeBatch], ready: queue.SimpleQueue) -> None:
@@ -206,7 +206,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         for batch in request_iterator:
             deltas = [delta for item in batch.items if (delta := self._detokenize_alone(item, live)) is not None]
             pieces = [piece for delta in deltas for piece in self._text_pieces(delta)]
-            for group in packed(self._sendable(pieces), self.max_message_bytes):
+            for group in packed_sized(self._sendable(pieces), self.max_message_bytes):
                 yield tokenizer_pb2.TextBatch(deltas=group)
 
     def _detokenize_alone(self, item: tokenizer_pb2.DetokenizeItem, live: dict[str, IncrementalDetokenizer]) -> tokenizer_pb2.TextDelta | None:
@@ -219,12 +219,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             message = f"the detokenizer failed on this request: {type(exc).__name__}: {exc}"
             return tokenizer_pb2.TextDelta(request_id=item.request_id, error=error_status(grpc.StatusCode.INTERNAL, message), closed=True)
 
-    def _text_pieces(self, delta: tokenizer_pb2.TextDelta) -> list[tokenizer_pb2.TextDelta]:
+    def _text_pieces(self, delta: tokenizer_pb2.TextDelta) -> list[tuple[tokenizer_pb2.TextDelta, int]]:
         """The delta as deltas of the same request that each fit in a message
         (a few ids of long tokens can make more text than their message
-        held); the flags go with the last piece."""
-        if entry_bytes(delta) <= self.max_message_bytes:
-            return [delta]
+        held), each with its entry_bytes; the flags go with the last piece."""
+        size = entry_bytes(delta)
+        if size <= self.max_message_bytes:
+            return [(delta, size)]
         flags = tokenizer_pb2.TextDelta()
         flags.CopyFrom(delta)
         flags.ClearField("text")
@@ -233,16 +234,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         room = max(1, (self.max_message_bytes - entry_bytes(flags) - 6) // 4)
         pieces = [tokenizer_pb2.TextDelta(request_id=delta.request_id, text=delta.text[at : at + room]) for at in range(0, len(delta.text), room)]
         pieces[-1].MergeFrom(flags)
-        return pieces
+        return [(piece, entry_bytes(piece)) for piece in pieces]
 
-    def _sendable(self, entries: list[Any]) -> list[Any]:
-        """The entries that fit in a message alone. Only a request id nearly
-        as large as a message makes one that does not; it is dropped, since
-        no reply could name it."""
+    def _sendable(self, sized_entries: Iterable[tuple[Any, int]]) -> list[tuple[Any, int]]:
+        """The entries (with their entry_bytes) that fit in a message alone.
+        Only a request id nearly as large as a message makes one that does
+        not; it is dropped, since no reply could name it."""
         fitting = []
-        for entry in entries:
-            if entry_bytes(entry) <= self.max_message_bytes:
-                fitting.append(entry)
+        for entry, size in sized_entries:
+            if size <= self.max_message_bytes:
+                fitting.append((entry, size))
             else:
                 log.warning("reply dropped: its request id leaves no room in a message", request_id_bytes=len(entry.request_id.encode()))
         return fitting
