@@ -155,7 +155,10 @@ class PendingInputs:
             else:
                 row_of = {id(seq): row for row, seq in zip(sample.last_rows, last)}
                 sampled = sample.token_ids[torch.tensor([row_of[id(seq)] for seq in self._sequences], dtype=torch.int64).to(device, non_blocking=True)]
-            input_ids[torch.tensor(self.positions, dtype=torch.int64).to(device, non_blocking=True)] = sampled
+            if self.positions[-1] == len(self.positions) - 1:  # rising from 0 (they always rise): the first rows, as in a decode step
+                input_ids[: len(self.positions)] = sampled
+            else:
+                input_ids[torch.tensor(self.positions, dtype=torch.int64).to(device, non_blocking=True)] = sampled
 
 
 def token_layout(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
