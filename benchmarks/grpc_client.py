@@ -7,7 +7,9 @@ benchmarks/rest_client.py.
 
 stdin: {"target", "prompts": {request id: ids}, "output_len", "start_at"}
 with start_at a time.monotonic() instant (system-wide on Linux) at which
-every client process begins."""
+every client process begins. It imports only grpc and the stubs, so that it
+is ready well before start_at (importing torch, as the benchmarks' other
+modules do, took longer than the start delay on a busy host)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,20 @@ from typing import Any
 
 import grpc
 
-from benchmarks.through_gateway import CHANNEL_OPTIONS, client_messages
-from pagewire.v1 import gateway_pb2_grpc
+from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+# Chunks of a whole step for every request come in one ServerMessage.
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+def client_messages(request_ids: list[str], prompts: list[list[int]], output_len: int) -> list[gateway_pb2.ClientMessage]:
+    """The gateway's Generate requests of the workload: prompt token ids, greedy, EOS ignored."""
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    return [
+        gateway_pb2.ClientMessage(start=gateway_pb2.GenerateRequest(request_id=i, token_ids=gateway_pb2.TokenIds(ids=p), sampling=sampling))
+        for i, p in zip(request_ids, prompts)
+    ]  # fmt: skip
 
 
 async def run(work: dict[str, Any]) -> dict[str, dict[str, Any]]:

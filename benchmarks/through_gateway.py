@@ -22,16 +22,14 @@ from pathlib import Path
 import grpc
 import psutil
 
-from pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from benchmarks.grpc_client import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, client_messages
+from pagewire.v1 import common_pb2, engine_pb2, engine_pb2_grpc, gateway_pb2_grpc
 from pagewire.services.engine.executor.loader import LoadedModel, dtype_name
 from pagewire.services.engine.executor.models.llama import STACKED_PARAMS
 from tests.support.harness import LOOPBACK, ServeProcess
 
 # Room for the largest shape's checkpoint to load.
 START_TIMEOUT_S = 480.0
-# Chunks of a whole step for every request come in one ServerMessage.
-MAX_MESSAGE_BYTES = 64 << 20
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
 @dataclass
@@ -137,15 +135,6 @@ def _tree_cpu_seconds(root: psutil.Process) -> float:
             continue  # it exited meanwhile
         total += times.user + times.system
     return total
-
-
-def client_messages(request_ids: list[str], prompts: list[list[int]], output_len: int) -> list[gateway_pb2.ClientMessage]:
-    """The gateway's Generate requests of the workload: prompt token ids, greedy, EOS ignored."""
-    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    return [
-        gateway_pb2.ClientMessage(start=gateway_pb2.GenerateRequest(request_id=i, token_ids=gateway_pb2.TokenIds(ids=p), sampling=sampling))
-        for i, p in zip(request_ids, prompts)
-    ]  # fmt: skip
 
 
 async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix: str, direct_to_engine: bool) -> StreamTimings:
