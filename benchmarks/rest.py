@@ -45,8 +45,8 @@ from pagewire.services.common.logging import configure_logging
 from pagewire.services.engine.executor.loader import resolve_dtype
 from tests.support.harness import REPO, ServeProcess, child_environment, engine_stats
 
-# Prompt seeds of the measured runs: the in-process and gRPC runs share
-# throughput.py's, the REST runs have their own.
+# Prompt seeds of the measured runs: the in-process and one-stream gRPC runs
+# share throughput.py's, the other doors have their own.
 GRPC_SEED = 1
 GRPC_STREAMS_SEED = 4
 REST_STREAM_SEED = 5
