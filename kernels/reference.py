@@ -164,9 +164,15 @@ def add_lora(
     return lora_expand(out, lora_shrink(x, lora_a, token_slots), lora_b, token_slots, part_sizes)
 
 
+def weight_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """kernels/gemv.cu with bf16 weights: x [m, k] times weight [n, k],
+    accumulated in float32, rounded to x's dtype."""
+    return (x.float() @ weight.float().t()).to(x.dtype)
+
+
 def fp8_weight_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """kernels/fp8_gemv.cu: x [m, k] times the float8 weight [n, k] with one
-    float32 scale per output row, accumulated in float32, rounded to x's dtype."""
+    """kernels/gemv.cu with float8 weights: x [m, k] times weight [n, k] with
+    one float32 scale per output row, accumulated in float32, rounded to x's dtype."""
     return (x.float() @ weight.float().t() * scale.float()).to(x.dtype)
 
 

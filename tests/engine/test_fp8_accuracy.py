@@ -113,7 +113,7 @@ def test_fp8_accuracy_on_the_gpu_kernels(configuration, tmp_path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs a GPU with FP8 (sm_89+)")
 def test_fp8_weights_one_token_a_forward_on_the_gpu(tmp_path) -> None:
     """Decode-sized forwards (one token each) take the FP8 GEMV
-    (kernels/fp8_gemv.cu) instead of _scaled_mm: the same model and bounds as above."""
+    (kernels/gemv.cu) instead of _scaled_mm: the same model and bounds as above."""
     reference, model = _random_gpu_llama(tmp_path, "fp8")
     tokens = torch.randint(0, 1024, (POSITIONS,), generator=torch.Generator().manual_seed(1)).tolist()
     measured = agreement(sequence_logits(model, tokens, torch.bfloat16, chunk=1), sequence_logits(reference, tokens, torch.bfloat16))

@@ -119,7 +119,7 @@ def test_fp8_cache_attention_inside_a_cuda_graph() -> None:
 @needs_fp8
 @pytest.mark.parametrize("tokens", [3, 7, 64, 300])
 def test_fp8_linear_on_tensor_cores_matches_its_reference(tokens: int) -> None:
-    # From 3 tokens on: fewer take the weight-only GEMV (tests/kernels/test_cuda_fp8_gemv.py).
+    # From 3 tokens on: fewer take the weight-only GEMV (tests/kernels/test_cuda_gemv.py).
     torch.manual_seed(tokens)
     layer = Fp8Linear(512, 768, bias=True).cuda()
     weight, scale = quantize_rows(torch.randn(768, 512, device="cuda"))

@@ -64,10 +64,10 @@ def fp8_linear_scaled_mm(
 
 
 def fp8_linear_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A decode step's few tokens: the weight-only kernel (kernels/fp8_gemv.cu)
+    """A decode step's few tokens: the weight-only GEMV (kernels/gemv.cu)
     reads each FP8 weight once and keeps the activations in bf16, where
     _scaled_mm would first quantize them in several small kernels."""
-    out = cuda_gemv.fp8_gemv(x, weight, weight_scale)
+    out = cuda_gemv.gemv(x, weight, weight_scale)
     return out if bias is None else out + bias
 
 

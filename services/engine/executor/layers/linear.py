@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagewire.kernels import cuda_gemv
 from pagewire.services.engine.executor.layers.fp8 import Fp8Linear
 
 # Weight formats of the projections: "none" keeps the compute dtype.
@@ -35,7 +36,27 @@ def linear(input_size: int, output_size: int, *, bias: bool = False, quantizatio
         return Fp8Linear(input_size, output_size, bias=bias)
     if quantization != "none":
         raise ValueError(f"unknown quantization {quantization!r} (known: {', '.join(QUANTIZATIONS)})")
-    return nn.Linear(input_size, output_size, bias=bias)
+    return Linear(input_size, output_size, bias=bias)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias. A decode step's few rows on the GPU go through
+    the GEMV (kernels/gemv.cu), which starts its weight stream while the
+    kernel before it finishes; the rest through torch's GEMM."""
+    flat = x.reshape(-1, weight.shape[1])
+    if not cuda_gemv.supports(flat, weight):
+        return F.linear(x, weight, bias)
+    out = cuda_gemv.gemv(flat, weight)
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (its parameters and initialisation) computed by project()."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(x, self.weight, self.bias)
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -83,13 +104,13 @@ class PrepackedLinear(nn.Module):
 
 
 def prepack_projections(model: nn.Module) -> int:
-    """Replace every nn.Linear under `model` whose weight can_prepack with a
+    """Replace every nn.Linear or Linear under `model` whose weight can_prepack with a
     PrepackedLinear (in place, once: those already packed are left as they
     are); returns how many were replaced."""
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and can_prepack(child.weight):
+            if type(child) in (nn.Linear, Linear) and can_prepack(child.weight):
                 setattr(module, name, PrepackedLinear(child.weight, child.bias))
                 replaced += 1
     return replaced

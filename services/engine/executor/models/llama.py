@@ -15,12 +15,11 @@ from typing import Any
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagewire.services.engine.executor.backend import AttentionMetadata, KernelBackend
 from pagewire.services.engine.executor.parallel import all_reduce, embedding, gather_vocab, vocab_shard
-from pagewire.services.engine.executor.layers.linear import PrepackedLinear, can_prepack, linear, prepack_projections
+from pagewire.services.engine.executor.layers.linear import PrepackedLinear, can_prepack, linear, prepack_projections, project
 from pagewire.services.engine.executor.layers.moe import MoE
 from pagewire.services.engine.executor.layers.norm import RMSNorm
 from pagewire.services.engine.executor.layers.rotary import RotaryEmbedding
@@ -217,7 +216,7 @@ class LlamaForCausalLM(nn.Module):
         """float32 logits of the given rows (only those whose next token is sampled)."""
         normed, _ = self.model.norm(hidden)
         # A tied model has an lm_head module only once prepack_for_cpu gave it a packed copy of the embedding.
-        logits = self.lm_head(normed) if "lm_head" in self._modules else F.linear(normed, self.model.embed_tokens.weight)
+        logits = self.lm_head(normed) if "lm_head" in self._modules else project(normed, self.model.embed_tokens.weight)
         return gather_vocab(logits, self.config.vocab_size).float()
 
     def prepack_for_cpu(self) -> None:
