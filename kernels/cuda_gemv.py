@@ -50,8 +50,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     """x [m, k] bf16 times weight [n, k] (bf16, or float8_e4m3fn with its
     float32 row scales `scale` [n]) -> [m, n] bf16."""
     if not supports(x, weight):
+        most = " or ".join(f"{most} ({weights} weights)" for weights, most in MAX_TOKENS.items())
         raise ValueError(
-            f"the GEMV takes bf16 x of 1..{MAX_TOKENS} rows by weight format and rows of whole 16-byte loads,"
+            f"the GEMV takes bf16 x on the GPU with at most {most} rows, and weight rows of whole 16-byte loads;"
             f" got x {x.dtype} {tuple(x.shape)} on {x.device}, weight {weight.dtype} {tuple(weight.shape)}"
         )
     weights = WEIGHT_DTYPES[weight.dtype]
