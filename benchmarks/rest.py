@@ -120,6 +120,7 @@ def measure(served: ServeProcess, door: str, prompts: list[list[int]], args: arg
         prefix_cache_hit_tokens=stats_after.prefix_cache_hit_tokens - stats_before.prefix_cache_hit_tokens,
         front_door_processes=process_count(pids), cpu_s_front_door=round(front_cpu, 2),
         cpu_us_per_token_front_door=round(front_cpu / tokens * 1e6, 1) if tokens else None,
+        cpu_us_per_token_by_service={name: round((cpu_after[name] - cpu_before[name]) / tokens * 1e6, 1) for name in cpu_after} if tokens else None,
     )  # fmt: skip
     if errors:
         record.update(errors=len(errors), first_error=errors[0])
