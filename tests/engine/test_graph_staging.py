@@ -23,8 +23,8 @@ MAX_BLOCKS = 16
 
 def _sequence(rng: random.Random, index: int, max_drafts: int) -> Sequence:
     prompt_len, output_len = rng.randint(1, 20), rng.randint(0, 12)
-    seq = Sequence(f"r{index}", [rng.randrange(1000) for _ in range(prompt_len)], SamplingParams(temperature=0.0), 0.0)
-    seq.output_token_ids = [rng.randrange(1000) for _ in range(output_len)]
+    prompt = [rng.randrange(1000) for _ in range(prompt_len)]
+    seq = Sequence(f"r{index}", prompt, SamplingParams(temperature=0.0), 0.0, output_token_ids=[rng.randrange(1000) for _ in range(output_len)])
     # Its newest token is either read back or still on the device.
     seq.num_pending_tokens = rng.randint(0, 1)
     seq.num_computed_tokens = seq.num_tokens - 1

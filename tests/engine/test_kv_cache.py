@@ -104,7 +104,7 @@ def test_blocks_filled_by_later_steps_enter_the_prefix_cache() -> None:
     seq.num_computed_tokens = 10
     kv.cache_computed_blocks(seq)
     for token in (10, 11, 12, 13):  # decode four tokens, one a step
-        seq.output_token_ids.append(token)
+        seq.append_output(token)
         assert kv.allocate_slots(seq, 1)
         seq.num_computed_tokens += 1
         kv.cache_computed_blocks(seq)

@@ -37,10 +37,9 @@ def test_cache_slots_match_the_per_token_slots_at_every_boundary(block_size: int
             assert cache_slots(tables, seq_of_row, positions, block_size).tolist() == expected, (start, end)
 
 
-def _sequence(prompt_len: int, output_len: int) -> Sequence:
-    seq = Sequence("r", list(range(100, 100 + prompt_len)), SamplingParams(temperature=0.0), 0.0)
-    seq.output_token_ids = list(range(500, 500 + output_len))
-    return seq
+def _sequence(prompt_len: int, output_len: int, prompt: list[int] | None = None) -> Sequence:
+    prompt = list(range(100, 100 + prompt_len)) if prompt is None else prompt
+    return Sequence("r", prompt, SamplingParams(temperature=0.0), 0.0, output_token_ids=list(range(500, 500 + output_len)))
 
 
 def test_token_slice_matches_token_at_across_prompt_and_output() -> None:
@@ -72,8 +71,7 @@ def test_the_eager_runner_prepares_a_mixed_step_as_the_per_token_reference() -> 
         (9, 5, 0, 13, 1, 0),  # a decode whose newest token was read back
         (6, 3, 0, 8, 3, 2),  # a verify step: the last token and two proposals
     ]:
-        seq = _sequence(prompt_len, output_len)
-        seq.prompt_token_ids = [rng.randrange(1000) for _ in range(prompt_len)]
+        seq = _sequence(prompt_len, output_len, [rng.randrange(1000) for _ in range(prompt_len)])
         seq.num_pending_tokens, seq.num_computed_tokens = pending, computed
         seq.spec_token_ids = [rng.randrange(1000) for _ in range(drafts)]
         seq.block_table = rng.sample(range(1000), -(-(computed + new) // block_size))

@@ -395,12 +395,12 @@ class EngineCore:
                 continue  # finished or aborted while its step ran: the tokens are dropped
             if len(token_ids) == 1 and not logprobs:  # most steps of most sequences: one token, no logprobs
                 output = self._new_output(seq, token_ids)
-                seq.output_token_ids.append(token_ids[0])
+                seq.append_output(token_ids[0])
                 reason = self._stop_reason(seq, token_ids[0])
             else:
                 output = self._new_output(seq, [])
                 for token_id, logprob in zip(token_ids, logprobs or [None] * len(token_ids)):
-                    seq.output_token_ids.append(token_id)
+                    seq.append_output(token_id)
                     output.new_token_ids.append(token_id)
                     if logprob is not None:
                         output.logprobs.append(logprob)

@@ -15,7 +15,7 @@ from pagewire.services.engine.core.kv_cache import KVCacheManager
 from pagewire.services.engine.core.sequence import FinishReason, Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
