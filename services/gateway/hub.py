@@ -57,8 +57,6 @@ class GatewaySettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # What a request's client may leave unread, and for how long.
     output: OutputLimits = OutputLimits()
-    # The tokenizer workers this gateway detokenizes on (tokenizers.detokenize_share); all by default.
-    detokenize_share: list[int] | None = None
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:
@@ -84,7 +82,6 @@ class Gateway:
             settings.max_message_bytes,
             self._on_text,
             self._on_tokenizer_down,
-            settings.detokenize_share,
         )
         self._replicas: dict[str, EngineReplica] = {}
         self._replica_tasks: dict[str, asyncio.Task[None]] = {}

@@ -179,7 +179,6 @@ async def _serve_one(config: GatewayConfig, place: WorkerPlace | None) -> int:
     from pagewire.services.gateway.metrics import GatewayMetrics
     from pagewire.services.gateway.hub import Gateway, GatewaySettings
     from pagewire.services.gateway.output_buffer import OutputLimits
-    from pagewire.services.gateway.tokenizers import detokenize_share
     from pagewire.services.gateway.rest_api import create_app, status_response
 
     class EmbeddedUvicorn(uvicorn.Server):
@@ -209,7 +208,6 @@ async def _serve_one(config: GatewayConfig, place: WorkerPlace | None) -> int:
         max_message_bytes=config.max_message_bytes,
         # Half a message at most, so that every chunk fits one with room to spare.
         output=OutputLimits(min(config.max_buffered_output_bytes, config.max_message_bytes // 2), config.client_read_timeout_s),
-        detokenize_share=detokenize_share(place.index, config.gateway_workers, len(config.tokenizer)) if place is not None else None,
     )
     tls = TlsFiles.from_options(config.tls_cert, config.tls_key)
     workers = SharedCount(place.slots, place.index) if place is not None else None

@@ -2,33 +2,17 @@
 Detokenize stream) per tokenizer address. Each Tokenize request goes to the
 least loaded worker that is connected; a request's detokenization stays on
 the worker its DetokenizeStart went to, since that worker holds its
-incremental decoder.
-
-With several gateway workers, each detokenizes on its own share of the
-tokenizer workers (`detokenize_share`), so that an engine step costs each
-gateway one Detokenize message (where the workers match in number) rather
-than one per tokenizer worker, and each tokenizer worker hears from as few
-gateways; a gateway whose share is down spreads over the rest."""
+incremental decoder."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.gateway.clients import TokenizerClient
 from pagewire.services.gateway.connection import Backoff
 from pagewire.v1 import tokenizer_pb2
-
-
-def detokenize_share(gateway_index: int, gateway_count: int, tokenizer_count: int) -> list[int]:
-    """The tokenizer workers gateway worker `gateway_index` of `gateway_count`
-    detokenizes on: every tokenizer counted once over the gateways, and each
-    gateway on as few as that allows (one, when there are no more tokenizers
-    than gateways)."""
-    if tokenizer_count <= gateway_count:
-        return [gateway_index % tokenizer_count]
-    return list(range(gateway_index, tokenizer_count, gateway_count))
 
 
 class TokenizerPool:
@@ -41,10 +25,7 @@ class TokenizerPool:
         max_message_bytes: int,
         on_text: Callable[[tokenizer_pb2.TextDelta], None],
         on_down: Callable[[TokenizerClient, str], None],
-        share: Sequence[int] | None = None,
     ):
-        """`share`: the indices of the workers new detokenizations go to
-        while any of them is connected (detokenize_share); every worker by default."""
         def client(address: str) -> TokenizerClient:
             # The client is named in the callback, so that only its own requests fail.
             created = TokenizerClient(
@@ -55,7 +36,6 @@ class TokenizerPool:
         self._on_down = on_down
 
         self.clients = [client(address) for address in addresses]
-        self._share = range(len(self.clients)) if share is None else share
         # The worker each detokenizing request's decoder lives on, by internal id.
         self._assigned: dict[str, TokenizerClient] = {}
         # Requests detokenizing on each worker: the load that picks one.
@@ -68,11 +48,8 @@ class TokenizerPool:
     def available(self) -> bool:
         return any(client.available for client in self.clients)
 
-    def _least_loaded(self, preferred: Sequence[int] = ()) -> TokenizerClient:
-        """The connected worker (of those indexed by `preferred`, while any
-        of them is) with the least work."""
-        connected = [self.clients[index] for index in preferred if self.clients[index].available]
-        connected = connected or [client for client in self.clients if client.available]
+    def _least_loaded(self) -> TokenizerClient:
+        connected = [client for client in self.clients if client.available]
         if not connected:
             names = ", ".join(client.address for client in self.clients)
             raise RequestError(Refusal.UNAVAILABLE, f"tokenizer {names} is not connected; retry shortly")
@@ -106,7 +83,7 @@ class TokenizerPool:
             return
         for item in items:
             if item.HasField("start"):
-                client = self._least_loaded(self._share)
+                client = self._least_loaded()
                 self._assigned[item.request_id] = client
                 self._load[client] += 1
             else:

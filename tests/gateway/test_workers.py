@@ -14,7 +14,7 @@ from pagewire.services.common.config import default_workers, parse_config
 from pagewire.services.gateway.admission import SharedCount, create_slots, workers_ready
 from pagewire.services.gateway.config import GatewayConfig
 from pagewire.services.gateway.connection import Backoff
-from pagewire.services.gateway.tokenizers import TokenizerPool, detokenize_share
+from pagewire.services.gateway.tokenizers import TokenizerPool
 from pagewire.services.gateway.workers import MULTIPROC_ENV, SLOTS_ENV, WORKER_ENV, worker_commands
 from pagewire.services.launcher import CONFIG, child_commands
 from pagewire.v1 import tokenizer_pb2
@@ -73,11 +73,9 @@ class FakeClient:
         self.items.extend(batch.items)
 
 
-def _pool(workers: int, share: list[int] | None = None) -> tuple[TokenizerPool, list[FakeClient]]:
+def _pool(workers: int) -> tuple[TokenizerPool, list[FakeClient]]:
     downs: list[tuple[object, str]] = []
-    pool = TokenizerPool(
-        [f"t{i}" for i in range(workers)], [], Backoff(0.1, 0.1), 0.1, 1 << 20, lambda delta: None, lambda client, reason: downs.append((client, reason)), share
-    )
+    pool = TokenizerPool([f"t{i}" for i in range(workers)], [], Backoff(0.1, 0.1), 0.1, 1 << 20, lambda delta: None, lambda client, reason: downs.append((client, reason)))
     fakes = [FakeClient(f"t{i}") for i in range(workers)]
     pool.clients = fakes  # type: ignore[assignment]
     pool._load = dict.fromkeys(fakes, 0)  # type: ignore[arg-type]
@@ -101,32 +99,6 @@ def test_requests_spread_over_tokenizer_workers_and_each_stays_on_its_own() -> N
     assert [item.request_id for item in first.items[4:]] == ["a", "c"]
     pool.detokenize([tokenizer_pb2.DetokenizeItem(request_id="e", start=tokenizer_pb2.DetokenizeStart())])
     assert first.items[-1].request_id == "e" and pool.assigned("e") is first
-
-
-def test_each_gateway_worker_detokenizes_on_its_own_share_of_the_tokenizers() -> None:
-    # As many of each, or more gateways: one tokenizer each, every tokenizer used.
-    assert [detokenize_share(g, 4, 4) for g in range(4)] == [[0], [1], [2], [3]]
-    assert [detokenize_share(g, 4, 2) for g in range(4)] == [[0], [1], [0], [1]]
-    # More tokenizers: each taken by exactly one gateway.
-    assert [detokenize_share(g, 2, 5) for g in range(2)] == [[0, 2, 4], [1, 3]]
-    assert detokenize_share(0, 1, 3) == [0, 1, 2]
-
-
-def test_detokenizations_stay_on_the_share_until_it_is_down() -> None:
-    pool, fakes = _pool(4, share=[1, 3])
-    for request_id in ("a", "b", "c", "d"):
-        pool.detokenize([tokenizer_pb2.DetokenizeItem(request_id=request_id, start=tokenizer_pb2.DetokenizeStart())])
-    assert [pool.assigned(r) for r in "abcd"] == [fakes[1], fakes[3], fakes[1], fakes[3]]
-    step = tokenizer_pb2.DetokenizeBatch()
-    for request_id in "abcd":
-        step.items.add(request_id=request_id).append.token_ids.append(7)
-    pool.send_detokenize(step)
-    assert not fakes[0].items and not fakes[2].items
-    # Its share gone, a gateway spreads new requests over the workers left.
-    fakes[1].available = fakes[3].available = False
-    for request_id in ("e", "f"):
-        pool.detokenize([tokenizer_pb2.DetokenizeItem(request_id=request_id, start=tokenizer_pb2.DetokenizeStart())])
-    assert [pool.assigned(r) for r in "ef"] == [fakes[0], fakes[2]]
 
 
 def test_a_tokenizer_worker_that_goes_down_releases_only_its_requests() -> None:
