@@ -241,6 +241,23 @@ def test_deadline_finishes_with_time_limit(engine_model, prompts) -> None:
     assert_no_leaks(core)
 
 
+def test_a_deadline_ends_only_the_request_it_was_given_to(engine_model, prompts, monkeypatch) -> None:
+    """A request that ended before its deadline leaves nothing behind: a later
+    request under the same id, without a timeout, runs to its length."""
+    clock = [1000.0]
+    monkeypatch.setattr("pagewire.services.engine.core.engine.time.monotonic", lambda: clock[0])
+    core = make_engine(engine_model)
+    core.add_request("reused", prompts[0], greedy(2), timeout_s=5.0)
+    assert run_all(core)["reused"][-1].finish_reason is FinishReason.LENGTH
+    core.add_request("reused", prompts[0], greedy(3))
+    core.add_request("timed", prompts[1], greedy(50), timeout_s=5.0)
+    clock[0] += 6.0  # past both deadlines
+    outputs = run_all(core)
+    assert outputs["reused"][-1].finish_reason is FinishReason.LENGTH and len(tokens_of(outputs["reused"])) == 3
+    assert outputs["timed"][-1].finish_reason is FinishReason.TIME_LIMIT
+    assert_no_leaks(core)
+
+
 def test_stop_tokens_eos_and_first_output_figures(engine_model, prompts, hf_greedy) -> None:
     core = make_engine(engine_model)
     expected = hf_greedy[0]

@@ -6,6 +6,8 @@ the scheduler and the block pool."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -162,6 +164,10 @@ class EngineCore:
         self.lora_adapter_names = tuple(sorted(self.lora_adapters))
         self._lora_loads = 0
         self.sequences: dict[str, Sequence] = {}
+        # (deadline, arrival order, sequence) of each request given a timeout,
+        # soonest first; entries of requests that ended before it stay until it passes.
+        self._deadlines: list[tuple[float, int, Sequence]] = []
+        self._arrivals = itertools.count()
         self._finished_outside_step: list[RequestOutput] = []
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -292,6 +298,10 @@ class EngineCore:
                 f"(--max-queue-len {self.max_queue_len}); retry later",
             )
         now = time.monotonic()
+        constrained = bool(compiled_grammar)
+        # A grammar allows its stop tokens (EOS among them, ignore_eos or not)
+        # only once its output is complete, and ends there.
+        ends_on_eos = constrained or not sampling.ignore_eos
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -299,13 +309,21 @@ class EngineCore:
             arrival_time=now,
             deadline=None if timeout_s is None else now + timeout_s,
             max_total_tokens=min(len(prompt_token_ids) + (sampling.max_tokens or self.max_model_len), self.max_model_len),
-            constrained=bool(compiled_grammar),
+            constrained=constrained,
+            # Penalties would have to count each earlier proposal of the same
+            # step as output, so requests with penalties decode one token a
+            # step; so do constrained ones, whose grammar would have to mask
+            # every proposal's row from the state after the proposals before it.
+            speculative=self.proposer is not None and sampling.speculative and not sampling.has_penalties and not constrained,
+            stop_ids=(self.eos_token_ids if ends_on_eos else frozenset()) | frozenset(sampling.stop_token_ids),
             lora=lora,
             prefix_salt=f"{lora}\0{self.lora_adapters[lora]}" if lora else "",
         )
+        if seq.deadline is not None:
+            heapq.heappush(self._deadlines, (seq.deadline, next(self._arrivals), seq))
         if compiled_grammar:
             # A complete output may end with any token that would end it unconstrained.
-            self.executor.constrain(request_id, compiled_grammar, tuple(sorted(self.eos_token_ids | set(sampling.stop_token_ids))))
+            self.executor.constrain(request_id, compiled_grammar, tuple(sorted(seq.stop_ids)))
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         log.debug("request added", request_id=request_id, prompt_tokens=len(prompt_token_ids))
@@ -358,14 +376,7 @@ class EngineCore:
         read-back tells. A step that masks by a grammar need not: its forward
         pass is launched first, and its sampling only after the read-back
         has brought the newest tokens to the host."""
-        return any(seq.sampling.has_penalties or self._speculates(seq) for seq in self.scheduler.running)
-
-    def _speculates(self, seq: Sequence) -> bool:
-        """Penalties would have to count each earlier proposal of the same
-        step as output, so requests with penalties decode one token a step;
-        so do constrained ones, whose grammar would have to mask every
-        proposal's row from the state after the proposals before it."""
-        return self.proposer is not None and seq.sampling.speculative and not seq.sampling.has_penalties and not seq.constrained
+        return any(seq.speculative or seq.sampling.has_penalties for seq in self.scheduler.running)
 
     def _propose(self) -> dict[str, list[int]]:
         """Speculative tokens for the decoding sequences whose tokens the host
@@ -376,7 +387,7 @@ class EngineCore:
         requests = [
             ProposalRequest(seq.request_id, seq.prompt_token_ids + seq.output_token_ids, (seq.max_total_tokens or self.max_model_len) - seq.num_tokens - 1)
             for seq in self.scheduler.running
-            if self._speculates(seq) and not seq.num_pending_tokens and seq.num_computed_tokens == seq.num_tokens - 1
+            if seq.speculative and not seq.num_pending_tokens and seq.num_computed_tokens == seq.num_tokens - 1
         ]
         return self.proposer.propose_all(requests) if requests else {}
 
@@ -425,16 +436,13 @@ class EngineCore:
         for position in range(num_accepted):
             self.spec_decode_accepted_by_position[position] += 1
 
-    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
-        params = seq.sampling
-        # A grammar allows its stop tokens (EOS among them, ignore_eos or not)
-        # only once its output is complete, and ends there.
-        if (token_id in self.eos_token_ids and (seq.constrained or not params.ignore_eos)) or token_id in params.stop_token_ids:
+    @staticmethod
+    def _stop_reason(seq: Sequence, token_id: int) -> FinishReason | None:
+        if token_id in seq.stop_ids:
             seq.matched_stop_token_id = token_id
             return FinishReason.STOP
-        if params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens:
-            return FinishReason.LENGTH
-        if seq.num_known_tokens >= self.max_model_len:
+        # max_tokens, or max_model_len, reached.
+        if seq.num_known_tokens >= seq.max_total_tokens:  # type: ignore[operator]  # set by add_request
             return FinishReason.LENGTH
         return None
 
@@ -465,9 +473,10 @@ class EngineCore:
 
     def _expire_deadlines(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
-        expired = [s for s in self.sequences.values() if s.deadline is not None and s.deadline <= now]
-        for seq in expired:
-            outputs.append(self._finish(seq, FinishReason.TIME_LIMIT))
+        while self._deadlines and self._deadlines[0][0] <= now:
+            seq = heapq.heappop(self._deadlines)[2]
+            if self.sequences.get(seq.request_id) is seq:  # not ended already (its id may be live again)
+                outputs.append(self._finish(seq, FinishReason.TIME_LIMIT))
 
     def load(self) -> EngineLoad:
         return EngineLoad(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_cache.usage)

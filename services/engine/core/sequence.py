@@ -152,6 +152,10 @@ class Sequence:
     # executor holds: it needs its tokens on the host before each step and
     # never speculates.
     constrained: bool = False
+    # Whether its decode steps propose and verify speculative tokens.
+    speculative: bool = False
+    # The sampled ids that end it (its stop token ids, and EOS unless ignored).
+    stop_ids: frozenset[int] = frozenset()
     # The LoRA adapter it runs with ("": the base model); its K/V is cached under that name.
     lora: str = ""
     # Roots its prefix cache hash chain: the adapter's name and which load of it ("" without one).
