@@ -24,18 +24,15 @@ from pagewire.services.engine.core.sequence import (
     TokenLogprob,
 )
 from pagewire.services.engine.core.step_loop import (
+    PLAIN_OUTPUT_FIELDS,
     AbortCommand,
     AddCommand,
     StreamBatch,
     StreamCommand,
     StreamState,
 )
-from pagewire.services.engine.service.core_process import (
-    PLAIN_OUTPUT_FIELDS,
-    CoreProcess,
-    CoreProcessError,
-    PipeBatch,
-)
+from pagewire.services.engine.service.core_process import CoreProcess, CoreProcessError
+from pagewire.services.engine.service.servicer import update_from_error, update_from_output
 
 from tests.engine.util import MAX_NEW_TOKENS
 
@@ -64,7 +61,7 @@ class Stream:
         while unfinished:
             batch = self.next_batch()
             assert batch is not None, "the stream ended early"
-            for request_id, output in batch.updates:
+            for request_id, output in batch.items():
                 outputs.setdefault(request_id, []).append(output)
                 if isinstance(output, RequestError) or output.finished:
                     unfinished.discard(request_id)
@@ -101,7 +98,7 @@ def test_generates_hf_greedy_over_the_pipe_and_frees_every_block(core: CoreProce
 
     core.submit(StreamCommand("input_done", stream.state))
     while (batch := stream.next_batch()) is not None:
-        assert not batch.updates
+        assert not list(batch.items())
     stats = asyncio.run(core.stats())
     assert stats.num_free_blocks == stats.num_total_blocks == 128
     assert stats.load.num_running == stats.load.num_waiting == 0
@@ -149,18 +146,21 @@ def test_a_batch_crosses_the_pipe_whole() -> None:
         ("cut", RequestOutput("1/6", [], finish_reason=FinishReason.CANCELLED)),
         ("b", RequestOutput("1/7", [0])),
     ]
-    batch = StreamBatch(updates, EngineLoad(num_running=7, num_waiting=1, kv_cache_usage=0.25))
-    packed = pickle.loads(ForkingPickler.dumps(PipeBatch.pack(batch)))
-    assert packed.plain_ids == ["a", "dup", "b"]
-    back = packed.unpack()
+    batch = StreamBatch(EngineLoad(num_running=7, num_waiting=1, kv_cache_usage=0.25))
+    for rid, item in updates:
+        batch.add(rid, item)
+    back = pickle.loads(ForkingPickler.dumps(batch))
+    assert back.plain_ids == ["a", "dup", "b"]
     assert back.load == batch.load
 
-    def comparable(update: tuple[str, RequestOutput | RequestError]) -> tuple:
+    def sent(update: tuple[str, RequestOutput | RequestError]) -> bytes:
         rid, item = update
-        return (rid, item) if isinstance(item, RequestOutput) else (rid, item.kind, item.message)
+        proto = update_from_output(rid, item) if isinstance(item, RequestOutput) else update_from_error(rid, item)
+        return proto.SerializeToString(deterministic=True)
 
-    assert sorted(map(comparable, back.updates), key=repr) == sorted(map(comparable, updates), key=repr)
-    assert [comparable(u) for u in back.updates if u[0] == "dup"] == [comparable(updates[0]), comparable(updates[2])]
+    # The servicer sends the same updates, each request's in its order.
+    assert sorted(map(sent, back.items())) == sorted(map(sent, updates))
+    assert [sent(u) for u in back.items() if u[0] == "dup"] == [sent(updates[0]), sent(updates[2])]
 
 
 def test_the_pipe_knows_every_field_of_an_output() -> None:

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pagewire.services.common.errors import DuplicateRequestError, Refusal, RequestError
@@ -24,12 +24,46 @@ log = get_logger("engine")
 IDLE_WAIT_S = 0.5
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamBatch:
-    """What one step did for one stream's requests: (request id, output or error)."""
+    """What one step did for one stream's requests. Most updates are one
+    token and nothing else ("plain"): those come as two flat lists, the
+    caller's request ids and their tokens, which the step thread fills and
+    pickles (service/core_process.py) in a fraction of the time an object
+    each takes. The rest (ends, logprobs, refusals, several tokens) come as
+    (request id, output or error) in `updates`, read first: a request has at
+    most one output a step, and its refusal comes before it."""
 
-    updates: list[tuple[str, RequestOutput | RequestError]]
-    load: EngineLoad
+    load: EngineLoad | None = None
+    updates: list[tuple[str, RequestOutput | RequestError]] = field(default_factory=list)
+    plain_ids: list[str] = field(default_factory=list)
+    plain_tokens: list[int] = field(default_factory=list)
+
+    def add(self, request_id: str, item: RequestOutput | RequestError) -> None:
+        # Plain: one token and nothing else (every field PLAIN_OUTPUT_FIELDS
+        # names at its default but the id and the token). Tested inline, as
+        # the step thread asks it of every output.
+        if (
+            type(item) is RequestOutput and item.finish_reason is None and item.num_prompt_tokens is None and len(item.new_token_ids) == 1
+            and not item.logprobs and item.matched_stop_token_id is None and item.num_cached_tokens is None and item.queue_time_s is None
+        ):  # fmt: skip
+            self.plain_ids.append(request_id)
+            self.plain_tokens.append(item.new_token_ids[0])
+        else:
+            self.updates.append((request_id, item))
+
+    def items(self) -> Iterator[tuple[str, RequestOutput | RequestError]]:
+        """Every update as (the caller's request id, output or error), in the order to send them."""
+        yield from self.updates
+        for request_id, token in zip(self.plain_ids, self.plain_tokens):
+            yield request_id, RequestOutput(request_id, [token])
+
+
+# What StreamBatch.add reads of a RequestOutput to call it plain: a field
+# added there must be added here, or a plain update would lose it (a test
+# holds the two together).
+PLAIN_OUTPUT_FIELDS = ("request_id", "new_token_ids", "logprobs", "finish_reason", "matched_stop_token_id", "num_prompt_tokens",
+                       "num_cached_tokens", "queue_time_s")  # fmt: skip
 
 
 @dataclass
@@ -140,7 +174,7 @@ class StepLoop:
     def run(self) -> None:
         """Step on the calling thread until stop() or a failed step."""
         while not self._stopping.is_set():
-            pending: dict[int, list[tuple[str, RequestOutput | RequestError]]] = {}
+            pending: dict[int, StreamBatch] = {}
             try:
                 self._apply_commands(pending)
                 if self.core.has_unfinished():
@@ -154,16 +188,17 @@ class StepLoop:
                 return
             if pending:
                 load = self.core.load()
-                for stream_id, updates in pending.items():
+                for stream_id, batch in pending.items():
                     stream = self.streams.get(stream_id)
                     if stream is not None:
-                        stream.deliver(StreamBatch(updates, load))
+                        batch.load = load
+                        stream.deliver(batch)
             # After the deliveries, so a stream's last updates precede its end.
             for stream in [s for s in self.streams.values() if s.input_done and not s.live]:
                 del self.streams[stream.stream_id]
                 stream.deliver(None)
 
-    def _apply_commands(self, pending: dict[int, list]) -> None:
+    def _apply_commands(self, pending: dict[int, StreamBatch]) -> None:
         block = not self.core.has_unfinished()
         while True:
             try:
@@ -175,7 +210,7 @@ class StepLoop:
                 return
             self._apply(command, pending)
 
-    def _apply(self, command: object, pending: dict[int, list]) -> None:
+    def _apply(self, command: object, pending: dict[int, StreamBatch]) -> None:
         if isinstance(command, StreamCommand):
             stream = command.stream
             if command.kind == "open":
@@ -206,7 +241,7 @@ class StepLoop:
         error = self._add(stream, command)
         if error is not None:
             log.info("request refused", request_id=command.request_id, reason=error.message)
-            pending.setdefault(stream.stream_id, []).append((command.request_id, error))
+            pending.setdefault(stream.stream_id, StreamBatch()).add(command.request_id, error)
 
     def _read_lora(self, command: LoraCommand, path: str) -> None:
         try:
@@ -248,18 +283,21 @@ class StepLoop:
         self.owners[core_id] = (stream.stream_id, command.request_id)
         return None
 
-    def _route(self, output: RequestOutput, pending: dict[int, list]) -> None:
+    def _route(self, output: RequestOutput, pending: dict[int, StreamBatch]) -> None:
         owner = self.owners.get(output.request_id)
         if owner is None:
             return
         stream_id, request_id = owner
-        if output.finished:
+        if output.finish_reason is not None:
             del self.owners[output.request_id]
             stream = self.streams.get(stream_id)
             if stream is not None:
                 stream.live.pop(request_id, None)
         if stream_id in self.streams:
-            pending.setdefault(stream_id, []).append((request_id, output))
+            batch = pending.get(stream_id)
+            if batch is None:
+                batch = pending[stream_id] = StreamBatch()
+            batch.add(request_id, output)
 
     def _fail_all_streams(self) -> None:
         for stream in list(self.streams.values()):

@@ -168,7 +168,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 load = load_to_proto(batch.load)
                 # Each message holds the load beside as many updates as fit.
                 room = self.max_message_bytes - entry_bytes(load, LOAD_FIELD)
-                updates = [sized for rid, item in batch.updates if (sized := self._update(rid, item, room, failed, stream, step_loop)) is not None]
+                updates = [sized for rid, item in batch.items() if (sized := self._update(rid, item, room, failed, stream, step_loop)) is not None]
                 for group in packed_sized(updates, room):
                     yield engine_pb2.EngineStep(updates=group, load=load)
         finally:
