@@ -35,6 +35,15 @@ def test_model_dir_loads_back(tmp_path: Path) -> None:
     assert tokenizer.decode([1, 2, original.config.vocab_size - 1]) == f"w1 w2 w{original.config.vocab_size - 1}"
 
 
+def test_core_step_benchmark_times_the_core_and_the_step_loop() -> None:
+    command = [sys.executable, "-m", "benchmarks.core_step", "--sequences", "8", "--rounds", "3"]
+    result = subprocess.run(command, cwd=REPO, env=child_environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert record["sequences"] == 8 and record["prefix_cache_hit_tokens"] == 0
+    assert record["core_us_per_step"] > 0 and record["step_loop_us_per_step"] > 0
+
+
 @pytest.mark.slow
 def test_gateway_mode_on_cpu() -> None:
     command = [sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--shapes", "tiny", "--requests", "8",

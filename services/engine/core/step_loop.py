@@ -174,29 +174,34 @@ class StepLoop:
     def run(self) -> None:
         """Step on the calling thread until stop() or a failed step."""
         while not self._stopping.is_set():
-            pending: dict[int, StreamBatch] = {}
             try:
-                self._apply_commands(pending)
-                if self.core.has_unfinished():
-                    for output in self.core.step():
-                        self._route(output, pending)
+                self.run_once()
             except Exception as exc:
                 log.exception("engine step loop failed")
                 self.error = exc
                 self._on_error(exc)
                 self._fail_all_streams()
                 return
-            if pending:
-                load = self.core.load()
-                for stream_id, batch in pending.items():
-                    stream = self.streams.get(stream_id)
-                    if stream is not None:
-                        batch.load = load
-                        stream.deliver(batch)
-            # After the deliveries, so a stream's last updates precede its end.
-            for stream in [s for s in self.streams.values() if s.input_done and not s.live]:
-                del self.streams[stream.stream_id]
-                stream.deliver(None)
+
+    def run_once(self) -> None:
+        """Apply the commands waiting (waiting for one when the core is
+        idle), step once, and hand each stream its batch."""
+        pending: dict[int, StreamBatch] = {}
+        self._apply_commands(pending)
+        if self.core.has_unfinished():
+            for output in self.core.step():
+                self._route(output, pending)
+        if pending:
+            load = self.core.load()
+            for stream_id, batch in pending.items():
+                stream = self.streams.get(stream_id)
+                if stream is not None:
+                    batch.load = load
+                    stream.deliver(batch)
+        # After the deliveries, so a stream's last updates precede its end.
+        for stream in [s for s in self.streams.values() if s.input_done and not s.live]:
+            del self.streams[stream.stream_id]
+            stream.deliver(None)
 
     def _apply_commands(self, pending: dict[int, StreamBatch]) -> None:
         block = not self.core.has_unfinished()
