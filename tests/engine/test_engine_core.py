@@ -13,6 +13,7 @@ from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS
 from pagewire.services.engine.executor.kv_tensors import kv_bytes_per_block
 from pagewire.services.engine.executor.model_executor import freeze_long_lived_objects
+from pagewire.services.engine.core.engine import STALE_DEADLINES_KEPT
 from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, SequenceStatus
 from tests.engine.util import MAX_NEW_TOKENS, assert_no_leaks, greedy, make_engine, run_all, tokens_of
 
@@ -256,6 +257,12 @@ def test_a_deadline_ends_only_the_request_it_was_given_to(engine_model, prompts,
     assert outputs["reused"][-1].finish_reason is FinishReason.LENGTH and len(tokens_of(outputs["reused"])) == 3
     assert outputs["timed"][-1].finish_reason is FinishReason.TIME_LIMIT
     assert_no_leaks(core)
+    # Requests that end long before their deadlines leave no more than a bounded trail behind.
+    for i in range(STALE_DEADLINES_KEPT + 10):
+        core.add_request(f"quick{i}", prompts[0], greedy(1), timeout_s=3600.0)
+        core.abort(f"quick{i}")
+        core.step()
+    assert len(core._deadlines) <= STALE_DEADLINES_KEPT + 1
 
 
 def test_stop_tokens_eos_and_first_output_figures(engine_model, prompts, hf_greedy) -> None:

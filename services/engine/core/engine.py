@@ -24,6 +24,10 @@ from pagewire.services.engine.core.sequence import FinishReason, RequestOutput, 
 
 log = get_logger("engine")
 
+# Entries of ended requests the deadline heap may hold beyond twice the live
+# requests before it is rebuilt: its memory follows the live requests.
+STALE_DEADLINES_KEPT = 64
+
 
 @dataclass(frozen=True)
 class ExecutorSpec:
@@ -165,7 +169,8 @@ class EngineCore:
         self._lora_loads = 0
         self.sequences: dict[str, Sequence] = {}
         # (deadline, arrival order, sequence) of each request given a timeout,
-        # soonest first; entries of requests that ended before it stay until it passes.
+        # soonest first. A request that ends before its deadline leaves its
+        # entry behind until the deadline passes or the heap is rebuilt.
         self._deadlines: list[tuple[float, int, Sequence]] = []
         self._arrivals = itertools.count()
         self._finished_outside_step: list[RequestOutput] = []
@@ -477,6 +482,10 @@ class EngineCore:
             seq = heapq.heappop(self._deadlines)[2]
             if self.sequences.get(seq.request_id) is seq:  # not ended already (its id may be live again)
                 outputs.append(self._finish(seq, FinishReason.TIME_LIMIT))
+        if len(self._deadlines) > 2 * len(self.sequences) + STALE_DEADLINES_KEPT:
+            # Mostly ended requests, held until their (maybe distant) deadlines: keep the live ones only.
+            self._deadlines = [entry for entry in self._deadlines if self.sequences.get(entry[2].request_id) is entry[2]]
+            heapq.heapify(self._deadlines)
 
     def load(self) -> EngineLoad:
         return EngineLoad(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_cache.usage)
