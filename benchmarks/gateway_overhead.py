@@ -10,7 +10,9 @@ writes it); the gateway is the real service. The peer is the same client
 on the scripted engine's own Generate stream, which shows the rate the
 engine alone delivers; the ratio is through-gateway over that. Also printed:
 each service's CPU time per output token, the figure that decides how many
-tokens a second one gateway process can carry.
+tokens a second one gateway process can carry. A third system asks the
+gateway for token ids only (GenerateRequest.token_ids_only), whose output
+leaves the tokenizer out.
 
     python -m benchmarks.gateway_overhead [--requests 256] [--output-len 128] [--step-ms 8]
 """
@@ -30,9 +32,18 @@ VOCAB_SIZE = 32000
 SCRIPTED_ENGINE = [sys.executable, "-m", "tests.gateway.scripted_engine"]
 
 
-def measure(name: str, target: str, prompts: list[list[int]], args: argparse.Namespace, pids: dict[str, int], direct: bool) -> dict:
+def systems(cluster: Cluster) -> list[tuple[str, str, bool, bool]]:
+    """(name, target, straight to the engine, token ids only) of each system measured."""
+    return [
+        ("engine-grpc", cluster.engine.address, True, False),
+        ("gateway", cluster.gateway.address, False, False),
+        ("gateway-ids-only", cluster.gateway.address, False, True),
+    ]
+
+
+def measure(name: str, target: str, prompts: list[list[int]], args: argparse.Namespace, pids: dict[str, int], direct: bool, ids_only: bool) -> dict:
     before = through_gateway.cpu_seconds(pids)
-    timings = through_gateway.stream_requests(target, prompts, args.output_len, prefix=name, direct_to_engine=direct)
+    timings = through_gateway.stream_requests(target, prompts, args.output_len, prefix=name, direct_to_engine=direct, token_ids_only=ids_only)
     after = through_gateway.cpu_seconds(pids)
     if timings.errors:
         raise RuntimeError(f"{name}: {len(timings.errors)} requests failed, first: {timings.errors[0]}")
@@ -75,15 +86,16 @@ def main() -> None:
         prompts = [[1 + (r * 7919 + i * 104729) % (VOCAB_SIZE - 1) for i in range(args.prompt_len)] for r in range(args.requests)]
         best: dict[str, dict] = {}
         for round_index in range(args.repeat):
-            for name, target, direct in (("engine-grpc", cluster.engine.address, True), ("gateway", cluster.gateway.address, False)):
-                result = measure(f"{name}-{round_index}-", target, prompts, args, pids, direct) | {"system": name, "round": round_index}
+            for name, target, direct, ids_only in systems(cluster):
+                result = measure(f"{name}-{round_index}-", target, prompts, args, pids, direct, ids_only) | {"system": name, "round": round_index}
                 if name not in best or result["output_tokens_per_s"] > best[name]["output_tokens_per_s"]:
                     best[name] = result
         workload = {"requests": args.requests, "prompt_len": args.prompt_len, "output_len": args.output_len, "step_ms": args.step_ms}
         for result in best.values():
             sys.stdout.write(json.dumps(result | workload) + "\n")
-        ratio = best["gateway"]["output_tokens_per_s"] / best["engine-grpc"]["output_tokens_per_s"]
-        sys.stdout.write(json.dumps({"ratio": {"gateway_over_engine_grpc": round(ratio, 3)}} | workload) + "\n")
+        engine_rate = best["engine-grpc"]["output_tokens_per_s"]
+        ratios = {f"{name.replace('-', '_')}_over_engine_grpc": round(best[name]["output_tokens_per_s"] / engine_rate, 3) for name in ("gateway", "gateway-ids-only")}
+        sys.stdout.write(json.dumps({"ratio": ratios} | workload) + "\n")
     finally:
         cluster.stop()
 

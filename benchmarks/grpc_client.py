@@ -28,11 +28,14 @@ MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
-def client_messages(request_ids: list[str], prompts: list[list[int]], output_len: int) -> list[gateway_pb2.ClientMessage]:
-    """The gateway's Generate requests of the workload: prompt token ids, greedy, EOS ignored."""
+def client_messages(request_ids: list[str], prompts: list[list[int]], output_len: int, token_ids_only: bool = False) -> list[gateway_pb2.ClientMessage]:
+    """The gateway's Generate requests of the workload: prompt token ids, greedy, EOS ignored
+    (and with token_ids_only, output ids without text)."""
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     return [
-        gateway_pb2.ClientMessage(start=gateway_pb2.GenerateRequest(request_id=i, token_ids=gateway_pb2.TokenIds(ids=p), sampling=sampling))
+        gateway_pb2.ClientMessage(
+            start=gateway_pb2.GenerateRequest(request_id=i, token_ids=gateway_pb2.TokenIds(ids=p), sampling=sampling, token_ids_only=token_ids_only)
+        )
         for i, p in zip(request_ids, prompts)
     ]  # fmt: skip
 

@@ -1,7 +1,9 @@
 """The standard workload through every door of pagewire in one call: the
 engine in-process, then the same model behind `pagewire serve` through the
 public gRPC `Generate` stream (all requests on one stream, as one client
-multiplexes them, and spread over a stream per client process), through REST
+multiplexes them, the same asking for token ids only, which leaves the
+tokenizer out of the output, and spread over a stream per client
+process), through REST
 streaming /v1/completions (SSE) and through REST non-streaming
 /v1/completions.
 
@@ -51,8 +53,9 @@ GRPC_SEED = 1
 GRPC_STREAMS_SEED = 4
 REST_STREAM_SEED = 5
 REST_WHOLE_SEED = 6
+GRPC_IDS_ONLY_SEED = 8  # 7 is the warm-up's (throughput.WARM_UP_SEED)
 # Each served path and the seed of its own prompts.
-DOORS = {"grpc": GRPC_SEED, "grpc_streams": GRPC_STREAMS_SEED, "rest_sse": REST_STREAM_SEED, "rest": REST_WHOLE_SEED}
+DOORS = {"grpc": GRPC_SEED, "grpc_ids_only": GRPC_IDS_ONLY_SEED, "grpc_streams": GRPC_STREAMS_SEED, "rest_sse": REST_STREAM_SEED, "rest": REST_WHOLE_SEED}
 # Seconds the client processes get to start before they all send at once.
 CLIENT_START_S = 3.0
 
@@ -95,8 +98,8 @@ def measure(served: ServeProcess, door: str, prompts: list[list[int]], args: arg
     counters and the front door's CPU time."""
     pids = front_door_pids(served)
     stats_before, cpu_before = engine_stats(served.engine_target), through_gateway.cpu_seconds(pids)
-    if door == "grpc":
-        timings = through_gateway.stream_requests(served.grpc_target, prompts, args.output_len)
+    if door in ("grpc", "grpc_ids_only"):
+        timings = through_gateway.stream_requests(served.grpc_target, prompts, args.output_len, token_ids_only=door == "grpc_ids_only")
         start, first_token, finished, tokens, seconds, errors = (
             timings.start, timings.first_token, timings.finished, timings.output_tokens, timings.seconds, timings.errors
         )  # fmt: skip

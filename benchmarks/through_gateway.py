@@ -137,13 +137,13 @@ def _tree_cpu_seconds(root: psutil.Process) -> float:
     return total
 
 
-async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix: str, direct_to_engine: bool) -> StreamTimings:
+async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix: str, direct_to_engine: bool, token_ids_only: bool) -> StreamTimings:
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     ids = [f"{prefix}{index}" for index in range(len(prompts))]
     if direct_to_engine:
         inputs: list = [engine_pb2.EngineInput(add=[engine_pb2.AddRequest(request_id=i, prompt_token_ids=p, sampling=sampling)]) for i, p in zip(ids, prompts)]
     else:
-        inputs = client_messages(ids, prompts, output_len)
+        inputs = client_messages(ids, prompts, output_len, token_ids_only)
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         await channel.channel_ready()
         first_token: dict[str, float] = {}
@@ -171,7 +171,10 @@ async def _stream(target: str, prompts: list[list[int]], output_len: int, prefix
     return StreamTimings(start, first_token, finished, output_tokens, seconds, errors, messages)
 
 
-def stream_requests(target: str, prompts: list[list[int]], output_len: int, prefix: str = "r", direct_to_engine: bool = False) -> StreamTimings:
+def stream_requests(
+    target: str, prompts: list[list[int]], output_len: int, prefix: str = "r", direct_to_engine: bool = False, token_ids_only: bool = False
+) -> StreamTimings:
     """Send every prompt as token ids on one Generate stream (the gateway's,
-    or with direct_to_engine the engine's own) and time the replies."""
-    return asyncio.run(_stream(target, prompts, output_len, prefix, direct_to_engine))
+    or with direct_to_engine the engine's own) and time the replies; with
+    token_ids_only the gateway's replies carry ids without text."""
+    return asyncio.run(_stream(target, prompts, output_len, prefix, direct_to_engine, token_ids_only))

@@ -67,7 +67,7 @@ def test_gateway_overhead_benchmark_runs_the_public_path() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
     runs = {r["system"]: r for r in records if "system" in r}
-    assert set(runs) == {"engine-grpc", "gateway"}
+    assert set(runs) == {"engine-grpc", "gateway", "gateway-ids-only"}
     for record in runs.values():
         assert record["output_tokens"] == 8 * 8
     # CPU time counts in clock ticks, too coarse to be non-zero for 64 tokens.
@@ -77,7 +77,7 @@ def test_gateway_overhead_benchmark_runs_the_public_path() -> None:
 
 @pytest.mark.slow
 def test_rest_benchmark_on_cpu_with_workers() -> None:
-    # benchmarks/rest.py: in-process, gRPC on one stream and on a stream per
+    # benchmarks/rest.py: in-process, gRPC on one stream (text and ids only) and on a stream per
     # client process, REST streaming and REST whole responses in one call,
     # the front door's CPU counted over every worker.
     command = [sys.executable, "-m", "benchmarks.rest", "--device", "cpu", "--shapes", "tiny", "--requests", "8", "--prompt-len", "32",
@@ -86,10 +86,10 @@ def test_rest_benchmark_on_cpu_with_workers() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in result.stdout.splitlines()]
     runs = {r["system"]: r for r in records if r["bench"] == "rest"}
-    assert set(runs) == {"pagewire", "pagewire-grpc", "pagewire-grpc-streams", "pagewire-rest-sse", "pagewire-rest"}
+    assert set(runs) == {"pagewire", "pagewire-grpc", "pagewire-grpc-ids-only", "pagewire-grpc-streams", "pagewire-rest-sse", "pagewire-rest"}
     for record in runs.values():
         assert record["output_tokens"] == 8 * 8 and "errors" not in record and record["prefix_cache_hit_tokens"] == 0
-    for door in ("grpc", "grpc-streams", "rest-sse", "rest"):
+    for door in ("grpc", "grpc-ids-only", "grpc-streams", "rest-sse", "rest"):
         # Two tokenizers, the supervising gateway and its two workers.
         assert runs[f"pagewire-{door}"]["front_door_processes"] == 5
         assert runs[f"pagewire-{door}"]["cpu_us_per_token_front_door"] > 0

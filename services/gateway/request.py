@@ -6,6 +6,9 @@ updates, whose new ids go to the tokenizer's Detokenize stream in one batch
 per step → text deltas → chunks for the client. Stop strings are matched by
 the detokenizer; on a match the request is aborted in the engine.
 
+A request with token_ids_only skips the tokenizer on the way out: its ids
+become chunks as the engine's step arrives, and the engine's end is its end.
+
 The per-step path runs in the callbacks of the engine and tokenizer streams,
 not in the request's task: a request's text delta becomes its chunk and is
 handed to the caller's `emit` as it arrives, so a step of N requests costs N
@@ -148,6 +151,8 @@ class GatewayRequest(ChunkStream):
         # Chunks with logprobs wait in the task for their token texts; all
         # others are sent from the stream callbacks as their text arrives.
         self._wants_logprobs = request.sampling.HasField("logprobs")
+        # Output as ids alone: no detokenizer, no token texts.
+        self._ids_only = request.token_ids_only
         self.log = log.bind(request_id=self.id, internal_id=self.internal_id)
         self.leader = leader
         # The prompt's ids and compiled grammar once known, for the followers.
@@ -258,6 +263,21 @@ class GatewayRequest(ChunkStream):
         else:
             self.replica = self.hub.pick_replica(target.info.model_id, prompt, target.lora)
         self.hub.register(self)
+        if not self._ids_only:
+            self._start_detokenizing(prompt)
+        add = engine_pb2.AddRequest(
+            request_id=self.internal_id, prompt_token_ids=prompt, sampling=self.request.sampling, compiled_grammar=grammar, lora=target.lora
+        )
+        if self.deadline is not None:
+            remaining = duration_pb2.Duration()
+            remaining.FromNanoseconds(max(1, int((self.deadline - self.loop.time()) * 1e9)))
+            add.timeout.CopyFrom(remaining)
+        self.replica.add(add)
+        self.prompt_tokens = len(prompt)
+        self.metrics.prompt_tokens.inc(len(prompt))
+        self.log.debug("submitted", replica=self.replica.address, prompt_tokens=len(prompt))
+
+    def _start_detokenizing(self, prompt: list[int]) -> None:
         self.hub.detokenize(
             [
                 tokenizer_pb2.DetokenizeItem(
@@ -272,17 +292,6 @@ class GatewayRequest(ChunkStream):
             ]
         )
         self.detokenizing = True
-        add = engine_pb2.AddRequest(
-            request_id=self.internal_id, prompt_token_ids=prompt, sampling=self.request.sampling, compiled_grammar=grammar, lora=target.lora
-        )
-        if self.deadline is not None:
-            remaining = duration_pb2.Duration()
-            remaining.FromNanoseconds(max(1, int((self.deadline - self.loop.time()) * 1e9)))
-            add.timeout.CopyFrom(remaining)
-        self.replica.add(add)
-        self.prompt_tokens = len(prompt)
-        self.metrics.prompt_tokens.inc(len(prompt))
-        self.log.debug("submitted", replica=self.replica.address, prompt_tokens=len(prompt))
 
     # ---- the peers' streams ----------------------------------------------
 
@@ -292,6 +301,12 @@ class GatewayRequest(ChunkStream):
         an end wakes the task."""
         if self.finish_reason == UNFINISHED:
             self._apply_update(update)
+            if self._ids_only and self.finish_reason == UNFINISHED:
+                if self.engine_done:
+                    self._finish(self.engine_reason)  # the task sends the last chunk
+                elif self._ids:
+                    self._send(self._build_chunk(every_id=True))
+                return
         token_ids, finished = update.token_ids, update.finish_reason != UNFINISHED
         if self.detokenizing and (token_ids or finished) and not update.error.code:
             append = detokenize.items.add(request_id=self.internal_id).append
@@ -415,8 +430,8 @@ class GatewayRequest(ChunkStream):
         if not (any(self._text) or self.finish_reason != UNFINISHED):
             return None
         finished = self.finish_reason != UNFINISHED
-        chunk = self._build_chunk(final=finished)
-        if fill_token_text:
+        chunk = self._build_chunk(every_id=finished)
+        if fill_token_text and not self._ids_only:
             await self._fill_token_texts(chunk)
         if finished:
             chunk.finish_reason = self.finish_reason
@@ -428,10 +443,10 @@ class GatewayRequest(ChunkStream):
                 chunk.error.CopyFrom(self.error)
         return chunk
 
-    def _build_chunk(self, final: bool = False) -> gateway_pb2.GenerateChunk:
+    def _build_chunk(self, every_id: bool = False) -> gateway_pb2.GenerateChunk:
         """The text so far, with the ids the detokenizer has taken in (every
-        id left, on the last chunk)."""
-        count = len(self._ids) if final else max(0, min(len(self._ids), self._detokenized_tokens - self.completion_tokens))
+        id left, on the last chunk and without text)."""
+        count = len(self._ids) if every_id else max(0, min(len(self._ids), self._detokenized_tokens - self.completion_tokens))
         chunk = gateway_pb2.GenerateChunk(request_id=self.id, text="".join(self._text), token_ids=self._ids[:count], logprobs=self._logprobs[:count])
         self._text = []
         del self._ids[:count], self._logprobs[:count]

@@ -74,6 +74,11 @@ def validate_request(request: gateway_pb2.GenerateRequest) -> None:
     _check_input(request)
     _check_sampling(request)
     check_stop_strings(request.stop)
+    if request.token_ids_only and request.stop:
+        raise invalid_argument(
+            "stop strings are matched in the output's text, which a token_ids_only request does not have; end it on ids with sampling.stop_token_ids",
+            field="stop",
+        )
     _check_timeout(request)
     check_constraint(request.constraint)
     check_tools(request.chat.tools)

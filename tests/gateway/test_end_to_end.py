@@ -240,23 +240,29 @@ def test_grpc_greedy_token_ids_equal_hf_and_text_is_their_decode(stub: gateway_p
     stream = BidiStream(stub)
     stream.start(gateway_pb2.GenerateRequest(request_id="ids", token_ids=gateway_pb2.TokenIds(ids=prompt_ids), sampling=sampling))
     stream.start(gateway_pb2.GenerateRequest(request_id="chat", chat=chat, sampling=sampling))
+    # Ids out without the tokenizer: the same ids, no text, a chunk per step.
+    stream.start(gateway_pb2.GenerateRequest(request_id="ids-only", chat=chat, sampling=sampling, token_ids_only=True))
     stream.close()  # the gateway finishes what is in flight after the half-close
-    ids: dict[str, list[int]] = {"ids": [], "chat": []}
-    texts = {"ids": "", "chat": ""}
+    ids: dict[str, list[int]] = {"ids": [], "chat": [], "ids-only": []}
+    texts = {"ids": "", "chat": "", "ids-only": ""}
+    chunk_count = dict.fromkeys(ids, 0)
     last: dict[str, gateway_pb2.GenerateChunk] = {}
     for chunk in stream.chunks():
         ids[chunk.request_id] += chunk.token_ids
         texts[chunk.request_id] += chunk.text
+        chunk_count[chunk.request_id] += 1
         if chunk.finish_reason:
             last[chunk.request_id] = chunk
 
-    assert sorted(last) == ["chat", "ids"]
+    assert sorted(last) == ["chat", "ids", "ids-only"]
     for request_id, chunk in last.items():
         assert not chunk.error.code, chunk
         assert ids[request_id] == expected_ids, request_id
-        assert texts[request_id] == hf_tokenizer.decode(expected_ids, skip_special_tokens=True), request_id
+        decoded = "" if request_id == "ids-only" else hf_tokenizer.decode(expected_ids, skip_special_tokens=True)
+        assert texts[request_id] == decoded, request_id
         assert chunk.usage.completion_tokens == len(expected_ids)
         assert chunk.usage.prompt_tokens == len(prompt_ids)
+    assert chunk_count["ids-only"] >= len(expected_ids) // 2  # streamed, not held to the end
 
 
 def grpc_error(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
@@ -280,6 +286,7 @@ def test_grpc_bad_input(server: ServeProcess, stub: gateway_pb2_grpc.GenerationS
             grpc.StatusCode.INVALID_ARGUMENT,
             "role",
         ),
+        (gateway_pb2.GenerateRequest(text="Hi", stop=["."], token_ids_only=True), grpc.StatusCode.INVALID_ARGUMENT, "stop_token_ids"),
     ]
     for request, code, words in cases:
         error = grpc_error(stub.Complete(request, timeout=60))

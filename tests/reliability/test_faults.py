@@ -7,6 +7,8 @@ itself is told to stop.
   503 at once while the peer is away, and once it is restarted the gateway
   reconnects by itself and serves again. An engine that loses its core
   exits with code 1 by itself, for its supervisor to restart.
+- A request in token ids both ways (token_ids_only) never needs the
+  tokenizer, so its going down mid-stream does not end it.
 - SIGTERM the gateway during requests: it drains (every running request
   finishes normally) and exits 0.
 """
@@ -156,6 +158,29 @@ def test_tensor_parallel_rank_killed_mid_stream_fails_fast_and_engine_exits(tmp_
 
 def test_tokenizer_killed_mid_stream_fails_fast_and_gateway_reconnects(serving_cluster: Cluster, record_figures) -> None:  # type: ignore[no-untyped-def]
     record_figures(asyncio.run(_peer_crash(serving_cluster, serving_cluster.tokenizer)))
+
+
+def test_a_request_in_token_ids_both_ways_outlives_the_tokenizer(serving_cluster: Cluster) -> None:
+    """Its prompt given as ids and its output asked as ids (token_ids_only),
+    a request never needs the tokenizer: its going down mid-stream does not
+    end the request."""
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+    request = gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=list(range(100, 132))), sampling=sampling, token_ids_only=True)
+
+    async def scenario() -> GrpcResult:
+        first = asyncio.Event()
+        call = asyncio.create_task(grpc_complete(serving_cluster.gateway.address, request, timeout_s=120.0, first_chunk=first))
+        await asyncio.wait_for(first.wait(), 90.0)
+        serving_cluster.tokenizer.kill()
+        result = await call
+        serving_cluster.tokenizer.start()
+        serving_cluster.tokenizer.wait_serving()
+        async with rest_client(serving_cluster.rest_url) as client:
+            await _wait_ready(client)
+        return result
+
+    result = asyncio.run(scenario())
+    assert result.code is grpc.StatusCode.OK and result.finish_reason == common_pb2.FINISH_REASON_LENGTH, result
 
 
 async def _gateway_sigterm(cluster: Cluster) -> dict[str, Any]:

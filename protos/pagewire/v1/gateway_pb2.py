@@ -27,7 +27,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from pagewire.v1 import common_pb2 as pagewire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pagewire/v1/gateway.proto\x12\x0bpagewire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\x1a\x18pagewire/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x82\x01\n\tChatInput\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagewire.v1.ChatMessage\x12\'\n\x1fparse_special_tokens_in_content\x18\x02 \x01(\x08\x12 \n\x05tools\x18\x03 \x03(\x0b\x32\x11.pagewire.v1.Tool\"\xa3\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.pagewire.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x16.pagewire.v1.ChatInputH\x00\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x08 \x01(\x08\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x01\x88\x01\x01\x12*\n\x07timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\nconstraint\x18\x0b \x01(\x0b\x32\x17.pagewire.v1.Constraint\x12\x0c\n\x04lora\x18\x0c \x01(\tB\x07\n\x05inputB\x16\n\x14_skip_special_tokens\"\x1c\n\x06\x43\x61ncel\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"m\n\rClientMessage\x12-\n\x05start\x18\x01 \x01(\x0b\x32\x1c.pagewire.v1.GenerateRequestH\x00\x12%\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x13.pagewire.v1.CancelH\x00\x42\x06\n\x04kind\"\x8e\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pagewire.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.pagewire.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.pagewire.v1.Usage\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.Status\x12\r\n\x05index\x18\t \x01(\r\";\n\rServerMessage\x12*\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1a.pagewire.v1.GenerateChunk\"\x13\n\x11ListModelsRequest\"P\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0e\n\x06parent\x18\x04 \x01(\t\"3\n\tModelList\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.pagewire.v1.ModelCard2\xe2\x01\n\nGeneration\x12\x46\n\x08Generate\x12\x1a.pagewire.v1.ClientMessage\x1a\x1a.pagewire.v1.ServerMessage(\x01\x30\x01\x12\x46\n\x08\x43omplete\x12\x1c.pagewire.v1.GenerateRequest\x1a\x1a.pagewire.v1.GenerateChunk0\x01\x12\x44\n\nListModels\x12\x1e.pagewire.v1.ListModelsRequest\x1a\x16.pagewire.v1.ModelListBO\n\x0f\x64\x65v.pagewire.v1P\x01Z:github.com/pagewire/pagewire/gen/go/pagewire/v1;pagewirev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pagewire/v1/gateway.proto\x12\x0bpagewire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\x1a\x18pagewire/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x82\x01\n\tChatInput\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagewire.v1.ChatMessage\x12\'\n\x1fparse_special_tokens_in_content\x18\x02 \x01(\x08\x12 \n\x05tools\x18\x03 \x03(\x0b\x32\x11.pagewire.v1.Tool\"\xbb\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.pagewire.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x16.pagewire.v1.ChatInputH\x00\x12-\n\x08sampling\x18\x06 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x08 \x01(\x08\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x01\x88\x01\x01\x12*\n\x07timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\nconstraint\x18\x0b \x01(\x0b\x32\x17.pagewire.v1.Constraint\x12\x0c\n\x04lora\x18\x0c \x01(\t\x12\x16\n\x0etoken_ids_only\x18\r \x01(\x08\x42\x07\n\x05inputB\x16\n\x14_skip_special_tokens\"\x1c\n\x06\x43\x61ncel\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"m\n\rClientMessage\x12-\n\x05start\x18\x01 \x01(\x0b\x32\x1c.pagewire.v1.GenerateRequestH\x00\x12%\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x13.pagewire.v1.CancelH\x00\x42\x06\n\x04kind\"\x8e\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.pagewire.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.pagewire.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.pagewire.v1.Usage\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.Status\x12\r\n\x05index\x18\t \x01(\r\";\n\rServerMessage\x12*\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1a.pagewire.v1.GenerateChunk\"\x13\n\x11ListModelsRequest\"P\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0e\n\x06parent\x18\x04 \x01(\t\"3\n\tModelList\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.pagewire.v1.ModelCard2\xe2\x01\n\nGeneration\x12\x46\n\x08Generate\x12\x1a.pagewire.v1.ClientMessage\x1a\x1a.pagewire.v1.ServerMessage(\x01\x30\x01\x12\x46\n\x08\x43omplete\x12\x1c.pagewire.v1.GenerateRequest\x1a\x1a.pagewire.v1.GenerateChunk0\x01\x12\x44\n\nListModels\x12\x1e.pagewire.v1.ListModelsRequest\x1a\x16.pagewire.v1.ModelListBO\n\x0f\x64\x65v.pagewire.v1P\x01Z:github.com/pagewire/pagewire/gen/go/pagewire/v1;pagewirev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATINPUT']._serialized_start=151
   _globals['_CHATINPUT']._serialized_end=281
   _globals['_GENERATEREQUEST']._serialized_start=284
-  _globals['_GENERATEREQUEST']._serialized_end=703
-  _globals['_CANCEL']._serialized_start=705
-  _globals['_CANCEL']._serialized_end=733
-  _globals['_CLIENTMESSAGE']._serialized_start=735
-  _globals['_CLIENTMESSAGE']._serialized_end=844
-  _globals['_GENERATECHUNK']._serialized_start=847
-  _globals['_GENERATECHUNK']._serialized_end=1117
-  _globals['_SERVERMESSAGE']._serialized_start=1119
-  _globals['_SERVERMESSAGE']._serialized_end=1178
-  _globals['_LISTMODELSREQUEST']._serialized_start=1180
-  _globals['_LISTMODELSREQUEST']._serialized_end=1199
-  _globals['_MODELCARD']._serialized_start=1201
-  _globals['_MODELCARD']._serialized_end=1281
-  _globals['_MODELLIST']._serialized_start=1283
-  _globals['_MODELLIST']._serialized_end=1334
-  _globals['_GENERATION']._serialized_start=1337
-  _globals['_GENERATION']._serialized_end=1563
+  _globals['_GENERATEREQUEST']._serialized_end=727
+  _globals['_CANCEL']._serialized_start=729
+  _globals['_CANCEL']._serialized_end=757
+  _globals['_CLIENTMESSAGE']._serialized_start=759
+  _globals['_CLIENTMESSAGE']._serialized_end=868
+  _globals['_GENERATECHUNK']._serialized_start=871
+  _globals['_GENERATECHUNK']._serialized_end=1141
+  _globals['_SERVERMESSAGE']._serialized_start=1143
+  _globals['_SERVERMESSAGE']._serialized_end=1202
+  _globals['_LISTMODELSREQUEST']._serialized_start=1204
+  _globals['_LISTMODELSREQUEST']._serialized_end=1223
+  _globals['_MODELCARD']._serialized_start=1225
+  _globals['_MODELCARD']._serialized_end=1305
+  _globals['_MODELLIST']._serialized_start=1307
+  _globals['_MODELLIST']._serialized_end=1358
+  _globals['_GENERATION']._serialized_start=1361
+  _globals['_GENERATION']._serialized_end=1587
 # @@protoc_insertion_point(module_scope)
