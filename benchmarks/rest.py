@@ -19,7 +19,8 @@ finds another's blocks in the prefix cache (each record says its hits).
 
 Besides throughput and latency, each served run records the CPU time of the
 front door, the gateway and tokenizer processes (every worker), per output
-token: cpu_us_per_token_front_door.
+token: cpu_us_per_token_front_door, and each service's share of it,
+cpu_us_per_token_by_service.
 
     python -m benchmarks.rest [--shapes smollm2-135m,llama-1b] [--gateway-workers N] [--tokenizer-workers N]
 
