@@ -6,7 +6,8 @@ The executor is a stand-in that samples token 7 for every sequence at once
 (the real one's share, input staging and sampling, is measured by
 benchmarks/throughput.py and the latency benchmark on a GPU); everything
 else is the real thing: EngineCore.step (scheduling, block bookkeeping,
-read-back, stop checks, outputs: `core_us_per_step`) and, around it, what
+read-back, stop checks, outputs: `core_us_per_step`; for the first step of
+each round, prompts only, `prefill_core_us_per_step`) and, around it, what
 the served engine's step thread adds (`step_loop_us_per_step`): the step
 loop applying commands, routing each output into its stream's batch and
 pickling that batch for the pipe to the server process
@@ -91,11 +92,13 @@ def main() -> None:
     core.step = timed_core_step  # type: ignore[method-assign]
     rng = random.Random(1)
     sampling = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
-    core_s, rest_s = [], []
+    core_s, rest_s, prefill_s = [], [], []
     for round_index in range(args.rounds):
         for i in range(args.sequences):
             loop.submit(AddCommand(1, f"r{round_index}-{i}", [rng.randrange(3, 30000) for _ in range(PROMPT_LEN)], sampling, None))
-        loop.run_once()
+        core_seconds.clear()
+        loop.run_once()  # a step of prompts only: admitting, hashing and allocating their blocks
+        prefill_s.append(core_seconds[0])
         while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in core.sequences.values()):
             loop.run_once()
         core_seconds.clear()
@@ -113,6 +116,8 @@ def main() -> None:
         "rounds": args.rounds,
         "core_us_per_step": round(statistics.median(core_s[WARM_ROUNDS:]) * 1e6, 1),
         "step_loop_us_per_step": round(statistics.median(rest_s[WARM_ROUNDS:]) * 1e6, 1),
+        "prefill_tokens_per_step": min(config.max_num_batched_tokens, args.sequences * PROMPT_LEN),
+        "prefill_core_us_per_step": round(statistics.median(prefill_s[WARM_ROUNDS:]) * 1e6, 1),
         "prefix_cache_hit_tokens": core.kv_cache.hit_tokens,
     }
     sys.stdout.write(json.dumps(record) + "\n")
