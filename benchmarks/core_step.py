@@ -11,9 +11,9 @@ each round, prompts only, `prefill_core_us_per_step`) and, around it, what
 the served engine's step thread adds (`step_loop_us_per_step`): the step
 loop applying commands, routing each output into its stream's batch and
 pickling that batch for the pipe to the server process
-(service/core_process.py), less the pipe write itself. Each round adds N greedy requests of 64 prompt ids and
-128 output tokens, and times 100 decode steps; the record gives the median
-over rounds after two warm ones. There is no prefix cache to hit: every
+(service/core_process.py), less the pipe write itself. Each round adds N
+greedy requests of 64 prompt ids and 128 output tokens, and times 100
+decode steps; the record gives the median over rounds after two warm ones. There is no prefix cache to hit: every
 prompt is random.
 
     python -m benchmarks.core_step [--sequences 256] [--rounds 12]

@@ -2,10 +2,9 @@
 engine in-process, then the same model behind `pagewire serve` through the
 public gRPC `Generate` stream (all requests on one stream, as one client
 multiplexes them, the same asking for token ids only, which leaves the
-tokenizer out of the output, and spread over a stream per client
-process), through REST
-streaming /v1/completions (SSE) and through REST non-streaming
-/v1/completions.
+tokenizer out of the output, and spread over a stream per client process),
+through REST streaming /v1/completions (SSE) and through REST
+non-streaming /v1/completions.
 
 Workload: --requests requests (256) of --prompt-len random prompt ids (512),
 --output-len output tokens each (128), greedy, EOS ignored, all submitted at

@@ -50,7 +50,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     """x [m, k] bf16 times weight [n, k] (bf16, or float8_e4m3fn with its
     float32 row scales `scale` [n]) -> [m, n] bf16."""
     if not supports(x, weight):
-        most = " or ".join(f"{most} ({weights} weights)" for weights, most in MAX_TOKENS.items())
+        most = " or ".join(f"{rows} ({weights} weights)" for weights, rows in MAX_TOKENS.items())
         raise ValueError(
             f"the GEMV takes bf16 x on the GPU with at most {most} rows, and weight rows of whole 16-byte loads;"
             f" got x {x.dtype} {tuple(x.shape)} on {x.device}, weight {weight.dtype} {tuple(weight.shape)}"

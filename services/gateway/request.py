@@ -298,7 +298,7 @@ class GatewayRequest(ChunkStream):
     def on_engine_update(self, update: engine_pb2.SequenceUpdate, detokenize: tokenizer_pb2.DetokenizeBatch) -> None:
         """Applied as the engine's step arrives; the new ids (and the end) go
         into the step's `detokenize` batch. Ids wait for their text, so only
-        an end wakes the task."""
+        an end wakes the task; with token_ids_only they go out at once."""
         if self.finish_reason == UNFINISHED:
             self._apply_update(update)
             if self._ids_only and self.finish_reason == UNFINISHED:
