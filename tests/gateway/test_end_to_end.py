@@ -509,6 +509,29 @@ def test_grpc_n_tags_chunks_and_a_cancel_ends_every_completion(server: ServeProc
     assert_no_leak(wait_engine_idle(server))
 
 
+def test_grpc_token_ids_only_with_n_and_logprobs_matches_the_text_request(server: ServeProcess, stub: gateway_pb2_grpc.GenerationStub) -> None:
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=6, n=2, ignore_eos=True, logprobs=2)
+    per_request: dict[bool, dict[int, list[gateway_pb2.GenerateChunk]]] = {}
+    for ids_only in (False, True):
+        chunks = list(stub.Complete(gateway_pb2.GenerateRequest(text="The sky is", sampling=sampling, token_ids_only=ids_only), timeout=60))
+        per_request[ids_only] = {index: [c for c in chunks if c.index == index] for index in (0, 1)}
+        assert sorted(c.index for c in chunks if c.finish_reason) == [0, 1]
+        assert chunks[-1].usage.completion_tokens == 12
+    for index in (0, 1):
+        with_text, ids_only = per_request[False][index], per_request[True][index]
+        ids = [token for c in ids_only for token in c.token_ids]
+        assert ids == [token for c in with_text for token in c.token_ids] and len(ids) == 6
+        assert not any(c.text for c in ids_only)
+        logprobs = [entry for c in ids_only for entry in c.logprobs]
+        expected = [entry for c in with_text for entry in c.logprobs]
+        assert [entry.token_id for entry in logprobs] == ids
+        # The second request reuses the first's prompt blocks, so its sums differ in the last bits.
+        assert [entry.logprob for entry in logprobs] == pytest.approx([entry.logprob for entry in expected], abs=1e-4)
+        assert all(len(entry.top_logprobs) == 2 and not entry.token and not any(top.token for top in entry.top_logprobs) for entry in logprobs)
+        assert all(entry.token for entry in expected)  # the text request's logprobs name their tokens
+    assert_no_leak(wait_engine_idle(server))
+
+
 def test_logit_bias_forces_a_token_and_bad_ones_are_refused(stub: gateway_pb2_grpc.GenerationStub, openai_client: openai.OpenAI, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
     token = hf_tokenizer.encode(" banana")[0]
     forced = openai_client.completions.create(model=MODEL, prompt="The sky is", max_tokens=3, temperature=0, logit_bias={str(token): 100})
