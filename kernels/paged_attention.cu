@@ -358,13 +358,10 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     // A row's keys spread over the lanes of one g (t = 0-3: xor masks 1, 2),
     // or transposed over those of one t (g = 0-7: masks 4, 8, 16).
     constexpr int ROW_LANE_MASK_FIRST = TRANSPOSED ? 4 : 1, ROW_LANE_MASK_END = TRANSPOSED ? 32 : 4;
-    int position[2], window_start[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
+    auto row_position = [&](int half) {
         const int token = accumulator_query_row(half) / group;
-        position[half] = token < tokens_here ? first_position + token : -1;  // -1 masks every key
-        window_start[half] = sliding_window > 0 ? position[half] - sliding_window + 1 : 0;
-    }
+        return token < tokens_here ? first_position + token : -1;  // -1 masks every key
+    };
     constexpr int Q_HALVES = TRANSPOSED ? 1 : 2;
     u32 q_fragment[QK_STEPS][2 * Q_HALVES];
 #pragma unroll
@@ -443,16 +440,25 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
             }
         }
 
-        // Causal and window mask and the end of this split, then the online softmax.
+        // Causal and window mask and the end of this split, on the tiles
+        // where one of them cuts (the same test for the whole block; rows
+        // past its tokens then go unmasked, finite and never written), then
+        // the online softmax.
+        const bool masked_tile = tile_start + KV_TILE > min(kv_stop, first_position + 1) ||
+                                 (sliding_window > 0 && tile_start < first_position + tokens_here - sliding_window);
         float tile_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
         for (int n = 0; n < S_TILES; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int key_token = warp_start + accumulator_key<TRANSPOSED>(n, e, g, t);
                 const int half = accumulator_row<TRANSPOSED>(e);
-                const bool allowed = key_token < kv_stop && key_token <= position[half] && key_token >= window_start[half];
-                score[n][e] = allowed ? score[n][e] * scale_log2 : PW_NEG_INF;
+                score[n][e] *= scale_log2;
+                if (masked_tile) {
+                    const int key_token = warp_start + accumulator_key<TRANSPOSED>(n, e, g, t);
+                    const int position = row_position(half);
+                    const bool allowed = key_token < kv_stop && key_token <= position && (sliding_window <= 0 || key_token > position - sliding_window);
+                    if (!allowed) score[n][e] = PW_NEG_INF;
+                }
                 tile_max[half] = fmaxf(tile_max[half], score[n][e]);
             }
         }
