@@ -127,11 +127,15 @@ __device__ __forceinline__ u32 shared_address(const void* pointer) {
     return address;
 }
 
+// Shared memory is addressed below by 32-bit offsets in the shared window
+// (shared_address), so a fragment's address is a per-thread base plus a
+// constant the instruction carries, with no generic-pointer arithmetic.
+
 // 16-byte global->shared copy; a false predicate fills zeros instead (rows past
 // the context must be finite: their probabilities are 0, and 0 * NaN is NaN).
-__device__ __forceinline__ void copy_async_16(void* destination, const void* source, bool predicate) {
+__device__ __forceinline__ void copy_async_16(u32 destination, const void* source, bool predicate) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(shared_address(destination)), "l"(source), "r"(predicate ? 16 : 0));
+                 :: "r"(destination), "l"(source), "r"(predicate ? 16 : 0));
 }
 
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;"); }
@@ -141,17 +145,17 @@ __device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_
 
 // Four 8 x 8 matrices of 16-bit elements, rows addressed by lanes 0-7, 8-15,
 // 16-23, 24-31: thread (g, t) receives row g, elements 2t and 2t + 1 of each.
-__device__ __forceinline__ void load_matrix_x4(u32 (&fragment)[4], const void* row_address) {
+__device__ __forceinline__ void load_matrix_x4(u32 (&fragment)[4], u32 row_address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
-                 : "r"(shared_address(row_address)));
+                 : "r"(row_address));
 }
 
 // B fragments of two adjacent n8 tiles for P.V, read from V stored [token][dim].
-__device__ __forceinline__ void load_matrix_x4_transposed(u32 (&fragment)[4], const void* row_address) {
+__device__ __forceinline__ void load_matrix_x4_transposed(u32 (&fragment)[4], u32 row_address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
-                 : "r"(shared_address(row_address)));
+                 : "r"(row_address));
 }
 
 // An 8 x 8 matrix of 16-bit elements transposed across the warp: thread
@@ -315,20 +319,33 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
             blocks[i] = token < kv_stop ? block_table[token >> block_size_log2] : -1;
         }
     };
+    const u32 ring = shared_address(shared);
+    const u32 copy_destination = ring + first_row * Shape::STAGED_ROW_BYTES + chunk_byte;
     auto copy_tile = [&](int stage, int tile_start, const int (&blocks)[LOAD_CHUNKS]) {
-        unsigned char* key_stage = shared + stage * Shape::STAGE_BYTES;
-        unsigned char* value_stage = key_stage + KV_TILE * Shape::STAGED_ROW_BYTES;
+        const u32 key_stage = copy_destination + stage * Shape::STAGE_BYTES;
 #pragma unroll
         for (int i = 0; i < LOAD_CHUNKS; ++i) {
             const int row = first_row + i * Shape::ROW_STEP;
             const bool inside = blocks[i] >= 0;
             const long long offset =
                 inside ? (((long long)blocks[i] << block_size_log2) + ((tile_start + row) & block_mask)) * slot_bytes + head_byte : 0;
-            const int destination = row * Shape::STAGED_ROW_BYTES + chunk_byte;
-            copy_async_16(key_stage + destination, static_cast<const unsigned char*>(key_cache) + offset, inside);
-            copy_async_16(value_stage + destination, static_cast<const unsigned char*>(value_cache) + offset, inside);
+            const u32 destination = key_stage + i * Shape::ROW_STEP * Shape::STAGED_ROW_BYTES;
+            copy_async_16(destination, static_cast<const unsigned char*>(key_cache) + offset, inside);
+            copy_async_16(destination + KV_TILE * Shape::STAGED_ROW_BYTES, static_cast<const unsigned char*>(value_cache) + offset, inside);
         }
     };
+
+    // Each lane's offset in a warp's K and V tiles for its ldmatrix row
+    // address. Keys: transposed, rows 0-15 (lanes 0-15) of two 16-byte
+    // column groups (lanes 16-31); otherwise rows 0-7 of four groups. Values
+    // (ldmatrix.trans): rows 0-15 of two groups, except transposed 16-bit
+    // ones, whose matrices are the A fragment of V^T: keys 0-7 of the first
+    // and second group, then keys 8-15 of both.
+    const int row_stride = Shape::STAGED_ROW_BYTES;
+    const u32 key_lane = TRANSPOSED ? ((lane & 7) + (lane & 8)) * row_stride + (lane >> 4) * 16 : (lane & 7) * row_stride + (lane >> 3) * 16;
+    const u32 value_lane = !TRANSPOSED  ? (lane & 15) * row_stride + (lane >> 4) * 16
+                           : FP8_CACHE ? ((lane & 7) + (lane & 8)) * row_stride + (lane >> 4) * 16
+                                       : ((lane & 7) + (lane >> 4) * 8) * row_stride + (lane & 8) * 2;
 
     // Prologue: the first STAGES - 1 tiles in flight (one commit group per
     // tile, empty past the end, so the wait below counts uniformly), then the
@@ -399,9 +416,10 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
         }
         copy_async_commit();
 
-        // This warp's rows of the staged K and V tiles.
-        const unsigned char* keys = shared + (tile % STAGES) * Shape::STAGE_BYTES + warp_n * WARP_TOKENS * Shape::STAGED_ROW_BYTES;
-        const unsigned char* values = keys + KV_TILE * Shape::STAGED_ROW_BYTES;
+        // This warp's rows of the staged K and V tiles, plus this lane's
+        // row and column in the ldmatrix patterns below (key_lane, value_lane).
+        const u32 keys = ring + (tile % STAGES) * Shape::STAGE_BYTES + warp_n * WARP_TOKENS * Shape::STAGED_ROW_BYTES + key_lane;
+        const u32 values = ring + (tile % STAGES) * Shape::STAGE_BYTES + (KV_TILE + warp_n * WARP_TOKENS) * Shape::STAGED_ROW_BYTES + value_lane;
         const int warp_start = tile_start + warp_n * WARP_TOKENS;
 
         float score[S_TILES][4];
@@ -416,12 +434,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
 #pragma unroll
             for (int n = 0; n < S_TILES; ++n) {
                 u32 words[4];
-                if constexpr (TRANSPOSED) {
-                    load_matrix_x4(words, keys + (n * 16 + (lane & 7) + (lane & 8)) * Shape::STAGED_ROW_BYTES +
-                                              (step * 16 * Shape::ELEMENT_BYTES + (lane >> 4) * 16));
-                } else {
-                    load_matrix_x4(words, keys + (n * 8 + (lane & 7)) * Shape::STAGED_ROW_BYTES + (step * 16 * Shape::ELEMENT_BYTES + (lane >> 3) * 16));
-                }
+                load_matrix_x4(words, keys + n * (TRANSPOSED ? 16 : 8) * Shape::STAGED_ROW_BYTES + step * 16 * Shape::ELEMENT_BYTES);
 #pragma unroll
                 for (int k = 0; k < KEY_STEPS; ++k) {
                     if constexpr (TRANSPOSED && FP8_CACHE) {
@@ -504,7 +517,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
 #pragma unroll
                     for (int d = 0; d < D_TILES; d += 2) {
                         u32 pairs[4];
-                        load_matrix_x4_transposed(pairs, values + (step * 16 + (lane & 7) + (lane & 8)) * Shape::STAGED_ROW_BYTES + d * 16 + (lane >> 4) * 16);
+                        load_matrix_x4_transposed(pairs, values + step * 16 * Shape::STAGED_ROW_BYTES + d * 16);
 #pragma unroll
                         for (int odd = 0; odd < 2; ++odd) {
                             const u32 selector = odd ? 0x7531 : 0x6420;
@@ -518,7 +531,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
 #pragma unroll
                     for (int d = 0; d < D_TILES; ++d) {
                         u32 value[4];
-                        load_matrix_x4_transposed(value, values + (step * 16 + (lane & 7) + (lane >> 4) * 8) * Shape::STAGED_ROW_BYTES + (d * 16 + (lane & 8)) * 2);
+                        load_matrix_x4_transposed(value, values + step * 16 * Shape::STAGED_ROW_BYTES + d * 32);
                         M::mma(acc[d], value, p_low, p_high);
                     }
                 }
@@ -535,7 +548,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
 #pragma unroll
                     for (int d = 0; d < D_TILES; d += 4) {
                         u32 pairs[4];
-                        load_matrix_x4_transposed(pairs, values + (step * 16 + (lane & 15)) * Shape::STAGED_ROW_BYTES + d * 8 + (lane >> 4) * 16);
+                        load_matrix_x4_transposed(pairs, values + step * 16 * Shape::STAGED_ROW_BYTES + d * 8);
 #pragma unroll
                         for (int half = 0; half < 2; ++half) {
                             const uint2 even = widen_e4m3x4(permute_bytes(pairs[2 * half], pairs[2 * half + 1], 0x6420));
@@ -548,7 +561,7 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
 #pragma unroll
                     for (int d = 0; d < D_TILES; d += 2) {
                         u32 v_fragment[4];
-                        load_matrix_x4_transposed(v_fragment, values + ((step * 16 + (lane & 15)) * ROW_STRIDE + (d + (lane >> 4)) * 8) * 2);
+                        load_matrix_x4_transposed(v_fragment, values + step * 16 * Shape::STAGED_ROW_BYTES + d * 16);
                         M::mma(acc[d], p_fragment, v_fragment[0], v_fragment[1]);
                         M::mma(acc[d + 1], p_fragment, v_fragment[2], v_fragment[3]);
                     }
@@ -556,11 +569,6 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
             }
         }
     }
-    copy_async_wait<0>();
-    __syncthreads();  // the epilogue reuses the pipeline's shared memory
-
-    // Epilogue: each warp leaves (max, sum, unnormalised output) per row in
-    // shared memory; the block merges the WARPS_N slices of every row.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
 #pragma unroll
@@ -568,6 +576,56 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
             row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], mask);
         }
     }
+    // Row `row`'s output: two adjacent dimensions at a time, and with
+    // several splits its log-sum-exp (total and base as in the merge below).
+    auto output_row = [&](int row) {
+        return (long long)(query_start + first_token + row / group) * num_heads + kv_head * group + row % group;
+    };
+    auto store_pair = [&](int row, int dim, float x, float y) {
+        if (num_splits == 1) {
+            *reinterpret_cast<u32*>(out + output_row(row) * HEAD_DIM + dim) = T::pack(x, y);
+        } else {
+            const long long split_row = (long long)split * num_tokens * num_heads + output_row(row);
+            *reinterpret_cast<float2*>(partial_out + split_row * HEAD_DIM + dim) = make_float2(x, y);
+        }
+    };
+    auto store_lse = [&](int row, float total, float base) {
+        if (num_splits > 1) {
+            partial_lse[(long long)split * num_tokens * num_heads + output_row(row)] = total > 0.f ? base + log2f(total) : PW_NEG_INF;
+        }
+    };
+
+    if constexpr (WARPS_N == 1) {
+        // Each warp holds whole rows: it normalises and writes them from its
+        // accumulators, with no merge through shared memory and no barrier.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int row = accumulator_query_row(half);
+            if (row / group >= tokens_here) continue;
+            const float inverse = row_sum[half] > 0.f ? v_scale / row_sum[half] : 0.f;
+#pragma unroll
+            for (int d = 0; d < D_TILES; ++d) {
+                if constexpr (FP8_CACHE) {
+                    // Tiles 2j and 2j + 1 hold a dimension and the next (fp8_accumulator_dim).
+                    if (d & 1) continue;
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        store_pair(row, fp8_accumulator_dim(d, t, e), acc[d][2 * half + e] * inverse, acc[d + 1][2 * half + e] * inverse);
+                    }
+                } else {
+                    store_pair(row, d * 8 + 2 * t, acc[d][2 * half] * inverse, acc[d][2 * half + 1] * inverse);
+                }
+            }
+            if (t == 0) store_lse(row, row_sum[half], row_max[half] == PW_NEG_INF ? 0.f : row_max[half]);
+        }
+        return;
+    }
+
+    copy_async_wait<0>();
+    __syncthreads();  // the epilogue reuses the pipeline's shared memory
+
+    // Epilogue: each warp leaves (max, sum, unnormalised output) per row in
+    // shared memory; the block merges the WARPS_N slices of every row.
     float* merge_out = reinterpret_cast<float*>(shared_raw);                  // [WARPS_N][ROWS][HEAD_DIM]
     float* merge_max = merge_out + WARPS_N * ROWS * HEAD_DIM;             // [WARPS_N][ROWS]
     float* merge_sum = merge_max + WARPS_N * ROWS;                        // [WARPS_N][ROWS]
@@ -613,14 +671,8 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
             out1 += partial.y * weight;
         }
         const float inverse = total > 0.f ? v_scale / total : 0.f;
-        const long long out_row = (long long)(query_start + first_token + token) * num_heads + kv_head * group + row % group;
-        if (num_splits == 1) {
-            *reinterpret_cast<u32*>(out + out_row * HEAD_DIM + dim) = T::pack(out0 * inverse, out1 * inverse);
-        } else {
-            const long long split_row = (long long)split * num_tokens * num_heads + out_row;
-            *reinterpret_cast<float2*>(partial_out + split_row * HEAD_DIM + dim) = make_float2(out0 * inverse, out1 * inverse);
-            if (dim == 0) partial_lse[split_row] = total > 0.f ? base + log2f(total) : PW_NEG_INF;
-        }
+        store_pair(row, dim, out0 * inverse, out1 * inverse);
+        if (dim == 0) store_lse(row, total, base);
     }
 }
 
