@@ -14,7 +14,12 @@
 // AttentionShape). Q.K^T and P.V run on tensor cores (mma.sync m16n8k16, fp32
 // accumulation) with an online softmax in registers (FlashAttention-2); K/V
 // tiles stream into shared memory through a ring of STAGES cp.async stages,
-// so STAGES - 1 tiles are in flight while one is computed.
+// so STAGES - 1 tiles are in flight while one is computed. The loop is kept
+// lean because prefill tiles are bound by instruction issue, not by the
+// tensor cores: masks are computed only on the tiles they cut, and shared
+// memory is addressed by 32-bit offsets fixed per lane. Warps that hold whole
+// rows (prefill tiles) write them from their accumulators; warps that split
+// a tile's keys (decodes) merge their slices through shared memory.
 //
 // With a sliding window (sliding_window > 0) a query at position p sees only
 // the keys at p - sliding_window + 1 .. p, and a block starts its K/V stream at
