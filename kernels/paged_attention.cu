@@ -251,7 +251,6 @@ __global__ void __launch_bounds__(THREADS) paged_attention_kernel(
     constexpr int WARPS_M = Shape::WARPS_M;
     constexpr int WARPS_N = Shape::WARPS_N;
     constexpr int WARP_TOKENS = Shape::WARP_TOKENS;
-    constexpr int ROW_STRIDE = Shape::ROW_STRIDE;
     constexpr int S_TILES = Shape::S_TILES;
     constexpr int D_TILES = Shape::D_TILES;
     constexpr int PV_STEPS = WARP_TOKENS / 16;
