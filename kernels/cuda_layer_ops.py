@@ -28,16 +28,17 @@ def kernel_names() -> list[str]:
         for name in (
             f"rms_norm_kernel<{kind}, false, {vec}>",
             f"rms_norm_kernel<{kind}, true, {vec}>",
-            f"rotary_embedding_kernel<{kind}>",
+            f"rotary_embedding_kernel<{kind}, {vec}>",
             f"silu_and_mul_kernel<{kind}, {vec}>",
         )
     ]
 
 
 def vector_width(width: int, *tensors: torch.Tensor) -> int:
-    """8 when every row starts on a 16-byte boundary and the width is a
-    multiple of 8 elements, else 1."""
-    aligned = width % VECTOR == 0 and all(t.data_ptr() % 16 == 0 and (t.dim() < 2 or t.stride(0) % VECTOR == 0) for t in tensors)
+    """8 when every row starts on a 16-byte boundary (a multiple of 8
+    elements in each stride but the last) and the width is a multiple of 8
+    elements, else 1."""
+    aligned = width % VECTOR == 0 and all(t.data_ptr() % 16 == 0 and all(s % VECTOR == 0 for s in t.stride()[:-1]) for t in tensors)
     return VECTOR if aligned else 1
 
 
@@ -106,10 +107,13 @@ def rotary_embedding(
     num_tokens, num_heads, head_dim = query.shape
     positions = positions.to(torch.int64).contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    vec = vector_width(head_dim // 2, query, key)
+    pieces = (num_heads + key.shape[1]) * (head_dim // 2 // vec)
+    threads = _threads_for(pieces, MAX_ROTARY_THREADS)
     _launch(
-        f"rotary_embedding_kernel<{kind}>",
-        (num_tokens, num_heads + key.shape[1]),
-        _threads_for(head_dim // 2, MAX_ROTARY_THREADS),
+        f"rotary_embedding_kernel<{kind}, {vec}>",
+        (num_tokens, -(-pieces // threads)),
+        threads,
         query.device,
         (
             _pointer(query), _pointer(key), _pointer(positions), _pointer(cos), _pointer(sin),

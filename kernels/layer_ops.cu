@@ -8,7 +8,8 @@
 // Work is spread over the hidden dimension as well as over tokens, so a
 // decode step of one or two tokens still fills many multiprocessors: RMSNorm
 // gives a row one block wide enough to load it in a single round, rotary
-// takes a block per (token, head), SiLU-and-mul splits each row over blocks.
+// gives each thread a piece of one head, SiLU-and-mul splits each row over
+// blocks.
 // Rows whose width and strides are multiples of 8 elements (16 bytes) are read
 // and written 8 elements at a time (VEC = 8); the rest one at a time.
 //
@@ -100,12 +101,16 @@ __global__ void rms_norm_kernel(
     }
 }
 
-// Rotates one query or key head of one token in place by its position (the
+// Rotates the query and key heads of one token in place by its position (the
 // rotate-half layout): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, with
 // cos/sin rounded to T and each product rounded before the sum, as the
 // reference does. cos/sin: [max_positions, head_dim] fp32, both halves equal.
-// Grid: (tokens, query heads + key heads).
-template <typename T>
+// Each thread rotates VEC elements of a head's first half with their
+// partners in the second; a token's query heads then key heads are numbered
+// in pieces of VEC, so a prefill chunk launches a block or a few per token
+// (not one per head) and a decode step still spreads over many threads.
+// Grid: (tokens, blocks a token).
+template <typename T, int VEC>
 __global__ void rotary_embedding_kernel(
     u16* __restrict__ query, u16* __restrict__ key, const long long* __restrict__ positions,
     const float* __restrict__ cos_table, const float* __restrict__ sin_table,
@@ -113,18 +118,28 @@ __global__ void rotary_embedding_kernel(
     long long query_token_stride, long long query_head_stride, long long key_token_stride, long long key_head_stride) {
     enter_dependent_grid();
     const int half = head_dim / 2;
-    const int head = blockIdx.y;
-    const float* cos_row = cos_table + positions[blockIdx.x] * head_dim;
-    const float* sin_row = sin_table + positions[blockIdx.x] * head_dim;
-    u16* row = head < num_heads
-        ? query + blockIdx.x * query_token_stride + head * query_head_stride
-        : key + blockIdx.x * key_token_stride + (head - num_heads) * key_head_stride;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        const float cos_value = round_to<T>(cos_row[i]), sin_value = round_to<T>(sin_row[i]);
-        const float x1 = T::to_float(row[i]), x2 = T::to_float(row[i + half]);
-        row[i] = T::from_float(round_to<T>(x1 * cos_value) - round_to<T>(x2 * sin_value));
-        row[i + half] = T::from_float(round_to<T>(x2 * cos_value) + round_to<T>(x1 * sin_value));
+    const int pieces_per_head = half / VEC;
+    const int piece = blockIdx.y * blockDim.x + threadIdx.x;
+    if (piece >= (num_heads + num_kv_heads) * pieces_per_head) return;
+    const int head = piece / pieces_per_head;
+    const int first = piece % pieces_per_head * VEC;
+    const long long token = blockIdx.x;
+    const float* cos_row = cos_table + positions[token] * head_dim + first;
+    const float* sin_row = sin_table + positions[token] * head_dim + first;
+    u16* row = (head < num_heads ? query + token * query_token_stride + head * query_head_stride
+                                 : key + token * key_token_stride + (head - num_heads) * key_head_stride) + first;
+    Pack<VEC> x1, x2;
+    x1.load(row);
+    x2.load(row + half);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const float cos_value = round_to<T>(cos_row[j]), sin_value = round_to<T>(sin_row[j]);
+        const float a = T::to_float(x1.v[j]), b = T::to_float(x2.v[j]);
+        x1.v[j] = T::from_float(round_to<T>(a * cos_value) - round_to<T>(b * sin_value));
+        x2.v[j] = T::from_float(round_to<T>(b * cos_value) + round_to<T>(a * sin_value));
     }
+    x1.store(row);
+    x2.store(row + half);
 }
 
 // out = T(silu(gate)) * up, where gate_up's row is [gate | up] of 2 * width.

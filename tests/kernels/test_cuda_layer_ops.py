@@ -24,10 +24,10 @@ def assert_within_one_step(actual: torch.Tensor, expected: torch.Tensor) -> None
     assert (actual == expected).float().mean() > 0.95
 
 
-def rows_of_a_wider_tensor(num_tokens: int, width: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+def rows_of_a_wider_tensor(num_tokens: int, width: int, dtype: torch.dtype, seed: int, offset: int = 32) -> torch.Tensor:
     generator = torch.Generator(device="cuda").manual_seed(seed)
     wide = torch.randn(num_tokens, width + 64, device="cuda", generator=generator).to(dtype)
-    return wide[:, 32 : 32 + width]
+    return wide[:, offset : offset + width]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -53,15 +53,20 @@ def test_add_rms_norm_matches_reference_and_updates_the_residual(dtype: torch.dt
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (32, 8, 128)])
-def test_rotary_embedding_matches_reference_in_place(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-    num_tokens, max_positions = 45, 4096
-    fused = rows_of_a_wider_tensor(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype, seed=3)
+@pytest.mark.parametrize("num_tokens", [1, 45, 2050])
+@pytest.mark.parametrize("row_offset", [32, 33])  # 33: rows off the 16-byte grid, rotated an element at a time
+def test_rotary_embedding_matches_reference_in_place(
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, num_tokens: int, row_offset: int
+) -> None:
+    max_positions = 4096
+    fused = rows_of_a_wider_tensor(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype, seed=3, offset=row_offset)
     query = fused[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
     key = fused[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
     value_before = fused[:, (num_heads + num_kv_heads) * head_dim :].clone()
     inverse_frequencies = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
     angles = torch.outer(torch.arange(max_positions, device="cuda").float(), inverse_frequencies).repeat(1, 2)
     positions = torch.randint(0, max_positions, (num_tokens,), device="cuda")
+    assert cuda_layer_ops.vector_width(head_dim // 2, query, key) == (8 if row_offset % 8 == 0 else 1)
     expected_query, expected_key = layer_ops.rotary_embedding(positions, query.clone(), key.clone(), angles.cos(), angles.sin())
     rotated_query, rotated_key = cuda_layer_ops.rotary_embedding(positions, query, key, angles.cos(), angles.sin())
     assert rotated_query.data_ptr() == query.data_ptr() and rotated_key.data_ptr() == key.data_ptr()
