@@ -150,7 +150,7 @@ class CudaGraphRunner(ModelRunner):
         # Two sets of pinned staging, used in turn: while step N's copies may
         # still be queued behind step N-1, step N+1 fills the other set, whose
         # copies finished before step N-1's tokens were read back.
-        self.staging = [GraphStaging(rows, seqs, max_blocks, block_size), GraphStaging(rows, seqs, max_blocks, block_size)]
+        self.staging = [GraphStaging(rows, seqs, max_blocks, block_size, pin_memory=device.type == "cuda") for _ in range(2)]
         self.num_graph_launches = 0
         self.num_verify_graph_launches = 0
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
