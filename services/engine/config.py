@@ -99,6 +99,11 @@ class EngineConfig(ServiceConfig):
     ngram_min: int = option(2, "Shortest suffix that prompt lookup accepts as a match.")
 
 
+def token_budget(config: EngineConfig, on_gpu: bool) -> int:
+    """--max-num-batched-tokens, or its default for the device."""
+    return config.max_num_batched_tokens or (GPU_MAX_NUM_BATCHED_TOKENS if on_gpu else CPU_MAX_NUM_BATCHED_TOKENS)
+
+
 def grammar_workers(config: EngineConfig) -> int:
     """--grammar-workers, or its default for this host's cores."""
     if config.grammar_workers is not None:

@@ -13,7 +13,7 @@ import pytest
 
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import SamplingParams, Sequence
-from pagewire.services.engine.executor.cuda_graphs import GraphStaging
+from pagewire.services.engine.executor.cuda_graphs import MAX_PREFILL_GRAPHS, PREFILL_GRAPH_TOKEN_STEP, GraphStaging, prefill_graph_tokens
 from pagewire.services.engine.executor.runner import PendingInputs
 from tests.engine.util import per_token_inputs
 
@@ -83,3 +83,15 @@ def test_a_staged_table_is_rewritten_when_it_grew_was_rebuilt_or_belongs_to_anot
         seq.num_computed_tokens = seq.num_known_tokens - 1  # every token read back this time
         seq.num_pending_tokens = 0
     _check(staging, sequences, 4, 1, None)
+
+
+@pytest.mark.parametrize("budget", [64, 256, 300, 4096, 8192, 8200, 65536, 100000])
+def test_forward_graph_token_counts_cover_every_step_up_to_the_budget(budget: int) -> None:
+    ladder = prefill_graph_tokens(budget)
+    assert ladder[-1] == budget and ladder == sorted(set(ladder)) and len(ladder) <= MAX_PREFILL_GRAPHS
+    steps = {later - earlier for earlier, later in zip([0, *ladder], ladder[:-1])}
+    assert len(steps) <= 1 and all(step >= PREFILL_GRAPH_TOKEN_STEP and step % PREFILL_GRAPH_TOKEN_STEP == 0 for step in steps)
+    # A step of n tokens pads to the first count >= n, by less than one step of the ladder.
+    for num_tokens in (1, budget // 3 + 1, budget):
+        padded = next(tokens for tokens in ladder if tokens >= num_tokens)
+        assert padded - num_tokens < max(steps, default=budget)

@@ -1,5 +1,5 @@
-"""The GPU engine (CUDA kernels, decode steps in CUDA graphs, chunked prefill
-run eagerly) generates HF transformers' greedy continuations of the same
+"""The GPU engine (CUDA kernels, decode steps in CUDA graphs, the forward
+pass of chunked prefill steps in graphs of their own) generates HF transformers' greedy continuations of the same
 random SmolLM2-135M-shaped checkpoint, loaded from safetensors, and of small
 random Mistral (sliding window), Qwen3, Mixtral and Qwen3-MoE checkpoints.
 
@@ -121,6 +121,8 @@ def test_gpu_engine_greedy_matches_hf(checkpoint: Path, prompts, hf_models, max_
     core = gpu_engine(checkpoint, max_num_batched_tokens=max_num_batched_tokens, async_scheduling=async_scheduling)
     # More requests than max_num_seqs: decode batches of several sizes replay graphs.
     assert_matches_hf(hf_models, prompts, generate(core, prompts))
+    runner = core.executor.runner
+    assert runner.num_graph_launches > 0 and runner.num_prefill_graph_launches > 0
 
 
 @ASYNC
@@ -194,7 +196,7 @@ def test_gpu_overlapped_steps_sample_exactly_as_synchronous_ones(checkpoint: Pat
 def test_gpu_speculative_decoding_keeps_greedy_output(checkpoint: Path, prompts, hf_models, async_scheduling: bool) -> None:  # type: ignore[no-untyped-def]
     # Prompts that repeat themselves give prompt lookup something to propose;
     # verify steps replay their own graphs beside decode graphs (steps that
-    # also carry prefill chunks run eagerly).
+    # also carry prefill chunks replay forward-pass graphs).
     repeated = [ids + ids for ids in prompts[:6]]
     core = gpu_engine(checkpoint, async_scheduling=async_scheduling, speculative_method="ngram", num_speculative_tokens=4, ngram_min=1)
     assert_matches_hf(hf_models, repeated, generate(core, repeated))
@@ -211,8 +213,8 @@ def test_gpu_speculative_decoding_keeps_greedy_output(checkpoint: Path, prompts,
 
 
 def test_gpu_draft_model_speculation_keeps_greedy_output(checkpoint: Path, prompts, hf_models) -> None:  # type: ignore[no-untyped-def]
-    # The checkpoint as its own draft: the draft's passes (catch-up eagerly,
-    # decodes in its own graphs) propose what the target computes, so nearly
+    # The checkpoint as its own draft: the draft's passes (catch-up in its
+    # forward-pass graphs, decodes in its decode graphs) propose what the target computes, so nearly
     # every proposal is accepted and the output stays HF's.
     core = gpu_engine(checkpoint, speculative_method="draft", draft_model=str(checkpoint), num_speculative_tokens=3)
     assert isinstance(core.executor.draft_proposer.runner, CudaGraphRunner)

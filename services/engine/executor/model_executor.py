@@ -12,7 +12,7 @@ import torch
 
 from pagewire.services.common.errors import Refusal, RequestError
 from pagewire.services.common.model import resolve_model
-from pagewire.services.engine.config import CPU_MAX_NUM_BATCHED_TOKENS, GPU_MAX_NUM_BATCHED_TOKENS, EngineConfig, grammar_workers
+from pagewire.services.engine.config import EngineConfig, grammar_workers, token_budget
 from pagewire.services.engine.core.engine import EngineCore, ExecutorSpec
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.executor.cuda_graphs import CudaGraphRunner
@@ -48,13 +48,16 @@ def make_runner(
     *,
     verifies: bool = True,
 ) -> ModelRunner:
-    """CUDA graphs for decode steps on a GPU, and for verify steps when the
+    """CUDA graphs on a GPU for decode steps, for verify steps when the
     runner `verifies` speculative proposals (the target model's, not the
-    draft's), eager steps on the CPU over oneDNN-prepacked projections; the
+    draft's), and for the forward pass of the other steps up to the token
+    budget; eager steps on the CPU over oneDNN-prepacked projections; the
     same on every tensor-parallel rank."""
     if loaded.device.type == "cuda":
         verify_tokens = 1 + config.num_speculative_tokens if verifies and config.speculative_method else 1
-        return CudaGraphRunner(loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len, lora, verify_tokens)
+        return CudaGraphRunner(
+            loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len, lora, verify_tokens, token_budget(config, on_gpu=True)
+        )
     loaded.model.prepack_for_cpu()
     return ModelRunner(loaded, kv_caches, config.block_size, sampler, lora)
 
@@ -135,7 +138,7 @@ class ModelExecutor:
         if max_model_len > rope_positions:
             raise ValueError(f"max_model_len {max_model_len} exceeds the {rope_positions} positions the model was loaded for")
         on_gpu = loaded.device.type == "cuda"
-        max_num_batched_tokens = config.max_num_batched_tokens or (GPU_MAX_NUM_BATCHED_TOKENS if on_gpu else CPU_MAX_NUM_BATCHED_TOKENS)
+        max_num_batched_tokens = token_budget(config, on_gpu)
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config, min(max_num_batched_tokens, max_model_len))
         if num_blocks < 1:
             raise ValueError("no memory is left for the KV cache: raise --kv-cache-memory / --gpu-memory-utilization or set --num-kv-blocks")
