@@ -55,6 +55,11 @@ class EngineConfig(ServiceConfig):
     async_scheduling: bool = option(
         True, "Schedule step N+1 on the host while the device runs step N; sampled ids reach the next step on the device."
     )
+    cuda_graphs: bool = option(
+        True,
+        "On a GPU, replay CUDA graphs for decode and verify steps and for the forward pass of the other steps; "
+        "--no-cuda-graphs launches every kernel from Python (slower, less memory held, for comparing the two).",
+    )
     tensor_parallel_size: int = option(
         1,
         "Ranks the model is split over (one per GPU, or processes on the CPU): heads by KV group, the MLP and the vocabulary; "

@@ -108,7 +108,7 @@ def assert_matches_hf(hf_models, prompts: list[list[int]], continuations: list[l
 def gpu_engine(checkpoint: Path, **overrides) -> EngineCore:  # type: ignore[no-untyped-def]
     settings = dict(max_model_len=512, num_kv_blocks=512, max_num_seqs=8, max_num_batched_tokens=4096) | overrides
     core = create_engine_core(EngineConfig(model=str(checkpoint), device="cuda", dtype="bfloat16", **settings))
-    assert isinstance(core.executor.runner, CudaGraphRunner)
+    assert isinstance(core.executor.runner, CudaGraphRunner) == settings.get("cuda_graphs", True)
     return core
 
 
@@ -123,6 +123,11 @@ def test_gpu_engine_greedy_matches_hf(checkpoint: Path, prompts, hf_models, max_
     assert_matches_hf(hf_models, prompts, generate(core, prompts))
     runner = core.executor.runner
     assert runner.num_graph_launches > 0 and runner.num_prefill_graph_launches > 0
+
+
+def test_gpu_engine_without_cuda_graphs_matches_hf(checkpoint: Path, prompts, hf_models) -> None:  # type: ignore[no-untyped-def]
+    core = gpu_engine(checkpoint, max_num_batched_tokens=64, cuda_graphs=False)
+    assert_matches_hf(hf_models, prompts, generate(core, prompts))
 
 
 @ASYNC
@@ -212,12 +217,14 @@ def test_gpu_speculative_decoding_keeps_greedy_output(checkpoint: Path, prompts,
     assert len(tokens) == MAX_NEW_TOKENS and logprobs == tokens
 
 
-def test_gpu_draft_model_speculation_keeps_greedy_output(checkpoint: Path, prompts, hf_models) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_gpu_draft_model_speculation_keeps_greedy_output(checkpoint: Path, prompts, hf_models, cuda_graphs: bool) -> None:  # type: ignore[no-untyped-def]
     # The checkpoint as its own draft: the draft's passes (catch-up in its
-    # forward-pass graphs, decodes in its decode graphs) propose what the target computes, so nearly
-    # every proposal is accepted and the output stays HF's.
-    core = gpu_engine(checkpoint, speculative_method="draft", draft_model=str(checkpoint), num_speculative_tokens=3)
-    assert isinstance(core.executor.draft_proposer.runner, CudaGraphRunner)
+    # forward-pass graphs, decodes in its decode graphs, or all eagerly)
+    # propose what the target computes, so nearly every proposal is accepted
+    # and the output stays HF's.
+    core = gpu_engine(checkpoint, speculative_method="draft", draft_model=str(checkpoint), num_speculative_tokens=3, cuda_graphs=cuda_graphs)
+    assert isinstance(core.executor.draft_proposer.runner, CudaGraphRunner) == cuda_graphs
     assert_matches_hf(hf_models, prompts, generate(core, prompts))
     stats = core.stats()
     assert stats.spec_decode_accepted_tokens_total >= 0.8 * stats.spec_decode_draft_tokens_total > 0

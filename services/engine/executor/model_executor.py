@@ -51,14 +51,15 @@ def make_runner(
     """CUDA graphs on a GPU for decode steps, for verify steps when the
     runner `verifies` speculative proposals (the target model's, not the
     draft's), and for the forward pass of the other steps up to the token
-    budget; eager steps on the CPU over oneDNN-prepacked projections; the
-    same on every tensor-parallel rank."""
-    if loaded.device.type == "cuda":
+    budget (unless --no-cuda-graphs); eager steps on the CPU over
+    oneDNN-prepacked projections; the same on every tensor-parallel rank."""
+    if loaded.device.type == "cuda" and config.cuda_graphs:
         verify_tokens = 1 + config.num_speculative_tokens if verifies and config.speculative_method else 1
         return CudaGraphRunner(
             loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len, lora, verify_tokens, token_budget(config, on_gpu=True)
         )
-    loaded.model.prepack_for_cpu()
+    if loaded.device.type == "cpu":
+        loaded.model.prepack_for_cpu()
     return ModelRunner(loaded, kv_caches, config.block_size, sampler, lora)
 
 
