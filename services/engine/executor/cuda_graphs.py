@@ -71,10 +71,14 @@ def prefill_graph_tokens(max_num_batched_tokens: int) -> list[int]:
 class GraphStaging:
     """Pinned host copies of a graph's inputs, filled with numpy and copied
     asynchronously. Filling them is host work alone (tested on the CPU
-    against a per-token reference: tests/engine/test_graph_staging.py)."""
+    against a per-token reference: tests/engine/test_graph_staging.py).
+    On a GPU an event marks when the copies of the last step staged here
+    have run: the host may refill the set only then (a draft model's
+    passes are launched back to back, without reading a token back)."""
 
     def __init__(self, rows: int, seqs: int, max_blocks: int, block_size: int, pin_memory: bool = True):
         self.block_size = block_size
+        self.copied = torch.cuda.Event() if pin_memory else None
         self.rows = torch.zeros(4, rows, dtype=torch.int64, pin_memory=pin_memory)  # ids, positions, cache slots, LoRA slots
         self.seq_lens = torch.zeros(seqs, dtype=torch.int32, pin_memory=pin_memory)
         self.query_start_loc = torch.zeros(seqs + 1, dtype=torch.int32, pin_memory=pin_memory)
@@ -86,13 +90,16 @@ class GraphStaging:
         self.table_keys: list[tuple[Sequence, int, int] | None] = [None] * seqs
 
     def stage(self, sequences: list[Sequence], pending: PendingInputs, size: int, tokens_per_seq: int, lora_slots: list[int] | None = None) -> int:
-        """Stage a step of `sequences`, each feeding its last token and its
+        """Wait until the set's last copies have run (at once unless the
+        host is two steps ahead of the device), then stage a step of `sequences`, each feeding its last token and its
         proposals, for the graph of `size` sequences and tokens_per_seq rows
         each: the sequences' rows packed first, then padding rows that write
         no cache slot and use no adapter, and padding sequences without
         context (or query rows). Returns the number of real rows. Written
         over arrays rather than per sequence and row: this runs every decode
         step, for hundreds of sequences."""
+        if self.copied is not None:
+            self.copied.synchronize()
         num_seqs, num_rows = len(sequences), size * tokens_per_seq
         rows, seq_lens, tables = self.rows.numpy(), self.seq_lens.numpy(), self.tables.numpy()
         self._stage_tables(sequences)
@@ -178,7 +185,8 @@ class CudaGraphRunner(ModelRunner):
         self.lora_slots = torch.full((forward_rows,), -1, dtype=torch.int64, device=device)
         # Two sets of pinned staging, used in turn: while step N's copies may
         # still be queued behind step N-1, step N+1 fills the other set, whose
-        # copies finished before step N-1's tokens were read back.
+        # copies have mostly run by then (the engine read step N-1's tokens
+        # back); the set's event makes the host wait where they have not.
         self.staging = [GraphStaging(rows, seqs, max_blocks, block_size, pin_memory=device.type == "cuda") for _ in range(2)]
         self.num_graph_launches = 0
         self.num_verify_graph_launches = 0
@@ -277,6 +285,8 @@ class CudaGraphRunner(ModelRunner):
         if tokens_per_seq > 1:
             self.num_verify_graph_launches += 1
             self.verify_query_start_loc[: size + 1].copy_(staging.query_start_loc[: size + 1], non_blocking=True)
+        if staging.copied is not None:
+            staging.copied.record()
         pending.fill(self.input_ids)
         self.graphs[size, tokens_per_seq].replay()
         # Each sequence's rows are its proposals' and its next token's, in the order _sample takes them.
