@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 
+from pagewire.services.engine.core.kv_cache import KVCacheManager
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import SamplingParams, Sequence
 from pagewire.services.engine.executor.cuda_graphs import MAX_PREFILL_GRAPHS, PREFILL_GRAPH_TOKEN_STEP, GraphStaging, prefill_graph_tokens
@@ -70,19 +71,43 @@ def test_staged_rows_match_the_per_token_reference(tokens_per_seq: int, with_lor
         _check(staging, sequences, size, tokens_per_seq, [rng.randint(-1, 3) for _ in sequences] if with_lora else None)
 
 
-def test_a_staged_table_is_rewritten_when_it_grew_was_rebuilt_or_belongs_to_another_sequence() -> None:
+def _allocated(kv: KVCacheManager, seq: Sequence, num_tokens: int) -> None:
+    """Blocks for seq's first num_tokens positions, as the scheduler takes them."""
+    computed, seq.num_computed_tokens = seq.num_computed_tokens, 0
+    assert kv.allocate_slots(seq, num_tokens)
+    seq.num_computed_tokens = computed
+
+
+def test_a_staged_table_is_rewritten_when_it_grew_was_cut_or_belongs_to_another_sequence() -> None:
     rng = random.Random(7)
     staging = GraphStaging(rows=8, seqs=8, max_blocks=MAX_BLOCKS, block_size=BLOCK_SIZE, pin_memory=False)
+    kv = KVCacheManager(num_blocks=64, block_size=BLOCK_SIZE, enable_prefix_caching=False)
     sequences = [_sequence(rng, i, 0) for i in range(4)]
-    _check(staging, sequences, 4, 1, None)
+    # Two full blocks and a third opened for a proposal at position 8.
+    rejected = Sequence("rejected", list(range(8)), SamplingParams(temperature=0.0), 0.0)
+    rejected.num_computed_tokens = 7
+    for seq in (sequences[1], rejected):
+        seq.block_table = []
+        _allocated(kv, seq, seq.num_tokens + 1)
+    sequences.append(rejected)
+    _check(staging, sequences, 8, 1, None)
     sequences[0].block_table.append(rng.randrange(10_000))  # grew
-    sequences[1].num_preemptions += 1  # preempted and recomputed: a new table of the same length
-    sequences[1].block_table = rng.sample(range(10_000), len(sequences[1].block_table))
+    kv.free(sequences[1])  # preempted and recomputed: a new table of the same length
+    _allocated(kv, sequences[1], sequences[1].num_tokens + 1)
     sequences[2] = _sequence(rng, 9, 0)  # another sequence in its row
+    # The proposal was rejected: its block goes back, another sequence takes
+    # it, and the next step's proposal opens another block at the same index.
+    proposal_block = rejected.block_table[2]
+    kv.trim(rejected)
+    other = Sequence("other", [1], SamplingParams(temperature=0.0), 0.0)
+    _allocated(kv, other, 1)
+    assert other.block_table == [proposal_block]
+    _allocated(kv, rejected, 9)
+    assert len(rejected.block_table) == 3 and rejected.block_table[2] != proposal_block
     for seq in sequences:
         seq.num_computed_tokens = seq.num_known_tokens - 1  # every token read back this time
         seq.num_pending_tokens = 0
-    _check(staging, sequences, 4, 1, None)
+    _check(staging, sequences, 8, 1, None)
 
 
 @pytest.mark.parametrize("budget", [64, 256, 300, 4096, 8192, 8200, 65536, 100000])

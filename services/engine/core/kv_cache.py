@@ -227,9 +227,12 @@ class KVCacheManager:
         were never registered (only computed, known tokens are), so nothing
         the prefix cache holds is lost."""
         keep = self.blocks_for_tokens(seq.num_computed_tokens)
+        if keep >= len(seq.block_table):
+            return
         for block_id in reversed(seq.block_table[keep:]):
             self.pool.release(self.pool.blocks[block_id])
         del seq.block_table[keep:]
+        seq.block_table_epoch += 1
 
     def free(self, seq: Sequence) -> None:
         # Tail first, so a sequence's last blocks are reused before its prefix.
@@ -237,4 +240,5 @@ class KVCacheManager:
             if block_id != SLID_OUT:
                 self.pool.release(self.pool.blocks[block_id])
         seq.block_table.clear()
+        seq.block_table_epoch += 1
         seq.num_registered_blocks = 0

@@ -129,6 +129,10 @@ class Sequence:
     # Tokens (prompt then output) whose K/V are in the cache; the rest still need a forward pass.
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Bumped whenever blocks leave block_table (trimmed after rejected
+    # proposals, freed on preemption): between bumps the table only grows,
+    # so a copy of it needs only its new tail.
+    block_table_epoch: int = 0
     # Hashes of the full blocks of prompt + output tokens, in order (filled lazily).
     block_hashes: list[bytes] = field(default_factory=list)
     # Leading blocks of block_table already entered in the prefix cache.

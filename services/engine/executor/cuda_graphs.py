@@ -83,9 +83,9 @@ class GraphStaging:
         self.seq_lens = torch.zeros(seqs, dtype=torch.int32, pin_memory=pin_memory)
         self.query_start_loc = torch.zeros(seqs + 1, dtype=torch.int32, pin_memory=pin_memory)
         self.tables = torch.zeros(seqs, max_blocks, dtype=torch.int32, pin_memory=pin_memory)
-        # What each staged table row holds: (sequence, its preemptions, blocks).
-        # A running sequence's table only grows, and is rebuilt only after a
-        # preemption, so a row whose key matches needs at most its new tail.
+        # What each staged table row holds: (sequence, its table's epoch,
+        # blocks). Within an epoch a sequence's table only grows, so a row
+        # whose key matches needs at most its new tail.
         # The sequence object itself is the key: request ids may be reused.
         self.table_keys: list[tuple[Sequence, int, int] | None] = [None] * seqs
 
@@ -134,10 +134,10 @@ class GraphStaging:
         for row, seq in enumerate(sequences):
             table = seq.block_table
             key = keys[row]
-            staged = key[2] if key is not None and key[0] is seq and key[1] == seq.num_preemptions else 0
+            staged = key[2] if key is not None and key[0] is seq and key[1] == seq.block_table_epoch else 0
             if staged != len(table):
                 tables[row, staged : len(table)] = table[staged:]
-                keys[row] = (seq, seq.num_preemptions, len(table))
+                keys[row] = (seq, seq.block_table_epoch, len(table))
 
 
 class CudaGraphRunner(ModelRunner):

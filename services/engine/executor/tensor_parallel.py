@@ -50,7 +50,7 @@ class MirroredSequence:
     request_id: str
     num_computed_tokens: int
     num_tokens: int
-    num_preemptions: int
+    block_table_epoch: int
     block_table: list[int]
     spec_token_ids: list[int]
     known: list[int]
@@ -101,7 +101,7 @@ class StepPlanner:
             start = seq.num_computed_tokens
             inputs_end = min(start + item.num_new_tokens - len(seq.spec_token_ids), seq.num_known_tokens)
             known = seq.token_slice(start, inputs_end) if inputs_end > start else []
-            mirror = MirroredSequence(seq.request_id, start, seq.num_tokens, seq.num_preemptions, list(seq.block_table), list(seq.spec_token_ids), known)
+            mirror = MirroredSequence(seq.request_id, start, seq.num_tokens, seq.block_table_epoch, list(seq.block_table), list(seq.spec_token_ids), known)
             planned.append(PlannedSequence(serial, item.num_new_tokens, mirror))
         self._last = seen
         return planned
