@@ -52,11 +52,14 @@ def make_runner(
     runner `verifies` speculative proposals (the target model's, not the
     draft's), and for the forward pass of the other steps up to the token
     budget (unless --no-cuda-graphs); eager steps on the CPU over
-    oneDNN-prepacked projections; the same on every tensor-parallel rank."""
+    oneDNN-prepacked projections; the same on every tensor-parallel rank.
+    Over several ranks the forward-pass graphs are left out: their
+    collectives inside graphs are not yet verified on several GPUs."""
     if loaded.device.type == "cuda" and config.cuda_graphs:
         verify_tokens = 1 + config.num_speculative_tokens if verifies and config.speculative_method else 1
+        forward_graph_tokens = token_budget(config, on_gpu=True) if config.tensor_parallel_size == 1 else 0
         return CudaGraphRunner(
-            loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len, lora, verify_tokens, token_budget(config, on_gpu=True)
+            loaded, kv_caches, config.block_size, sampler, config.max_num_seqs, max_model_len, lora, verify_tokens, forward_graph_tokens
         )
     if loaded.device.type == "cpu":
         loaded.model.prepack_for_cpu()
