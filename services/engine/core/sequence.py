@@ -129,9 +129,10 @@ class Sequence:
     # Tokens (prompt then output) whose K/V are in the cache; the rest still need a forward pass.
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
-    # Bumped whenever blocks leave block_table (trimmed after rejected
+    # Bumped whenever blocks leave block_table's tail (trimmed after rejected
     # proposals, freed on preemption): between bumps the table only grows,
-    # so a copy of it needs only its new tail.
+    # so a copy of it needs only its new tail. (Blocks that slide out of a
+    # window become SLID_OUT in place; attention never reads those entries.)
     block_table_epoch: int = 0
     # Hashes of the full blocks of prompt + output tokens, in order (filled lazily).
     block_hashes: list[bytes] = field(default_factory=list)
