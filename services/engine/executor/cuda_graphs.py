@@ -91,13 +91,14 @@ class GraphStaging:
 
     def stage(self, sequences: list[Sequence], pending: PendingInputs, size: int, tokens_per_seq: int, lora_slots: list[int] | None = None) -> int:
         """Wait until the set's last copies have run (at once unless the
-        host is two steps ahead of the device), then stage a step of `sequences`, each feeding its last token and its
-        proposals, for the graph of `size` sequences and tokens_per_seq rows
-        each: the sequences' rows packed first, then padding rows that write
-        no cache slot and use no adapter, and padding sequences without
-        context (or query rows). Returns the number of real rows. Written
-        over arrays rather than per sequence and row: this runs every decode
-        step, for hundreds of sequences."""
+        host is two steps ahead of the device), then stage a step of
+        `sequences`, each feeding its last token and its proposals, for the
+        graph of `size` sequences and tokens_per_seq rows each: the
+        sequences' rows packed first, then padding rows that write no cache
+        slot and use no adapter, and padding sequences without context (or
+        query rows). Returns the number of real rows. Written over arrays
+        rather than per sequence and row: this runs every decode step, for
+        hundreds of sequences."""
         if self.copied is not None:
             self.copied.synchronize()
         num_seqs, num_rows = len(sequences), size * tokens_per_seq
