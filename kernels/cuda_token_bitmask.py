@@ -20,15 +20,19 @@ def kernel_names() -> list[str]:
     return [KERNEL]
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, logits_rows: torch.Tensor) -> None:
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, logits_rows: torch.Tensor | None) -> None:
     """Mask logits [rows, vocab] float32 (last dimension contiguous) in place
     by bitmask [n, words] int32: mask row i applies to logits row
-    logits_rows[i] (int64, on the logits' device)."""
+    logits_rows[i] (int64, on the logits' device), or to row i when None."""
     if logits.dtype != torch.float32 or logits.stride(-1) != 1:
         raise ValueError(f"the bitmask kernel takes float32 logits whose last dimension is contiguous, got {logits.dtype}")
-    bitmask, logits_rows = bitmask.contiguous(), logits_rows.contiguous()
-    if bitmask.dtype != torch.int32 or logits_rows.dtype != torch.int64 or len(logits_rows) != len(bitmask):
+    bitmask = bitmask.contiguous()
+    if logits_rows is not None:
+        logits_rows = logits_rows.contiguous()
+    if bitmask.dtype != torch.int32 or (logits_rows is not None and (logits_rows.dtype != torch.int64 or len(logits_rows) != len(bitmask))):
         raise ValueError("the bitmask kernel takes an int32 bitmask and one int64 logits row per mask row")
+    if logits_rows is None and len(bitmask) > logits.shape[0]:
+        raise ValueError(f"{len(bitmask)} mask rows for {logits.shape[0]} logits rows")
     if not len(bitmask):
         return
     vocab_size = logits.shape[-1]
@@ -38,7 +42,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, logits_rows
         (len(bitmask), -(-vocab_size // TOKENS_PER_BLOCK)),
         (THREADS,),
         (
-            np.uint64(logits.data_ptr()), np.uint64(bitmask.data_ptr()), np.uint64(logits_rows.data_ptr()),
+            np.uint64(logits.data_ptr()), np.uint64(bitmask.data_ptr()), np.uint64(0 if logits_rows is None else logits_rows.data_ptr()),
             np.int32(vocab_size), np.int32(bitmask.shape[1]), np.int64(logits.stride(0)),
         ),
     )  # fmt: skip

@@ -3,7 +3,9 @@
 // reference): bit t of a mask row (int32 words, bit t % 32 of word t / 32)
 // set when token t may come next; every other token of the logits row the
 // mask belongs to becomes -inf, ids past the mask's words included (a model
-// vocabulary padded beyond the tokenizer's). A mask row that allows none of
+// vocabulary padded beyond the tokenizer's). Mask row i belongs to logits row
+// logits_rows[i], or to row i when logits_rows is null (every row of a step
+// constrained: no index list to copy to the device). A mask row that allows none of
 // the vocabulary leaves its logits as they are: its grammar has ended and
 // the engine ends the sequence.
 //
@@ -35,7 +37,7 @@ extern "C" __global__ void apply_token_bitmask_kernel(
     unsigned int any = 0;
     for (int w = threadIdx.x; w < words; w += BITMASK_THREADS) any |= in_vocabulary(mask[w], w, vocab_size);
     if (!__syncthreads_or(any != 0)) return;
-    float* row = logits + logits_rows[blockIdx.x] * logits_stride;
+    float* row = logits + (logits_rows ? logits_rows[blockIdx.x] : (long long)blockIdx.x) * logits_stride;
     const int first = blockIdx.y * BITMASK_TOKENS;
 #pragma unroll 4
     for (int k = 0; k < 32; ++k) {

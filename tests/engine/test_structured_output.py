@@ -18,8 +18,9 @@ from xgrammar.contrib.hf import LogitsProcessor
 from pagewire.services.common.errors import RequestError
 from pagewire.services.engine.core.kv_cache import cdiv
 from pagewire.services.engine.core.sequence import FinishReason, SamplingParams
-from pagewire.services.engine.executor.grammar import apply_token_bitmask
+from pagewire.services.engine.executor.grammar import allowed_tokens, apply_token_bitmask
 from pagewire.services.engine.executor.grammar_pool import GrammarMatchers
+from pagewire.services.engine.executor.sampler import Sampler, SamplingRequest
 from pagewire.services.tokenizer.grammar import GrammarCompiler
 from pagewire.v1 import common_pb2
 from tests.engine.util import assert_no_leaks, greedy, make_engine, run_all, tokens_of
@@ -251,17 +252,38 @@ def test_the_bitmask_masks_as_xgrammar_does() -> None:
     assert torch.isinf(wide[0, 128:]).all() and not torch.isinf(wide[0, :128]).any()
 
 
+def test_greedy_masked_rows_sample_as_the_general_path(grammars, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A step of plain greedy rows, some constrained, takes the sampler's
+    greedy path (no row of parameters each): the same tokens as the general
+    path, and every constrained row's token one its grammar allows."""
+    matchers = GrammarMatchers("", 4, 0)
+    for request_id, grammar in (("a", grammars[0]), ("c", grammars[1])):
+        matchers.add(request_id, grammar, (hf_tokenizer.eos_token_id,))
+    sampler = Sampler(seed=0, device=torch.device("cpu"), grammars=matchers)
+    logits = torch.randn(3, len(hf_tokenizer), generator=torch.Generator().manual_seed(5))
+    plain = SamplingParams(temperature=0.0)
+    rows = [SamplingRequest("a", plain, [], [], constrained=True), SamplingRequest("b", plain, [], []), SamplingRequest("c", plain, [], [], constrained=True)]
+    general = sampler.sample(logits.clone(), rows).resolve().token_ids
+    masked = sampler.greedy(logits.clone(), [0, 2], [("a", []), ("c", [])]).resolve().token_ids
+    assert masked == general
+    assert masked[1] == [int(logits[1].argmax())]
+    allowed = allowed_tokens(matchers.fill([("a", []), ("c", [])]), logits.shape[1])
+    assert allowed[0, masked[0][0]] and allowed[1, masked[2][0]] and not allowed.all()
+    matchers.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(("vocab", "words"), [(49152, 1536), (49152 + 40, 1536), (1000, 40), (70000, 2188)])
 def test_the_bitmask_kernel_masks_as_the_torch_reference(vocab: int, words: int) -> None:
     """kernels/token_bitmask.cu against the host's torch path: a vocabulary
     the mask covers exactly, one wider than the mask (its tail masked), one
     narrower (the mask's bits past it ignored), across several blocks a row;
-    subsets of rows and every row; rows that allow nothing (left as they
-    are), also when only bits past the vocabulary are set."""
+    subsets of rows, the first rows in order and every row (those two
+    without an index list); rows that allow nothing (left as they are), also
+    when only bits past the vocabulary are set."""
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(8, vocab, generator=generator)
-    for rows in ([0, 4, 7], list(range(8)), [5]):
+    for rows in ([0, 4, 7], list(range(8)), [5], [0, 1, 2]):
         bitmask = torch.randint(-(2**31), 2**31 - 1, (len(rows), words), dtype=torch.int32, generator=generator)
         bitmask[0] = 0
         if words * 32 > vocab:

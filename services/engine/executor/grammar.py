@@ -200,7 +200,9 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, row_indices
     (kernels/token_bitmask.cu) does it; this is its reference."""
     device = logits.device
     if device.type == "cuda":
-        cuda_token_bitmask.apply_token_bitmask(logits, to_device(bitmask, torch.int32, device), to_device(row_indices, torch.int64, device))
+        # Mostly every row of a step is constrained, in order: no index list then.
+        rows = None if row_indices == list(range(len(row_indices))) else to_device(row_indices, torch.int64, device)
+        cuda_token_bitmask.apply_token_bitmask(logits, to_device(bitmask, torch.int32, device), rows)
         return logits
     allowed = allowed_tokens(bitmask, logits.shape[-1])
     allowed |= ~allowed.any(dim=1, keepdim=True)

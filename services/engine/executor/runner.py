@@ -24,6 +24,7 @@ from pagewire.services.engine.executor.backend import AttentionMetadata
 from pagewire.services.engine.executor.kv_tensors import allocate_kv_tensors
 from pagewire.services.engine.executor.loader import LoadedModel
 from pagewire.services.engine.executor.lora import LoraSlots
+from pagewire.services.engine.executor.grammar_pool import MaskRow
 from pagewire.services.engine.executor.sampler import DeviceSample, Sampler, SamplerOutput, SamplingRequest
 from pagewire.services.engine.core.scheduler import ScheduledSequence
 from pagewire.services.engine.core.sequence import GREEDY, Sequence, SequenceStatus
@@ -64,7 +65,13 @@ class LaunchedStep:
         """Start filling the grammar masks of the constrained sequences, whose
         output tokens the host holds now (the step before was read back)."""
         if self._sample is None:
-            self.sampler.start_masks([(s.request_id, s.output_token_ids) for s in self.sequences if s.constrained and s.status is not SequenceStatus.FINISHED])
+            self.sampler.start_masks(self._mask_rows()[1])
+
+    def _mask_rows(self) -> tuple[list[int], list[MaskRow]]:
+        """The rows a grammar masks (constrained sequences that have not
+        ended), and their request ids and outputs."""
+        rows = [i for i, s in enumerate(self.sequences) if s.constrained and s.status is not SequenceStatus.FINISHED]
+        return rows, [(self.sequences[i].request_id, self.sequences[i].output_token_ids) for i in rows]
 
     @torch.inference_mode()
     def complete(self) -> None:
@@ -72,8 +79,9 @@ class LaunchedStep:
         tensors, which the grammar masks in place)."""
         if self._sample is None:
             assert self.logits is not None
-            if all(s.sampling.plain_greedy and not s.spec_token_ids and not s.constrained for s in self.sequences):
-                self._sample = self.sampler.greedy(self.logits)  # most steps: no row of parameters built per sequence
+            if all(s.sampling.plain_greedy and not s.spec_token_ids for s in self.sequences):
+                # Most steps: no row of parameters built per sequence (masked or not).
+                self._sample = self.sampler.greedy(self.logits, *self._mask_rows())
             else:
                 self._sample = self.sampler.sample(self.logits, sampling_rows(self.sequences), [len(s.spec_token_ids) + 1 for s in self.sequences])
             self.logits = None

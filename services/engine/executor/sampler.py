@@ -226,9 +226,7 @@ class Sampler:
         params = [r.params for r in rows]
         constrained = [i for i, r in enumerate(rows) if r.constrained]
         if constrained:
-            assert self.grammars is not None, "a constrained row reached a sampler without grammars"
-            bitmask = self.grammars.fill([(rows[i].request_id, rows[i].output_token_ids) for i in constrained])
-            logits = apply_token_bitmask(logits, bitmask, constrained)
+            logits = self._mask(logits, constrained, [(rows[i].request_id, rows[i].output_token_ids) for i in constrained])
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits, rows)
         if any(p.logit_bias for p in params):
@@ -269,10 +267,20 @@ class Sampler:
             on_device.append(accepted)
         return self._to_host(chosen, params, row_counts, wanted, on_device, verifies)
 
-    def greedy(self, logits: torch.Tensor) -> DeviceSample:
+    def greedy(self, logits: torch.Tensor, constrained: list[int] | None = None, mask_rows: list[MaskRow] | None = None) -> DeviceSample:
         """A row per sequence, each plain greedy (SamplingParams.plain_greedy,
-        no proposal, no grammar): what sample() computes for such rows."""
+        no proposal), the rows listed in constrained masked by their grammars
+        first (mask_rows: their request ids and outputs): what sample()
+        computes for such rows, without building a row of parameters each."""
+        if constrained:
+            assert mask_rows is not None
+            logits = self._mask(logits, constrained, mask_rows)
         return self._argmax(logits, [1] * logits.shape[0])
+
+    def _mask(self, logits: torch.Tensor, constrained: list[int], mask_rows: list[MaskRow]) -> torch.Tensor:
+        """The logits with row constrained[i] masked by the grammar of mask_rows[i]."""
+        assert self.grammars is not None, "a constrained row reached a sampler without grammars"
+        return apply_token_bitmask(logits, self.grammars.fill(mask_rows), constrained)
 
     def _argmax(self, logits: torch.Tensor, row_counts: list[int]) -> DeviceSample:
         """Greedy rows without logprobs or proposals, served without building

@@ -140,8 +140,8 @@ class BroadcastingSampler:
     def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
         return self._broadcast(self.sampler.sample(logits, rows, row_counts))
 
-    def greedy(self, logits: torch.Tensor) -> DeviceSample:
-        return self._broadcast(self.sampler.greedy(logits))
+    def greedy(self, logits: torch.Tensor, constrained: list[int] | None = None, mask_rows: list[MaskRow] | None = None) -> DeviceSample:
+        return self._broadcast(self.sampler.greedy(logits, constrained, mask_rows))
 
     @staticmethod
     def _broadcast(sample: DeviceSample) -> DeviceSample:
@@ -158,7 +158,7 @@ class ReceivingSampler:
     def sample(self, logits: torch.Tensor, rows: list[SamplingRequest], row_counts: list[int] | None = None) -> DeviceSample:
         return self._receive(row_counts or [1] * len(rows))
 
-    def greedy(self, logits: torch.Tensor) -> DeviceSample:
+    def greedy(self, logits: torch.Tensor, constrained: list[int] | None = None, mask_rows: list[MaskRow] | None = None) -> DeviceSample:
         return self._receive([1] * logits.shape[0])
 
     def _receive(self, row_counts: list[int]) -> DeviceSample:
