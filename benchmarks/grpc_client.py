@@ -3,7 +3,7 @@ its share of the workload as JSON on stdin, sends it on a `Generate` stream
 of its own (its own channel, so its own connection: the kernel spreads the
 connections over the gateway workers that share the port) and writes the
 client-side clock of each request as JSON on stdout, in the records of
-benchmarks/rest_client.py.
+benchmarks/rest_client.py, with its own CPU time (benchmarks/client_process.py).
 
 stdin: {"target", "prompts": {request id: ids}, "output_len", "start_at"}
 with start_at a time.monotonic() instant (system-wide on Linux) at which
@@ -14,13 +14,12 @@ modules do, took longer than the start delay on a busy host)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 import time
 from typing import Any
 
 import grpc
 
+from benchmarks.client_process import serve_share
 from pagewire.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 # Chunks of a whole step for every request come in one ServerMessage.
@@ -61,10 +60,5 @@ async def run(work: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return records
 
 
-def main() -> None:
-    work = json.load(sys.stdin)
-    sys.stdout.write(json.dumps(asyncio.run(run(work))))
-
-
 if __name__ == "__main__":
-    main()
+    serve_share(run)

@@ -19,7 +19,11 @@ finds another's blocks in the prefix cache (each record says its hits).
 Besides throughput and latency, each served run records the CPU time of the
 front door, the gateway and tokenizer processes (every worker), per output
 token: cpu_us_per_token_front_door, and each service's share of it,
-cpu_us_per_token_by_service.
+cpu_us_per_token_by_service; and on the client-process doors, how busy
+the busiest client process was over its run (busiest_client_cpu_share, CPU
+seconds per second of its run, its library threads included: near 1 or
+above, a client set the pace and more --client-processes are needed to
+measure the server).
 
     python -m benchmarks.rest [--shapes smollm2-135m,llama-1b] [--gateway-workers N] [--tokenizer-workers N]
 
@@ -71,10 +75,11 @@ def process_count(pids: dict[str, int]) -> int:
     return sum(1 + len(psutil.Process(pid).children(recursive=True)) for pid in pids.values())
 
 
-def _clients_run(client_module: str, work: dict, prompts: list[list[int]], client_processes: int) -> tuple[float, dict[str, dict]]:
+def _clients_run(client_module: str, work: dict, prompts: list[list[int]], client_processes: int) -> tuple[float, dict[str, dict], float]:
     """Every prompt at once from client processes of client_module, each
-    given `work` and its share of the prompts: the common start instant
-    and each request's record."""
+    given `work` and its share of the prompts: the common start instant,
+    each request's record, and the busiest client's CPU seconds per second
+    of its run (near 1 or above: a client, not the server, set the pace)."""
     start_at = time.monotonic() + CLIENT_START_S
     shares = [{f"r{i}": prompts[i] for i in range(offset, len(prompts), client_processes)} for offset in range(client_processes)]
     clients = []
@@ -85,12 +90,15 @@ def _clients_run(client_module: str, work: dict, prompts: list[list[int]], clien
         client.stdin.close()
         clients.append(client)
     records: dict[str, dict] = {}
+    busiest = 0.0
     for client in clients:
         assert client.stdout is not None
-        records |= json.loads(client.stdout.read())
+        share = json.loads(client.stdout.read())
         if client.wait() != 0:
             raise RuntimeError(f"a client process ({client_module}) exited with {client.returncode}")
-    return start_at, records
+        records |= share["records"]
+        busiest = max(busiest, share["cpu_s"] / max(share["wall_s"], 1e-9))
+    return start_at, records, busiest
 
 
 def measure(served: ServeProcess, door: str, prompts: list[list[int]], args: argparse.Namespace) -> dict:
@@ -108,7 +116,7 @@ def measure(served: ServeProcess, door: str, prompts: list[list[int]], args: arg
             client_module, work = "benchmarks.grpc_client", {"target": served.grpc_target, "output_len": args.output_len}
         else:
             client_module, work = "benchmarks.rest_client", {"url": served.rest_url, "output_len": args.output_len, "stream": door == "rest_sse"}
-        start, records = _clients_run(client_module, work, prompts, args.client_processes)
+        start, records, client_busy = _clients_run(client_module, work, prompts, args.client_processes)
         errors = [f"{rid}: {r['error']}" for rid, r in records.items() if "error" in r]
         finished = {rid: r["finished"] for rid, r in records.items() if "finished" in r}
         # Without a stream, a request's first token arrives with its last.
@@ -125,6 +133,8 @@ def measure(served: ServeProcess, door: str, prompts: list[list[int]], args: arg
         cpu_us_per_token_front_door=round(front_cpu / tokens * 1e6, 1) if tokens else None,
         cpu_us_per_token_by_service={name: round((cpu_after[name] - cpu_before[name]) / tokens * 1e6, 1) for name in cpu_after} if tokens else None,
     )  # fmt: skip
+    if door not in ("grpc", "grpc_ids_only"):
+        record["busiest_client_cpu_share"] = round(client_busy, 3)
     if errors:
         record.update(errors=len(errors), first_error=errors[0])
     return record

@@ -2,8 +2,9 @@
 workload as JSON on stdin, sends every request at once as OpenAI-style
 /v1/completions (prompt token ids, greedy, ignore_eos; streamed or not) on
 connections of their own, and writes the client-side clock of each request
-as JSON on stdout. Several run at once, so that the client's own CPU is
-never what limits the server.
+as JSON on stdout with its own CPU time (benchmarks/client_process.py).
+Several run at once, so that the client's own CPU is never what limits the
+server; the benchmark reports how busy the busiest one was.
 
 stdin: {"url", "prompts": {request id: ids}, "output_len", "stream", "start_at"}
 with start_at a time.monotonic() instant (system-wide on Linux) at which
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from typing import Any
 
 import httpx
+
+from benchmarks.client_process import serve_share
 
 
 async def _one(client: httpx.AsyncClient, prompt: list[int], output_len: int, stream: bool) -> dict[str, Any]:
@@ -56,10 +58,5 @@ async def run(work: dict[str, Any]) -> dict[str, Any]:
     return dict(zip(ids, results))
 
 
-def main() -> None:
-    work = json.load(sys.stdin)
-    sys.stdout.write(json.dumps(asyncio.run(run(work))))
-
-
 if __name__ == "__main__":
-    main()
+    serve_share(run)

@@ -93,5 +93,8 @@ def test_rest_benchmark_on_cpu_with_workers() -> None:
         # Two tokenizers, the supervising gateway and its two workers.
         assert runs[f"pagewire-{door}"]["front_door_processes"] == 5
         assert runs[f"pagewire-{door}"]["cpu_us_per_token_front_door"] > 0
+    for door in ("grpc-streams", "rest-sse", "rest"):
+        # The client processes' own CPU over their runs, counted.
+        assert runs[f"pagewire-{door}"]["busiest_client_cpu_share"] > 0
     ratio = next(r for r in records if r["bench"] == "rest_ratio")
     assert ratio["rest_sse_over_in_process"] > 0 and ratio["grpc_streams_over_in_process"] > 0
