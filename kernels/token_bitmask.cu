@@ -4,10 +4,11 @@
 // set when token t may come next; every other token of the logits row the
 // mask belongs to becomes -inf, ids past the mask's words included (a model
 // vocabulary padded beyond the tokenizer's). Mask row i belongs to logits row
-// logits_rows[i], or to row i when logits_rows is null (every row of a step
-// constrained: no index list to copy to the device). A mask row that allows none of
-// the vocabulary leaves its logits as they are: its grammar has ended and
-// the engine ends the sequence.
+// logits_rows[i], or to row i when logits_rows is null (the masked rows are
+// the step's first, in order, as when every row is constrained: no index list
+// to copy to the device). A mask row that allows none of the vocabulary
+// leaves its logits as they are: its grammar has ended and the engine ends
+// the sequence.
 //
 // Grid: (mask rows, slices of BITMASK_TOKENS tokens). Each block first ORs
 // its whole mask row (a few KiB, read by every slice from L2) to learn

@@ -200,7 +200,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, row_indices
     (kernels/token_bitmask.cu) does it; this is its reference."""
     device = logits.device
     if device.type == "cuda":
-        # Mostly every row of a step is constrained, in order: no index list then.
+        # Masked rows that are the step's first, in order (as when every row is constrained), need no index list.
         rows = None if row_indices == list(range(len(row_indices))) else to_device(row_indices, torch.int64, device)
         cuda_token_bitmask.apply_token_bitmask(logits, to_device(bitmask, torch.int32, device), rows)
         return logits
